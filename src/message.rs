@@ -1,0 +1,402 @@
+//! The message envelope: `from`, `to`, `content`, `id`, `stamp`,
+//! `stamp_ord`, `broadcast` and any extra keys a peer added.
+//!
+//! A received [`Message`] is a set of slices of the frame it arrived in:
+//! nothing is copied, and `content` stays raw JSON text until the caller asks
+//! for it as a [`serde_json::Value`] or any `Deserialize` type.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Result};
+
+/// Immutable UTF-8 text sharing a [`Bytes`] buffer (a slice of a frame).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct ByteStr(Bytes);
+
+// Hash as `str` does, so that maps keyed by `ByteStr` can be queried with
+// `&str` (required by the `Borrow<str>` contract).
+impl std::hash::Hash for ByteStr {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl std::borrow::Borrow<str> for ByteStr {
+    fn borrow(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl ByteStr {
+    /// Copies `s` into a new buffer.
+    pub fn copy_from(s: &str) -> Self {
+        ByteStr(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    /// Takes ownership of a `String` without copying.
+    pub fn from_string(s: String) -> Self {
+        ByteStr(Bytes::from(s))
+    }
+
+    /// The slice `sub` of `whole`, which must lie inside `buf`'s bytes.
+    pub(crate) fn slice_of(buf: &Bytes, sub: &str) -> Self {
+        ByteStr(buf.slice_ref(sub.as_bytes()))
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // SAFETY: every constructor takes its bytes from a `&str` or a
+        // `String`, so they are valid UTF-8, and `Bytes` is immutable.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+
+    /// The underlying bytes.
+    pub fn as_bytes(&self) -> &Bytes {
+        &self.0
+    }
+}
+
+impl Deref for ByteStr {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Debug for ByteStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for ByteStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for ByteStr {
+    fn from(s: &str) -> Self {
+        ByteStr::copy_from(s)
+    }
+}
+
+impl PartialEq<str> for ByteStr {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for ByteStr {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+/// One message, received or built for sending.
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub(crate) from: ByteStr,
+    pub(crate) to: Option<ByteStr>,
+    /// Raw JSON text of the content (never `null`).
+    pub(crate) content: ByteStr,
+    pub(crate) id: ByteStr,
+    pub(crate) stamp: f64,
+    pub(crate) stamp_ord: u64,
+    pub(crate) broadcast: bool,
+    pub(crate) extra: Vec<(ByteStr, ByteStr)>,
+}
+
+impl Message {
+    /// Builds a message from `from` to `to` with `content` serialized as
+    /// JSON, a fresh id and stamp.
+    ///
+    /// Fails with `'content' is a required attribute` for `null` content and
+    /// `'from' is a required attribute` for an empty sender.
+    pub fn new<T: Serialize + ?Sized>(from: &str, to: &str, content: &T) -> Result<Self> {
+        let raw = serde_json::to_string(content)?;
+        Message::with_raw_content(from, Some(to), raw)
+    }
+
+    /// Builds a message whose content is already JSON text.
+    pub fn with_raw_content(from: &str, to: Option<&str>, content_json: String) -> Result<Self> {
+        if from.is_empty() || from == "0" {
+            return Err(Error::FromRequired);
+        }
+        let trimmed = content_json.trim();
+        if trimmed.is_empty() || trimmed == "null" {
+            return Err(Error::ContentRequired);
+        }
+        serde_json::from_str::<&RawValue>(&content_json)?;
+        let Some(to) = to.filter(|t| !t.is_empty()) else {
+            return Err(Error::ToOrBroadcast);
+        };
+        let stamp = now_stamp();
+        Ok(Message {
+            from: ByteStr::copy_from(from),
+            to: Some(ByteStr::copy_from(to)),
+            content: ByteStr::from_string(content_json),
+            id: ByteStr::copy_from(new_message_id().as_str()),
+            stamp,
+            stamp_ord: next_stamp_ord(stamp),
+            broadcast: false,
+            extra: Vec::new(),
+        })
+    }
+
+    /// The sender's id.
+    pub fn from(&self) -> &str {
+        &self.from
+    }
+
+    /// The recipient's id (absent only on hand-made broadcast messages).
+    pub fn to(&self) -> Option<&str> {
+        self.to.as_deref()
+    }
+
+    /// The message id (an upper-case UUID for messages ipcm builds).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Creation time, epoch seconds.
+    pub fn stamp(&self) -> f64 {
+        self.stamp
+    }
+
+    /// Tie-breaker among equal stamps.
+    pub fn stamp_ord(&self) -> u64 {
+        self.stamp_ord
+    }
+
+    /// Whether this is a copy produced by `broadcast`.
+    pub fn is_broadcast(&self) -> bool {
+        self.broadcast
+    }
+
+    /// The content as raw JSON text, exactly as received.
+    pub fn content_json(&self) -> &str {
+        &self.content
+    }
+
+    /// The content as raw JSON bytes, sharing the receive buffer.
+    pub fn content_bytes(&self) -> &Bytes {
+        self.content.as_bytes()
+    }
+
+    /// The content as any deserializable type.
+    pub fn content<T: DeserializeOwned>(&self) -> Result<T> {
+        Ok(serde_json::from_str(&self.content)?)
+    }
+
+    /// The content as a [`serde_json::Value`].
+    pub fn content_value(&self) -> Result<serde_json::Value> {
+        self.content()
+    }
+
+    /// An extra (non-standard) key's raw JSON value.
+    pub fn extra(&self, key: &str) -> Option<&str> {
+        self.extra
+            .iter()
+            .find(|(k, _)| k.as_str() == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// All extra keys with their raw JSON values.
+    pub fn extras(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// Adds (or replaces) an extra key with a value serialized as JSON.
+    pub fn set_extra<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<()> {
+        let v = ByteStr::from_string(serde_json::to_string(value)?);
+        match self.extra.iter_mut().find(|(k, _)| k.as_str() == key) {
+            Some(slot) => slot.1 = v,
+            None => self.extra.push((ByteStr::copy_from(key), v)),
+        }
+        Ok(())
+    }
+
+    /// Whether the content is an object with a truthy `terminate` key.
+    pub fn is_terminate(&self) -> bool {
+        #[derive(serde::Deserialize)]
+        struct T<'a> {
+            #[serde(borrow)]
+            terminate: Option<&'a RawValue>,
+        }
+        if !self.content.starts_with('{') {
+            return false;
+        }
+        match serde_json::from_str::<T>(&self.content) {
+            Ok(T { terminate: Some(v) }) => crate::serializer::json::is_truthy(v),
+            _ => false,
+        }
+    }
+
+    /// The whole envelope as a JSON value (for display and tools).
+    pub fn to_value(&self) -> serde_json::Value {
+        let mut m = serde_json::Map::new();
+        m.insert("from".into(), self.from.as_str().into());
+        if let Some(to) = &self.to {
+            m.insert("to".into(), to.as_str().into());
+        }
+        m.insert(
+            "content".into(),
+            self.content_value().unwrap_or(serde_json::Value::Null),
+        );
+        m.insert("id".into(), self.id.as_str().into());
+        m.insert("stamp".into(), self.stamp.into());
+        m.insert("stamp_ord".into(), self.stamp_ord.into());
+        if self.broadcast {
+            m.insert("broadcast".into(), 1.into());
+        }
+        for (k, v) in &self.extra {
+            let v = serde_json::from_str(v).unwrap_or(serde_json::Value::Null);
+            m.insert(k.to_string(), v);
+        }
+        serde_json::Value::Object(m)
+    }
+}
+
+/// Orders messages as `get_messages` returns them: by stamp, then stamp_ord;
+/// a stable sort keeps arrival order among ties.
+pub fn sort_messages(msgs: &mut [Message]) {
+    msgs.sort_by(compare);
+}
+
+fn compare(a: &Message, b: &Message) -> Ordering {
+    a.stamp
+        .total_cmp(&b.stamp)
+        .then(a.stamp_ord.cmp(&b.stamp_ord))
+}
+
+/// The current time as Perl stamps it: epoch seconds with (at most) 15
+/// significant digits, i.e. 10-microsecond resolution today.
+pub fn now_stamp() -> f64 {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let ticks = d.as_secs() * 100_000 + u64::from(d.subsec_micros() / 10);
+    ticks as f64 / 100_000.0
+}
+
+static LAST_STAMP: Mutex<(f64, u64)> = Mutex::new((0.0, 0));
+
+/// The `stamp_ord` for a message stamped `stamp` (per-process rule of
+/// PROTOCOL.md 8.3: counts up while the stamp repeats).
+pub fn next_stamp_ord(stamp: f64) -> u64 {
+    let mut last = LAST_STAMP.lock().unwrap_or_else(|p| p.into_inner());
+    if last.0 == stamp {
+        last.1 += 1;
+    } else {
+        *last = (stamp, 0);
+    }
+    last.1
+}
+
+/// A message id: an upper-case UUIDv7, `8-4-4-4-12`.
+#[derive(Clone, Copy)]
+pub struct MessageId([u8; 36]);
+
+impl MessageId {
+    /// The id text.
+    pub fn as_str(&self) -> &str {
+        // SAFETY: `encode_upper` writes only ASCII hex digits and hyphens.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+/// A fresh message id.
+pub fn new_message_id() -> MessageId {
+    let mut buf = [0u8; 36];
+    uuid::Uuid::now_v7().hyphenated().encode_upper(&mut buf);
+    MessageId(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_upper_case_uuid_v7() {
+        let id = new_message_id();
+        let s = id.as_str();
+        assert_eq!(s.len(), 36);
+        assert_eq!(s.as_bytes()[14], b'7');
+        assert_eq!(s, s.to_ascii_uppercase());
+        assert_ne!(s, new_message_id().as_str());
+    }
+
+    #[test]
+    fn stamps_have_perl_precision() {
+        let s = now_stamp();
+        let text = serde_json::to_string(&s).unwrap();
+        let digits = text.chars().filter(|c| c.is_ascii_digit()).count();
+        assert!(digits <= 15, "{text}");
+    }
+
+    #[test]
+    fn stamp_ord_counts_up_on_equal_stamps() {
+        let a = next_stamp_ord(12.5);
+        let b = next_stamp_ord(12.5);
+        let c = next_stamp_ord(13.0);
+        // Other tests may interleave; within one stamp the order only rises.
+        assert!(b > a || c == 0);
+        assert_eq!(next_stamp_ord(99.25), 0);
+        assert_eq!(next_stamp_ord(99.25), 1);
+    }
+
+    #[test]
+    fn null_content_is_refused() {
+        assert!(matches!(
+            Message::with_raw_content("a", Some("b"), "null".into()),
+            Err(Error::ContentRequired)
+        ));
+        assert!(matches!(
+            Message::with_raw_content("", Some("b"), "1".into()),
+            Err(Error::FromRequired)
+        ));
+        assert!(matches!(
+            Message::with_raw_content("a", None, "1".into()),
+            Err(Error::ToOrBroadcast)
+        ));
+    }
+
+    #[test]
+    fn terminate_detection() {
+        let m = Message::new("a", "b", &serde_json::json!({"terminate": 1})).unwrap();
+        assert!(m.is_terminate());
+        let m = Message::new("a", "b", &serde_json::json!({"terminate": 0})).unwrap();
+        assert!(!m.is_terminate());
+        let m = Message::new("a", "b", "terminate").unwrap();
+        assert!(!m.is_terminate());
+    }
+
+    #[test]
+    fn sort_is_by_stamp_then_ord_and_stable() {
+        let mk = |stamp, ord, tag: &str| {
+            let mut m = Message::new("a", "b", tag).unwrap();
+            m.stamp = stamp;
+            m.stamp_ord = ord;
+            m
+        };
+        let mut v = vec![
+            mk(2.0, 0, "c"),
+            mk(1.0, 1, "b"),
+            mk(1.0, 0, "a"),
+            mk(2.0, 0, "d"),
+        ];
+        sort_messages(&mut v);
+        let order: Vec<String> = v.iter().map(|m| m.content::<String>().unwrap()).collect();
+        assert_eq!(order, ["a", "b", "c", "d"]);
+    }
+}

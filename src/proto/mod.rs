@@ -1,0 +1,700 @@
+//! The sans-IO protocol core: the connection table, the hello handshake,
+//! connection replacement, framing, bounded outboxes and statistics.
+//!
+//! Nothing here makes a syscall. A reactor feeds the core completions
+//! ("these bytes arrived", "n bytes were written", "a connection was
+//! accepted") and asks it, per connection, whether to arm a receive, what to
+//! write and what to close. The core never assumes readiness semantics: a
+//! receive or send is an operation that is started and later completes,
+//! which is what both epoll (emulated) and io_uring (native) provide.
+
+mod outbox;
+
+use std::collections::HashMap;
+use std::io;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use slab::Slab;
+
+use crate::message::{ByteStr, Message, now_stamp};
+use crate::route::Stats;
+use crate::serializer::{DecodeError, Serializer};
+use crate::wire::{BufferPool, FrameDecoder, build_frame};
+pub use outbox::Outbox;
+
+/// Identifies one connection: a slab slot plus a generation, so a late
+/// completion for a closed connection never reaches its slot's successor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(u64);
+
+impl ConnId {
+    fn new(slot: usize, generation: u32) -> Self {
+        ConnId(((generation as u64) << 32) | slot as u64)
+    }
+
+    /// The slab slot (stable while the connection is open).
+    pub fn slot(self) -> usize {
+        (self.0 & 0xFFFF_FFFF) as usize
+    }
+
+    /// The value stored in kernel user-data fields.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// Rebuilds an id from [`ConnId::as_u64`].
+    pub fn from_u64(v: u64) -> Self {
+        ConnId(v)
+    }
+}
+
+/// Limits of the core.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Largest payload accepted from a peer.
+    pub max_frame: usize,
+    /// Bytes a connection's outbox may hold before sends wait or fail.
+    pub outbox_limit: usize,
+    /// Size of one pooled receive buffer.
+    pub buf_size: usize,
+    /// Payload bytes of received, undelivered messages above which the core
+    /// stops receiving (backpressure to senders).
+    pub inbox_limit: usize,
+    /// How long an accepted connection may stay silent before its hello.
+    pub hello_timeout: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            max_frame: crate::wire::DEFAULT_MAX_FRAME,
+            outbox_limit: 16 * 1024 * 1024,
+            buf_size: crate::wire::DEFAULT_BUF_SIZE,
+            inbox_limit: 256 * 1024 * 1024,
+            hello_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Who opened a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// We connected and sent the hello.
+    Initiator,
+    /// The peer connected to our listening socket.
+    Acceptor,
+}
+
+#[derive(Debug)]
+struct Conn {
+    generation: u32,
+    /// `None` while an accepted connection waits for its hello.
+    peer: Option<ByteStr>,
+    role: Role,
+    decoder: FrameDecoder,
+    outbox: Outbox,
+    recv_in_flight: bool,
+    send_in_flight: bool,
+    last_activity: f64,
+    created: Instant,
+}
+
+/// Why a connection went away, for the one who asked to send on it.
+#[derive(Debug)]
+pub struct Closed {
+    /// The connection.
+    pub id: ConnId,
+    /// The peer, if the hello had been seen.
+    pub peer: Option<ByteStr>,
+    /// The write error that closed it, if any.
+    pub write_error: Option<io::Error>,
+}
+
+/// Outcome of queueing a frame.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Enqueue {
+    /// Queued; the value is the connection's byte count after this frame
+    /// (compare with [`Core::written_total`]).
+    Queued(u64),
+    /// The outbox has no room; nothing was queued.
+    Full {
+        /// Bytes already queued.
+        queued: usize,
+    },
+    /// No such connection.
+    Gone,
+}
+
+/// The protocol state machine of one client.
+#[derive(Debug)]
+pub struct Core {
+    cfg: CoreConfig,
+    serializer: Serializer,
+    conns: Slab<Conn>,
+    next_generation: u32,
+    by_peer: HashMap<ByteStr, usize>,
+    pool: BufferPool,
+    inbox: Vec<Message>,
+    inbox_bytes: usize,
+    paused: bool,
+    stats: Stats,
+    dirty: Vec<ConnId>,
+    to_close: Vec<ConnId>,
+    closed: Vec<Closed>,
+    arena: BytesMut,
+}
+
+impl Core {
+    /// A core with no connections.
+    pub fn new(serializer: Serializer, cfg: CoreConfig) -> Self {
+        Core {
+            pool: BufferPool::new(cfg.buf_size, 64),
+            cfg,
+            serializer,
+            conns: Slab::new(),
+            next_generation: 1,
+            by_peer: HashMap::new(),
+            inbox: Vec::new(),
+            inbox_bytes: 0,
+            paused: false,
+            stats: Stats::default(),
+            dirty: Vec::new(),
+            to_close: Vec::new(),
+            closed: Vec::new(),
+            arena: BytesMut::new(),
+        }
+    }
+
+    /// The route serializer.
+    pub fn serializer(&self) -> &Serializer {
+        &self.serializer
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &CoreConfig {
+        &self.cfg
+    }
+
+    /// Statistics so far.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Mutable statistics (reconnect loads them; disconnect adjusts them).
+    pub fn stats_mut(&mut self) -> &mut Stats {
+        &mut self.stats
+    }
+
+    /// The receive-buffer pool.
+    pub fn pool(&self) -> &BufferPool {
+        &self.pool
+    }
+
+    fn insert(&mut self, peer: Option<ByteStr>, role: Role) -> ConnId {
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        let slot = self.conns.insert(Conn {
+            generation,
+            peer,
+            role,
+            decoder: FrameDecoder::new(self.cfg.max_frame),
+            outbox: Outbox::default(),
+            recv_in_flight: false,
+            send_in_flight: false,
+            last_activity: now_stamp(),
+            created: Instant::now(),
+        });
+        let id = ConnId::new(slot, generation);
+        self.dirty.push(id);
+        id
+    }
+
+    fn get(&self, id: ConnId) -> Option<&Conn> {
+        self.conns
+            .get(id.slot())
+            .filter(|c| ConnId::new(id.slot(), c.generation) == id)
+    }
+
+    fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
+        self.conns
+            .get_mut(id.slot())
+            .filter(|c| ConnId::new(id.slot(), c.generation) == id)
+    }
+
+    fn id_of(&self, slot: usize) -> ConnId {
+        ConnId::new(slot, self.conns[slot].generation)
+    }
+
+    /// Registers a connection we opened to `peer` and queues our hello as
+    /// its first frame. Any existing entry for `peer` is replaced.
+    pub fn add_initiator(&mut self, peer: &str, own_id: &str) -> ConnId {
+        if let Some(old) = self.by_peer.get(peer).copied() {
+            let old = self.id_of(old);
+            self.close(old, None);
+        }
+        let peer = ByteStr::copy_from(peer);
+        let id = self.insert(Some(peer.clone()), Role::Initiator);
+        self.by_peer.insert(peer, id.slot());
+        let ser = self.serializer.clone();
+        let hello = build_frame::<crate::Error>(&mut self.arena, |b| {
+            ser.encode_hello(own_id, b);
+            Ok(())
+        });
+        if let (Ok(frame), Some(c)) = (hello, self.get_mut(id)) {
+            c.outbox.push(frame);
+        }
+        id
+    }
+
+    /// Registers an accepted connection; it stays unresolved until its hello.
+    pub fn add_acceptor(&mut self) -> ConnId {
+        self.insert(None, Role::Acceptor)
+    }
+
+    /// The open connection to `peer`, if any.
+    pub fn conn_for(&self, peer: &str) -> Option<ConnId> {
+        self.by_peer.get(peer).map(|&s| self.id_of(s))
+    }
+
+    /// Whether `id` is still open.
+    pub fn is_open(&self, id: ConnId) -> bool {
+        self.get(id).is_some()
+    }
+
+    /// The role of a connection.
+    pub fn role(&self, id: ConnId) -> Option<Role> {
+        self.get(id).map(|c| c.role)
+    }
+
+    /// The peer of a connection, once known.
+    pub fn peer_of(&self, id: ConnId) -> Option<&str> {
+        self.get(id).and_then(|c| c.peer.as_deref())
+    }
+
+    /// Sorted ids of resolved connections (unresolved ones are hidden, Q10).
+    pub fn connections(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.by_peer.keys().map(|k| k.to_string()).collect();
+        v.sort();
+        v
+    }
+
+    /// Every open connection (resolved or not).
+    pub fn all_conns(&self) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .map(|(s, c)| ConnId::new(s, c.generation))
+            .collect()
+    }
+
+    /// Number of open connections, unresolved ones included.
+    pub fn conn_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Activity time of the connection to `peer`.
+    pub fn last_activity(&self, peer: &str) -> Option<f64> {
+        self.conn_for(peer)
+            .and_then(|id| self.get(id))
+            .map(|c| c.last_activity)
+    }
+
+    /// Overrides the activity time of the connection to `peer`.
+    pub fn set_last_activity(&mut self, peer: &str, at: f64) -> bool {
+        match self.conn_for(peer) {
+            Some(id) => {
+                if let Some(c) = self.get_mut(id) {
+                    c.last_activity = at;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Closes connections idle since before `now - max_idle` (strictly),
+    /// unresolved ones included; returns how many.
+    pub fn close_idle(&mut self, max_idle: f64) -> usize {
+        let cutoff = now_stamp() - max_idle;
+        let idle: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.last_activity < cutoff)
+            .map(|(s, c)| ConnId::new(s, c.generation))
+            .collect();
+        for id in &idle {
+            self.close(*id, None);
+        }
+        idle.len()
+    }
+
+    /// Closes accepted connections that sent no hello within the timeout.
+    pub fn expire_unresolved(&mut self) -> usize {
+        let timeout = self.cfg.hello_timeout;
+        let stale: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.peer.is_none() && c.created.elapsed() > timeout)
+            .map(|(s, c)| ConnId::new(s, c.generation))
+            .collect();
+        for id in &stale {
+            log::warn!(
+                "ConnectionUnix: closing a connection that sent no hello within {timeout:?}"
+            );
+            self.close(*id, None);
+        }
+        stale.len()
+    }
+
+    /// Closes a connection; the reactor learns of it via [`Core::take_closed_ids`].
+    pub fn close(&mut self, id: ConnId, write_error: Option<io::Error>) {
+        if self.get(id).is_none() {
+            return;
+        }
+        let conn = self.conns.remove(id.slot());
+        if let Some(peer) = &conn.peer {
+            if self.by_peer.get(peer) == Some(&id.slot()) {
+                self.by_peer.remove(peer);
+            }
+        }
+        self.to_close.push(id);
+        self.closed.push(Closed {
+            id,
+            peer: conn.peer,
+            write_error,
+        });
+    }
+
+    /// Closes every connection.
+    pub fn close_all(&mut self) {
+        for id in self.all_conns() {
+            self.close(id, None);
+        }
+    }
+
+    /// Connections the reactor must close (and cancel I/O on).
+    pub fn take_closed_ids(&mut self) -> Vec<ConnId> {
+        std::mem::take(&mut self.to_close)
+    }
+
+    /// Why connections went away since the last call.
+    pub fn take_closed(&mut self) -> Vec<Closed> {
+        std::mem::take(&mut self.closed)
+    }
+
+    /// Connections whose operations need (re)arming.
+    pub fn take_dirty(&mut self, into: &mut Vec<ConnId>) {
+        into.append(&mut self.dirty);
+    }
+
+    /// Whether `id` wants a receive armed now.
+    pub fn wants_recv(&self, id: ConnId) -> bool {
+        !self.paused && self.get(id).is_some_and(|c| !c.recv_in_flight)
+    }
+
+    /// Lends the receive buffer of `id` for a receive operation.
+    pub fn start_recv(&mut self, id: ConnId) -> Option<BytesMut> {
+        if self.paused {
+            return None;
+        }
+        let Core { conns, pool, .. } = self;
+        let conn = conns
+            .get_mut(id.slot())
+            .filter(|c| ConnId::new(id.slot(), c.generation) == id)?;
+        if conn.recv_in_flight {
+            return None;
+        }
+        conn.recv_in_flight = true;
+        Some(conn.decoder.recv_buf(pool))
+    }
+
+    /// A receive finished: `buf` holds the old bytes plus the new ones;
+    /// `Ok(0)` is end of stream.
+    pub fn on_recv(&mut self, id: ConnId, buf: BytesMut, result: io::Result<usize>) {
+        let Core { conns, pool, .. } = self;
+        let Some(conn) = conns
+            .get_mut(id.slot())
+            .filter(|c| ConnId::new(id.slot(), c.generation) == id)
+        else {
+            pool.put(buf);
+            return;
+        };
+        conn.recv_in_flight = false;
+        conn.decoder.filled(buf);
+        let eof = match result {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::WouldBlock =>
+            {
+                self.dirty.push(id);
+                return;
+            }
+            Err(e) => {
+                log::debug!("ConnectionUnix: read error on connection: {e}");
+                true
+            }
+        };
+        self.decode_frames(id);
+        if !self.is_open(id) {
+            return;
+        }
+        if eof {
+            if let Some(c) = self.get_mut(id) {
+                let partial = c.decoder.discard();
+                if partial > 0 {
+                    log::warn!(
+                        "ConnectionUnix: connection from '{}' closed with {partial} bytes of an incomplete frame; discarded",
+                        c.peer.as_deref().unwrap_or("<no hello yet>")
+                    );
+                }
+            }
+            self.close(id, None);
+            return;
+        }
+        let Core { conns, pool, .. } = self;
+        if let Some(c) = conns.get_mut(id.slot()) {
+            c.decoder.release(pool);
+        }
+        self.dirty.push(id);
+    }
+
+    fn decode_frames(&mut self, id: ConnId) {
+        let mut got_frame = false;
+        loop {
+            let Some(conn) = self.get_mut(id) else { return };
+            let frame = match conn.decoder.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    log::error!(
+                        "ConnectionUnix: closing connection from '{}': {e}",
+                        conn.peer.as_deref().unwrap_or("<no hello yet>")
+                    );
+                    self.close(id, None);
+                    return;
+                }
+            };
+            got_frame = true;
+            if conn.peer.is_none() {
+                if !self.resolve_hello(id, &frame) {
+                    return;
+                }
+                continue;
+            }
+            self.deliver(id, frame);
+        }
+        if got_frame {
+            if let Some(c) = self.get_mut(id) {
+                c.last_activity = now_stamp();
+            }
+        }
+    }
+
+    fn resolve_hello(&mut self, id: ConnId, frame: &Bytes) -> bool {
+        let peer = match self.serializer.decode_hello(frame) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                log::warn!("ConnectionUnix: hello frame missing peer id");
+                self.close(id, None);
+                return false;
+            }
+            Err(e) => {
+                log::warn!("ConnectionUnix: malformed hello frame: {e}");
+                self.close(id, None);
+                return false;
+            }
+        };
+        // A newer connection from the same peer replaces the old one
+        // (PROTOCOL.md 7.4, Q15). Messages already read from the old one
+        // are in the inbox; its not-yet-started frames move over.
+        let mut carried = Outbox::default();
+        if let Some(&old_slot) = self.by_peer.get(&peer) {
+            let old = self.id_of(old_slot);
+            if let Some(c) = self.get_mut(old) {
+                carried = c.outbox.take_unstarted();
+            }
+            self.close(old, None);
+        }
+        let Some(conn) = self.get_mut(id) else {
+            return false;
+        };
+        conn.peer = Some(peer.clone());
+        conn.last_activity = now_stamp();
+        let moved = !carried.is_empty();
+        conn.outbox.append(carried);
+        self.by_peer.insert(peer, id.slot());
+        if moved {
+            self.dirty.push(id);
+        }
+        true
+    }
+
+    fn deliver(&mut self, id: ConnId, frame: Bytes) {
+        match self.serializer.decode_message(&frame) {
+            Ok(Some(msg)) => {
+                Stats::bump(&mut self.stats.read, msg.from());
+                self.inbox_bytes += frame.len();
+                self.inbox.push(msg);
+                if self.inbox_bytes >= self.cfg.inbox_limit {
+                    self.paused = true;
+                }
+            }
+            Ok(None) => {}
+            Err(DecodeError::Malformed(e)) => {
+                let peer = self.peer_of(id).unwrap_or("");
+                log::warn!("ConnectionUnix: malformed frame from '{peer}': {e}");
+            }
+            Err(DecodeError::Invalid(e)) => {
+                let peer = self.peer_of(id).unwrap_or("");
+                log::warn!("ConnectionUnix: invalid message from '{peer}' skipped: {e}");
+            }
+        }
+    }
+
+    /// Adds a message that did not come from a connection (self-sends).
+    pub fn push_local(&mut self, msg: Message) {
+        self.inbox.push(msg);
+    }
+
+    /// Whether received messages are waiting.
+    pub fn has_messages(&self) -> bool {
+        !self.inbox.is_empty()
+    }
+
+    /// Takes every received message (unsorted, arrival order) and resumes
+    /// receiving if the inbox had filled up.
+    pub fn take_messages(&mut self, into: &mut Vec<Message>) {
+        into.append(&mut self.inbox);
+        self.inbox_bytes = 0;
+        if self.paused {
+            self.paused = false;
+            let all = self.all_conns();
+            self.dirty.extend(all);
+        }
+    }
+
+    /// Whether receiving is paused because the inbox is full.
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Serializes a frame into the core's send arena (no per-message
+    /// allocation once the arena has warmed up).
+    pub fn build_frame(
+        &mut self,
+        write: impl FnOnce(&Serializer, &mut BytesMut) -> crate::Result<()>,
+    ) -> crate::Result<Bytes> {
+        let Core {
+            arena, serializer, ..
+        } = self;
+        if arena.capacity() < 4096 {
+            arena.reserve(64 * 1024);
+        }
+        build_frame(arena, |b| write(serializer, b))
+    }
+
+    /// Queues a complete frame on `id`, within the outbox limit (an empty
+    /// outbox takes any frame, so a frame above the limit still goes out).
+    pub fn enqueue(&mut self, id: ConnId, frame: Bytes) -> Enqueue {
+        let limit = self.cfg.outbox_limit;
+        let Some(conn) = self.get_mut(id) else {
+            return Enqueue::Gone;
+        };
+        let queued = conn.outbox.queued_bytes();
+        if queued > 0 && queued + frame.len() > limit {
+            return Enqueue::Full { queued };
+        }
+        conn.outbox.push(frame);
+        let total = conn.outbox.enqueued_total();
+        if !conn.send_in_flight {
+            self.dirty.push(id);
+        }
+        Enqueue::Queued(total)
+    }
+
+    /// Bytes written so far on `id` (see [`Enqueue::Queued`]).
+    pub fn written_total(&self, id: ConnId) -> Option<u64> {
+        self.get(id).map(|c| c.outbox.written_total())
+    }
+
+    /// Bytes queued (not yet written) on `id`.
+    pub fn queued_bytes(&self, id: ConnId) -> usize {
+        self.get(id).map_or(0, |c| c.outbox.queued_bytes())
+    }
+
+    /// Counts a message as sent to `peer`.
+    pub fn count_sent(&mut self, peer: &str) {
+        Stats::bump(&mut self.stats.sent, peer);
+    }
+
+    /// Counts a message as read from `peer` (self-sends).
+    pub fn count_read(&mut self, peer: &str) {
+        Stats::bump(&mut self.stats.read, peer);
+    }
+
+    /// Resolved connections with queued bytes.
+    pub fn backlogged(&self) -> Vec<ConnId> {
+        self.conns
+            .iter()
+            .filter(|(_, c)| c.peer.is_some() && !c.outbox.is_empty())
+            .map(|(s, c)| ConnId::new(s, c.generation))
+            .collect()
+    }
+
+    /// If `id` has bytes to write and no write in flight, marks the write
+    /// as started and returns the outbox to write from.
+    pub fn start_send(&mut self, id: ConnId) -> Option<&Outbox> {
+        let conn = self.get_mut(id)?;
+        if conn.send_in_flight || conn.outbox.is_empty() {
+            return None;
+        }
+        conn.send_in_flight = true;
+        Some(&conn.outbox)
+    }
+
+    /// Records how many frames of `id`'s outbox the backend's in-flight
+    /// write covers (the kernel may still be reading them).
+    pub fn sending(&mut self, id: ConnId, held_frames: usize) {
+        if let Some(c) = self.get_mut(id) {
+            c.outbox.set_held(held_frames);
+        }
+    }
+
+    /// A write finished having written `result` bytes (0 means "retry",
+    /// e.g. after the kernel buffer had no room).
+    pub fn on_sent(&mut self, id: ConnId, result: io::Result<usize>) {
+        let Some(conn) = self.get_mut(id) else { return };
+        conn.send_in_flight = false;
+        conn.outbox.set_held(0);
+        match result {
+            Ok(n) => {
+                conn.outbox.advance(n);
+                if n > 0 && conn.outbox.is_empty() {
+                    conn.last_activity = now_stamp();
+                }
+                if !conn.outbox.is_empty() {
+                    self.dirty.push(id);
+                }
+            }
+            Err(e)
+                if e.kind() == io::ErrorKind::Interrupted
+                    || e.kind() == io::ErrorKind::WouldBlock =>
+            {
+                self.dirty.push(id);
+            }
+            Err(e) => self.close(id, Some(e)),
+        }
+    }
+
+    /// Marks `id` active now.
+    pub fn touch(&mut self, id: ConnId) {
+        if let Some(c) = self.get_mut(id) {
+            c.last_activity = now_stamp();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,366 @@
+//! The epoll backend: edge-triggered readiness turned into completions.
+//!
+//! Each socket is registered once (`IN | OUT | RDHUP`, edge-triggered) and
+//! its readiness remembered. A receive started on a readable socket is
+//! performed at once; otherwise it is performed when the next edge arrives.
+//! Writes are performed synchronously with `sendmsg` (gathering the outbox,
+//! `MSG_NOSIGNAL`) until the kernel refuses more, and reported as finished;
+//! a write that could not start waits for the `OUT` edge and then completes
+//! with 0 bytes, which tells the core to try again.
+
+use std::io::{self, IoSlice};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rustix::event::epoll;
+use rustix::io::Errno;
+use rustix::net::{SendAncillaryBuffer, SendFlags, SocketFlags};
+
+use super::{Backend, BackendKind, Completion};
+use crate::proto::{ConnId, Outbox};
+
+const LISTENER: u64 = u64::MAX;
+/// Slices gathered per `sendmsg`.
+const IOV_BATCH: usize = 128;
+const EVENTS: usize = 256;
+
+#[derive(Debug)]
+struct EpollConn {
+    id: ConnId,
+    fd: OwnedFd,
+    readable: bool,
+    writable: bool,
+    want_write: bool,
+    recv: Option<BytesMut>,
+}
+
+/// The epoll backend.
+#[derive(Debug)]
+pub struct EpollBackend {
+    ep: OwnedFd,
+    listener: Option<OwnedFd>,
+    conns: Vec<Option<EpollConn>>,
+    ready: Vec<Completion>,
+    events: EventBuf,
+}
+
+/// The event array handed to `epoll_wait`.
+struct EventBuf(Vec<epoll::Event>);
+
+// SAFETY: the events carry only `u64` tokens (never pointers), so moving
+// the buffer to another thread shares nothing.
+unsafe impl Send for EventBuf {}
+
+impl std::fmt::Debug for EventBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EventBuf")
+    }
+}
+
+impl EpollBackend {
+    /// A backend with its own epoll instance.
+    pub fn new() -> io::Result<Self> {
+        Ok(EpollBackend {
+            ep: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+            listener: None,
+            conns: Vec::new(),
+            ready: Vec::new(),
+            events: EventBuf(Vec::with_capacity(EVENTS)),
+        })
+    }
+
+    fn accept_all(&mut self) {
+        let Some(l) = &self.listener else { return };
+        loop {
+            match rustix::net::accept_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
+                Ok(fd) => self.ready.push(Completion::Accepted(fd)),
+                Err(Errno::INTR) | Err(Errno::CONNABORTED) => continue,
+                Err(Errno::AGAIN) => return,
+                Err(e) => {
+                    // EMFILE and friends: log, retry at the next edge.
+                    log::warn!("ConnectionUnix: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn do_read(ready: &mut Vec<Completion>, c: &mut EpollConn) {
+        let Some(mut buf) = c.recv.take() else { return };
+        loop {
+            let len = buf.len();
+            let spare = buf.capacity() - len;
+            match rustix::io::read(&c.fd, buf.spare_capacity_mut()) {
+                Ok((init, _)) => {
+                    let n = init.len();
+                    // SAFETY: `read` initialised the first `n` bytes of the
+                    // spare capacity, directly after the `len` valid ones.
+                    unsafe { buf.set_len(len + n) };
+                    if n < spare {
+                        // A short read drained the socket; the next arrival
+                        // raises a new edge.
+                        c.readable = false;
+                    }
+                    ready.push(Completion::Recv {
+                        conn: c.id,
+                        buf,
+                        result: Ok(n),
+                    });
+                    return;
+                }
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => {
+                    c.readable = false;
+                    c.recv = Some(buf);
+                    return;
+                }
+                Err(e) => {
+                    ready.push(Completion::Recv {
+                        conn: c.id,
+                        buf,
+                        result: Err(e.into()),
+                    });
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Backend for EpollBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Epoll
+    }
+
+    fn pollable_fd(&self) -> BorrowedFd<'_> {
+        self.ep.as_fd()
+    }
+
+    fn listen(&mut self, fd: OwnedFd) -> io::Result<()> {
+        epoll::add(
+            &self.ep,
+            &fd,
+            epoll::EventData::new_u64(LISTENER),
+            epoll::EventFlags::IN | epoll::EventFlags::ET,
+        )?;
+        self.listener = Some(fd);
+        Ok(())
+    }
+
+    fn close_listener(&mut self) {
+        if let Some(l) = self.listener.take() {
+            let _ = epoll::delete(&self.ep, &l);
+        }
+    }
+
+    fn add_conn(&mut self, id: ConnId, fd: OwnedFd) -> io::Result<()> {
+        epoll::add(
+            &self.ep,
+            &fd,
+            epoll::EventData::new_u64(id.as_u64()),
+            epoll::EventFlags::IN
+                | epoll::EventFlags::OUT
+                | epoll::EventFlags::RDHUP
+                | epoll::EventFlags::ET,
+        )?;
+        let slot = id.slot();
+        if self.conns.len() <= slot {
+            self.conns.resize_with(slot + 1, || None);
+        }
+        self.conns[slot] = Some(EpollConn {
+            id,
+            fd,
+            // Optimistic: data (a hello) is often there already.
+            readable: true,
+            writable: true,
+            want_write: false,
+            recv: None,
+        });
+        Ok(())
+    }
+
+    fn conn_fd(&self, id: ConnId) -> Option<BorrowedFd<'_>> {
+        self.conns
+            .get(id.slot())
+            .and_then(|c| c.as_ref())
+            .filter(|c| c.id == id)
+            .map(|c| c.fd.as_fd())
+    }
+
+    fn recv(&mut self, id: ConnId, buf: BytesMut) {
+        let EpollBackend { conns, ready, .. } = self;
+        let Some(c) = conns
+            .get_mut(id.slot())
+            .and_then(|c| c.as_mut())
+            .filter(|c| c.id == id)
+        else {
+            return;
+        };
+        c.recv = Some(buf);
+        if c.readable {
+            Self::do_read(ready, c);
+        }
+    }
+
+    fn send(&mut self, id: ConnId, outbox: &Outbox) -> usize {
+        let EpollBackend { conns, ready, .. } = self;
+        let Some(c) = conns
+            .get_mut(id.slot())
+            .and_then(|c| c.as_mut())
+            .filter(|c| c.id == id)
+        else {
+            return 0;
+        };
+        if !c.writable {
+            c.want_write = true;
+            return 0;
+        }
+        let mut total = 0usize;
+        let mut skip_frames = 0usize;
+        let mut skip_bytes = outbox.front_offset();
+        let mut slices = [IoSlice::new(&[]); IOV_BATCH];
+        let result = loop {
+            let mut count = 0;
+            let mut want = 0;
+            for (i, f) in outbox
+                .frames()
+                .skip(skip_frames)
+                .take(IOV_BATCH)
+                .enumerate()
+            {
+                let s = if i == 0 { &f[skip_bytes..] } else { &f[..] };
+                want += s.len();
+                slices[i] = IoSlice::new(s);
+                count += 1;
+            }
+            if count == 0 {
+                break Ok(());
+            }
+            match rustix::net::sendmsg(
+                &c.fd,
+                &slices[..count],
+                &mut SendAncillaryBuffer::default(),
+                SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
+            ) {
+                Ok(n) => {
+                    total += n;
+                    // Move the cursor past what was written.
+                    let mut left = n;
+                    for f in outbox.frames().skip(skip_frames) {
+                        let rest = f.len() - skip_bytes;
+                        if left >= rest {
+                            left -= rest;
+                            skip_frames += 1;
+                            skip_bytes = 0;
+                        } else {
+                            skip_bytes += left;
+                            break;
+                        }
+                    }
+                    if n < want {
+                        c.writable = false;
+                        break Ok(());
+                    }
+                }
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => {
+                    c.writable = false;
+                    break Ok(());
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        match result {
+            Ok(()) if total == 0 => c.want_write = true,
+            Ok(()) => ready.push(Completion::Sent {
+                conn: id,
+                result: Ok(total),
+            }),
+            Err(_) if total > 0 => ready.push(Completion::Sent {
+                conn: id,
+                result: Ok(total),
+            }),
+            Err(e) => ready.push(Completion::Sent {
+                conn: id,
+                result: Err(e.into()),
+            }),
+        }
+        0
+    }
+
+    fn close(&mut self, id: ConnId) {
+        let slot = id.slot();
+        if self
+            .conns
+            .get(slot)
+            .and_then(|c| c.as_ref())
+            .is_some_and(|c| c.id == id)
+        {
+            if let Some(c) = self.conns[slot].take() {
+                let _ = epoll::delete(&self.ep, &c.fd);
+            }
+        }
+    }
+
+    fn collect(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.ready);
+    }
+
+    fn poll(&mut self, timeout: Option<Duration>, out: &mut Vec<Completion>) -> io::Result<()> {
+        let timeout = if self.ready.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        let ts = timeout.map(|d| rustix::event::Timespec {
+            tv_sec: d.as_secs() as _,
+            tv_nsec: d.subsec_nanos() as _,
+        });
+        self.events.0.clear();
+        match epoll::wait(
+            &self.ep,
+            rustix::buffer::spare_capacity(&mut self.events.0),
+            ts.as_ref(),
+        ) {
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let events = std::mem::take(&mut self.events.0);
+        for ev in &events {
+            let token = ev.data.u64();
+            if token == LISTENER {
+                self.accept_all();
+                continue;
+            }
+            let flags = ev.flags;
+            let EpollBackend { conns, ready, .. } = self;
+            let id = ConnId::from_u64(token);
+            let Some(c) = conns
+                .get_mut(id.slot())
+                .and_then(|c| c.as_mut())
+                .filter(|c| c.id == id)
+            else {
+                continue;
+            };
+            let err_or_hup = epoll::EventFlags::ERR | epoll::EventFlags::HUP;
+            if flags.intersects(epoll::EventFlags::IN | epoll::EventFlags::RDHUP | err_or_hup) {
+                c.readable = true;
+                Self::do_read(ready, c);
+            }
+            if flags.intersects(epoll::EventFlags::OUT | err_or_hup) {
+                c.writable = true;
+                if c.want_write {
+                    c.want_write = false;
+                    ready.push(Completion::Sent {
+                        conn: id,
+                        result: Ok(0),
+                    });
+                }
+            }
+        }
+        self.events.0 = events;
+        out.append(&mut self.ready);
+        Ok(())
+    }
+}

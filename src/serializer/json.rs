@@ -1,0 +1,278 @@
+//! The Perl-compatible `IPC::Manager::Serializer::JSON` encoding.
+//!
+//! Output is compact and ASCII-only: every non-ASCII character becomes a
+//! `\uXXXX` escape (a surrogate pair above U+FFFF), because the Perl decoder
+//! reads payload bytes as Latin-1. Decoding borrows from the frame: strings
+//! without escapes and the raw `content` text become slices of the received
+//! buffer.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::io;
+
+use bytes::{BufMut, BytesMut};
+use serde::Serialize;
+use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// A `serde_json` formatter that writes compact, ASCII-only JSON.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AsciiFormatter;
+
+impl serde_json::ser::Formatter for AsciiFormatter {
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        if fragment.is_ascii() {
+            return writer.write_all(fragment.as_bytes());
+        }
+        write_ascii_escaped(writer, fragment)
+    }
+}
+
+/// Writes `text` with every non-ASCII character as a `\uXXXX` escape.
+///
+/// Safe on a whole JSON document too: outside strings JSON is ASCII, so only
+/// string contents change, and only in representation.
+fn write_ascii_escaped<W: ?Sized + io::Write>(writer: &mut W, text: &str) -> io::Result<()> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bytes = text.as_bytes();
+    let mut start = 0;
+    for (i, ch) in text.char_indices() {
+        if ch.is_ascii() {
+            continue;
+        }
+        writer.write_all(&bytes[start..i])?;
+        let mut units = [0u16; 2];
+        for unit in ch.encode_utf16(&mut units) {
+            let u = *unit as usize;
+            let esc = [
+                b'\\',
+                b'u',
+                HEX[(u >> 12) & 0xF],
+                HEX[(u >> 8) & 0xF],
+                HEX[(u >> 4) & 0xF],
+                HEX[u & 0xF],
+            ];
+            writer.write_all(&esc)?;
+        }
+        start = i + ch.len_utf8();
+    }
+    writer.write_all(&bytes[start..])
+}
+
+/// Serializes `value` as compact ASCII-only JSON onto `out`.
+pub fn to_ascii_json<T: Serialize + ?Sized>(
+    value: &T,
+    out: &mut BytesMut,
+) -> serde_json::Result<()> {
+    let mut ser = serde_json::Serializer::with_formatter(out.writer(), AsciiFormatter);
+    value.serialize(&mut ser)
+}
+
+/// Appends a JSON text, re-escaping any non-ASCII characters.
+pub fn push_raw_ascii(raw: &str, out: &mut BytesMut) {
+    if raw.is_ascii() {
+        out.extend_from_slice(raw.as_bytes());
+    } else {
+        // Writing into a BytesMut cannot fail.
+        let _ = write_ascii_escaped(&mut out.writer(), raw);
+    }
+}
+
+/// Appends `s` as a JSON string literal (ASCII-only).
+pub fn push_str(s: &str, out: &mut BytesMut) {
+    // Serializing a &str into memory cannot fail.
+    let _ = to_ascii_json(s, out);
+}
+
+/// A string that borrows from the input when it has no escapes.
+#[derive(Debug)]
+pub(crate) struct CowStr<'a>(pub Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for CowStr<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CowStr<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v)))
+            }
+            // Perl stringifies numeric ids; accept them the same way.
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_string())))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(CowStr(Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A decoded top-level JSON payload, borrowing from the frame.
+#[derive(Debug, Default)]
+pub(crate) struct RawEnvelope<'a> {
+    pub is_object: bool,
+    pub keys: usize,
+    pub from: Option<Cow<'a, str>>,
+    pub to: Option<Cow<'a, str>>,
+    pub content: Option<&'a RawValue>,
+    pub id: Option<Cow<'a, str>>,
+    pub stamp: Option<f64>,
+    pub stamp_ord: Option<u64>,
+    pub broadcast: Option<&'a RawValue>,
+    pub hello: Option<&'a RawValue>,
+    pub extra: Vec<(Cow<'a, str>, &'a RawValue)>,
+    /// A field of the wrong type, reported once the rest is known.
+    pub bad_field: Option<&'static str>,
+}
+
+/// Reads a JSON string value (or `null`) that must be a string.
+fn opt_str<'a>(raw: &'a RawValue) -> Option<Cow<'a, str>> {
+    serde_json::from_str::<CowStr<'a>>(raw.get())
+        .ok()
+        .map(|c| c.0)
+}
+
+impl<'de> Deserialize<'de> for RawEnvelope<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawEnvelope<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut env = RawEnvelope {
+                    is_object: true,
+                    ..RawEnvelope::default()
+                };
+                while let Some(key) = map.next_key::<CowStr<'de>>()? {
+                    env.keys += 1;
+                    let raw: &'de RawValue = map.next_value()?;
+                    match &*key.0 {
+                        "from" => {
+                            env.from = opt_str(raw);
+                            if env.from.is_none() && raw.get() != "null" {
+                                env.bad_field = Some("from");
+                            }
+                        }
+                        "to" => env.to = opt_str(raw),
+                        "content" => env.content = (raw.get() != "null").then_some(raw),
+                        "id" => env.id = opt_str(raw),
+                        "stamp" => env.stamp = serde_json::from_str::<f64>(raw.get()).ok(),
+                        "stamp_ord" => {
+                            env.stamp_ord = serde_json::from_str::<f64>(raw.get())
+                                .ok()
+                                .filter(|v| *v >= 0.0)
+                                .map(|v| v as u64)
+                        }
+                        "broadcast" => env.broadcast = Some(raw),
+                        "hello" => env.hello = Some(raw),
+                        _ => env.extra.push((key.0, raw)),
+                    }
+                }
+                Ok(env)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(RawEnvelope::default())
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(RawEnvelope::default())
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(RawEnvelope::default())
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(RawEnvelope::default())
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(RawEnvelope::default())
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(RawEnvelope::default())
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(RawEnvelope::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Perl truthiness of a JSON value: everything but `null`, `false`, `0`,
+/// `""` and `"0"` is true.
+pub(crate) fn is_truthy(raw: &RawValue) -> bool {
+    let t = raw.get().trim();
+    !matches!(t, "null" | "false" | "0" | "\"\"" | "\"0\"" | "0.0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_ascii_is_escaped_with_surrogates() {
+        let mut out = BytesMut::new();
+        to_ascii_json(&serde_json::json!({"k": "trés 😀 /"}), &mut out).unwrap();
+        assert_eq!(&out[..], br#"{"k":"tr\u00e9s \ud83d\ude00 /"}"#);
+        // Perl (and serde_json) read it back to the same text.
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["k"], "trés 😀 /");
+    }
+
+    #[test]
+    fn raw_text_is_reescaped() {
+        let mut out = BytesMut::new();
+        push_raw_ascii(r#"["é",1]"#, &mut out);
+        assert_eq!(&out[..], br#"["\u00e9",1]"#);
+    }
+
+    #[test]
+    fn envelope_borrows_plain_strings() {
+        let text = r#"{"from":"a","to":"b\u00e9","content":{"x":[1,2]},"stamp":1.5,"k":true}"#;
+        let env: RawEnvelope = serde_json::from_str(text).unwrap();
+        assert!(matches!(env.from, Some(Cow::Borrowed("a"))));
+        assert!(matches!(env.to.as_deref(), Some("bé")));
+        assert_eq!(env.content.unwrap().get(), r#"{"x":[1,2]}"#);
+        assert_eq!(env.stamp, Some(1.5));
+        assert_eq!(env.extra.len(), 1);
+        assert_eq!(env.keys, 5);
+    }
+
+    #[test]
+    fn top_level_non_objects_are_recognised() {
+        for t in ["[1,[2]]", "3", "\"s\"", "true", "null"] {
+            let env: RawEnvelope = serde_json::from_str(t).unwrap();
+            assert!(!env.is_object, "{t}");
+        }
+        assert!(serde_json::from_str::<RawEnvelope>("{} x").is_err());
+    }
+
+    #[test]
+    fn truthiness_follows_perl() {
+        for (t, want) in [
+            ("1", true),
+            ("0", false),
+            ("\"0\"", false),
+            ("true", true),
+            ("null", false),
+        ] {
+            let raw: &RawValue = serde_json::from_str(t).unwrap();
+            assert_eq!(is_truthy(raw), want, "{t}");
+        }
+    }
+}

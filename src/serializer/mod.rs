@@ -1,0 +1,442 @@
+//! Serializers: how hellos, messages, `.stats` and `.resume` records become
+//! frame payloads. The route's info string names the one every client uses.
+//!
+//! Only the Perl-compatible JSON serializer exists so far; the enum is the
+//! extension point for the zstd and binary variants.
+
+pub mod json;
+
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::error::{Error, Result};
+use crate::message::{ByteStr, Message, new_message_id, next_stamp_ord, now_stamp};
+use json::{RawEnvelope, is_truthy, push_raw_ascii, push_str, to_ascii_json};
+
+/// Class-name prefix of serializers in the info string.
+pub const CLASS_PREFIX: &str = "IPC::Manager::Serializer::";
+
+/// The serializer of a route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Serializer {
+    /// `IPC::Manager::Serializer::JSON`: compact ASCII-only JSON.
+    Json,
+}
+
+/// Why a received payload yields no message.
+#[derive(Debug)]
+pub(crate) enum DecodeError {
+    /// Not decodable at all (warned as a malformed frame).
+    Malformed(String),
+    /// Decodable, but not a valid message (PROTOCOL.md Q14: warned, skipped).
+    Invalid(Error),
+}
+
+/// The content of an outgoing message.
+pub(crate) enum Content<'a, T: ?Sized> {
+    /// A value to serialize.
+    Value(&'a T),
+    /// JSON text as is.
+    Raw(&'a str),
+}
+
+/// One outgoing envelope, borrowed from the caller.
+pub(crate) struct Outgoing<'a, T: ?Sized> {
+    pub from: &'a str,
+    pub to: &'a str,
+    pub content: Content<'a, T>,
+    pub id: Option<&'a str>,
+    pub stamp: Option<f64>,
+    pub stamp_ord: Option<u64>,
+    pub broadcast: bool,
+    pub extra: &'a [(ByteStr, ByteStr)],
+}
+
+impl Serializer {
+    /// The full Perl class name, as written in the info string.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Serializer::Json => "IPC::Manager::Serializer::JSON",
+        }
+    }
+
+    /// Picks the serializer from the info string's serializer element.
+    pub fn from_spec(spec: &serde_json::Value) -> Result<Self> {
+        let class = match spec {
+            serde_json::Value::String(s) => s.as_str(),
+            serde_json::Value::Array(a) => match a.first() {
+                Some(serde_json::Value::String(s)) => s.as_str(),
+                _ => {
+                    return Err(Error::InfoString(
+                        "serializer array lacks a class name".into(),
+                    ));
+                }
+            },
+            _ => {
+                return Err(Error::InfoString(
+                    "serializer must be a string or an array".into(),
+                ));
+            }
+        };
+        let full = expand_class(class, CLASS_PREFIX);
+        match full.as_str() {
+            "IPC::Manager::Serializer::JSON" => Ok(Serializer::Json),
+            _ => Err(Error::UnsupportedSerializer(full)),
+        }
+    }
+
+    /// The serializer element of the info string.
+    pub fn spec(&self) -> serde_json::Value {
+        serde_json::Value::String(self.class().to_string())
+    }
+
+    /// Appends a hello payload announcing `id`.
+    pub fn encode_hello(&self, id: &str, out: &mut BytesMut) {
+        match self {
+            Serializer::Json => {
+                out.extend_from_slice(b"{\"hello\":");
+                push_str(id, out);
+                out.extend_from_slice(b"}");
+            }
+        }
+    }
+
+    /// Reads a hello payload: `Ok(Some(id))`, `Ok(None)` when it is not an
+    /// object with a non-empty `hello`, `Err` when it does not decode.
+    pub(crate) fn decode_hello(&self, payload: &Bytes) -> Result<Option<ByteStr>, String> {
+        let env: RawEnvelope = serde_json::from_slice(payload).map_err(|e| describe(e, payload))?;
+        let Some(raw) = env.hello else {
+            return Ok(None);
+        };
+        let id = match serde_json::from_str::<json::CowStr>(raw.get()) {
+            Ok(s) => s.0,
+            Err(_) => return Ok(None),
+        };
+        if id.is_empty() || id == "0" {
+            return Ok(None);
+        }
+        Ok(Some(owned_or_slice(payload, id)))
+    }
+
+    /// Appends one message payload.
+    pub(crate) fn encode_message<T: Serialize + ?Sized>(
+        &self,
+        msg: &Outgoing<'_, T>,
+        out: &mut BytesMut,
+    ) -> Result<()> {
+        match self {
+            Serializer::Json => encode_json_envelope(msg, out),
+        }
+    }
+
+    /// Decodes one message payload, borrowing from it.
+    ///
+    /// `Ok(None)`: skip silently (not an object, or a stray hello).
+    pub(crate) fn decode_message(&self, payload: &Bytes) -> Result<Option<Message>, DecodeError> {
+        let env: RawEnvelope = serde_json::from_slice(payload)
+            .map_err(|e| DecodeError::Malformed(describe(e, payload)))?;
+        if !env.is_object || (env.keys == 1 && env.hello.is_some()) {
+            return Ok(None);
+        }
+        envelope_to_message(payload, env)
+            .map(Some)
+            .map_err(DecodeError::Invalid)
+    }
+
+    /// Serializes any value (stats files).
+    pub fn encode_value<T: Serialize + ?Sized>(&self, value: &T, out: &mut BytesMut) -> Result<()> {
+        match self {
+            Serializer::Json => Ok(to_ascii_json(value, out)?),
+        }
+    }
+
+    /// Deserializes any value (stats files).
+    pub fn decode_value<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T> {
+        match self {
+            Serializer::Json => Ok(serde_json::from_slice(bytes)?),
+        }
+    }
+}
+
+/// Applies the info-string class rules: a leading `+` means verbatim,
+/// otherwise `prefix` is added unless present.
+pub(crate) fn expand_class(class: &str, prefix: &str) -> String {
+    if let Some(rest) = class.strip_prefix('+') {
+        rest.to_string()
+    } else if class.starts_with(prefix) {
+        class.to_string()
+    } else {
+        format!("{prefix}{class}")
+    }
+}
+
+fn describe(e: serde_json::Error, payload: &[u8]) -> String {
+    if payload.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
+        format!(
+            "{e} (the payload starts with the zstd magic: is the route's serializer JSON::Zstd?)"
+        )
+    } else {
+        e.to_string()
+    }
+}
+
+fn owned_or_slice(payload: &Bytes, s: std::borrow::Cow<'_, str>) -> ByteStr {
+    match s {
+        std::borrow::Cow::Borrowed(b) => ByteStr::slice_of(payload, b),
+        std::borrow::Cow::Owned(o) => ByteStr::from_string(o),
+    }
+}
+
+fn envelope_to_message(payload: &Bytes, env: RawEnvelope<'_>) -> Result<Message> {
+    let from = match env.from {
+        Some(f) if !f.is_empty() && f != "0" => owned_or_slice(payload, f),
+        _ => return Err(Error::FromRequired),
+    };
+    let Some(content) = env.content else {
+        return Err(Error::ContentRequired);
+    };
+    let broadcast = env.broadcast.is_some_and(is_truthy);
+    let to = env
+        .to
+        .filter(|t| !t.is_empty())
+        .map(|t| owned_or_slice(payload, t));
+    if to.is_none() && !broadcast {
+        return Err(Error::ToOrBroadcast);
+    }
+    let id = match env.id {
+        Some(id) => owned_or_slice(payload, id),
+        None => ByteStr::copy_from(new_message_id().as_str()),
+    };
+    let stamp = env.stamp.unwrap_or_else(now_stamp);
+    let stamp_ord = env.stamp_ord.unwrap_or_else(|| next_stamp_ord(stamp));
+    let extra = env
+        .extra
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                owned_or_slice(payload, k),
+                ByteStr::slice_of(payload, v.get()),
+            )
+        })
+        .collect();
+    Ok(Message {
+        from,
+        to,
+        content: ByteStr::slice_of(payload, content.get()),
+        id,
+        stamp,
+        stamp_ord,
+        broadcast,
+        extra,
+    })
+}
+
+fn encode_json_envelope<T: Serialize + ?Sized>(
+    msg: &Outgoing<'_, T>,
+    out: &mut BytesMut,
+) -> Result<()> {
+    let start = out.len();
+    out.extend_from_slice(b"{\"from\":");
+    push_str(msg.from, out);
+    out.extend_from_slice(b",\"to\":");
+    push_str(msg.to, out);
+    out.extend_from_slice(b",\"content\":");
+    let content_at = out.len();
+    match &msg.content {
+        Content::Value(v) => {
+            if let Err(e) = to_ascii_json(*v, out) {
+                out.truncate(start);
+                return Err(e.into());
+            }
+        }
+        Content::Raw(r) => push_raw_ascii(r.trim(), out),
+    }
+    if &out[content_at..] == b"null" || out.len() == content_at {
+        out.truncate(start);
+        return Err(Error::ContentRequired);
+    }
+    out.extend_from_slice(b",\"id\":\"");
+    match msg.id {
+        Some(id) => {
+            out.truncate(out.len() - 1);
+            push_str(id, out);
+        }
+        None => {
+            out.extend_from_slice(new_message_id().as_str().as_bytes());
+            out.extend_from_slice(b"\"");
+        }
+    }
+    let stamp = msg.stamp.unwrap_or_else(now_stamp);
+    let ord = msg.stamp_ord.unwrap_or_else(|| next_stamp_ord(stamp));
+    out.extend_from_slice(b",\"stamp\":");
+    to_ascii_json(&stamp, out)?;
+    out.extend_from_slice(b",\"stamp_ord\":");
+    out.extend_from_slice(itoa_u64(ord, &mut [0u8; 20]));
+    if msg.broadcast {
+        out.extend_from_slice(b",\"broadcast\":1");
+    }
+    for (k, v) in msg.extra {
+        if matches!(
+            k.as_str(),
+            "from" | "to" | "content" | "id" | "stamp" | "stamp_ord" | "broadcast"
+        ) {
+            continue;
+        }
+        out.extend_from_slice(b",");
+        push_str(k, out);
+        out.extend_from_slice(b":");
+        push_raw_ascii(v, out);
+    }
+    out.extend_from_slice(b"}");
+    Ok(())
+}
+
+fn itoa_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_is_exact() {
+        let mut out = BytesMut::new();
+        Serializer::Json.encode_hello("cli", &mut out);
+        assert_eq!(&out[..], br#"{"hello":"cli"}"#);
+    }
+
+    #[test]
+    fn class_prefix_rules() {
+        assert_eq!(
+            expand_class("JSON", CLASS_PREFIX),
+            "IPC::Manager::Serializer::JSON"
+        );
+        assert_eq!(expand_class("+My::Ser", CLASS_PREFIX), "My::Ser");
+        let s = Serializer::from_spec(&serde_json::json!("JSON")).unwrap();
+        assert_eq!(s, Serializer::Json);
+        assert!(matches!(
+            Serializer::from_spec(&serde_json::json!("Nope")),
+            Err(Error::UnsupportedSerializer(c)) if c == "IPC::Manager::Serializer::Nope"
+        ));
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let mut out = BytesMut::new();
+        let extra = vec![(ByteStr::from("note"), ByteStr::from("[1,\"é\"]"))];
+        let msg = Outgoing {
+            from: "a",
+            to: "b/é",
+            content: Content::Value(&serde_json::json!({"x": "😀"})),
+            id: None,
+            stamp: Some(1795639018.0416),
+            stamp_ord: Some(3),
+            broadcast: true,
+            extra: &extra,
+        };
+        Serializer::Json.encode_message(&msg, &mut out).unwrap();
+        assert!(out.is_ascii());
+        let payload = out.freeze();
+        let m = Serializer::Json.decode_message(&payload).unwrap().unwrap();
+        assert_eq!(m.from(), "a");
+        assert_eq!(m.to(), Some("b/é"));
+        assert_eq!(m.content_value().unwrap(), serde_json::json!({"x": "😀"}));
+        assert_eq!(m.stamp(), 1795639018.0416);
+        assert_eq!(m.stamp_ord(), 3);
+        assert!(m.is_broadcast());
+        assert_eq!(m.extra("note"), Some(r#"[1,"\u00e9"]"#));
+        assert_eq!(m.id().len(), 36);
+    }
+
+    #[test]
+    fn invalid_messages_are_reported_not_panicked() {
+        let cases: [(&str, &str); 4] = [
+            (
+                r#"{"to":"b","content":1}"#,
+                "'from' is a required attribute",
+            ),
+            (
+                r#"{"from":"a","to":"b"}"#,
+                "'content' is a required attribute",
+            ),
+            (
+                r#"{"from":"a","to":"b","content":null}"#,
+                "'content' is a required attribute",
+            ),
+            (
+                r#"{"from":"a","content":1}"#,
+                "Message must either have a 'to' or 'broadcast' attribute",
+            ),
+        ];
+        for (text, want) in cases {
+            match Serializer::Json.decode_message(&Bytes::from(text)) {
+                Err(DecodeError::Invalid(e)) => assert_eq!(e.to_string(), want),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            Serializer::Json.decode_message(&Bytes::from_static(b"")),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(
+            Serializer::Json.decode_message(&Bytes::from_static(br#"{"hello":"x"}"#)),
+            Ok(None)
+        ));
+        assert!(matches!(
+            Serializer::Json.decode_message(&Bytes::from_static(b"[1]")),
+            Ok(None)
+        ));
+    }
+
+    #[test]
+    fn missing_stamp_and_id_are_filled() {
+        let m = Serializer::Json
+            .decode_message(&Bytes::from_static(
+                br#"{"from":"a","to":"b","content":"x"}"#,
+            ))
+            .unwrap()
+            .unwrap();
+        assert!(m.stamp() > 1.0e9);
+        assert_eq!(m.id().len(), 36);
+    }
+
+    #[test]
+    fn hello_decoding() {
+        let s = Serializer::Json;
+        assert_eq!(
+            s.decode_hello(&Bytes::from_static(br#"{"hello":"cli"}"#))
+                .unwrap()
+                .unwrap(),
+            "cli"
+        );
+        assert_eq!(
+            s.decode_hello(&Bytes::from_static(br#"{"hello":"cli","x":1}"#))
+                .unwrap()
+                .unwrap(),
+            "cli"
+        );
+        assert!(
+            s.decode_hello(&Bytes::from_static(br#"{"hello":""}"#))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            s.decode_hello(&Bytes::from_static(br#"[1]"#))
+                .unwrap()
+                .is_none()
+        );
+        assert!(s.decode_hello(&Bytes::from_static(b"garbage")).is_err());
+    }
+}

@@ -1,0 +1,432 @@
+//! Framing: the 4-byte big-endian length header, the zero-copy frame decoder
+//! and the pool of receive buffers it reads into.
+//!
+//! Nothing here does I/O. A backend receives into the buffer that
+//! [`FrameDecoder::recv_buf`] hands out and gives it back with
+//! [`FrameDecoder::filled`]; every complete frame then comes out of
+//! [`FrameDecoder::next_frame`] as a [`Bytes`] slice of that same buffer.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use zerocopy::byteorder::{BigEndian, U32};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// Size of the length header in front of every frame.
+pub const HEADER_LEN: usize = 4;
+
+/// Default largest payload accepted from a peer (64 MiB).
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Default size of one pooled receive buffer (the Perl reader's chunk size).
+pub const DEFAULT_BUF_SIZE: usize = 64 * 1024;
+
+/// Smallest free space worth a receive; below it the buffer is grown first.
+const MIN_RECV_SPACE: usize = 4 * 1024;
+
+/// The frame header: payload length, `u32` big-endian, no other fields.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
+)]
+#[repr(C)]
+pub struct FrameHeader {
+    len: U32<BigEndian>,
+}
+
+impl FrameHeader {
+    /// A header announcing `len` payload bytes.
+    pub fn new(len: u32) -> Self {
+        FrameHeader { len: U32::new(len) }
+    }
+
+    /// The announced payload length.
+    pub fn payload_len(&self) -> u32 {
+        self.len.get()
+    }
+
+    /// Reads a header from the first four bytes of `bytes`.
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        FrameHeader::read_from_prefix(bytes).ok().map(|(h, _)| h)
+    }
+}
+
+/// Appends one frame (header + `payload`) to `out`.
+pub fn encode_frame(payload: &[u8], out: &mut BytesMut) -> Result<(), crate::Error> {
+    let len = u32::try_from(payload.len()).map_err(|_| crate::Error::FrameTooLarge {
+        len: payload.len(),
+        max: u32::MAX as usize,
+    })?;
+    out.reserve(HEADER_LEN + payload.len());
+    out.put_slice(FrameHeader::new(len).as_bytes());
+    out.put_slice(payload);
+    Ok(())
+}
+
+/// Writes a frame whose payload is produced by `write` directly into `out`
+/// (no intermediate copy), then patches the header and splits the frame off.
+pub fn build_frame<E>(
+    out: &mut BytesMut,
+    write: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+) -> Result<Bytes, E>
+where
+    E: From<crate::Error>,
+{
+    debug_assert!(out.is_empty());
+    out.put_slice(FrameHeader::new(0).as_bytes());
+    if let Err(e) = write(out) {
+        out.clear();
+        return Err(e);
+    }
+    let payload_len = out.len() - HEADER_LEN;
+    let Ok(len) = u32::try_from(payload_len) else {
+        out.clear();
+        return Err(crate::Error::FrameTooLarge {
+            len: payload_len,
+            max: u32::MAX as usize,
+        }
+        .into());
+    };
+    out[..HEADER_LEN].copy_from_slice(FrameHeader::new(len).as_bytes());
+    Ok(out.split().freeze())
+}
+
+/// A free list of fixed-size receive buffers shared by all connections.
+///
+/// A buffer goes back to the pool when its connection holds no partial
+/// frame. Frames handed to the user keep their part of the allocation alive;
+/// once every such frame is dropped, the next [`BufferPool::take`] reclaims
+/// the whole allocation without allocating (`BytesMut::reserve` on a unique
+/// buffer). Idle connections therefore hold no buffer at all.
+#[derive(Debug)]
+pub struct BufferPool {
+    free: Vec<BytesMut>,
+    buf_size: usize,
+    max_idle: usize,
+}
+
+impl BufferPool {
+    /// A pool of `buf_size`-byte buffers keeping at most `max_idle` spares.
+    pub fn new(buf_size: usize, max_idle: usize) -> Self {
+        BufferPool {
+            free: Vec::new(),
+            buf_size: buf_size.max(MIN_RECV_SPACE),
+            max_idle,
+        }
+    }
+
+    /// Size of one pooled buffer.
+    pub fn buf_size(&self) -> usize {
+        self.buf_size
+    }
+
+    /// Spare buffers currently held.
+    pub fn idle(&self) -> usize {
+        self.free.len()
+    }
+
+    /// An empty buffer with at least `buf_size` bytes of free space.
+    pub fn take(&mut self) -> BytesMut {
+        let mut buf = self.free.pop().unwrap_or_default();
+        buf.reserve(self.buf_size);
+        buf
+    }
+
+    /// Returns an empty buffer to the pool (non-empty ones are dropped).
+    pub fn put(&mut self, buf: BytesMut) {
+        if buf.is_empty() && buf.capacity() > 0 && self.free.len() < self.max_idle {
+            self.free.push(buf);
+        }
+    }
+}
+
+impl Default for BufferPool {
+    fn default() -> Self {
+        BufferPool::new(DEFAULT_BUF_SIZE, 64)
+    }
+}
+
+/// Why a connection's byte stream cannot be decoded any further.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The length prefix exceeds the configured maximum.
+    #[error("frame length {len} exceeds the maximum frame size of {max} bytes")]
+    TooLarge {
+        /// The announced payload length.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+}
+
+/// Splits a byte stream into frames without copying.
+///
+/// Bytes may arrive in any chunking. Each complete frame's payload is a
+/// [`Bytes`] slice of the receive buffer it arrived in. A frame longer than a
+/// pooled buffer gets its own allocation, grown as its bytes arrive (at most
+/// twice what has arrived), so a hostile length prefix never makes the
+/// decoder allocate up front.
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: BytesMut,
+    max_frame: usize,
+    out: bool,
+}
+
+impl FrameDecoder {
+    /// A decoder that refuses payloads longer than `max_frame` bytes.
+    pub fn new(max_frame: usize) -> Self {
+        FrameDecoder {
+            buf: BytesMut::new(),
+            max_frame,
+            out: false,
+        }
+    }
+
+    /// Bytes of an incomplete frame currently held.
+    pub fn partial_len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Capacity currently held by this decoder.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Whether the receive buffer is lent out to a backend.
+    pub fn is_lent(&self) -> bool {
+        self.out
+    }
+
+    /// The total length (header included) of the frame at the front, once
+    /// its header is complete.
+    fn front_need(&self) -> Option<usize> {
+        FrameHeader::parse(&self.buf).map(|h| HEADER_LEN + h.payload_len() as usize)
+    }
+
+    /// Lends out the buffer to receive into; it always has free space.
+    ///
+    /// Must be followed by [`FrameDecoder::filled`] with the same buffer.
+    pub fn recv_buf(&mut self, pool: &mut BufferPool) -> BytesMut {
+        debug_assert!(!self.out, "receive buffer lent twice");
+        self.out = true;
+        if self.buf.is_empty() {
+            let old = std::mem::take(&mut self.buf);
+            pool.put(old);
+            return pool.take();
+        }
+        let len = self.buf.len();
+        let need = self.front_need().unwrap_or(HEADER_LEN);
+        if need > pool.buf_size() {
+            // Large frame: grow with what has arrived, never to the prefix.
+            if self.buf.capacity() < need {
+                let target = need.min((len * 2).max(pool.buf_size()));
+                if target > self.buf.capacity() {
+                    self.buf.reserve(target - len);
+                }
+            }
+        } else if self.buf.capacity() - len < MIN_RECV_SPACE.min(need.saturating_sub(len)).max(1)
+            || self.buf.capacity() < need
+        {
+            let mut fresh = pool.take();
+            fresh.extend_from_slice(&self.buf);
+            self.buf.clear();
+            return fresh;
+        }
+        std::mem::take(&mut self.buf)
+    }
+
+    /// Takes back the buffer lent by [`FrameDecoder::recv_buf`], now holding
+    /// the received bytes after the old ones.
+    pub fn filled(&mut self, buf: BytesMut) {
+        self.out = false;
+        self.buf = buf;
+    }
+
+    /// Appends bytes by copying them (tests and the fuzzer; the I/O path
+    /// receives in place through [`FrameDecoder::recv_buf`]).
+    pub fn push_slice(&mut self, data: &[u8], pool: &mut BufferPool) {
+        let mut rest = data;
+        while !rest.is_empty() {
+            let mut buf = self.recv_buf(pool);
+            if buf.capacity() == buf.len() {
+                // Only when complete frames are still buffered.
+                buf.reserve(rest.len());
+            }
+            let room = buf.capacity() - buf.len();
+            let n = room.min(rest.len());
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            self.filled(buf);
+        }
+    }
+
+    /// The next complete frame's payload, if one is buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        let Some(need) = self.front_need() else {
+            return Ok(None);
+        };
+        let len = need - HEADER_LEN;
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge {
+                len,
+                max: self.max_frame,
+            });
+        }
+        if self.buf.len() < need {
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(need);
+        let _ = frame.split_to(HEADER_LEN);
+        Ok(Some(frame.freeze()))
+    }
+
+    /// Gives the buffer back to the pool if it holds no partial frame.
+    pub fn release(&mut self, pool: &mut BufferPool) {
+        if self.buf.is_empty() && !self.out {
+            pool.put(std::mem::take(&mut self.buf));
+        }
+    }
+
+    /// Drops any partial frame (at end of stream) and returns its length.
+    pub fn discard(&mut self) -> usize {
+        let n = self.buf.len();
+        self.buf.clear();
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(payload: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        encode_frame(payload, &mut out).unwrap();
+        out.to_vec()
+    }
+
+    fn drain(dec: &mut FrameDecoder) -> Vec<Bytes> {
+        let mut v = Vec::new();
+        while let Some(f) = dec.next_frame().unwrap() {
+            v.push(f);
+        }
+        v
+    }
+
+    #[test]
+    fn header_is_big_endian_u32() {
+        assert_eq!(FrameHeader::new(0x0102_0304).as_bytes(), &[1, 2, 3, 4]);
+        assert_eq!(
+            FrameHeader::parse(&[0, 0, 0, 15, 9]).unwrap().payload_len(),
+            15
+        );
+        assert!(FrameHeader::parse(&[0, 0, 1]).is_none());
+    }
+
+    #[test]
+    fn decodes_any_chunking() {
+        let payloads: Vec<Vec<u8>> = (0..50).map(|i| vec![i as u8; i * 37]).collect();
+        let stream: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
+        for chunk in [1, 2, 3, 5, 7, 64, 1000, stream.len()] {
+            let mut pool = BufferPool::new(4096, 4);
+            let mut dec = FrameDecoder::new(1 << 20);
+            let mut got = Vec::new();
+            for c in stream.chunks(chunk) {
+                dec.push_slice(c, &mut pool);
+                got.extend(drain(&mut dec));
+            }
+            assert_eq!(got.len(), payloads.len(), "chunk {chunk}");
+            for (g, p) in got.iter().zip(&payloads) {
+                assert_eq!(&g[..], &p[..]);
+            }
+            assert_eq!(dec.partial_len(), 0);
+        }
+    }
+
+    #[test]
+    fn frames_are_slices_of_the_receive_buffer() {
+        let mut pool = BufferPool::new(4096, 4);
+        let mut dec = FrameDecoder::new(1024);
+        let mut buf = dec.recv_buf(&mut pool);
+        let base = buf.as_ptr() as usize;
+        buf.extend_from_slice(&frame(b"abc"));
+        buf.extend_from_slice(&frame(b"defg"));
+        dec.filled(buf);
+        let a = dec.next_frame().unwrap().unwrap();
+        let b = dec.next_frame().unwrap().unwrap();
+        assert_eq!(a.as_ptr() as usize, base + 4);
+        assert_eq!(b.as_ptr() as usize, base + 4 + 3 + 4);
+    }
+
+    #[test]
+    fn oversize_prefix_is_refused_without_allocating() {
+        let mut pool = BufferPool::new(4096, 4);
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        dec.push_slice(&[0xFF, 0xFF, 0xFF, 0xFF], &mut pool);
+        assert_eq!(
+            dec.next_frame(),
+            Err(FrameError::TooLarge {
+                len: 0xFFFF_FFFF,
+                max: DEFAULT_MAX_FRAME
+            })
+        );
+        assert!(dec.capacity() <= 2 * 4096);
+    }
+
+    #[test]
+    fn large_frame_grows_with_arrivals_only() {
+        let mut pool = BufferPool::new(4096, 4);
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        // Announce 32 MiB but deliver 10 KiB: capacity follows the bytes.
+        let mut head = FrameHeader::new(32 << 20).as_bytes().to_vec();
+        head.extend(vec![7u8; 10 * 1024]);
+        dec.push_slice(&head, &mut pool);
+        assert_eq!(dec.next_frame(), Ok(None));
+        assert!(dec.capacity() < 64 * 1024, "capacity {}", dec.capacity());
+    }
+
+    #[test]
+    fn large_frame_completes() {
+        let mut pool = BufferPool::new(4096, 4);
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        let payload: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let f = frame(&payload);
+        for c in f.chunks(4000) {
+            dec.push_slice(c, &mut pool);
+        }
+        assert_eq!(&dec.next_frame().unwrap().unwrap()[..], &payload[..]);
+    }
+
+    #[test]
+    fn zero_length_frame_is_legal_framing() {
+        let mut pool = BufferPool::default();
+        let mut dec = FrameDecoder::new(16);
+        dec.push_slice(&frame(b""), &mut pool);
+        assert_eq!(dec.next_frame().unwrap().unwrap().len(), 0);
+    }
+
+    #[test]
+    fn pool_reclaims_buffer_once_frames_are_dropped() {
+        let mut pool = BufferPool::new(4096, 4);
+        let mut dec = FrameDecoder::new(1024);
+        let mut buf = dec.recv_buf(&mut pool);
+        let base = buf.as_ptr() as usize;
+        buf.extend_from_slice(&frame(b"hello"));
+        dec.filled(buf);
+        let f = dec.next_frame().unwrap().unwrap();
+        dec.release(&mut pool);
+        drop(f);
+        let again = pool.take();
+        assert_eq!(again.as_ptr() as usize, base, "allocation reused");
+    }
+
+    #[test]
+    fn build_frame_patches_length() {
+        let mut arena = BytesMut::new();
+        let f = build_frame::<crate::Error>(&mut arena, |b| {
+            b.extend_from_slice(b"{\"hello\":\"cli\"}");
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(&f[..4], &[0, 0, 0, 0x0F]);
+        assert_eq!(&f[4..], b"{\"hello\":\"cli\"}");
+    }
+}
