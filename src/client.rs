@@ -445,6 +445,12 @@ impl Client {
         true
     }
 
+    /// The socket of the cached connection to `peer`.
+    pub fn connection_handle(&self, peer: &str) -> Option<BorrowedFd<'_>> {
+        let id = self.reactor.core().conn_for(peer)?;
+        self.reactor.conn_fd(id)
+    }
+
     /// Activity time (epoch seconds) of the connection to `peer`.
     pub fn last_activity(&self, peer: &str) -> Option<f64> {
         self.reactor.core().last_activity(peer)

@@ -1,1 +1,365 @@
-//! Core tests live here.
+//! The protocol core, driven without sockets: bytes in, decisions out.
+
+use super::*;
+use crate::wire::encode_frame;
+
+fn core() -> Core {
+    Core::new(Serializer::Json, CoreConfig::default())
+}
+
+fn frame(payload: &str) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    encode_frame(payload.as_bytes(), &mut out).unwrap();
+    out.to_vec()
+}
+
+fn msg(from: &str, to: &str, content: &str) -> Vec<u8> {
+    frame(&format!(
+        r#"{{"from":"{from}","to":"{to}","content":{content},"stamp":1.5,"id":"X"}}"#
+    ))
+}
+
+/// Delivers `bytes` as one receive completion.
+fn feed(c: &mut Core, id: ConnId, bytes: &[u8]) {
+    let mut buf = c.start_recv(id).expect("receive can start");
+    buf.extend_from_slice(bytes);
+    c.on_recv(id, buf, Ok(bytes.len()));
+}
+
+fn eof(c: &mut Core, id: ConnId) {
+    let buf = c.start_recv(id).expect("receive can start");
+    c.on_recv(id, buf, Ok(0));
+}
+
+fn take(c: &mut Core) -> Vec<Message> {
+    let mut v = Vec::new();
+    c.take_messages(&mut v);
+    v
+}
+
+#[test]
+fn hello_resolves_and_frames_in_the_same_read_are_delivered() {
+    let mut c = core();
+    let id = c.add_acceptor();
+    assert!(
+        c.connections().is_empty(),
+        "unresolved connections are hidden"
+    );
+    let mut bytes = frame(r#"{"hello":"cli"}"#);
+    bytes.extend(msg("cli", "srv", "1"));
+    feed(&mut c, id, &bytes);
+    assert_eq!(c.connections(), ["cli"]);
+    assert_eq!(c.conn_for("cli"), Some(id));
+    let m = take(&mut c);
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].content_json(), "1");
+    assert_eq!(c.stats().read["cli"], 1);
+}
+
+#[test]
+fn hello_split_across_reads_waits_for_the_rest() {
+    let mut c = core();
+    let id = c.add_acceptor();
+    let bytes = frame(r#"{"hello":"cli"}"#);
+    for b in &bytes {
+        assert!(c.conn_for("cli").is_none());
+        feed(&mut c, id, std::slice::from_ref(b));
+    }
+    assert_eq!(c.conn_for("cli"), Some(id));
+}
+
+#[test]
+fn garbage_hello_drops_the_connection() {
+    let mut c = core();
+    let id = c.add_acceptor();
+    let mut bytes = frame("not json");
+    bytes.extend(msg("cli", "srv", "1"));
+    feed(&mut c, id, &bytes);
+    assert!(!c.is_open(id));
+    assert!(take(&mut c).is_empty(), "frames after a bad hello are lost");
+    assert_eq!(c.take_closed_ids(), [id]);
+}
+
+#[test]
+fn hello_without_id_drops_the_connection() {
+    for payload in [
+        r#"{"hello":""}"#,
+        r#"[1,2]"#,
+        r#"{"from":"x"}"#,
+        r#"{"hello":null}"#,
+    ] {
+        let mut c = core();
+        let id = c.add_acceptor();
+        feed(&mut c, id, &frame(payload));
+        assert!(!c.is_open(id), "{payload}");
+    }
+}
+
+#[test]
+fn silent_connection_stays_parked_and_eof_closes_it_silently() {
+    let mut c = core();
+    let id = c.add_acceptor();
+    feed(&mut c, id, &[0, 0]);
+    assert!(c.is_open(id));
+    eof(&mut c, id);
+    assert!(!c.is_open(id));
+}
+
+#[test]
+fn unresolved_connection_expires_after_hello_timeout() {
+    let mut c = Core::new(
+        Serializer::Json,
+        CoreConfig {
+            hello_timeout: Duration::from_millis(1),
+            ..CoreConfig::default()
+        },
+    );
+    let id = c.add_acceptor();
+    std::thread::sleep(Duration::from_millis(5));
+    assert_eq!(c.expire_unresolved(), 1);
+    assert!(!c.is_open(id));
+}
+
+#[test]
+fn newer_hello_replaces_the_old_connection_keeping_its_messages() {
+    let mut c = core();
+    let old = c.add_acceptor();
+    let mut bytes = frame(r#"{"hello":"p"}"#);
+    bytes.extend(msg("p", "me", "\"early\""));
+    feed(&mut c, old, &bytes);
+    let new = c.add_acceptor();
+    let mut bytes = frame(r#"{"hello":"p"}"#);
+    bytes.extend(msg("p", "me", "\"late\""));
+    feed(&mut c, new, &bytes);
+    assert!(!c.is_open(old));
+    assert_eq!(c.conn_for("p"), Some(new));
+    let got: Vec<String> = take(&mut c)
+        .iter()
+        .map(|m| m.content_json().to_string())
+        .collect();
+    assert_eq!(got, ["\"early\"", "\"late\""]);
+}
+
+#[test]
+fn replacement_moves_unstarted_outgoing_frames_to_the_new_connection() {
+    let mut c = core();
+    let old = c.add_initiator("p", "me");
+    // The hello is queued; add two frames, then let a partial write happen.
+    c.enqueue(old, Bytes::from(msg("me", "p", "1")));
+    c.enqueue(old, Bytes::from(msg("me", "p", "2")));
+    assert!(c.start_send(old).is_some());
+    c.on_sent(old, Ok(3));
+    let new = c.add_acceptor();
+    feed(&mut c, new, &frame(r#"{"hello":"p"}"#));
+    assert!(!c.is_open(old));
+    assert_eq!(c.conn_for("p"), Some(new));
+    // The partly written hello stays behind; both messages moved.
+    let moved = c.queued_bytes(new);
+    assert_eq!(moved, msg("me", "p", "1").len() + msg("me", "p", "2").len());
+}
+
+#[test]
+fn stray_hello_and_non_objects_are_skipped_silently() {
+    let mut c = core();
+    let id = c.add_acceptor();
+    let mut bytes = frame(r#"{"hello":"p"}"#);
+    bytes.extend(frame(r#"{"hello":"p"}"#));
+    bytes.extend(frame("[1]"));
+    bytes.extend(frame("3"));
+    bytes.extend(msg("p", "me", "true"));
+    feed(&mut c, id, &bytes);
+    assert!(c.is_open(id));
+    assert_eq!(take(&mut c).len(), 1);
+}
+
+#[test]
+fn malformed_and_invalid_frames_are_skipped_without_losing_others() {
+    let mut c = core();
+    let id = c.add_acceptor();
+    let mut bytes = frame(r#"{"hello":"p"}"#);
+    bytes.extend(msg("p", "me", "1"));
+    bytes.extend(frame("{broken"));
+    bytes.extend(frame(r#"{"to":"me","content":1}"#));
+    bytes.extend(frame(""));
+    bytes.extend(msg("p", "me", "2"));
+    feed(&mut c, id, &bytes);
+    assert!(c.is_open(id));
+    let got: Vec<String> = take(&mut c)
+        .iter()
+        .map(|m| m.content_json().to_string())
+        .collect();
+    assert_eq!(got, ["1", "2"]);
+    assert_eq!(c.stats().read["p"], 2);
+}
+
+#[test]
+fn oversize_length_prefix_closes_only_that_connection() {
+    let mut c = Core::new(
+        Serializer::Json,
+        CoreConfig {
+            max_frame: 1024,
+            ..CoreConfig::default()
+        },
+    );
+    let good = c.add_acceptor();
+    feed(&mut c, good, &frame(r#"{"hello":"good"}"#));
+    let bad = c.add_acceptor();
+    let mut bytes = frame(r#"{"hello":"bad"}"#);
+    bytes.extend([0, 0, 4, 1]);
+    feed(&mut c, bad, &bytes);
+    assert!(!c.is_open(bad));
+    assert!(c.is_open(good));
+    feed(&mut c, good, &msg("good", "me", "1"));
+    assert_eq!(take(&mut c).len(), 1);
+}
+
+#[test]
+fn eof_with_partial_frame_discards_it_and_closes() {
+    let mut c = core();
+    let id = c.add_acceptor();
+    let mut bytes = frame(r#"{"hello":"p"}"#);
+    bytes.extend(msg("p", "me", "1"));
+    let partial = msg("p", "me", "2");
+    bytes.extend(&partial[..partial.len() - 3]);
+    feed(&mut c, id, &bytes);
+    eof(&mut c, id);
+    assert!(!c.is_open(id));
+    assert_eq!(take(&mut c).len(), 1, "no partial message delivered");
+}
+
+#[test]
+fn outbox_is_bounded_but_always_takes_one_frame() {
+    let mut c = Core::new(
+        Serializer::Json,
+        CoreConfig {
+            outbox_limit: 100,
+            ..CoreConfig::default()
+        },
+    );
+    let id = c.add_acceptor();
+    feed(&mut c, id, &frame(r#"{"hello":"p"}"#));
+    let big = Bytes::from(vec![0u8; 150]);
+    assert!(matches!(c.enqueue(id, big.clone()), Enqueue::Queued(150)));
+    assert_eq!(
+        c.enqueue(id, Bytes::from_static(b"x")),
+        Enqueue::Full { queued: 150 }
+    );
+    assert!(c.start_send(id).is_some());
+    c.on_sent(id, Ok(150));
+    assert_eq!(c.written_total(id), Some(150));
+    assert!(matches!(
+        c.enqueue(id, Bytes::from_static(b"x")),
+        Enqueue::Queued(151)
+    ));
+}
+
+#[test]
+fn write_error_closes_with_the_error_recorded() {
+    let mut c = core();
+    let id = c.add_initiator("p", "me");
+    assert!(c.start_send(id).is_some());
+    c.on_sent(id, Err(io::Error::from_raw_os_error(libc::EPIPE)));
+    assert!(!c.is_open(id));
+    let closed = c.take_closed();
+    assert_eq!(closed.len(), 1);
+    assert_eq!(closed[0].peer.as_deref(), Some("p"));
+    assert_eq!(
+        closed[0].write_error.as_ref().unwrap().raw_os_error(),
+        Some(libc::EPIPE)
+    );
+}
+
+#[test]
+fn completions_for_a_closed_connection_never_reach_its_successor() {
+    let mut c = core();
+    let old = c.add_acceptor();
+    let buf = c.start_recv(old).unwrap();
+    c.close(old, None);
+    let new = c.add_acceptor();
+    assert_eq!(new.slot(), old.slot(), "slot reused");
+    assert_ne!(new, old);
+    let mut late = buf;
+    late.extend_from_slice(&frame(r#"{"hello":"intruder"}"#));
+    c.on_recv(old, late, Ok(10));
+    assert!(c.conn_for("intruder").is_none());
+    assert!(c.is_open(new));
+}
+
+#[test]
+fn full_inbox_pauses_receiving_until_taken() {
+    let mut c = Core::new(
+        Serializer::Json,
+        CoreConfig {
+            inbox_limit: 10,
+            ..CoreConfig::default()
+        },
+    );
+    let id = c.add_acceptor();
+    let mut bytes = frame(r#"{"hello":"p"}"#);
+    bytes.extend(msg("p", "me", "1"));
+    feed(&mut c, id, &bytes);
+    assert!(c.is_paused());
+    assert!(
+        c.start_recv(id).is_none(),
+        "no receive while the inbox is full"
+    );
+    assert_eq!(take(&mut c).len(), 1);
+    assert!(!c.is_paused());
+    let mut dirty = Vec::new();
+    c.take_dirty(&mut dirty);
+    assert!(dirty.contains(&id));
+    assert!(c.start_recv(id).is_some());
+}
+
+// PROTOCOL.md 14.3: the connection-role tests, on the core's table.
+
+#[test]
+fn empty_table_answers_every_query() {
+    let mut c = core();
+    assert!(c.connections().is_empty());
+    assert!(c.conn_for("a").is_none());
+    assert!(c.last_activity("a").is_none());
+    assert_eq!(c.close_idle(0.0), 0);
+}
+
+fn resolved(c: &mut Core, peer: &str, activity: f64) -> ConnId {
+    let id = c.add_acceptor();
+    feed(c, id, &frame(&format!(r#"{{"hello":"{peer}"}}"#)));
+    assert!(c.set_last_activity(peer, activity));
+    id
+}
+
+#[test]
+fn table_lists_sorted_keys_and_activity() {
+    let mut c = core();
+    let now = now_stamp();
+    resolved(&mut c, "beta", now);
+    let alpha = resolved(&mut c, "alpha", now - 10.0);
+    assert_eq!(c.connections(), ["alpha", "beta"]);
+    assert!(c.conn_for("gamma").is_none());
+    assert!(c.last_activity("alpha").unwrap() <= now - 9.0);
+    assert!(c.last_activity("beta").unwrap() >= now - 1.0);
+    c.close(alpha, None);
+    assert_eq!(c.connections(), ["beta"]);
+    assert_eq!(c.take_closed_ids(), [alpha], "the close hook ran for alpha");
+}
+
+#[test]
+fn close_idle_closes_only_entries_older_than_the_cutoff() {
+    let mut c = core();
+    let now = now_stamp();
+    resolved(&mut c, "old", now - 100.0);
+    resolved(&mut c, "recent", now);
+    assert_eq!(c.close_idle(50.0), 1);
+    assert_eq!(c.connections(), ["recent"]);
+}
+
+#[test]
+fn initiator_queues_exact_hello_first() {
+    let mut c = core();
+    let id = c.add_initiator("srv", "cli");
+    let ob = c.start_send(id).unwrap();
+    let first: Vec<u8> = ob.frames().next().unwrap().to_vec();
+    assert_eq!(first, frame(r#"{"hello":"cli"}"#));
+    assert_eq!(&first[..4], &[0, 0, 0, 0x0F]);
+}

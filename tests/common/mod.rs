@@ -1,0 +1,119 @@
+//! Shared helpers of the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ipcm::{BackendChoice, Client, Info, Message, Options, Route, Serializer};
+
+/// Runs each listed test function once per backend: `fn name(backend: BackendChoice)`
+/// becomes `epoll::name` (and one module per further backend).
+#[macro_export]
+macro_rules! per_backend {
+    ($($name:ident),* $(,)?) => {
+        mod epoll {
+            $(
+                #[test]
+                fn $name() {
+                    super::$name(ipcm::BackendChoice::Epoll)
+                }
+            )*
+        }
+    };
+}
+
+/// A fresh route in a private temporary directory, removed on drop.
+pub struct TestRoute {
+    pub dir: tempfile::TempDir,
+    pub route: Route,
+    pub backend: BackendChoice,
+}
+
+impl TestRoute {
+    pub fn new(backend: BackendChoice) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("ipcm")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let route = Route::spawn(Some(dir.path())).unwrap();
+        TestRoute {
+            dir,
+            route,
+            backend,
+        }
+    }
+
+    pub fn info(&self) -> Info {
+        Info::new(Serializer::Json, self.route.path())
+    }
+
+    pub fn opts(&self) -> Options {
+        Options::new().backend(self.backend)
+    }
+
+    pub fn connect(&self, id: &str) -> Client {
+        Client::connect(&self.info(), id, self.opts()).unwrap()
+    }
+
+    pub fn connect_nl(&self, id: &str) -> Client {
+        Client::connect(&self.info(), id, self.opts().listen(false)).unwrap()
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        Path::new(self.route.path()).join(name)
+    }
+}
+
+/// Polls `get_messages` (20 ms apart, up to 5 s) until `n` messages arrived.
+pub fn poll(c: &mut Client, n: usize) -> Vec<Message> {
+    poll_for(c, n, Duration::from_secs(5))
+}
+
+pub fn poll_for(c: &mut Client, n: usize, timeout: Duration) -> Vec<Message> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < n && Instant::now() < deadline {
+        let got = c.get_messages().unwrap();
+        if got.is_empty() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        out.extend(got);
+    }
+    out
+}
+
+/// Keeps receiving for `quiet` and returns what came.
+pub fn drain_for(c: &mut Client, quiet: Duration) -> Vec<Message> {
+    let deadline = Instant::now() + quiet;
+    let mut out = Vec::new();
+    while Instant::now() < deadline {
+        out.extend(c.get_messages_timeout(Duration::from_millis(20)).unwrap());
+    }
+    out
+}
+
+pub fn contents(msgs: &[Message]) -> Vec<serde_json::Value> {
+    msgs.iter().map(|m| m.content_value().unwrap()).collect()
+}
+
+/// Path of the vectors captured from the Perl implementation: the shared
+/// copy next to the project when present, else the copy in `tests/vectors`.
+pub fn vectors_dir() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let shared = root.join("../shared/vectors");
+    if shared.join("wire_capture.jsonl").exists() {
+        shared
+    } else {
+        root.join("tests/vectors")
+    }
+}
+
+pub fn read_jsonl(name: &str) -> Vec<serde_json::Value> {
+    let path = vectors_dir().join(name);
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
