@@ -117,3 +117,39 @@ pub fn read_jsonl(name: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Environment variable naming the role a re-executed test binary plays.
+pub const ROLE_ENV: &str = "IPCM_TEST_ROLE";
+
+/// A command that re-runs this test binary as a helper process: it runs
+/// only the ignored test `helper_process_entry`, which reads its role from
+/// [`ROLE_ENV`].
+pub fn helper_command(role: &str) -> std::process::Command {
+    let mut c = std::process::Command::new(std::env::current_exe().unwrap());
+    c.args([
+        "--ignored",
+        "--exact",
+        "helper_process_entry",
+        "--nocapture",
+        "--test-threads",
+        "1",
+    ])
+    .env(ROLE_ENV, role)
+    .stdout(std::process::Stdio::null());
+    c
+}
+
+/// Parses a backend name passed to a helper process.
+pub fn backend_from_env() -> BackendChoice {
+    match std::env::var("IPCM_TEST_BACKEND").as_deref() {
+        Ok("epoll") => BackendChoice::Epoll,
+        _ => BackendChoice::Auto,
+    }
+}
+
+pub fn backend_name(b: BackendChoice) -> &'static str {
+    match b {
+        BackendChoice::Epoll => "epoll",
+        _ => "auto",
+    }
+}
