@@ -1013,8 +1013,9 @@ impl Client {
                 .filter(|m| !m.is_terminate())
                 .collect();
             if msgs.is_empty() {
+                // Nothing readable now (Perl polls the handles with a zero
+                // timeout too); a second look catches data behind an accept.
                 quiet_rounds += 1;
-                let _ = self.reactor.turn(Some(Duration::from_millis(10)));
                 continue;
             }
             quiet_rounds = 0;

@@ -216,6 +216,12 @@ impl Message {
         self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
+    /// Overrides the stamp and its tie-breaker.
+    pub fn set_stamp(&mut self, stamp: f64, stamp_ord: u64) {
+        self.stamp = stamp;
+        self.stamp_ord = stamp_ord;
+    }
+
     /// Adds (or replaces) an extra key with a value serialized as JSON.
     pub fn set_extra<T: Serialize + ?Sized>(&mut self, key: &str, value: &T) -> Result<()> {
         let v = ByteStr::from_string(serde_json::to_string(value)?);
