@@ -186,10 +186,10 @@ impl Client {
             if Route::check_path(&path).is_none() {
                 return Err(Error::DoesNotExist { id: id.to_string() });
             }
-            if let Some(pid) = route.read_pid(&disk) {
-                if pid_is_running(pid).is_alive() {
-                    return Err(Error::AlreadyRunning { pid });
-                }
+            if let Some(pid) = route.read_pid(&disk)
+                && pid_is_running(pid).is_alive()
+            {
+                return Err(Error::AlreadyRunning { pid });
             }
             let _ = fs::remove_file(&path);
         } else if fs::symlink_metadata(&path).is_ok() {
@@ -987,16 +987,16 @@ impl Client {
         if self.disconnected {
             return Ok(());
         }
-        if let Err(e) = fs::remove_file(&self.path) {
-            if e.kind() != io::ErrorKind::NotFound {
-                log::warn!(
-                    "{}",
-                    Error::Unlink {
-                        path: self.path.clone(),
-                        err: e.into()
-                    }
-                );
-            }
+        if let Err(e) = fs::remove_file(&self.path)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            log::warn!(
+                "{}",
+                Error::Unlink {
+                    path: self.path.clone(),
+                    err: e.into()
+                }
+            );
         }
         let deadline = Instant::now() + self.opts.drain_timeout;
         // Flush queued sends (Q19) so peers get what was acknowledged.

@@ -105,12 +105,12 @@ impl Spawn {
     fn terminate_with(&self, con: &mut Client) -> Result<BTreeMap<String, BroadcastResult>> {
         if let Some(sig) = self.opts.signal {
             for peer in con.peers()? {
-                if let Some(pid) = con.peer_pid(&peer)? {
-                    if pid != 0 && pid != std::process::id() {
-                        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-                            let _ = rustix::process::kill_process(p, sig);
-                        }
-                    }
+                if let Some(pid) = con.peer_pid(&peer)?
+                    && pid != 0
+                    && pid != std::process::id()
+                    && let Some(p) = rustix::process::Pid::from_raw(pid as i32)
+                {
+                    let _ = rustix::process::kill_process(p, sig);
                 }
             }
         }

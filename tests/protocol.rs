@@ -364,7 +364,7 @@ fn hashed_ids_work_end_to_end(b: BackendChoice) {
         fs::read_to_string(t.file(&format!("{disk}.name"))).unwrap(),
         "has/slash"
     );
-    assert_eq!(slash.peers().unwrap(), [long.clone()]);
+    assert_eq!(slash.peers().unwrap(), std::slice::from_ref(&long));
     slash.send_message(&long, "to long").unwrap();
     let got = poll(&mut longc, 1);
     assert_eq!(got[0].from(), "has/slash");

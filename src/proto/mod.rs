@@ -352,10 +352,10 @@ impl Core {
             return;
         }
         let conn = self.conns.remove(id.slot());
-        if let Some(peer) = &conn.peer {
-            if self.by_peer.get(peer) == Some(&id.slot()) {
-                self.by_peer.remove(peer);
-            }
+        if let Some(peer) = &conn.peer
+            && self.by_peer.get(peer) == Some(&id.slot())
+        {
+            self.by_peer.remove(peer);
         }
         self.to_close.push(id);
         self.closed.push(Closed {
@@ -485,10 +485,8 @@ impl Core {
             }
             self.deliver(id, frame);
         }
-        if got_frame {
-            if let Some(c) = self.get_mut(id) {
-                c.last_activity = now_stamp();
-            }
+        if got_frame && let Some(c) = self.get_mut(id) {
+            c.last_activity = now_stamp();
         }
     }
 

@@ -296,10 +296,9 @@ impl Backend for EpollBackend {
             .get(slot)
             .and_then(|c| c.as_ref())
             .is_some_and(|c| c.id == id)
+            && let Some(c) = self.conns[slot].take()
         {
-            if let Some(c) = self.conns[slot].take() {
-                let _ = epoll::delete(&self.ep, &c.fd);
-            }
+            let _ = epoll::delete(&self.ep, &c.fd);
         }
     }
 

@@ -394,10 +394,10 @@ impl Route {
             if Route::check_path(&self.file(&name)).is_none() {
                 continue;
             }
-            if let Some(pid) = self.read_pid(&name) {
-                if !pid_is_running(pid).is_alive() {
-                    continue;
-                }
+            if let Some(pid) = self.read_pid(&name)
+                && !pid_is_running(pid).is_alive()
+            {
+                continue;
             }
             ids.push(self.real_id(&name));
         }
@@ -474,11 +474,11 @@ impl Route {
             if Some(name.as_str()) == own || !names::is_peer_candidate(&name) {
                 continue;
             }
-            if let Some(pid) = self.read_pid(&name) {
-                if !pid_is_running(pid).is_alive() {
-                    self.reap(&name);
-                    n += 1;
-                }
+            if let Some(pid) = self.read_pid(&name)
+                && !pid_is_running(pid).is_alive()
+            {
+                self.reap(&name);
+                n += 1;
             }
         }
         Ok(n)
