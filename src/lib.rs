@@ -48,6 +48,11 @@ pub mod serializer;
 pub mod spawn;
 pub mod wire;
 
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use client::{BroadcastResult, Client, Options};
 pub use error::{Error, Result};
 pub use message::Message;
