@@ -75,6 +75,18 @@ pub enum Error {
         /// Why it is refused.
         reason: &'static str,
     },
+    /// The info string has no serializer.
+    #[error("'serializer' is a required attribute")]
+    SerializerRequired,
+    /// The info string has no route.
+    #[error("'route' is a required attribute")]
+    RouteRequired,
+    /// The spawner's sanity check found sent and read counts that differ.
+    #[error("\nMessages sent vs received mismatch:\n{report}")]
+    StatsMismatch {
+        /// One line per mismatched pair.
+        report: String,
+    },
     /// An empty peer id was given to the name mapping.
     #[error("peer_id is required")]
     PeerIdRequired,

@@ -149,11 +149,42 @@ impl Spawn {
         Ok(left)
     }
 
+    /// Compares every client's `.stats`: for each ordered pair, messages
+    /// sent must equal messages read. Fails with the Perl report text.
+    pub fn sanity_check(&self) -> Result<()> {
+        let all = self.route.all_stats(&self.opts.serializer)?;
+        let report = sanity_delta(&all);
+        if report.is_empty() {
+            return Ok(());
+        }
+        Err(crate::Error::StatsMismatch { report })
+    }
+
     /// Removes the route directory now, without terminating anyone.
     pub fn unspawn(mut self) -> Result<()> {
         self.done = true;
         self.route.unspawn()
     }
+}
+
+/// One line per ordered pair whose sent and read counts differ.
+pub fn sanity_delta(all: &BTreeMap<String, crate::Stats>) -> String {
+    let mut pairs: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
+    for (id, stats) in all {
+        for (to, n) in &stats.sent {
+            pairs.entry((id.as_str(), to.as_str())).or_default().0 += n;
+        }
+        for (from, n) in &stats.read {
+            pairs.entry((from.as_str(), id.as_str())).or_default().1 += n;
+        }
+    }
+    let mut report = String::new();
+    for ((from, to), (sent, read)) in pairs {
+        if sent != read {
+            report.push_str(&format!("  {from} -> {to}: sent {sent}, read {read}\n"));
+        }
+    }
+    report
 }
 
 impl Drop for Spawn {
@@ -165,5 +196,32 @@ impl Drop for Spawn {
             log::warn!("IPC::Manager::Spawn: shutdown failed: {e}");
             let _ = self.route.unspawn();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Stats;
+
+    #[test]
+    fn sanity_delta_reports_only_mismatches() {
+        let mut all = BTreeMap::new();
+        let mut a = Stats::default();
+        a.sent.insert("b".into(), 3);
+        a.read.insert("b".into(), 1);
+        let mut b = Stats::default();
+        b.read.insert("a".into(), 2);
+        b.sent.insert("a".into(), 1);
+        all.insert("a".to_string(), a);
+        all.insert("b".to_string(), b);
+        assert_eq!(sanity_delta(&all), "  a -> b: sent 3, read 2\n");
+        let err = crate::Error::StatsMismatch {
+            report: sanity_delta(&all),
+        };
+        assert!(
+            err.to_string()
+                .starts_with("\nMessages sent vs received mismatch:\n")
+        );
     }
 }

@@ -201,16 +201,18 @@ impl FrameDecoder {
         FrameHeader::parse(&self.buf).map(|h| HEADER_LEN + h.payload_len() as usize)
     }
 
-    /// Lends out the buffer to receive into; it always has free space.
+    /// Lends out the buffer to receive into, with free space, when it holds
+    /// a partial frame; `None` when it holds nothing (then any pooled buffer
+    /// will do, chosen when data arrives, so idle connections hold none).
     ///
-    /// Must be followed by [`FrameDecoder::filled`] with the same buffer.
-    pub fn recv_buf(&mut self, pool: &mut BufferPool) -> BytesMut {
+    /// Must be followed by [`FrameDecoder::filled`] with the filled buffer.
+    pub fn recv_buf(&mut self, pool: &mut BufferPool) -> Option<BytesMut> {
         debug_assert!(!self.out, "receive buffer lent twice");
         self.out = true;
         if self.buf.is_empty() {
             let old = std::mem::take(&mut self.buf);
             pool.put(old);
-            return pool.take();
+            return None;
         }
         let len = self.buf.len();
         let need = self.front_need().unwrap_or(HEADER_LEN);
@@ -228,9 +230,9 @@ impl FrameDecoder {
             let mut fresh = pool.take();
             fresh.extend_from_slice(&self.buf);
             self.buf.clear();
-            return fresh;
+            return Some(fresh);
         }
-        std::mem::take(&mut self.buf)
+        Some(std::mem::take(&mut self.buf))
     }
 
     /// Takes back the buffer lent by [`FrameDecoder::recv_buf`], now holding
@@ -245,7 +247,7 @@ impl FrameDecoder {
     pub fn push_slice(&mut self, data: &[u8], pool: &mut BufferPool) {
         let mut rest = data;
         while !rest.is_empty() {
-            let mut buf = self.recv_buf(pool);
+            let mut buf = self.recv_buf(pool).unwrap_or_else(|| pool.take());
             if buf.capacity() == buf.len() {
                 // Only when complete frames are still buffered.
                 buf.reserve(rest.len());
@@ -345,7 +347,11 @@ mod tests {
     fn frames_are_slices_of_the_receive_buffer() {
         let mut pool = BufferPool::new(4096, 4);
         let mut dec = FrameDecoder::new(1024);
-        let mut buf = dec.recv_buf(&mut pool);
+        assert!(
+            dec.recv_buf(&mut pool).is_none(),
+            "an empty decoder lends nothing"
+        );
+        let mut buf = pool.take();
         let base = buf.as_ptr() as usize;
         buf.extend_from_slice(&frame(b"abc"));
         buf.extend_from_slice(&frame(b"defg"));
@@ -407,7 +413,8 @@ mod tests {
     fn pool_reclaims_buffer_once_frames_are_dropped() {
         let mut pool = BufferPool::new(4096, 4);
         let mut dec = FrameDecoder::new(1024);
-        let mut buf = dec.recv_buf(&mut pool);
+        assert!(dec.recv_buf(&mut pool).is_none());
+        let mut buf = pool.take();
         let base = buf.as_ptr() as usize;
         buf.extend_from_slice(&frame(b"hello"));
         dec.filled(buf);

@@ -111,6 +111,16 @@ pub struct Closed {
     pub write_error: Option<io::Error>,
 }
 
+/// The buffer a receive fills.
+#[derive(Debug)]
+pub enum RecvBuf {
+    /// Any pooled buffer, picked when data arrives (the connection holds
+    /// no partial frame).
+    Pooled,
+    /// This buffer, which holds a partial frame; new bytes go after it.
+    Partial(BytesMut),
+}
+
 /// Outcome of queueing a frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Enqueue {
@@ -134,7 +144,6 @@ pub struct Core {
     conns: Slab<Conn>,
     next_generation: u32,
     by_peer: HashMap<ByteStr, usize>,
-    pool: BufferPool,
     inbox: Vec<Message>,
     inbox_bytes: usize,
     paused: bool,
@@ -149,7 +158,6 @@ impl Core {
     /// A core with no connections.
     pub fn new(serializer: Serializer, cfg: CoreConfig) -> Self {
         Core {
-            pool: BufferPool::new(cfg.buf_size, 64),
             cfg,
             serializer,
             conns: Slab::new(),
@@ -184,11 +192,6 @@ impl Core {
     /// Mutable statistics (reconnect loads them; disconnect adjusts them).
     pub fn stats_mut(&mut self) -> &mut Stats {
         &mut self.stats
-    }
-
-    /// The receive-buffer pool.
-    pub fn pool(&self) -> &BufferPool {
-        &self.pool
     }
 
     fn insert(&mut self, peer: Option<ByteStr>, role: Role) -> ConnId {
@@ -392,30 +395,35 @@ impl Core {
         !self.paused && self.get(id).is_some_and(|c| !c.recv_in_flight)
     }
 
-    /// Lends the receive buffer of `id` for a receive operation.
-    pub fn start_recv(&mut self, id: ConnId) -> Option<BytesMut> {
+    /// Starts a receive on `id`: `None` if none should start now (one is in
+    /// flight, the inbox is full, or the connection is gone); otherwise the
+    /// buffer to receive into.
+    pub fn start_recv(&mut self, id: ConnId, pool: &mut BufferPool) -> Option<RecvBuf> {
         if self.paused {
             return None;
         }
-        let Core { conns, pool, .. } = self;
-        let conn = conns
-            .get_mut(id.slot())
-            .filter(|c| ConnId::new(id.slot(), c.generation) == id)?;
+        let conn = self.get_mut(id)?;
         if conn.recv_in_flight {
             return None;
         }
         conn.recv_in_flight = true;
-        Some(conn.decoder.recv_buf(pool))
+        Some(match conn.decoder.recv_buf(pool) {
+            Some(buf) => RecvBuf::Partial(buf),
+            None => RecvBuf::Pooled,
+        })
     }
 
-    /// A receive finished: `buf` holds the old bytes plus the new ones;
-    /// `Ok(0)` is end of stream.
-    pub fn on_recv(&mut self, id: ConnId, buf: BytesMut, result: io::Result<usize>) {
-        let Core { conns, pool, .. } = self;
-        let Some(conn) = conns
-            .get_mut(id.slot())
-            .filter(|c| ConnId::new(id.slot(), c.generation) == id)
-        else {
+    /// A receive finished: `buf` holds the old bytes (for
+    /// [`RecvBuf::Partial`]) followed by the new ones; `Ok(0)` is end of
+    /// stream.
+    pub fn on_recv(
+        &mut self,
+        id: ConnId,
+        buf: BytesMut,
+        result: io::Result<usize>,
+        pool: &mut BufferPool,
+    ) {
+        let Some(conn) = self.get_mut(id) else {
             pool.put(buf);
             return;
         };
@@ -453,8 +461,7 @@ impl Core {
             self.close(id, None);
             return;
         }
-        let Core { conns, pool, .. } = self;
-        if let Some(c) = conns.get_mut(id.slot()) {
+        if let Some(c) = self.get_mut(id) {
             c.decoder.release(pool);
         }
         self.dirty.push(id);

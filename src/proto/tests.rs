@@ -21,14 +21,22 @@ fn msg(from: &str, to: &str, content: &str) -> Vec<u8> {
 
 /// Delivers `bytes` as one receive completion.
 fn feed(c: &mut Core, id: ConnId, bytes: &[u8]) {
-    let mut buf = c.start_recv(id).expect("receive can start");
+    let mut pool = BufferPool::new(4096, 4);
+    let mut buf = match c.start_recv(id, &mut pool).expect("receive can start") {
+        RecvBuf::Pooled => pool.take(),
+        RecvBuf::Partial(b) => b,
+    };
     buf.extend_from_slice(bytes);
-    c.on_recv(id, buf, Ok(bytes.len()));
+    c.on_recv(id, buf, Ok(bytes.len()), &mut pool);
 }
 
 fn eof(c: &mut Core, id: ConnId) {
-    let buf = c.start_recv(id).expect("receive can start");
-    c.on_recv(id, buf, Ok(0));
+    let mut pool = BufferPool::new(4096, 4);
+    let buf = match c.start_recv(id, &mut pool).expect("receive can start") {
+        RecvBuf::Pooled => BytesMut::new(),
+        RecvBuf::Partial(b) => b,
+    };
+    c.on_recv(id, buf, Ok(0), &mut pool);
 }
 
 fn take(c: &mut Core) -> Vec<Message> {
@@ -273,14 +281,19 @@ fn write_error_closes_with_the_error_recorded() {
 fn completions_for_a_closed_connection_never_reach_its_successor() {
     let mut c = core();
     let old = c.add_acceptor();
-    let buf = c.start_recv(old).unwrap();
+    let mut pool = BufferPool::new(4096, 4);
+    assert!(matches!(
+        c.start_recv(old, &mut pool),
+        Some(RecvBuf::Pooled)
+    ));
+    let buf = pool.take();
     c.close(old, None);
     let new = c.add_acceptor();
     assert_eq!(new.slot(), old.slot(), "slot reused");
     assert_ne!(new, old);
     let mut late = buf;
     late.extend_from_slice(&frame(r#"{"hello":"intruder"}"#));
-    c.on_recv(old, late, Ok(10));
+    c.on_recv(old, late, Ok(10), &mut pool);
     assert!(c.conn_for("intruder").is_none());
     assert!(c.is_open(new));
 }
@@ -299,8 +312,9 @@ fn full_inbox_pauses_receiving_until_taken() {
     bytes.extend(msg("p", "me", "1"));
     feed(&mut c, id, &bytes);
     assert!(c.is_paused());
+    let mut pool = BufferPool::new(4096, 4);
     assert!(
-        c.start_recv(id).is_none(),
+        c.start_recv(id, &mut pool).is_none(),
         "no receive while the inbox is full"
     );
     assert_eq!(take(&mut c).len(), 1);
@@ -308,7 +322,7 @@ fn full_inbox_pauses_receiving_until_taken() {
     let mut dirty = Vec::new();
     c.take_dirty(&mut dirty);
     assert!(dirty.contains(&id));
-    assert!(c.start_recv(id).is_some());
+    assert!(c.start_recv(id, &mut pool).is_some());
 }
 
 // PROTOCOL.md 14.3: the connection-role tests, on the core's table.

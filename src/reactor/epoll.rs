@@ -12,13 +12,13 @@ use std::io::{self, IoSlice};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendFlags, SocketFlags};
 
 use super::{Backend, BackendKind, Completion};
-use crate::proto::{ConnId, Outbox};
+use crate::proto::{ConnId, Outbox, RecvBuf};
+use crate::wire::BufferPool;
 
 const LISTENER: u64 = u64::MAX;
 /// Slices gathered per `sendmsg`.
@@ -32,7 +32,9 @@ struct EpollConn {
     readable: bool,
     writable: bool,
     want_write: bool,
-    recv: Option<BytesMut>,
+    /// An armed receive: `Some(Pooled)` takes a pool buffer when data is
+    /// there.
+    recv: Option<RecvBuf>,
 }
 
 /// The epoll backend.
@@ -86,8 +88,12 @@ impl EpollBackend {
         }
     }
 
-    fn do_read(ready: &mut Vec<Completion>, c: &mut EpollConn) {
-        let Some(mut buf) = c.recv.take() else { return };
+    fn do_read(ready: &mut Vec<Completion>, c: &mut EpollConn, pool: &mut BufferPool) {
+        let Some(armed) = c.recv.take() else { return };
+        let mut buf = match armed {
+            RecvBuf::Partial(b) => b,
+            RecvBuf::Pooled => pool.take(),
+        };
         loop {
             let len = buf.len();
             let spare = buf.capacity() - len;
@@ -112,7 +118,13 @@ impl EpollBackend {
                 Err(Errno::INTR) => continue,
                 Err(Errno::AGAIN) => {
                     c.readable = false;
-                    c.recv = Some(buf);
+                    c.recv = Some(if len == 0 {
+                        // Nothing arrived: the pool buffer goes back.
+                        pool.put(buf);
+                        RecvBuf::Pooled
+                    } else {
+                        RecvBuf::Partial(buf)
+                    });
                     return;
                 }
                 Err(e) => {
@@ -188,7 +200,7 @@ impl Backend for EpollBackend {
             .map(|c| c.fd.as_fd())
     }
 
-    fn recv(&mut self, id: ConnId, buf: BytesMut) {
+    fn recv(&mut self, id: ConnId, buf: RecvBuf, pool: &mut BufferPool) {
         let EpollBackend { conns, ready, .. } = self;
         let Some(c) = conns
             .get_mut(id.slot())
@@ -199,7 +211,7 @@ impl Backend for EpollBackend {
         };
         c.recv = Some(buf);
         if c.readable {
-            Self::do_read(ready, c);
+            Self::do_read(ready, c, pool);
         }
     }
 
@@ -306,7 +318,12 @@ impl Backend for EpollBackend {
         out.append(&mut self.ready);
     }
 
-    fn poll(&mut self, timeout: Option<Duration>, out: &mut Vec<Completion>) -> io::Result<()> {
+    fn poll(
+        &mut self,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+        pool: &mut BufferPool,
+    ) -> io::Result<()> {
         let timeout = if self.ready.is_empty() {
             timeout
         } else {
@@ -345,7 +362,7 @@ impl Backend for EpollBackend {
             let err_or_hup = epoll::EventFlags::ERR | epoll::EventFlags::HUP;
             if flags.intersects(epoll::EventFlags::IN | epoll::EventFlags::RDHUP | err_or_hup) {
                 c.readable = true;
-                Self::do_read(ready, c);
+                Self::do_read(ready, c, pool);
             }
             if flags.intersects(epoll::EventFlags::OUT | err_or_hup) {
                 c.writable = true;

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 
-use crate::proto::{ConnId, Core, Outbox};
+use crate::proto::{ConnId, Core, Outbox, RecvBuf};
+use crate::wire::BufferPool;
 
 /// Which I/O backend a reactor runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +50,8 @@ pub enum BackendChoice {
 pub enum Completion {
     /// The listening socket accepted a connection (non-blocking, close-on-exec).
     Accepted(OwnedFd),
-    /// A receive finished; `buf` holds the bytes it had plus the new ones.
+    /// A receive finished; `buf` is the [`RecvBuf::Partial`] buffer with the
+    /// new bytes appended, or a pooled buffer holding just the new bytes.
     /// `Ok(0)` is end of stream.
     Recv {
         /// The connection.
@@ -71,8 +73,8 @@ pub enum Completion {
 /// An I/O backend, in completion style.
 ///
 /// Ownership rules (what makes a completion backend sound): a buffer given
-/// to [`Backend::recv`] belongs to the backend until it comes back in a
-/// [`Completion::Recv`]; for [`Backend::send`] the backend keeps its own
+/// to [`Backend::recv`] (or taken from the pool for it) belongs to the
+/// backend until it comes back in a [`Completion::Recv`]; for [`Backend::send`] the backend keeps its own
 /// references to whatever frames the kernel may still read; after
 /// [`Backend::close`] no completion for that connection is delivered, and
 /// the backend frees its buffers only once the kernel is done with them.
@@ -95,8 +97,9 @@ pub trait Backend: Send {
     /// The socket of `conn`.
     fn conn_fd(&self, conn: ConnId) -> Option<BorrowedFd<'_>>;
 
-    /// Starts one receive into the free space of `buf`.
-    fn recv(&mut self, conn: ConnId, buf: BytesMut);
+    /// Starts one receive, into the free space of a partial buffer or into
+    /// a buffer taken from `pool` once data is there.
+    fn recv(&mut self, conn: ConnId, buf: RecvBuf, pool: &mut BufferPool);
 
     /// Starts one write of (a prefix of) `outbox`; returns how many of its
     /// frames the kernel may still be reading after this call returns.
@@ -110,7 +113,12 @@ pub trait Backend: Send {
 
     /// Collects finished operations, waiting up to `timeout` (`None`:
     /// forever) when there are none yet.
-    fn poll(&mut self, timeout: Option<Duration>, out: &mut Vec<Completion>) -> io::Result<()>;
+    fn poll(
+        &mut self,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+        pool: &mut BufferPool,
+    ) -> io::Result<()>;
 }
 
 /// Picks and builds a backend.
@@ -124,6 +132,7 @@ pub fn make_backend(choice: BackendChoice) -> io::Result<Box<dyn Backend>> {
 pub struct Reactor {
     core: Core,
     backend: Box<dyn Backend>,
+    pool: BufferPool,
     completions: Vec<Completion>,
     scratch: Vec<ConnId>,
 }
@@ -141,6 +150,7 @@ impl Reactor {
     /// A reactor driving `core` on `backend`.
     pub fn new(core: Core, backend: Box<dyn Backend>) -> Self {
         Reactor {
+            pool: BufferPool::new(core.config().buf_size, 64),
             core,
             backend,
             completions: Vec::new(),
@@ -161,6 +171,11 @@ impl Reactor {
     /// The backend in use.
     pub fn backend_kind(&self) -> BackendKind {
         self.backend.kind()
+    }
+
+    /// The receive-buffer pool.
+    pub fn pool(&self) -> &BufferPool {
+        &self.pool
     }
 
     /// A descriptor readable when the reactor has work.
@@ -204,8 +219,8 @@ impl Reactor {
                 return;
             }
             for id in std::mem::take(&mut self.scratch) {
-                if let Some(buf) = self.core.start_recv(id) {
-                    self.backend.recv(id, buf);
+                if let Some(buf) = self.core.start_recv(id, &mut self.pool) {
+                    self.backend.recv(id, buf, &mut self.pool);
                 }
                 if let Some(outbox) = self.core.start_send(id) {
                     let held = self.backend.send(id, outbox);
@@ -224,7 +239,9 @@ impl Reactor {
                         log::warn!("ConnectionUnix: cannot register accepted connection: {e}");
                     }
                 }
-                Completion::Recv { conn, buf, result } => self.core.on_recv(conn, buf, result),
+                Completion::Recv { conn, buf, result } => {
+                    self.core.on_recv(conn, buf, result, &mut self.pool)
+                }
                 Completion::Sent { conn, result } => self.core.on_sent(conn, result),
             }
         }
@@ -247,7 +264,8 @@ impl Reactor {
     /// to `timeout` if none are ready), apply them, start follow-ups.
     pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         self.dispatch();
-        self.backend.poll(timeout, &mut self.completions)?;
+        self.backend
+            .poll(timeout, &mut self.completions, &mut self.pool)?;
         let progressed = !self.completions.is_empty();
         self.process();
         self.dispatch();

@@ -51,9 +51,15 @@ impl Info {
         if proto != PROTOCOL_CLASS {
             return Err(Error::UnsupportedProtocol(proto));
         }
+        if ser.is_null() || ser.as_str() == Some("") {
+            return Err(Error::SerializerRequired);
+        }
         let serializer = Serializer::from_spec(ser)?;
-        let Some(route) = route.as_str().filter(|r| !r.is_empty()) else {
-            return Err(Error::InfoString("route must be a non-empty string".into()));
+        let route = match route {
+            serde_json::Value::String(r) if !r.is_empty() => r,
+            serde_json::Value::Null => return Err(Error::RouteRequired),
+            serde_json::Value::String(_) => return Err(Error::RouteRequired),
+            _ => return Err(Error::InfoString("route must be a string".into())),
         };
         Ok(Info::new(serializer, route))
     }
@@ -112,6 +118,17 @@ mod tests {
         ));
         assert!(Info::parse("{}").is_err());
         assert!(Info::parse(r#"["ConnectionUnix","JSON"]"#).is_err());
-        assert!(Info::parse(r#"["ConnectionUnix","JSON",""]"#).is_err());
+        assert_eq!(
+            Info::parse(r#"["ConnectionUnix","JSON",""]"#)
+                .unwrap_err()
+                .to_string(),
+            "'route' is a required attribute"
+        );
+        assert_eq!(
+            Info::parse(r#"["ConnectionUnix",null,"/r"]"#)
+                .unwrap_err()
+                .to_string(),
+            "'serializer' is a required attribute"
+        );
     }
 }
