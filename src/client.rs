@@ -199,8 +199,10 @@ impl Client {
             }
         }
 
-        let backend = make_backend(opts.backend)
-            .map_err(|e| Error::io("Cannot create the I/O backend", e))?;
+        let backend = make_backend(opts.backend).map_err(|e| Error::BackendUnavailable {
+            backend: e.backend,
+            reason: e.reason.into(),
+        })?;
         let mut core = Core::new(serializer.clone(), opts.limits.clone());
         *core.stats_mut() = stats;
         let mut reactor = Reactor::new(core, backend);
@@ -549,11 +551,17 @@ impl Client {
         })
     }
 
-    fn closed_error(&mut self, id: ConnId) -> Error {
-        let mut err = None;
+    /// Why connection `id` went away; `Ok` if it had written `target`
+    /// bytes first (the frame reached the kernel before the close).
+    fn closed_outcome(&mut self, id: ConnId, target: u64) -> Result<()> {
+        let mut outcome = Err(None);
         for c in self.reactor.core_mut().take_closed() {
             if c.id == id {
-                err = c.write_error;
+                outcome = if c.written_total >= target {
+                    Ok(())
+                } else {
+                    Err(c.write_error)
+                };
             } else if let (Some(e), Some(p)) = (c.write_error, c.peer) {
                 log::warn!(
                     "ConnectionUnix: send to '{p}' failed: {}",
@@ -561,10 +569,19 @@ impl Client {
                 );
             }
         }
-        Error::Write {
+        outcome.map_err(|err| Error::Write {
             err: err
                 .unwrap_or_else(|| io::Error::from_raw_os_error(libc::EPIPE))
                 .into(),
+        })
+    }
+
+    fn closed_error(&mut self, id: ConnId) -> Error {
+        match self.closed_outcome(id, u64::MAX) {
+            Err(e) => e,
+            Ok(()) => Error::Write {
+                err: io::Error::from_raw_os_error(libc::EPIPE).into(),
+            },
         }
     }
 
@@ -594,13 +611,15 @@ impl Client {
         self.reactor.flush();
         if !blocking {
             if !self.reactor.core().is_open(id) {
-                return Err(self.closed_error(id));
+                // A frame already handed to the kernel counts as sent even
+                // if the connection closed right after.
+                return self.closed_outcome(id, target);
             }
             return Ok(());
         }
         loop {
             if !self.reactor.core().is_open(id) {
-                return Err(self.closed_error(id));
+                return self.closed_outcome(id, target);
             }
             if self
                 .reactor

@@ -314,6 +314,14 @@ pub enum Error {
     /// A payload could not be serialized or deserialized.
     #[error("{0}")]
     Serialize(String),
+    /// The I/O backend asked for cannot run here.
+    #[error("the {backend} backend is unavailable: {reason}")]
+    BackendUnavailable {
+        /// The backend asked for.
+        backend: crate::reactor::BackendKind,
+        /// Why.
+        reason: SysError,
+    },
     /// A wait ran out of time.
     #[error("timed out after {secs:.3}s waiting for {what}")]
     Timeout {

@@ -22,6 +22,7 @@ fn helper_process_entry() {
         return;
     };
     assert_eq!(role, "sender");
+    common::init_logging();
     let info = Info::parse(&std::env::var("IPCM_INFO").unwrap()).unwrap();
     let count: u64 = std::env::var("IPCM_COUNT").unwrap().parse().unwrap();
     let blocking = std::env::var("IPCM_BLOCKING").unwrap() == "1";
@@ -45,10 +46,16 @@ fn helper_process_entry() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let msgs = tx.get_messages_timeout(Duration::from_millis(100)).unwrap();
-        if msgs
+        if let Some(m) = msgs
             .iter()
-            .any(|m| m.content_value().unwrap() == json!("done"))
+            .find(|m| m.content_value().unwrap()["done"].is_string())
         {
+            let v = m.content_value().unwrap();
+            assert_eq!(
+                v["done"],
+                info.route.as_str(),
+                "a 'done' from another route"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "no 'done' from rx");
@@ -70,6 +77,7 @@ fn hundred_thousand_messages_non_blocking(b: BackendChoice) {
 }
 
 fn run(b: BackendChoice, blocking: bool) {
+    common::init_logging();
     let t = TestRoute::new(b);
     let mut rx = t.connect("rx");
     let mut child = helper_command("sender")
@@ -96,7 +104,12 @@ fn run(b: BackendChoice, blocking: bool) {
             );
         }
     }
-    rx.send_message("tx", "done").unwrap();
+    if let Err(e) = rx.send_message("tx", &json!({"done": t.route.path()})) {
+        panic!(
+            "sending 'done' failed: {e}; sender exit: {:?}",
+            child.wait()
+        );
+    }
     let status = child.wait().unwrap();
     assert!(status.success(), "sender: {status:?}");
     // Nothing more arrives.

@@ -109,6 +109,8 @@ pub struct Closed {
     pub peer: Option<ByteStr>,
     /// The write error that closed it, if any.
     pub write_error: Option<io::Error>,
+    /// Bytes written on it before it closed (see [`Core::written_total`]).
+    pub written_total: u64,
 }
 
 /// The buffer a receive fills.
@@ -355,6 +357,17 @@ impl Core {
             return;
         }
         let conn = self.conns.remove(id.slot());
+        log::debug!(
+            "ConnectionUnix: closing connection {:?} to '{}' ({:?}, {} bytes written){}",
+            id,
+            conn.peer.as_deref().unwrap_or("<no hello yet>"),
+            conn.role,
+            conn.outbox.written_total(),
+            write_error
+                .as_ref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
         if let Some(peer) = &conn.peer
             && self.by_peer.get(peer) == Some(&id.slot())
         {
@@ -365,6 +378,7 @@ impl Core {
             id,
             peer: conn.peer,
             write_error,
+            written_total: conn.outbox.written_total(),
         });
     }
 

@@ -16,11 +16,12 @@ use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendFlags, SocketFlags};
 
-use super::{Backend, BackendKind, Completion};
+use super::{Backend, BackendKind, Completion, Waker};
 use crate::proto::{ConnId, Outbox, RecvBuf};
 use crate::wire::BufferPool;
 
 const LISTENER: u64 = u64::MAX;
+const WAKE: u64 = u64::MAX - 1;
 /// Slices gathered per `sendmsg`.
 const IOV_BATCH: usize = 128;
 const EVENTS: usize = 256;
@@ -45,6 +46,7 @@ pub struct EpollBackend {
     conns: Vec<Option<EpollConn>>,
     ready: Vec<Completion>,
     events: EventBuf,
+    waker: Waker,
 }
 
 /// The event array handed to `epoll_wait`.
@@ -63,12 +65,21 @@ impl std::fmt::Debug for EventBuf {
 impl EpollBackend {
     /// A backend with its own epoll instance.
     pub fn new() -> io::Result<Self> {
+        let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let waker = Waker::new()?;
+        epoll::add(
+            &ep,
+            waker.fd(),
+            epoll::EventData::new_u64(WAKE),
+            epoll::EventFlags::IN | epoll::EventFlags::ET,
+        )?;
         Ok(EpollBackend {
-            ep: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+            ep,
             listener: None,
             conns: Vec::new(),
             ready: Vec::new(),
             events: EventBuf(Vec::with_capacity(EVENTS)),
+            waker,
         })
     }
 
@@ -314,6 +325,10 @@ impl Backend for EpollBackend {
         }
     }
 
+    fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
     fn collect(&mut self, out: &mut Vec<Completion>) {
         out.append(&mut self.ready);
     }
@@ -347,6 +362,10 @@ impl Backend for EpollBackend {
             let token = ev.data.u64();
             if token == LISTENER {
                 self.accept_all();
+                continue;
+            }
+            if token == WAKE {
+                self.waker.drain();
                 continue;
             }
             let flags = ev.flags;

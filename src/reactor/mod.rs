@@ -7,10 +7,13 @@
 //! above this module knows which backend runs.
 
 pub mod epoll;
+pub mod uring;
 
 use std::fmt;
 use std::io;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -24,12 +27,15 @@ use crate::wire::BufferPool;
 pub enum BackendKind {
     /// Readiness-based `epoll`, with completions emulated.
     Epoll,
+    /// io_uring: native completions.
+    IoUring,
 }
 
 impl fmt::Display for BackendKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             BackendKind::Epoll => "epoll",
+            BackendKind::IoUring => "io_uring",
         })
     }
 }
@@ -38,11 +44,100 @@ impl fmt::Display for BackendKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum BackendChoice {
-    /// The best one available (today: epoll).
+    /// The environment variable `IPCM_BACKEND` if set, else io_uring when
+    /// the kernel allows it, else epoll (the reason logged once).
     #[default]
     Auto,
     /// epoll, always.
     Epoll,
+    /// io_uring; an error where it is unavailable (no silent fallback).
+    IoUring,
+}
+
+impl BackendChoice {
+    /// Parses `auto`, `epoll` or `io_uring` (also `uring`, `io-uring`).
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" | "" => Some(BackendChoice::Auto),
+            "epoll" => Some(BackendChoice::Epoll),
+            "io_uring" | "io-uring" | "uring" | "iouring" => Some(BackendChoice::IoUring),
+            _ => None,
+        }
+    }
+}
+
+/// Name of the environment variable that picks the backend under `Auto`.
+pub const BACKEND_ENV: &str = "IPCM_BACKEND";
+
+/// Wakes a reactor from another thread.
+///
+/// Costs no syscall while the reactor is awake: the eventfd is written only
+/// when the reactor has announced that it is about to sleep. The two flags
+/// form a Dekker-style handshake (both sides store, then load the other's
+/// flag, all `SeqCst`), so a wake is never lost: either the waker sees the
+/// reactor asleep and signals, or the reactor sees the wake and does not
+/// block.
+#[derive(Clone, Debug)]
+pub struct Waker {
+    inner: Arc<WakeState>,
+}
+
+#[derive(Debug)]
+struct WakeState {
+    efd: OwnedFd,
+    sleeping: AtomicBool,
+    woken: AtomicBool,
+}
+
+impl Waker {
+    pub(crate) fn new() -> io::Result<Self> {
+        let efd = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )?;
+        Ok(Waker {
+            inner: Arc::new(WakeState {
+                efd,
+                sleeping: AtomicBool::new(false),
+                woken: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Wakes the reactor; returns whether a syscall was needed (the reactor
+    /// was asleep or about to sleep).
+    pub fn wake(&self) -> bool {
+        self.inner.woken.store(true, Ordering::SeqCst);
+        if self.inner.sleeping.load(Ordering::SeqCst) {
+            let _ = rustix::io::write(&self.inner.efd, &1u64.to_ne_bytes());
+            return true;
+        }
+        false
+    }
+
+    /// The eventfd the backend watches.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.inner.efd.as_fd()
+    }
+
+    /// Announces a blocking wait; returns false if a wake already arrived
+    /// (then the wait must not block).
+    pub(crate) fn prepare_sleep(&self) -> bool {
+        self.inner.sleeping.store(true, Ordering::SeqCst);
+        !self.inner.woken.load(Ordering::SeqCst)
+    }
+
+    /// Ends a wait; returns whether a wake arrived.
+    pub(crate) fn finish_sleep(&self) -> bool {
+        self.inner.sleeping.store(false, Ordering::SeqCst);
+        self.inner.woken.swap(false, Ordering::SeqCst)
+    }
+
+    /// Drains the eventfd counter.
+    pub(crate) fn drain(&self) {
+        let mut buf = [0u8; 8];
+        let _ = rustix::io::read(&self.inner.efd, &mut buf);
+    }
 }
 
 /// A finished operation.
@@ -108,6 +203,9 @@ pub trait Backend: Send {
     /// Cancels `conn`'s operations and closes its socket.
     fn close(&mut self, conn: ConnId);
 
+    /// A handle that wakes [`Backend::poll`] from another thread.
+    fn waker(&self) -> Waker;
+
     /// Collects operations that already finished, without a syscall.
     fn collect(&mut self, out: &mut Vec<Completion>);
 
@@ -121,11 +219,57 @@ pub trait Backend: Send {
     ) -> io::Result<()>;
 }
 
-/// Picks and builds a backend.
-pub fn make_backend(choice: BackendChoice) -> io::Result<Box<dyn Backend>> {
+/// Why a backend could not be had.
+#[derive(Debug)]
+pub struct BackendUnavailable {
+    /// The backend asked for.
+    pub backend: BackendKind,
+    /// The reason.
+    pub reason: io::Error,
+}
+
+/// Builds the backend `choice` asks for (see [`BackendChoice`]).
+pub fn make_backend(choice: BackendChoice) -> Result<Box<dyn Backend>, BackendUnavailable> {
+    let choice = match choice {
+        BackendChoice::Auto => match std::env::var(BACKEND_ENV) {
+            Ok(v) => BackendChoice::parse(&v).unwrap_or_else(|| {
+                log::warn!("{BACKEND_ENV}={v:?} is not one of auto, epoll, io_uring; using auto");
+                BackendChoice::Auto
+            }),
+            Err(_) => BackendChoice::Auto,
+        },
+        other => other,
+    };
+    let epoll = || -> Result<Box<dyn Backend>, BackendUnavailable> {
+        epoll::EpollBackend::new()
+            .map(|b| Box::new(b) as Box<dyn Backend>)
+            .map_err(|reason| BackendUnavailable {
+                backend: BackendKind::Epoll,
+                reason,
+            })
+    };
     match choice {
-        BackendChoice::Auto | BackendChoice::Epoll => Ok(Box::new(epoll::EpollBackend::new()?)),
+        BackendChoice::Epoll => epoll(),
+        BackendChoice::IoUring => uring::UringBackend::new()
+            .map(|b| Box::new(b) as Box<dyn Backend>)
+            .map_err(|reason| BackendUnavailable {
+                backend: BackendKind::IoUring,
+                reason,
+            }),
+        BackendChoice::Auto => match uring::UringBackend::new() {
+            Ok(b) => Ok(Box::new(b)),
+            Err(e) => {
+                static LOGGED: std::sync::Once = std::sync::Once::new();
+                LOGGED.call_once(|| log::info!("io_uring unavailable ({e}); using epoll"));
+                epoll()
+            }
+        },
     }
+}
+
+/// Whether io_uring can be used here; `Err` carries the reason.
+pub fn io_uring_available() -> io::Result<()> {
+    uring::UringBackend::new().map(drop)
 }
 
 /// The core plus a backend: one single-threaded event loop.
@@ -173,6 +317,11 @@ impl Reactor {
         self.backend.kind()
     }
 
+    /// A handle that wakes this reactor's wait from another thread.
+    pub fn waker(&self) -> Waker {
+        self.backend.waker()
+    }
+
     /// The receive-buffer pool.
     pub fn pool(&self) -> &BufferPool {
         &self.pool
@@ -218,7 +367,8 @@ impl Reactor {
             if self.scratch.is_empty() {
                 return;
             }
-            for id in std::mem::take(&mut self.scratch) {
+            let mut batch = std::mem::take(&mut self.scratch);
+            for id in batch.drain(..) {
                 if let Some(buf) = self.core.start_recv(id, &mut self.pool) {
                     self.backend.recv(id, buf, &mut self.pool);
                 }
@@ -227,6 +377,8 @@ impl Reactor {
                     self.core.sending(id, held);
                 }
             }
+            // Keep the allocation for the next round.
+            self.scratch = batch;
         }
     }
 
@@ -280,7 +432,10 @@ impl Reactor {
     /// Closes every connection and the listener.
     pub fn shutdown(&mut self) {
         self.core.close_all();
-        self.dispatch();
         self.backend.close_listener();
+        // Hand the closes to the kernel now: a completion backend releases a
+        // socket only once its cancelled operations are done, and peers
+        // must see EOF without waiting for our next turn.
+        self.flush();
     }
 }

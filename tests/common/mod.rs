@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use ipcm::{BackendChoice, Client, Info, Message, Options, Route, Serializer};
 
 /// Runs each listed test function once per backend: `fn name(backend: BackendChoice)`
-/// becomes `epoll::name` (and one module per further backend).
+/// becomes `epoll::name` and `io_uring::name`. Where io_uring cannot run, its
+/// tests pass after printing "skipped: io_uring unavailable (<reason>)".
 #[macro_export]
 macro_rules! per_backend {
     ($($name:ident),* $(,)?) => {
@@ -16,6 +17,18 @@ macro_rules! per_backend {
                 #[test]
                 fn $name() {
                     super::$name(ipcm::BackendChoice::Epoll)
+                }
+            )*
+        }
+        mod io_uring {
+            $(
+                #[test]
+                fn $name() {
+                    if let Err(reason) = ipcm::reactor::io_uring_available() {
+                        eprintln!("skipped: io_uring unavailable ({reason})");
+                        return;
+                    }
+                    super::$name(ipcm::BackendChoice::IoUring)
                 }
             )*
         }
@@ -143,6 +156,7 @@ pub fn helper_command(role: &str) -> std::process::Command {
 pub fn backend_from_env() -> BackendChoice {
     match std::env::var("IPCM_TEST_BACKEND").as_deref() {
         Ok("epoll") => BackendChoice::Epoll,
+        Ok("io_uring") => BackendChoice::IoUring,
         _ => BackendChoice::Auto,
     }
 }
@@ -150,6 +164,29 @@ pub fn backend_from_env() -> BackendChoice {
 pub fn backend_name(b: BackendChoice) -> &'static str {
     match b {
         BackendChoice::Epoll => "epoll",
+        BackendChoice::IoUring => "io_uring",
         _ => "auto",
+    }
+}
+
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            eprintln!("[pid {} {}] {}", std::process::id(), r.level(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Sends the library's log records to stderr (shown for failing tests).
+pub fn init_logging() {
+    static LOGGER: StderrLogger = StderrLogger;
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
     }
 }

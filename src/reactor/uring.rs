@@ -1,0 +1,807 @@
+//! The io_uring backend: native completions.
+//!
+//! * Accepts with one multishot `ACCEPT` (re-armed if the kernel ends it;
+//!   single-shot on kernels without multishot).
+//! * Receives with `RECV`: into the connection's partial-frame buffer when
+//!   it has one, otherwise with `IOSQE_BUFFER_SELECT` from a group of
+//!   pooled buffers provided to the kernel, so idle connections pin no
+//!   memory.
+//! * Writes each connection's outbox with one `SENDMSG` (gathering up to
+//!   1024 frames, `MSG_NOSIGNAL`); all of a turn's sends go to the kernel in
+//!   the single `io_uring_enter` that also waits for completions.
+//! * Wakes from other threads through an eventfd read by a `READ` op (see
+//!   [`Waker`]).
+//!
+//! # Buffer ownership
+//!
+//! The kernel may write into (or read from) memory until it posts the
+//! operation's completion, so memory is owned by *operations*, never by
+//! connections:
+//!
+//! * every in-flight operation is an entry of `ops` (a slab; its key is the
+//!   SQE's user data) that owns what the kernel may touch: the receive
+//!   buffer, or the send's frames (reference-counted clones), iovec array and
+//!   `msghdr`, boxed so their addresses never move;
+//! * buffers provided to the kernel live in `provided` until a completion
+//!   names them (then they are handed out with the data) or the backend is
+//!   torn down;
+//! * closing a connection cancels its operations (`ASYNC_CANCEL`) and closes
+//!   its descriptor, but the operations stay in `ops` until their
+//!   completions arrive; only then is their memory released. A completion
+//!   for a closed connection is dropped (connection ids carry a generation,
+//!   so a reused slot is never confused with its predecessor);
+//! * dropping the backend cancels everything and waits (bounded) for every
+//!   completion; should the kernel not answer in time, the memory is leaked
+//!   rather than freed under it.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+use slab::Slab;
+
+use super::{Backend, BackendKind, Completion, Waker};
+use crate::proto::{ConnId, Outbox, RecvBuf};
+use crate::wire::BufferPool;
+
+/// Buffer group of the provided receive buffers.
+const BGID: u16 = 0x1c;
+/// Buffers kept provided to the kernel.
+const PROVIDED_TARGET: usize = 32;
+/// Frames gathered by one `SENDMSG` (the kernel's `UIO_MAXIOV`).
+const IOV_MAX: usize = 1024;
+const SQ_ENTRIES: u32 = 256;
+const CQ_ENTRIES: u32 = 4096;
+
+/// Memory of one in-flight `SENDMSG`; reused by its connection.
+struct SendState {
+    frames: Vec<Bytes>,
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+}
+
+// SAFETY: the raw pointers in `iov` and `msg` point into `frames` and
+// `iov`, which this struct owns; moving it to another thread moves that
+// memory with it, and nothing else shares it.
+unsafe impl Send for SendState {}
+
+impl SendState {
+    fn new() -> Box<Self> {
+        Box::new(SendState {
+            frames: Vec::new(),
+            iov: Vec::new(),
+            // SAFETY: `msghdr` is plain data; all-zero is a valid value.
+            msg: unsafe { std::mem::zeroed() },
+        })
+    }
+}
+
+enum Op {
+    Accept {
+        multishot: bool,
+    },
+    /// `buf: None` selects a provided buffer.
+    Recv {
+        conn: ConnId,
+        buf: Option<BytesMut>,
+    },
+    Send {
+        conn: ConnId,
+        state: Box<SendState>,
+    },
+    Provide {
+        bid: u16,
+    },
+    Cancel,
+    /// The buffer is never read: it only has to outlive the kernel's write.
+    Wake {
+        _buf: Box<[u8; 8]>,
+    },
+}
+
+struct UringConn {
+    id: ConnId,
+    fd: OwnedFd,
+    recv_op: Option<u64>,
+    send_op: Option<u64>,
+    spare_send: Option<Box<SendState>>,
+}
+
+/// The io_uring backend.
+pub struct UringBackend {
+    ring: IoUring,
+    ops: Slab<(u32, Op)>,
+    next_gen: u32,
+    conns: Vec<Option<UringConn>>,
+    listener: Option<OwnedFd>,
+    accept_op: Option<u64>,
+    multishot_accept: bool,
+    provided: Vec<Option<BytesMut>>,
+    provided_count: usize,
+    waker: Waker,
+    wake_armed: bool,
+    ready: Vec<Completion>,
+    cqes: Vec<(u64, i32, u32)>,
+    /// Descriptors of closed connections, kept open until the SQEs that
+    /// name them by number have been submitted (a number closed earlier
+    /// could be reused by an unrelated socket before the kernel reads the
+    /// SQE).
+    deferred_close: Vec<OwnedFd>,
+}
+
+impl std::fmt::Debug for UringBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UringBackend")
+            .field("ops", &self.ops.len())
+            .field("provided", &self.provided_count)
+            .finish()
+    }
+}
+
+/// Opcodes the backend needs, with their names for error messages.
+const REQUIRED: [(u8, &str); 6] = [
+    (opcode::Accept::CODE, "ACCEPT"),
+    (opcode::Recv::CODE, "RECV"),
+    (opcode::SendMsg::CODE, "SENDMSG"),
+    (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+    (opcode::ProvideBuffers::CODE, "PROVIDE_BUFFERS"),
+    (opcode::Read::CODE, "READ"),
+];
+
+impl UringBackend {
+    /// Sets up a ring and probes the opcodes the backend needs. Fails with
+    /// the reason (setup refused, opcode missing) when io_uring is not
+    /// usable here.
+    pub fn new() -> io::Result<Self> {
+        let ring = IoUring::builder()
+            .setup_cqsize(CQ_ENTRIES)
+            .setup_coop_taskrun()
+            .build(SQ_ENTRIES)
+            .or_else(|_| {
+                IoUring::builder()
+                    .setup_cqsize(CQ_ENTRIES)
+                    .build(SQ_ENTRIES)
+            })
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e}")))?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter()
+            .register_probe(&mut probe)
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring probe failed: {e}")))?;
+        for (code, name) in REQUIRED {
+            if !probe.is_supported(code) {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!("the kernel's io_uring lacks IORING_OP_{name}"),
+                ));
+            }
+        }
+        Ok(UringBackend {
+            ring,
+            ops: Slab::new(),
+            next_gen: 1,
+            conns: Vec::new(),
+            listener: None,
+            accept_op: None,
+            multishot_accept: true,
+            provided: Vec::new(),
+            provided_count: 0,
+            waker: Waker::new()?,
+            wake_armed: false,
+            ready: Vec::new(),
+            cqes: Vec::new(),
+            deferred_close: Vec::new(),
+        })
+    }
+
+    /// Operations in flight (for tests of the ownership scheme).
+    pub fn ops_in_flight(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Queues one SQE, submitting first if the queue is full.
+    ///
+    /// # Safety
+    /// Every pointer in `entry` must stay valid until its completion is
+    /// reaped: it must point into memory owned by an entry of `self.ops` or
+    /// `self.provided`.
+    unsafe fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: upheld by the caller (see above).
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            match self.submit(0, None) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.reap(),
+                Err(e) => {
+                    log::error!("io_uring submit failed: {e}");
+                    self.reap();
+                }
+            }
+        }
+    }
+
+    /// Stores an operation; returns its SQE user data: the slab key plus a
+    /// generation, so that a cancellation aimed at a finished operation can
+    /// never hit a newer one that reused the key.
+    fn insert_op(&mut self, op: Op) -> u64 {
+        let generation = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        let key = self.ops.insert((generation, op));
+        (u64::from(generation) << 32) | key as u64
+    }
+
+    /// Submits queued SQEs (waiting for `want` completions, up to
+    /// `timeout`), then releases descriptors no queued SQE names any more.
+    fn submit(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<usize> {
+        let res = match timeout {
+            Some(d) if want > 0 => {
+                let ts = types::Timespec::from(d);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+            _ => self.ring.submit_and_wait(want),
+        };
+        if self.ring.submission().is_empty() {
+            self.deferred_close.clear();
+        }
+        res
+    }
+
+    fn conn(&mut self, id: ConnId) -> Option<&mut UringConn> {
+        self.conns
+            .get_mut(id.slot())
+            .and_then(|c| c.as_mut())
+            .filter(|c| c.id == id)
+    }
+
+    fn arm_accept(&mut self) {
+        let Some(l) = &self.listener else { return };
+        let fd = types::Fd(l.as_raw_fd());
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let multishot = self.multishot_accept;
+        let key = self.insert_op(Op::Accept { multishot });
+        let entry = if multishot {
+            opcode::AcceptMulti::new(fd).flags(flags).build()
+        } else {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(flags)
+                .build()
+        };
+        self.accept_op = Some(key);
+        // SAFETY: accept passes no memory to the kernel.
+        unsafe { self.push(entry.user_data(key)) };
+    }
+
+    fn arm_wake(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        let mut buf = Box::new([0u8; 8]);
+        let ptr = buf.as_mut_ptr();
+        let fd = types::Fd(self.waker.fd().as_raw_fd());
+        let key = self.insert_op(Op::Wake { _buf: buf });
+        self.wake_armed = true;
+        // SAFETY: the 8-byte buffer is boxed inside `ops[key]` until the
+        // completion is reaped.
+        unsafe { self.push(opcode::Read::new(fd, ptr, 8).build().user_data(key)) };
+    }
+
+    /// Keeps `PROVIDED_TARGET` pooled buffers provided to the kernel.
+    fn replenish(&mut self, pool: &mut BufferPool) {
+        while self.provided_count < PROVIDED_TARGET {
+            let bid = match self.provided.iter().position(Option::is_none) {
+                Some(i) => i,
+                None => {
+                    self.provided.push(None);
+                    self.provided.len() - 1
+                }
+            };
+            let mut buf = pool.take();
+            let len = buf.capacity().min(i32::MAX as usize) as i32;
+            let ptr = buf.as_mut_ptr();
+            self.provided[bid] = Some(buf);
+            self.provided_count += 1;
+            let key = self.insert_op(Op::Provide { bid: bid as u16 });
+            let entry = opcode::ProvideBuffers::new(ptr, len, 1, BGID, bid as u16).build();
+            // SAFETY: the buffer stays in `self.provided[bid]` until a
+            // completion names it or the backend is torn down.
+            unsafe { self.push(entry.user_data(key)) };
+        }
+    }
+
+    fn cancel(&mut self, op: u64) {
+        let key = self.insert_op(Op::Cancel);
+        // SAFETY: cancellation passes no memory.
+        unsafe { self.push(opcode::AsyncCancel::new(op).build().user_data(key)) };
+    }
+
+    fn result(res: i32) -> io::Result<usize> {
+        if res >= 0 {
+            Ok(res as usize)
+        } else {
+            Err(io::Error::from_raw_os_error(-res))
+        }
+    }
+
+    /// Moves finished completions into `ready`.
+    fn reap(&mut self) {
+        self.cqes.clear();
+        for cqe in self.ring.completion() {
+            self.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
+        }
+        let cqes = std::mem::take(&mut self.cqes);
+        for &(user_data, res, flags) in &cqes {
+            self.complete(user_data, res, flags);
+        }
+        self.cqes = cqes;
+    }
+
+    fn complete(&mut self, user_data: u64, res: i32, flags: u32) {
+        let key = (user_data & 0xFFFF_FFFF) as usize;
+        let generation = (user_data >> 32) as u32;
+        let Some((_, op)) = self.ops.get(key).filter(|(g, _)| *g == generation) else {
+            log::error!("io_uring completion for unknown operation {user_data:#x}");
+            return;
+        };
+        if let Op::Accept { multishot } = *op {
+            let more = cqueue::more(flags);
+            if res >= 0 {
+                // SAFETY: a successful accept returns a new descriptor that
+                // nothing else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                self.ready.push(Completion::Accepted(fd));
+            } else if res == -libc::EINVAL && multishot {
+                log::info!("io_uring: multishot accept unsupported; using single-shot accepts");
+                self.multishot_accept = false;
+            } else if res != -libc::ECANCELED {
+                log::warn!(
+                    "ConnectionUnix: accept failed: {}",
+                    io::Error::from_raw_os_error(-res)
+                );
+            }
+            if !more {
+                self.ops.remove(key);
+                if self.accept_op == Some(user_data) {
+                    self.accept_op = None;
+                    if self.listener.is_some() && res != -libc::ECANCELED {
+                        self.arm_accept();
+                    }
+                }
+            }
+            return;
+        }
+        match self.ops.remove(key).1 {
+            Op::Accept { .. } => unreachable!("handled above"),
+            Op::Recv { conn, buf } => {
+                let mut buf = match buf {
+                    Some(b) => b,
+                    None => match cqueue::buffer_select(flags) {
+                        Some(bid) => {
+                            let b = self.provided.get_mut(bid as usize).and_then(Option::take);
+                            if b.is_some() {
+                                self.provided_count -= 1;
+                            }
+                            b.unwrap_or_default()
+                        }
+                        None => BytesMut::new(),
+                    },
+                };
+                if res > 0 {
+                    let len = buf.len() + res as usize;
+                    debug_assert!(len <= buf.capacity());
+                    // SAFETY: the kernel wrote `res` bytes right after the
+                    // buffer's `len` initialised bytes, within its capacity.
+                    unsafe { buf.set_len(len.min(buf.capacity())) };
+                }
+                let result = if res == -libc::ENOBUFS {
+                    // The provided group ran dry; try again after refilling.
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Self::result(res)
+                };
+                if let Some(c) = self.conn(conn) {
+                    if c.recv_op == Some(user_data) {
+                        c.recv_op = None;
+                    }
+                    self.ready.push(Completion::Recv { conn, buf, result });
+                }
+            }
+            Op::Send { conn, mut state } => {
+                state.frames.clear();
+                if let Some(c) = self.conn(conn) {
+                    if c.send_op == Some(user_data) {
+                        c.send_op = None;
+                    }
+                    c.spare_send = Some(state);
+                    self.ready.push(Completion::Sent {
+                        conn,
+                        result: Self::result(res),
+                    });
+                }
+            }
+            Op::Provide { bid } => {
+                if res < 0 {
+                    log::error!(
+                        "io_uring: providing a receive buffer failed: {}",
+                        io::Error::from_raw_os_error(-res)
+                    );
+                    if self
+                        .provided
+                        .get_mut(bid as usize)
+                        .and_then(Option::take)
+                        .is_some()
+                    {
+                        self.provided_count -= 1;
+                    }
+                }
+            }
+            Op::Cancel => {}
+            Op::Wake { .. } => {
+                self.wake_armed = false;
+            }
+        }
+    }
+}
+
+impl Backend for UringBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::IoUring
+    }
+
+    fn pollable_fd(&self) -> BorrowedFd<'_> {
+        // The ring's descriptor polls readable when completions are waiting.
+        // SAFETY: the ring owns this descriptor for as long as `self` lives,
+        // which bounds the returned borrow.
+        unsafe { BorrowedFd::borrow_raw(self.ring.as_raw_fd()) }
+    }
+
+    fn listen(&mut self, fd: OwnedFd) -> io::Result<()> {
+        self.listener = Some(fd);
+        self.arm_accept();
+        Ok(())
+    }
+
+    fn close_listener(&mut self) {
+        if let Some(op) = self.accept_op.take() {
+            self.cancel(op);
+        }
+        if let Some(l) = self.listener.take() {
+            self.deferred_close.push(l);
+        }
+    }
+
+    fn add_conn(&mut self, id: ConnId, fd: OwnedFd) -> io::Result<()> {
+        let slot = id.slot();
+        if self.conns.len() <= slot {
+            self.conns.resize_with(slot + 1, || None);
+        }
+        self.conns[slot] = Some(UringConn {
+            id,
+            fd,
+            recv_op: None,
+            send_op: None,
+            spare_send: None,
+        });
+        Ok(())
+    }
+
+    fn conn_fd(&self, id: ConnId) -> Option<BorrowedFd<'_>> {
+        self.conns
+            .get(id.slot())
+            .and_then(|c| c.as_ref())
+            .filter(|c| c.id == id)
+            .map(|c| c.fd.as_fd())
+    }
+
+    fn recv(&mut self, id: ConnId, buf: RecvBuf, pool: &mut BufferPool) {
+        let Some(c) = self.conn(id) else {
+            if let RecvBuf::Partial(b) = buf {
+                pool.put(b);
+            }
+            return;
+        };
+        if c.recv_op.is_some() {
+            return;
+        }
+        let fd = types::Fd(c.fd.as_raw_fd());
+        match buf {
+            RecvBuf::Partial(mut b) => {
+                let spare = b.spare_capacity_mut();
+                let (ptr, len) = (
+                    spare.as_mut_ptr().cast::<u8>(),
+                    spare.len().min(u32::MAX as usize) as u32,
+                );
+                let key = self.insert_op(Op::Recv {
+                    conn: id,
+                    buf: Some(b),
+                });
+                if let Some(c) = self.conn(id) {
+                    c.recv_op = Some(key);
+                }
+                // SAFETY: the buffer's heap memory is owned by `ops[key]`
+                // (moving the `BytesMut` does not move it) until reaped.
+                unsafe { self.push(opcode::Recv::new(fd, ptr, len).build().user_data(key)) };
+            }
+            RecvBuf::Pooled => {
+                self.replenish(pool);
+                let len = pool.buf_size().min(u32::MAX as usize) as u32;
+                let key = self.insert_op(Op::Recv {
+                    conn: id,
+                    buf: None,
+                });
+                if let Some(c) = self.conn(id) {
+                    c.recv_op = Some(key);
+                }
+                let entry = opcode::Recv::new(fd, std::ptr::null_mut(), len)
+                    .buf_group(BGID)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT);
+                // SAFETY: the kernel picks a buffer from `self.provided`,
+                // which keeps it until the completion names it.
+                unsafe { self.push(entry.user_data(key)) };
+            }
+        }
+    }
+
+    fn send(&mut self, id: ConnId, outbox: &Outbox) -> usize {
+        let Some(c) = self.conn(id) else { return 0 };
+        if c.send_op.is_some() {
+            return 0;
+        }
+        let fd = types::Fd(c.fd.as_raw_fd());
+        let mut st = c.spare_send.take().unwrap_or_else(SendState::new);
+        st.frames.clear();
+        st.iov.clear();
+        st.frames.extend(outbox.frames().take(IOV_MAX).cloned());
+        let offset = outbox.front_offset();
+        for (i, f) in st.frames.iter().enumerate() {
+            let s = if i == 0 { &f[offset..] } else { &f[..] };
+            st.iov.push(libc::iovec {
+                iov_base: s.as_ptr() as *mut libc::c_void,
+                iov_len: s.len(),
+            });
+        }
+        st.msg.msg_iov = st.iov.as_mut_ptr();
+        st.msg.msg_iovlen = st.iov.len() as _;
+        let held = st.frames.len();
+        let msg: *const libc::msghdr = &st.msg;
+        let key = self.insert_op(Op::Send {
+            conn: id,
+            state: st,
+        });
+        if let Some(c) = self.conn(id) {
+            c.send_op = Some(key);
+        }
+        let entry = opcode::SendMsg::new(fd, msg)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(key);
+        // SAFETY: `msg`, the iovecs and the frame bytes they point to are
+        // owned by the boxed state in `ops[key]` until the completion.
+        unsafe { self.push(entry) };
+        held
+    }
+
+    fn close(&mut self, id: ConnId) {
+        let slot = id.slot();
+        let Some(c) = self
+            .conns
+            .get_mut(slot)
+            .and_then(|c| c.take_if(|c| c.id == id))
+        else {
+            return;
+        };
+        for op in [c.recv_op, c.send_op].into_iter().flatten() {
+            self.cancel(op);
+        }
+        // The descriptor closes once the queued SQEs naming it are
+        // submitted; in-flight operations hold their own reference to the
+        // socket until their (cancelled) completions arrive.
+        self.deferred_close.push(c.fd);
+    }
+
+    fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    fn collect(&mut self, out: &mut Vec<Completion>) {
+        if !self.ring.submission().is_empty()
+            && let Err(e) = self.submit(0, None)
+            && e.raw_os_error() != Some(libc::EBUSY)
+        {
+            log::error!("io_uring submit failed: {e}");
+        }
+        self.reap();
+        out.append(&mut self.ready);
+    }
+
+    fn poll(
+        &mut self,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+        _pool: &mut BufferPool,
+    ) -> io::Result<()> {
+        self.arm_wake();
+        self.reap();
+        let mut timeout = if self.ready.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        let blocking = timeout != Some(Duration::ZERO);
+        if blocking && !self.waker.prepare_sleep() {
+            timeout = Some(Duration::ZERO);
+        }
+        let res = match timeout {
+            Some(d) if d.is_zero() => self.submit(0, None),
+            None => self.submit(1, None),
+            Some(d) => self.submit(1, Some(d)),
+        };
+        if blocking {
+            self.waker.finish_sleep();
+        }
+        match res {
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(e) => return Err(e),
+        }
+        self.reap();
+        out.append(&mut self.ready);
+        Ok(())
+    }
+}
+
+impl Drop for UringBackend {
+    fn drop(&mut self) {
+        self.close_listener();
+        let ids: Vec<ConnId> = self.conns.iter().flatten().map(|c| c.id).collect();
+        for id in ids {
+            self.close(id);
+        }
+        let pending: Vec<u64> = self
+            .ops
+            .iter()
+            .filter(|(_, (_, op))| matches!(op, Op::Wake { .. } | Op::Accept { .. }))
+            .map(|(k, (g, _))| (u64::from(*g) << 32) | k as u64)
+            .collect();
+        for op in pending {
+            self.cancel(op);
+        }
+        // Wait for every operation that may touch our memory to complete.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let busy = |ops: &Slab<(u32, Op)>| {
+            ops.iter()
+                .any(|(_, (_, op))| !matches!(op, Op::Cancel | Op::Provide { .. }))
+        };
+        while busy(&self.ops) && Instant::now() < deadline {
+            let _ = self.submit(1, Some(Duration::from_millis(50)));
+            self.reap();
+            self.ready.clear();
+        }
+        if busy(&self.ops) {
+            log::error!("io_uring: operations still in flight at teardown; leaking their buffers");
+            std::mem::forget(std::mem::take(&mut self.ops));
+            std::mem::forget(std::mem::take(&mut self.provided));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> Option<UringBackend> {
+        match UringBackend::new() {
+            Ok(b) => Some(b),
+            Err(e) => {
+                eprintln!("skipped: io_uring unavailable ({e})");
+                None
+            }
+        }
+    }
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a.into(), b.into())
+    }
+
+    #[test]
+    fn close_with_receive_in_flight_releases_only_after_completion() {
+        let Some(mut be) = backend() else { return };
+        let mut pool = BufferPool::new(4096, 4);
+        let (a, _b) = pair();
+        let id = ConnId::from_u64(7);
+        be.add_conn(id, a).unwrap();
+        let mut partial = BytesMut::with_capacity(4096);
+        partial.extend_from_slice(&[0, 0, 0, 9]);
+        be.recv(id, RecvBuf::Partial(partial), &mut pool);
+        let mut out = Vec::new();
+        be.poll(Some(Duration::ZERO), &mut out, &mut pool).unwrap();
+        assert!(out.is_empty(), "nothing to read yet");
+        assert!(be.ops_in_flight() >= 2, "recv (and wake) in flight");
+        be.close(id);
+        // The receive's buffer is still owned by its operation until the
+        // cancellation completes; no completion reaches the core.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while be
+            .ops
+            .iter()
+            .any(|(_, (_, op))| matches!(op, Op::Recv { .. }))
+        {
+            be.poll(Some(Duration::from_millis(10)), &mut out, &mut pool)
+                .unwrap();
+            assert!(Instant::now() < deadline, "cancellation never completed");
+        }
+        assert!(out.is_empty(), "no completion for a closed connection");
+    }
+
+    #[test]
+    fn drop_mid_send_keeps_frames_alive_until_the_kernel_lets_go() {
+        let Some(mut be) = backend() else { return };
+        let mut pool = BufferPool::new(4096, 4);
+        let (a, _reader) = pair();
+        let id = ConnId::from_u64(3);
+        be.add_conn(id, a).unwrap();
+        let frame = Bytes::from(vec![1u8; 8 << 20]);
+        let mut ob = Outbox::default();
+        ob.push(frame.clone());
+        let mut out = Vec::new();
+        // The first send fills the socket and completes short; the second
+        // waits in the kernel for room that never comes.
+        for _ in 0..2 {
+            be.send(id, &ob);
+            be.poll(Some(Duration::from_millis(20)), &mut out, &mut pool)
+                .unwrap();
+        }
+        assert!(
+            be.ops
+                .iter()
+                .any(|(_, (_, op))| matches!(op, Op::Send { .. })),
+            "send in flight"
+        );
+        drop(ob);
+        assert!(!frame.is_unique(), "the in-flight send owns a reference");
+        drop(be);
+        assert!(
+            frame.is_unique(),
+            "teardown waited for the kernel before releasing"
+        );
+    }
+
+    #[test]
+    fn provided_buffers_receive_for_idle_connections() {
+        let Some(mut be) = backend() else { return };
+        let mut pool = BufferPool::new(4096, 64);
+        let (a, b) = pair();
+        let id = ConnId::from_u64(11);
+        be.add_conn(id, a).unwrap();
+        be.recv(id, RecvBuf::Pooled, &mut pool);
+        let mut out = Vec::new();
+        be.poll(Some(Duration::ZERO), &mut out, &mut pool).unwrap();
+        assert!(out.is_empty());
+        rustix::io::write(&b, b"hello").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while out.is_empty() {
+            be.poll(Some(Duration::from_millis(50)), &mut out, &mut pool)
+                .unwrap();
+            assert!(Instant::now() < deadline);
+        }
+        match out.pop() {
+            Some(Completion::Recv { conn, buf, result }) => {
+                assert_eq!(conn, id);
+                assert_eq!(result.unwrap(), 5);
+                assert_eq!(&buf[..], b"hello");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
