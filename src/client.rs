@@ -119,6 +119,18 @@ pub struct BroadcastResult {
     pub error: Option<String>,
 }
 
+/// What a client holds right now (for monitoring and leak checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// Open connections, unresolved ones included.
+    pub connections: usize,
+    /// Idle receive buffers kept in the pool.
+    pub pooled_buffers: usize,
+    /// Buffers the backend holds (armed receives, in-flight sends, buffers
+    /// provided to the kernel).
+    pub backend_buffers: usize,
+}
+
 /// A handler that takes the messages still arriving during `disconnect`.
 pub type DisconnectHandler<'a> = &'a mut dyn FnMut(&Client, Vec<Message>);
 
@@ -287,6 +299,15 @@ impl Client {
     /// The backend the reactor runs on.
     pub fn backend(&self) -> BackendKind {
         self.reactor.backend_kind()
+    }
+
+    /// What the client holds right now.
+    pub fn resources(&self) -> Resources {
+        Resources {
+            connections: self.reactor.core().conn_count(),
+            pooled_buffers: self.reactor.pool().idle(),
+            backend_buffers: self.reactor.backend_buffers(),
+        }
     }
 
     /// Always false: this transport cannot suspend.

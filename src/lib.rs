@@ -53,7 +53,7 @@ pub mod wire;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-pub use client::{BroadcastResult, Client, Options};
+pub use client::{BroadcastResult, Client, Options, Resources};
 pub use error::{Error, Result};
 pub use message::Message;
 pub use reactor::{BackendChoice, BackendKind};

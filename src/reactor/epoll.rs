@@ -325,6 +325,14 @@ impl Backend for EpollBackend {
         }
     }
 
+    fn held_buffers(&self) -> usize {
+        self.conns
+            .iter()
+            .flatten()
+            .filter(|c| matches!(c.recv, Some(RecvBuf::Partial(_))))
+            .count()
+    }
+
     fn waker(&self) -> Waker {
         self.waker.clone()
     }
@@ -339,21 +347,29 @@ impl Backend for EpollBackend {
         out: &mut Vec<Completion>,
         pool: &mut BufferPool,
     ) -> io::Result<()> {
-        let timeout = if self.ready.is_empty() {
+        let mut timeout = if self.ready.is_empty() {
             timeout
         } else {
             Some(Duration::ZERO)
         };
+        let blocking = timeout != Some(Duration::ZERO);
+        if blocking && !self.waker.prepare_sleep() {
+            timeout = Some(Duration::ZERO);
+        }
         let ts = timeout.map(|d| rustix::event::Timespec {
             tv_sec: d.as_secs() as _,
             tv_nsec: d.subsec_nanos() as _,
         });
         self.events.0.clear();
-        match epoll::wait(
+        let res = epoll::wait(
             &self.ep,
             rustix::buffer::spare_capacity(&mut self.events.0),
             ts.as_ref(),
-        ) {
+        );
+        if blocking {
+            self.waker.finish_sleep();
+        }
+        match res {
             Ok(_) | Err(Errno::INTR) => {}
             Err(e) => return Err(e.into()),
         }

@@ -203,6 +203,10 @@ pub trait Backend: Send {
     /// Cancels `conn`'s operations and closes its socket.
     fn close(&mut self, conn: ConnId);
 
+    /// Receive and send buffers the backend holds right now (lent to the
+    /// kernel or parked with an armed receive).
+    fn held_buffers(&self) -> usize;
+
     /// A handle that wakes [`Backend::poll`] from another thread.
     fn waker(&self) -> Waker;
 
@@ -260,7 +264,12 @@ pub fn make_backend(choice: BackendChoice) -> Result<Box<dyn Backend>, BackendUn
             Ok(b) => Ok(Box::new(b)),
             Err(e) => {
                 static LOGGED: std::sync::Once = std::sync::Once::new();
-                LOGGED.call_once(|| log::info!("io_uring unavailable ({e}); using epoll"));
+                LOGGED.call_once(|| {
+                    log::info!(
+                        "io_uring unavailable ({}); using epoll",
+                        crate::error::strerror(&e)
+                    )
+                });
                 epoll()
             }
         },
@@ -315,6 +324,11 @@ impl Reactor {
     /// The backend in use.
     pub fn backend_kind(&self) -> BackendKind {
         self.backend.kind()
+    }
+
+    /// Buffers held by the backend (see [`Backend::held_buffers`]).
+    pub fn backend_buffers(&self) -> usize {
+        self.backend.held_buffers()
     }
 
     /// A handle that wakes this reactor's wait from another thread.

@@ -163,12 +163,9 @@ impl UringBackend {
                 IoUring::builder()
                     .setup_cqsize(CQ_ENTRIES)
                     .build(SQ_ENTRIES)
-            })
-            .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e}")))?;
+            })?;
         let mut probe = io_uring::Probe::new();
-        ring.submitter()
-            .register_probe(&mut probe)
-            .map_err(|e| io::Error::new(e.kind(), format!("io_uring probe failed: {e}")))?;
+        ring.submitter().register_probe(&mut probe)?;
         for (code, name) in REQUIRED {
             if !probe.is_supported(code) {
                 return Err(io::Error::new(
@@ -601,6 +598,15 @@ impl Backend for UringBackend {
         // submitted; in-flight operations hold their own reference to the
         // socket until their (cancelled) completions arrive.
         self.deferred_close.push(c.fd);
+    }
+
+    fn held_buffers(&self) -> usize {
+        let in_ops = self
+            .ops
+            .iter()
+            .filter(|(_, (_, op))| matches!(op, Op::Recv { buf: Some(_), .. } | Op::Send { .. }))
+            .count();
+        in_ops + self.provided_count
     }
 
     fn waker(&self) -> Waker {

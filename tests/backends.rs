@@ -1,0 +1,288 @@
+//! Backend choice, fallback, wake-ups and resource hygiene on each backend.
+
+#[macro_use]
+mod common;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use common::{ROLE_ENV, TestRoute, drain_for, helper_command, poll};
+use ipcm::reactor::{BackendChoice, BackendKind, Reactor, io_uring_available, make_backend};
+use ipcm::{Client, Error, Info, Options, Serializer};
+
+/// Tests that count the process's descriptors or CPU time run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Makes `io_uring_setup` fail with EPERM for this thread (and anything it
+/// starts), as a seccomp policy of a container would.
+fn refuse_io_uring_setup() {
+    use libc::*;
+    // SAFETY: building BPF instructions is plain data; the prctl calls get
+    // valid pointers to a filter that outlives them (the kernel copies it).
+    unsafe {
+        let filter = [
+            BPF_STMT((BPF_LD | BPF_W | BPF_ABS) as u16, 0),
+            BPF_JUMP(
+                (BPF_JMP | BPF_JEQ | BPF_K) as u16,
+                SYS_io_uring_setup as u32,
+                0,
+                1,
+            ),
+            BPF_STMT((BPF_RET | BPF_K) as u16, SECCOMP_RET_ERRNO | EPERM as u32),
+            BPF_STMT((BPF_RET | BPF_K) as u16, SECCOMP_RET_ALLOW),
+        ];
+        let prog = sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut sock_filter,
+        };
+        assert_eq!(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            prctl(
+                PR_SET_SECCOMP,
+                SECCOMP_MODE_FILTER,
+                &prog as *const sock_fprog as c_ulong
+            ),
+            0,
+            "seccomp filter refused"
+        );
+    }
+}
+
+/// Helper process. `no_io_uring`: io_uring is refused by seccomp; checks
+/// every way of choosing a backend. `report_backend`: prints the backend
+/// `Auto` picks under the inherited environment.
+#[test]
+#[ignore = "helper process entry, run by the tests of this file"]
+fn helper_process_entry() {
+    let Ok(role) = std::env::var(ROLE_ENV) else {
+        return;
+    };
+    let info = Info::parse(&std::env::var("IPCM_INFO").unwrap()).unwrap();
+    if role == "report_backend" {
+        let c = Client::connect(&info, "probe", Options::new()).unwrap();
+        println!("backend={}", c.backend());
+        return;
+    }
+    assert_eq!(role, "no_io_uring");
+    refuse_io_uring_setup();
+    let reason = io_uring_available().unwrap_err();
+    assert_eq!(reason.raw_os_error(), Some(libc::EPERM), "{reason}");
+    // Auto falls back to epoll, observably.
+    let c = Client::connect(&info, "auto", Options::new()).unwrap();
+    assert_eq!(c.backend(), BackendKind::Epoll);
+    // Forcing io_uring is a clear error, not a silent fallback.
+    let err = Client::connect(
+        &info,
+        "forced",
+        Options::new().backend(BackendChoice::IoUring),
+    )
+    .unwrap_err();
+    assert!(matches!(
+        err,
+        Error::BackendUnavailable {
+            backend: BackendKind::IoUring,
+            ..
+        }
+    ));
+    let text = err.to_string();
+    assert!(
+        text.starts_with("the io_uring backend is unavailable: "),
+        "{text}"
+    );
+    assert!(text.contains("Operation not permitted"), "{text}");
+    assert!(!std::path::Path::new(&format!("{}/forced", info.route)).exists());
+    println!("fallback checks passed");
+}
+
+#[test]
+fn falls_back_to_epoll_when_io_uring_setup_is_refused() {
+    let t = TestRoute::new(BackendChoice::Auto);
+    let out = helper_command("no_io_uring")
+        .env("IPCM_INFO", t.info().to_info_string())
+        .env_remove("IPCM_BACKEND")
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "helper failed: {:?}\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("fallback checks passed"), "{stdout}");
+}
+
+#[test]
+fn environment_variable_picks_the_backend_under_auto() {
+    // Checked in a child so that the variable does not leak into other tests.
+    for (value, want) in [("epoll", "epoll"), ("io_uring", "io_uring"), ("auto", "")] {
+        if want == "io_uring" && io_uring_available().is_err() {
+            eprintln!("skipped {value}: io_uring unavailable");
+            continue;
+        }
+        let t = TestRoute::new(BackendChoice::Auto);
+        let out = helper_command("report_backend")
+            .env("IPCM_INFO", t.info().to_info_string())
+            .env("IPCM_BACKEND", value)
+            .stdout(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let got = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{value}: {:?} {got} {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // libtest prints "test name ... " before the helper's own output.
+        let line = got
+            .split_whitespace()
+            .find(|w| w.starts_with("backend="))
+            .unwrap_or("");
+        if want.is_empty() {
+            assert!(
+                line == "backend=epoll" || line == "backend=io_uring",
+                "{got}"
+            );
+        } else {
+            assert_eq!(line, format!("backend={want}"));
+        }
+    }
+}
+
+#[test]
+fn backend_choice_parses_names() {
+    assert_eq!(
+        BackendChoice::parse("io_uring"),
+        Some(BackendChoice::IoUring)
+    );
+    assert_eq!(BackendChoice::parse("EPOLL"), Some(BackendChoice::Epoll));
+    assert_eq!(BackendChoice::parse("auto"), Some(BackendChoice::Auto));
+    assert_eq!(BackendChoice::parse("kqueue"), None);
+}
+
+per_backend!(
+    waker_interrupts_a_blocking_wait_and_is_free_when_awake,
+    ten_thousand_connection_cycles_leak_nothing,
+    client_create_drop_cycles_leak_no_descriptors,
+    idle_reactor_uses_no_cpu,
+);
+
+fn waker_interrupts_a_blocking_wait_and_is_free_when_awake(b: BackendChoice) {
+    let core = ipcm::proto::Core::new(Serializer::Json, Default::default());
+    let mut reactor = Reactor::new(core, make_backend(b).map_err(|e| e.reason).unwrap());
+    let waker = reactor.waker();
+    assert!(!waker.wake(), "no syscall while the reactor is awake");
+    // That wake is consumed by the next wait, which must not block.
+    let start = Instant::now();
+    reactor.turn(Some(Duration::from_secs(5))).unwrap();
+    assert!(start.elapsed() < Duration::from_secs(1));
+    let w = waker.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        w.wake()
+    });
+    let start = Instant::now();
+    reactor.turn(None).unwrap();
+    let slept = start.elapsed();
+    assert!(t.join().unwrap(), "a sleeping reactor needs the eventfd");
+    assert!(
+        slept >= Duration::from_millis(50) && slept < Duration::from_secs(5),
+        "{slept:?}"
+    );
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn ten_thousand_connection_cycles_leak_nothing(b: BackendChoice) {
+    let _g = serial();
+    let t = TestRoute::new(b);
+    let mut srv = t.connect("srv");
+    let mut cli = t.connect_nl("cli");
+    // Warm up pools and lazily opened descriptors.
+    for i in 0..50 {
+        cli.send_message("srv", &i).unwrap();
+        cli.disconnect_connection("srv");
+        srv.get_messages().unwrap();
+    }
+    drain_for(&mut srv, Duration::from_millis(50));
+    let fds = open_fds();
+    let before = srv.resources();
+    let mut got = 0;
+    for i in 0..10_000u32 {
+        cli.send_message("srv", &i).unwrap();
+        assert!(cli.disconnect_connection("srv"));
+        got += srv.get_messages().unwrap().len();
+    }
+    while got < 10_000 {
+        let more = srv.get_messages_timeout(Duration::from_secs(5)).unwrap();
+        assert!(!more.is_empty(), "{got} of 10000 arrived");
+        got += more.len();
+    }
+    drain_for(&mut srv, Duration::from_millis(100));
+    let after = srv.resources();
+    assert_eq!(after.connections, 0, "every closed connection was dropped");
+    assert!(
+        after.backend_buffers <= before.backend_buffers.max(64),
+        "{before:?} -> {after:?}"
+    );
+    assert!(after.pooled_buffers <= 64, "{after:?}");
+    assert_eq!(cli.resources().connections, 0);
+    let now = open_fds();
+    assert!(now <= fds, "descriptors {fds} -> {now}");
+}
+
+fn client_create_drop_cycles_leak_no_descriptors(b: BackendChoice) {
+    let _g = serial();
+    let t = TestRoute::new(b);
+    let mut srv = t.connect("srv");
+    {
+        let mut c = t.connect_nl("warm");
+        c.send_message("srv", "x").unwrap();
+    }
+    poll(&mut srv, 1);
+    let fds = open_fds();
+    for i in 0..200 {
+        let mut c =
+            Client::connect(&t.info(), &format!("c{i}"), t.opts().listen(i % 2 == 0)).unwrap();
+        c.send_message("srv", &i).unwrap();
+        drop(c);
+    }
+    let got = drain_for(&mut srv, Duration::from_millis(300));
+    assert_eq!(got.len(), 200);
+    let now = open_fds();
+    assert!(now <= fds, "descriptors {fds} -> {now}");
+}
+
+fn thread_cpu() -> Duration {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn idle_reactor_uses_no_cpu(b: BackendChoice) {
+    let _g = serial();
+    let t = TestRoute::new(b);
+    let mut srv = t.connect("srv");
+    let mut peers: Vec<Client> = (0..20).map(|i| t.connect_nl(&format!("p{i}"))).collect();
+    for p in &mut peers {
+        p.send_message("srv", "hello").unwrap();
+    }
+    assert_eq!(poll(&mut srv, 20).len(), 20);
+    let cpu = thread_cpu();
+    let start = Instant::now();
+    let msgs = srv.get_messages_timeout(Duration::from_secs(1)).unwrap();
+    assert!(msgs.is_empty());
+    assert!(start.elapsed() >= Duration::from_millis(990));
+    let used = thread_cpu() - cpu;
+    assert!(
+        used < Duration::from_millis(10),
+        "idle second cost {used:?} of CPU"
+    );
+}
