@@ -161,6 +161,11 @@ pub struct Client {
     send_blocking: bool,
     disconnected: bool,
     opts: Options,
+    /// Fork generation at creation (see [`Client::pid_check`]).
+    fork_generation: u64,
+    /// Whether `<name>.resume` may exist (set at connect and by
+    /// `requeue_message`; only this client writes it).
+    resume_pending: bool,
 }
 
 fn since(t: Instant) -> f64 {
@@ -239,6 +244,7 @@ impl Client {
                 })?;
         }
         let pid = std::process::id();
+        let route_has_resume = route.have_resume(&disk);
         let undo = |e: Error| {
             let _ = fs::remove_file(&path);
             e
@@ -261,6 +267,8 @@ impl Client {
             send_blocking: true,
             disconnected: false,
             opts,
+            fork_generation: crate::fork::generation(),
+            resume_pending: route_has_resume,
         })
     }
 
@@ -388,7 +396,7 @@ impl Client {
 
     /// Fails with `Client used from wrong PID` in another process.
     pub fn pid_check(&self) -> Result<()> {
-        if std::process::id() != self.pid {
+        if crate::fork::generation() != self.fork_generation {
             return Err(Error::WrongPid);
         }
         Ok(())
@@ -932,10 +940,12 @@ impl Client {
 
     fn take_resumed(&mut self) -> Result<Vec<Message>> {
         let mut out = Vec::new();
-        if !self.route.have_resume(&self.disk) {
+        if !self.resume_pending {
             return Ok(out);
         }
-        for rec in self.route.take_resume(&self.disk)? {
+        let records = self.route.take_resume(&self.disk)?;
+        self.resume_pending = false;
+        for rec in records {
             match self.serializer.decode_message(&rec) {
                 Ok(Some(m)) => out.push(m),
                 Ok(None) => {}
@@ -967,7 +977,7 @@ impl Client {
     /// messages, or new data on any connection.
     pub fn pending_messages(&mut self) -> Result<bool> {
         self.pid_check()?;
-        if self.route.have_resume(&self.disk) || self.reactor.core().has_messages() {
+        if self.resume_pending || self.reactor.core().has_messages() {
             return Ok(true);
         }
         self.reactor
@@ -1013,7 +1023,9 @@ impl Client {
             )?;
             encode_frame(&payload, &mut records)?;
         }
-        self.route.append_resume(&self.disk, &records)
+        self.route.append_resume(&self.disk, &records)?;
+        self.resume_pending = true;
+        Ok(())
     }
 
     // ----- shutdown ---------------------------------------------------
@@ -1096,7 +1108,7 @@ impl AsFd for Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        if self.disconnected || std::process::id() != self.pid {
+        if self.disconnected || crate::fork::generation() != self.fork_generation {
             return;
         }
         if let Err(e) = self.disconnect(None) {

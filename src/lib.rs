@@ -40,6 +40,7 @@
 
 pub mod client;
 pub mod error;
+mod fork;
 pub mod message;
 pub mod proto;
 pub mod reactor;

@@ -1,66 +1,121 @@
 //! The `ipcm` command. For now one job: `ipcm demo`, which creates a route,
-//! moves messages from a sender process-thread to a listener and reports
-//! the rate. (The full command set arrives with its own issue.)
+//! feeds a listener from one or more senders and reports the rate, per
+//! backend. (The full command set arrives with its own issue.)
 
 use std::time::{Duration, Instant};
 
-use ipcm::{Client, Options, Spawn};
+use ipcm::{BackendChoice, Client, Options, Spawn};
+
+const USAGE: &str = "usage: ipcm demo [--messages N] [--size BYTES] [--senders K] \
+[--backend auto|epoll|io_uring|both] [--blocking | --batch N]";
 
 fn usage() -> ! {
-    eprintln!("usage: ipcm demo [--messages N] [--size BYTES]");
+    eprintln!("{USAGE}");
     std::process::exit(2);
+}
+
+struct Demo {
+    messages: u64,
+    size: usize,
+    senders: usize,
+    blocking: bool,
+    /// Queue this many messages between flushes (0: send each at once).
+    batch: u64,
 }
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let Some(cmd) = args.next() else { usage() };
-    if cmd != "demo" {
+    if args.next().as_deref() != Some("demo") {
         usage();
     }
-    let mut messages: u64 = 200_000;
-    let mut size: usize = 64;
+    let mut demo = Demo {
+        messages: 200_000,
+        size: 64,
+        senders: 1,
+        blocking: false,
+        batch: 0,
+    };
+    let mut backends = vec![BackendChoice::Auto];
     while let Some(a) = args.next() {
+        if a == "--blocking" {
+            demo.blocking = true;
+            continue;
+        }
         let v = args.next().unwrap_or_else(|| usage());
         match a.as_str() {
-            "--messages" => messages = v.parse().unwrap_or_else(|_| usage()),
-            "--size" => size = v.parse().unwrap_or_else(|_| usage()),
+            "--messages" => demo.messages = v.parse().unwrap_or_else(|_| usage()),
+            "--size" => demo.size = v.parse().unwrap_or_else(|_| usage()),
+            "--senders" => demo.senders = v.parse().unwrap_or_else(|_| usage()),
+            "--batch" => demo.batch = v.parse().unwrap_or_else(|_| usage()),
+            "--backend" if v == "both" => {
+                backends = vec![BackendChoice::Epoll, BackendChoice::IoUring];
+            }
+            "--backend" => backends = vec![BackendChoice::parse(&v).unwrap_or_else(|| usage())],
             _ => usage(),
         }
     }
-    if let Err(e) = demo(messages, size) {
-        eprintln!("ipcm: {e}");
-        std::process::exit(1);
+    if demo.senders == 0 {
+        usage();
+    }
+    let mut results = Vec::new();
+    for b in backends {
+        match run(&demo, b) {
+            Ok(r) => results.push(r),
+            Err(e) => {
+                eprintln!("ipcm: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    if let [a, b] = results.as_slice() {
+        println!("ratio {}/{}: {:.2}", b.0, a.0, b.1 / a.1);
     }
 }
 
-fn demo(messages: u64, size: usize) -> ipcm::Result<()> {
+fn run(demo: &Demo, backend: BackendChoice) -> ipcm::Result<(String, f64)> {
     let spawn = Spawn::new()?;
     let info = spawn.info_string();
-    println!("route: {info}");
-    let mut rx = Client::connect_info(&info, "sink", Options::new())?;
-    println!("backend: {}", rx.backend());
-    let payload = "x".repeat(size);
-    let sender_info = info.clone();
+    let mut rx = Client::connect_info(&info, "sink", Options::new().backend(backend))?;
+    let kind = rx.backend().to_string();
+    let per_sender = demo.messages / demo.senders as u64;
+    let total = per_sender * demo.senders as u64;
+    let payload = "x".repeat(demo.size);
     let start = Instant::now();
-    let sender = std::thread::spawn(move || -> ipcm::Result<()> {
-        let mut tx = Client::connect_info(&sender_info, "source", Options::new().listen(false))?;
-        tx.set_send_blocking(false);
-        for _ in 0..messages {
-            loop {
-                match tx.try_send_message("sink", &payload) {
-                    Ok(()) => break,
-                    Err(ipcm::Error::WouldBlock { .. }) => {
-                        tx.drain_pending();
-                        std::thread::sleep(Duration::from_micros(50));
+    let mut threads = Vec::new();
+    for s in 0..demo.senders {
+        let info = info.clone();
+        let payload = payload.clone();
+        let blocking = demo.blocking;
+        let batch = demo.batch;
+        threads.push(std::thread::spawn(move || -> ipcm::Result<()> {
+            let opts = Options::new().listen(false).backend(backend);
+            let mut tx = Client::connect_info(&info, &format!("source-{s}"), opts)?;
+            tx.set_send_blocking(blocking);
+            for n in 0..per_sender {
+                if batch > 0 && n % batch == 0 {
+                    tx.drain_pending();
+                }
+                loop {
+                    let sent = if batch > 0 {
+                        tx.queue_message("sink", &payload)
+                    } else {
+                        tx.send_message("sink", &payload)
+                    };
+                    match sent {
+                        Ok(()) => break,
+                        Err(ipcm::Error::WouldBlock { .. }) => {
+                            tx.drain_pending();
+                            std::thread::sleep(Duration::from_micros(20));
+                        }
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
                 }
             }
-        }
-        tx.disconnect(None)
-    });
+            tx.disconnect(None)
+        }));
+    }
     let mut got = 0u64;
-    while got < messages {
+    while got < total {
         let batch = rx.get_messages_timeout(Duration::from_secs(10))?;
         if batch.is_empty() {
             break;
@@ -68,19 +123,23 @@ fn demo(messages: u64, size: usize) -> ipcm::Result<()> {
         got += batch.len() as u64;
     }
     let secs = start.elapsed().as_secs_f64();
-    sender.join().expect("sender thread panicked")?;
+    for t in threads {
+        t.join().expect("sender thread panicked")?;
+    }
     rx.disconnect(None)?;
+    let rate = got as f64 / secs;
     println!(
-        "{got} messages of {size} bytes in {secs:.3}s: {:.0} msgs/s, {:.1} MB/s",
-        got as f64 / secs,
-        got as f64 * size as f64 / secs / 1e6
+        "{kind:>8}: {got} messages of {} bytes from {} sender(s) in {secs:.3}s: {rate:.0} msgs/s, {:.1} MB/s",
+        demo.size,
+        demo.senders,
+        got as f64 * demo.size as f64 / secs / 1e6
     );
-    if got != messages {
+    if got != total {
         return Err(ipcm::Error::Timeout {
             what: "all demo messages",
             secs: 10.0,
         });
     }
     drop(spawn);
-    Ok(())
+    Ok((kind, rate))
 }

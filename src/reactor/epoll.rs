@@ -337,6 +337,8 @@ impl Backend for EpollBackend {
         self.waker.clone()
     }
 
+    fn submit(&mut self) {}
+
     fn collect(&mut self, out: &mut Vec<Completion>) {
         out.append(&mut self.ready);
     }

@@ -213,6 +213,10 @@ pub trait Backend: Send {
     /// Collects operations that already finished, without a syscall.
     fn collect(&mut self, out: &mut Vec<Completion>);
 
+    /// Hands queued operations to the kernel now, without waiting (a no-op
+    /// where operations start synchronously).
+    fn submit(&mut self);
+
     /// Collects finished operations, waiting up to `timeout` (`None`:
     /// forever) when there are none yet.
     fn poll(
@@ -418,6 +422,7 @@ impl Reactor {
     pub fn flush(&mut self) {
         loop {
             self.dispatch();
+            self.backend.submit();
             self.backend.collect(&mut self.completions);
             if self.completions.is_empty() {
                 return;
@@ -432,12 +437,11 @@ impl Reactor {
         self.dispatch();
         self.backend
             .poll(timeout, &mut self.completions, &mut self.pool)?;
-        let progressed = !self.completions.is_empty();
-        self.process();
-        self.dispatch();
-        if progressed {
-            // Completions produced while dispatching (e.g. synchronous
-            // writes) are applied now rather than a turn later.
+        if !self.completions.is_empty() {
+            // Apply what finished and start the follow-ups (re-armed
+            // receives, resolved hellos' first reads, replies) at once, so
+            // one turn accepts, resolves and reads everything available.
+            self.process();
             self.flush();
         }
         Ok(())

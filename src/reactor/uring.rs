@@ -613,13 +613,18 @@ impl Backend for UringBackend {
         self.waker.clone()
     }
 
-    fn collect(&mut self, out: &mut Vec<Completion>) {
-        if !self.ring.submission().is_empty()
-            && let Err(e) = self.submit(0, None)
+    fn submit(&mut self) {
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        if let Err(e) = self.submit(0, None)
             && e.raw_os_error() != Some(libc::EBUSY)
         {
             log::error!("io_uring submit failed: {e}");
         }
+    }
+
+    fn collect(&mut self, out: &mut Vec<Completion>) {
         self.reap();
         out.append(&mut self.ready);
     }
