@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use ipcm::{BackendChoice, Client, Options, Spawn};
 
 const USAGE: &str = "usage: ipcm demo [--messages N] [--size BYTES] [--senders K] \
-[--backend auto|epoll|io_uring|both] [--blocking | --batch N]";
+[--backend auto|epoll|io_uring|both] [--sender-backend auto|epoll|io_uring] \
+[--blocking | --batch N] [--rounds R]";
 
 fn usage() -> ! {
     eprintln!("{USAGE}");
@@ -21,6 +22,8 @@ struct Demo {
     blocking: bool,
     /// Queue this many messages between flushes (0: send each at once).
     batch: u64,
+    /// Backend of the senders (`None`: the listener's).
+    sender_backend: Option<BackendChoice>,
 }
 
 fn main() {
@@ -34,8 +37,10 @@ fn main() {
         senders: 1,
         blocking: false,
         batch: 0,
+        sender_backend: None,
     };
     let mut backends = vec![BackendChoice::Auto];
+    let mut rounds = 1usize;
     while let Some(a) = args.next() {
         if a == "--blocking" {
             demo.blocking = true;
@@ -47,6 +52,10 @@ fn main() {
             "--size" => demo.size = v.parse().unwrap_or_else(|_| usage()),
             "--senders" => demo.senders = v.parse().unwrap_or_else(|_| usage()),
             "--batch" => demo.batch = v.parse().unwrap_or_else(|_| usage()),
+            "--rounds" => rounds = v.parse().unwrap_or_else(|_| usage()),
+            "--sender-backend" => {
+                demo.sender_backend = Some(BackendChoice::parse(&v).unwrap_or_else(|| usage()))
+            }
             "--backend" if v == "both" => {
                 backends = vec![BackendChoice::Epoll, BackendChoice::IoUring];
             }
@@ -57,19 +66,52 @@ fn main() {
     if demo.senders == 0 {
         usage();
     }
-    let mut results = Vec::new();
-    for b in backends {
-        match run(&demo, b) {
-            Ok(r) => results.push(r),
-            Err(e) => {
-                eprintln!("ipcm: {e}");
-                std::process::exit(1);
+    // Backends alternate round by round, so that machine noise hits both.
+    let mut rates: Vec<(String, Vec<f64>)> = Vec::new();
+    let mut ratios = Vec::new();
+    for _ in 0..rounds.max(1) {
+        let mut round = Vec::new();
+        for (i, b) in backends.iter().enumerate() {
+            match run(&demo, *b) {
+                Ok((kind, rate)) => {
+                    if rates.len() <= i {
+                        rates.push((kind, Vec::new()));
+                    }
+                    rates[i].1.push(rate);
+                    round.push(rate);
+                }
+                Err(e) => {
+                    eprintln!("ipcm: {e}");
+                    std::process::exit(1);
+                }
             }
         }
+        if let [a, b] = round.as_slice() {
+            ratios.push(b / a);
+        }
     }
-    if let [a, b] = results.as_slice() {
-        println!("ratio {}/{}: {:.2}", b.0, a.0, b.1 / a.1);
+    if rounds > 1 {
+        for (kind, r) in &mut rates {
+            println!(
+                "{kind:>8}: median {:.0} msgs/s over {} rounds",
+                median(r),
+                r.len()
+            );
+        }
     }
+    if !ratios.is_empty() {
+        let (a, b) = (&rates[0].0, &rates[1].0);
+        println!(
+            "ratio {b}/{a}: median {:.2} over {} rounds",
+            median(&mut ratios),
+            ratios.len()
+        );
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn run(demo: &Demo, backend: BackendChoice) -> ipcm::Result<(String, f64)> {
@@ -87,8 +129,9 @@ fn run(demo: &Demo, backend: BackendChoice) -> ipcm::Result<(String, f64)> {
         let payload = payload.clone();
         let blocking = demo.blocking;
         let batch = demo.batch;
+        let sender_backend = demo.sender_backend.unwrap_or(backend);
         threads.push(std::thread::spawn(move || -> ipcm::Result<()> {
-            let opts = Options::new().listen(false).backend(backend);
+            let opts = Options::new().listen(false).backend(sender_backend);
             let mut tx = Client::connect_info(&info, &format!("source-{s}"), opts)?;
             tx.set_send_blocking(blocking);
             for n in 0..per_sender {

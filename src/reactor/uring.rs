@@ -48,7 +48,9 @@ use crate::wire::BufferPool;
 
 /// Buffer group of the provided receive buffers.
 const BGID: u16 = 0x1c;
-/// Buffers kept provided to the kernel.
+/// Most buffers kept provided to the kernel; fewer while fewer receives
+/// wait on the group (one each, plus one), so a client with few
+/// connections pins little memory.
 const PROVIDED_TARGET: usize = 32;
 /// Frames gathered by one `SENDMSG` (the kernel's `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
@@ -120,6 +122,8 @@ pub struct UringBackend {
     multishot_accept: bool,
     provided: Vec<Option<BytesMut>>,
     provided_count: usize,
+    /// Armed receives that select a provided buffer.
+    selecting: usize,
     waker: Waker,
     wake_armed: bool,
     ready: Vec<Completion>,
@@ -184,6 +188,7 @@ impl UringBackend {
             multishot_accept: true,
             provided: Vec::new(),
             provided_count: 0,
+            selecting: 0,
             waker: Waker::new()?,
             wake_armed: false,
             ready: Vec::new(),
@@ -286,9 +291,11 @@ impl UringBackend {
         unsafe { self.push(opcode::Read::new(fd, ptr, 8).build().user_data(key)) };
     }
 
-    /// Keeps `PROVIDED_TARGET` pooled buffers provided to the kernel.
+    /// Keeps enough pooled buffers provided to the kernel for the
+    /// receives waiting on the group (see [`PROVIDED_TARGET`]).
     fn replenish(&mut self, pool: &mut BufferPool) {
-        while self.provided_count < PROVIDED_TARGET {
+        let target = PROVIDED_TARGET.min(self.selecting + 1);
+        while self.provided_count < target {
             let bid = match self.provided.iter().position(Option::is_none) {
                 Some(i) => i,
                 None => {
@@ -373,6 +380,9 @@ impl UringBackend {
         match self.ops.remove(key).1 {
             Op::Accept { .. } => unreachable!("handled above"),
             Op::Recv { conn, buf } => {
+                if buf.is_none() {
+                    self.selecting -= 1;
+                }
                 let mut buf = match buf {
                     Some(b) => b,
                     None => match cqueue::buffer_select(flags) {
@@ -523,6 +533,7 @@ impl Backend for UringBackend {
                 unsafe { self.push(opcode::Recv::new(fd, ptr, len).build().user_data(key)) };
             }
             RecvBuf::Pooled => {
+                self.selecting += 1;
                 self.replenish(pool);
                 let len = pool.buf_size().min(u32::MAX as usize) as u32;
                 let key = self.insert_op(Op::Recv {
