@@ -123,9 +123,16 @@ impl BufferPool {
     }
 
     /// An empty buffer with at least `buf_size` bytes of free space.
+    ///
+    /// Prefers a spare whose allocation no delivered frame still uses (it is
+    /// reclaimed in place); allocates only when every spare is still shared.
     pub fn take(&mut self) -> BytesMut {
-        let mut buf = self.free.pop().unwrap_or_default();
-        buf.reserve(self.buf_size);
+        let size = self.buf_size;
+        if let Some(i) = self.free.iter_mut().rposition(|b| b.try_reclaim(size)) {
+            return self.free.swap_remove(i);
+        }
+        let mut buf = BytesMut::new();
+        buf.reserve(size);
         buf
     }
 
