@@ -102,6 +102,23 @@ impl PartialEq<&str> for ByteStr {
     }
 }
 
+/// A message id: text as received, or a UUID formatted in place (binary
+/// routes carry 16 raw bytes).
+#[derive(Clone, Debug)]
+pub(crate) enum MsgId {
+    Text(ByteStr),
+    Uuid(MessageId),
+}
+
+impl MsgId {
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            MsgId::Text(t) => t.as_str(),
+            MsgId::Uuid(u) => u.as_str(),
+        }
+    }
+}
+
 /// One message, received or built for sending.
 #[derive(Clone, Debug)]
 pub struct Message {
@@ -109,7 +126,7 @@ pub struct Message {
     pub(crate) to: Option<ByteStr>,
     /// Raw JSON text of the content (never `null`).
     pub(crate) content: ByteStr,
-    pub(crate) id: ByteStr,
+    pub(crate) id: MsgId,
     pub(crate) stamp: f64,
     pub(crate) stamp_ord: u64,
     pub(crate) broadcast: bool,
@@ -145,7 +162,7 @@ impl Message {
             from: ByteStr::copy_from(from),
             to: Some(ByteStr::copy_from(to)),
             content: ByteStr::from_string(content_json),
-            id: ByteStr::copy_from(new_message_id().as_str()),
+            id: MsgId::Uuid(new_message_id()),
             stamp,
             stamp_ord: next_stamp_ord(stamp),
             broadcast: false,
@@ -165,7 +182,7 @@ impl Message {
 
     /// The message id (an upper-case UUID for messages ipcm builds).
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 
     /// Creation time, epoch seconds.
@@ -313,7 +330,22 @@ pub fn next_stamp_ord(stamp: f64) -> u64 {
 #[derive(Clone, Copy)]
 pub struct MessageId([u8; 36]);
 
+impl std::fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl MessageId {
+    /// Formats 16 UUID bytes the way ipcm writes ids.
+    pub fn from_bytes(bytes: [u8; 16]) -> Self {
+        let mut buf = [0u8; 36];
+        uuid::Uuid::from_bytes(bytes)
+            .hyphenated()
+            .encode_upper(&mut buf);
+        MessageId(buf)
+    }
+
     /// The id text.
     pub fn as_str(&self) -> &str {
         // SAFETY: `encode_upper` writes only ASCII hex digits and hyphens.
@@ -323,9 +355,12 @@ impl MessageId {
 
 /// A fresh message id.
 pub fn new_message_id() -> MessageId {
-    let mut buf = [0u8; 36];
-    uuid::Uuid::now_v7().hyphenated().encode_upper(&mut buf);
-    MessageId(buf)
+    MessageId::from_bytes(new_message_id_bytes())
+}
+
+/// A fresh message id as 16 bytes (UUIDv7).
+pub fn new_message_id_bytes() -> [u8; 16] {
+    uuid::Uuid::now_v7().into_bytes()
 }
 
 #[cfg(test)]

@@ -1,21 +1,29 @@
 //! Serializers: how hellos, messages, `.stats` and `.resume` records become
-//! frame payloads. The route's info string names the one every client uses.
-//!
-//! Only the Perl-compatible JSON serializer exists so far; the enum is the
-//! extension point for the zstd and binary variants.
+//! frame payloads. The route's info string names the one every client uses:
+//! Perl-compatible JSON, Perl-compatible zstd-compressed JSON, or the
+//! Rust-only binary format.
 
+pub mod binary;
 pub mod json;
+pub mod zstd;
+
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
-use crate::message::{ByteStr, Message, new_message_id, next_stamp_ord, now_stamp};
+use crate::message::{ByteStr, Message, MsgId, new_message_id, next_stamp_ord, now_stamp};
 use json::{RawEnvelope, is_truthy, push_raw_ascii, push_str, to_ascii_json};
+pub use zstd::ZstdCodec;
 
 /// Class-name prefix of serializers in the info string.
 pub const CLASS_PREFIX: &str = "IPC::Manager::Serializer::";
+
+/// Info-string class of the binary serializer: not a Perl module, so a Perl
+/// client refuses the route with "Can't locate ipcm/Serializer/Binary.pm".
+pub const BINARY_CLASS: &str = "+ipcm::Serializer::Binary";
 
 /// The serializer of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +31,20 @@ pub const CLASS_PREFIX: &str = "IPC::Manager::Serializer::";
 pub enum Serializer {
     /// `IPC::Manager::Serializer::JSON`: compact ASCII-only JSON.
     Json,
+    /// `IPC::Manager::Serializer::JSON::Zstd`: that JSON in one zstd frame.
+    JsonZstd(Arc<ZstdCodec>),
+    /// ipcm's binary format (Rust-only routes).
+    Binary,
+}
+
+impl Serializer {
+    /// zstd-compressed JSON at the default level, without dictionary.
+    pub fn json_zstd() -> Result<Self> {
+        Ok(Serializer::JsonZstd(ZstdCodec::new(
+            zstd::DEFAULT_LEVEL,
+            None,
+        )?))
+    }
 }
 
 /// Why a received payload yields no message.
@@ -55,19 +77,23 @@ pub(crate) struct Outgoing<'a, T: ?Sized> {
 }
 
 impl Serializer {
-    /// The full Perl class name, as written in the info string.
+    /// The full class name, as written in the info string.
     pub fn class(&self) -> &'static str {
         match self {
             Serializer::Json => "IPC::Manager::Serializer::JSON",
+            Serializer::JsonZstd(_) => "IPC::Manager::Serializer::JSON::Zstd",
+            Serializer::Binary => BINARY_CLASS,
         }
     }
 
-    /// Picks the serializer from the info string's serializer element.
+    /// Picks the serializer from the info string's serializer element: a
+    /// class name, or `[class, key, value, ...]` with constructor arguments
+    /// (`level`, `dictionary` for zstd).
     pub fn from_spec(spec: &serde_json::Value) -> Result<Self> {
-        let class = match spec {
-            serde_json::Value::String(s) => s.as_str(),
-            serde_json::Value::Array(a) => match a.first() {
-                Some(serde_json::Value::String(s)) => s.as_str(),
+        let (class, args) = match spec {
+            serde_json::Value::String(s) => (s.as_str(), &[][..]),
+            serde_json::Value::Array(a) => match a.split_first() {
+                Some((serde_json::Value::String(s), rest)) => (s.as_str(), rest),
                 _ => {
                     return Err(Error::InfoString(
                         "serializer array lacks a class name".into(),
@@ -80,32 +106,93 @@ impl Serializer {
                 ));
             }
         };
+        if class == BINARY_CLASS {
+            return Ok(Serializer::Binary);
+        }
         let full = expand_class(class, CLASS_PREFIX);
         match full.as_str() {
             "IPC::Manager::Serializer::JSON" => Ok(Serializer::Json),
+            "IPC::Manager::Serializer::JSON::Zstd" => {
+                let mut level = zstd::DEFAULT_LEVEL;
+                let mut dictionary = None;
+                for pair in args.chunks(2) {
+                    match pair {
+                        [serde_json::Value::String(k), v] if k == "level" => {
+                            level = v.as_i64().and_then(|l| i32::try_from(l).ok()).ok_or_else(
+                                || Error::InfoString("zstd level must be an integer".into()),
+                            )?;
+                        }
+                        [serde_json::Value::String(k), serde_json::Value::String(p)]
+                            if k == "dictionary" =>
+                        {
+                            dictionary = Some(std::path::PathBuf::from(p));
+                        }
+                        _ => {
+                            return Err(Error::InfoString(format!(
+                                "unknown zstd serializer argument {:?}",
+                                pair.first()
+                            )));
+                        }
+                    }
+                }
+                Ok(Serializer::JsonZstd(ZstdCodec::new(
+                    level,
+                    dictionary.as_deref(),
+                )?))
+            }
             _ => Err(Error::UnsupportedSerializer(full)),
         }
     }
 
-    /// The serializer element of the info string.
+    /// The serializer element of the info string (the array form only for a
+    /// configured zstd serializer, as the Perl spawner writes it).
     pub fn spec(&self) -> serde_json::Value {
-        serde_json::Value::String(self.class().to_string())
+        match self {
+            Serializer::JsonZstd(c)
+                if c.level() != zstd::DEFAULT_LEVEL || c.dictionary().is_some() =>
+            {
+                let mut v = vec![serde_json::Value::from(self.class())];
+                if c.level() != zstd::DEFAULT_LEVEL {
+                    v.push("level".into());
+                    v.push(c.level().into());
+                }
+                if let Some(d) = c.dictionary() {
+                    v.push("dictionary".into());
+                    v.push(d.to_string_lossy().into_owned().into());
+                }
+                serde_json::Value::Array(v)
+            }
+            _ => serde_json::Value::String(self.class().to_string()),
+        }
     }
 
     /// Appends a hello payload announcing `id`.
     pub fn encode_hello(&self, id: &str, out: &mut BytesMut) {
+        let json = |out: &mut BytesMut| {
+            out.extend_from_slice(b"{\"hello\":");
+            push_str(id, out);
+            out.extend_from_slice(b"}");
+        };
         match self {
-            Serializer::Json => {
-                out.extend_from_slice(b"{\"hello\":");
-                push_str(id, out);
-                out.extend_from_slice(b"}");
+            Serializer::Json => json(out),
+            Serializer::JsonZstd(c) => {
+                let mut text = BytesMut::new();
+                json(&mut text);
+                // A hello of a validated id always compresses.
+                let _ = c.compress(&text, out);
             }
+            Serializer::Binary => binary::encode_hello(id, out),
         }
     }
 
     /// Reads a hello payload: `Ok(Some(id))`, `Ok(None)` when it is not an
     /// object with a non-empty `hello`, `Err` when it does not decode.
     pub(crate) fn decode_hello(&self, payload: &Bytes) -> Result<Option<ByteStr>, String> {
+        let payload = &match self {
+            Serializer::Json => payload.clone(),
+            Serializer::JsonZstd(c) => c.decompress(payload)?,
+            Serializer::Binary => return binary::decode_hello(payload),
+        };
         let env: RawEnvelope = serde_json::from_slice(payload).map_err(|e| describe(e, payload))?;
         let Some(raw) = env.hello else {
             return Ok(None);
@@ -128,6 +215,12 @@ impl Serializer {
     ) -> Result<()> {
         match self {
             Serializer::Json => encode_json_envelope(msg, out),
+            Serializer::JsonZstd(c) => {
+                let mut text = BytesMut::new();
+                encode_json_envelope(msg, &mut text)?;
+                c.compress(&text, out)
+            }
+            Serializer::Binary => binary::encode_message(msg, out),
         }
     }
 
@@ -135,6 +228,11 @@ impl Serializer {
     ///
     /// `Ok(None)`: skip silently (not an object, or a stray hello).
     pub(crate) fn decode_message(&self, payload: &Bytes) -> Result<Option<Message>, DecodeError> {
+        let payload = &match self {
+            Serializer::Json => payload.clone(),
+            Serializer::JsonZstd(c) => c.decompress(payload).map_err(DecodeError::Malformed)?,
+            Serializer::Binary => return binary::decode_message(payload),
+        };
         let env: RawEnvelope = serde_json::from_slice(payload)
             .map_err(|e| DecodeError::Malformed(describe(e, payload)))?;
         if !env.is_object || (env.keys == 1 && env.hello.is_some()) {
@@ -148,14 +246,23 @@ impl Serializer {
     /// Serializes any value (stats files).
     pub fn encode_value<T: Serialize + ?Sized>(&self, value: &T, out: &mut BytesMut) -> Result<()> {
         match self {
-            Serializer::Json => Ok(to_ascii_json(value, out)?),
+            Serializer::Json | Serializer::Binary => Ok(to_ascii_json(value, out)?),
+            Serializer::JsonZstd(c) => {
+                let mut text = BytesMut::new();
+                to_ascii_json(value, &mut text)?;
+                c.compress(&text, out)
+            }
         }
     }
 
     /// Deserializes any value (stats files).
     pub fn decode_value<T: DeserializeOwned>(&self, bytes: &[u8]) -> Result<T> {
         match self {
-            Serializer::Json => Ok(serde_json::from_slice(bytes)?),
+            Serializer::Json | Serializer::Binary => Ok(serde_json::from_slice(bytes)?),
+            Serializer::JsonZstd(c) => {
+                let text = c.decompress(bytes).map_err(Error::Serialize)?;
+                Ok(serde_json::from_slice(&text)?)
+            }
         }
     }
 }
@@ -206,8 +313,8 @@ fn envelope_to_message(payload: &Bytes, env: RawEnvelope<'_>) -> Result<Message>
         return Err(Error::ToOrBroadcast);
     }
     let id = match env.id {
-        Some(id) => owned_or_slice(payload, id),
-        None => ByteStr::copy_from(new_message_id().as_str()),
+        Some(id) => MsgId::Text(owned_or_slice(payload, id)),
+        None => MsgId::Uuid(new_message_id()),
     };
     let stamp = env.stamp.unwrap_or_else(now_stamp);
     let stamp_ord = env.stamp_ord.unwrap_or_else(|| next_stamp_ord(stamp));
