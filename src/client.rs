@@ -44,6 +44,14 @@ pub struct Options {
     /// How long `disconnect` waits for in-flight messages and to flush
     /// queued sends before closing.
     pub drain_timeout: Duration,
+    /// Use a route directory that another user owns or that is group- or
+    /// world-writable (refused by default).
+    pub trust_route: bool,
+    /// Further uids allowed to connect, besides the route's owner and this
+    /// process's user (checked with `SO_PEERCRED` on accept).
+    pub allow_uids: Vec<u32>,
+    /// Accept connections from any user.
+    pub allow_any_uid: bool,
 }
 
 impl Default for Options {
@@ -56,6 +64,9 @@ impl Default for Options {
             connect_timeout: Duration::from_secs(5),
             send_timeout: None,
             drain_timeout: Duration::from_secs(2),
+            trust_route: false,
+            allow_uids: Vec::new(),
+            allow_any_uid: false,
         }
     }
 }
@@ -99,6 +110,24 @@ impl Options {
     /// Sets [`Options::send_timeout`].
     pub fn send_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.send_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Options::trust_route`].
+    pub fn trust_route(mut self, trust: bool) -> Self {
+        self.trust_route = trust;
+        self
+    }
+
+    /// Allows connections from processes running as `uid` too.
+    pub fn allow_uid(mut self, uid: u32) -> Self {
+        self.allow_uids.push(uid);
+        self
+    }
+
+    /// Sets [`Options::allow_any_uid`].
+    pub fn allow_any_uid(mut self, any: bool) -> Self {
+        self.allow_any_uid = any;
         self
     }
 
@@ -194,6 +223,7 @@ impl Client {
     fn register(info: &Info, id: &str, opts: Options, reconnect: bool) -> Result<Client> {
         check_local_id(id)?;
         let route = Route::new(info.route.clone());
+        let route_owner = check_route(&route, &opts)?;
         let serializer = info.serializer.clone();
         let disk = route.on_disk_name(id)?;
         let path = route.file(&disk);
@@ -223,6 +253,12 @@ impl Client {
         let mut core = Core::new(serializer.clone(), opts.limits.clone());
         *core.stats_mut() = stats;
         let mut reactor = Reactor::new(core, backend);
+        if !opts.allow_any_uid {
+            let mut uids = vec![rustix::process::geteuid().as_raw()];
+            uids.extend(route_owner);
+            uids.extend(&opts.allow_uids);
+            reactor.set_allowed_peer_uids(Some(uids));
+        }
 
         // From here on, undo only what we created (Q2).
         if opts.listen {
@@ -1121,6 +1157,40 @@ impl Drop for Client {
             }
         }
     }
+}
+
+/// Refuses a route another user owns or others may write to (unless
+/// trusted); returns its owner's uid.
+fn check_route(route: &Route, opts: &Options) -> Result<Option<u32>> {
+    use std::os::unix::fs::MetadataExt;
+    // A missing route fails later with the Perl error of bind/create.
+    let Ok(meta) = fs::metadata(route.path()) else {
+        return Ok(None);
+    };
+    if opts.trust_route {
+        return Ok(Some(meta.uid()));
+    }
+    let me = rustix::process::geteuid().as_raw();
+    let refuse = |reason: String| Error::InsecureRoute {
+        route: route.path().to_string(),
+        reason,
+    };
+    if !meta.is_dir() {
+        return Err(refuse("it is not a directory".into()));
+    }
+    if meta.uid() != me {
+        return Err(refuse(format!(
+            "it is owned by uid {}, not by this user (uid {me})",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(refuse(format!(
+            "its mode {:04o} lets other users write to it (expected 0700)",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(Some(meta.uid()))
 }
 
 fn bind_listener(path: &str, backlog: i32) -> Result<OwnedFd> {

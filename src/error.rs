@@ -314,6 +314,14 @@ pub enum Error {
     /// A payload could not be serialized or deserialized.
     #[error("{0}")]
     Serialize(String),
+    /// The route directory fails the ownership or permission check.
+    #[error("refusing route '{route}': {reason} (set Options::trust_route to use it anyway)")]
+    InsecureRoute {
+        /// The route.
+        route: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The I/O backend asked for cannot run here.
     #[error("the {backend} backend is unavailable: {reason}")]
     BackendUnavailable {

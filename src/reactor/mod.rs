@@ -290,6 +290,7 @@ pub struct Reactor {
     core: Core,
     backend: Box<dyn Backend>,
     pool: BufferPool,
+    allowed_uids: Option<Vec<u32>>,
     completions: Vec<Completion>,
     scratch: Vec<ConnId>,
 }
@@ -308,6 +309,7 @@ impl Reactor {
     pub fn new(core: Core, backend: Box<dyn Backend>) -> Self {
         Reactor {
             pool: BufferPool::new(core.config().buf_size, 64),
+            allowed_uids: None,
             core,
             backend,
             completions: Vec::new(),
@@ -400,10 +402,44 @@ impl Reactor {
         }
     }
 
+    /// Accept connections only from processes running as one of `uids`
+    /// (checked with `SO_PEERCRED`); `None` accepts everyone.
+    pub fn set_allowed_peer_uids(&mut self, uids: Option<Vec<u32>>) {
+        self.allowed_uids = uids;
+    }
+
+    fn peer_allowed(&self, fd: &OwnedFd) -> bool {
+        let Some(allowed) = &self.allowed_uids else {
+            return true;
+        };
+        match rustix::net::sockopt::socket_peercred(fd) {
+            Ok(cred) if allowed.contains(&cred.uid.as_raw()) => true,
+            Ok(cred) => {
+                log::warn!(
+                    "ConnectionUnix: refused a connection from uid {} (pid {}): not an allowed user \
+                     (see Options::allow_uid)",
+                    cred.uid.as_raw(),
+                    cred.pid.as_raw_nonzero()
+                );
+                false
+            }
+            Err(e) => {
+                log::warn!(
+                    "ConnectionUnix: refused a connection whose credentials are unknown: {e}"
+                );
+                false
+            }
+        }
+    }
+
     fn process(&mut self) {
-        for c in std::mem::take(&mut self.completions) {
+        let mut batch = std::mem::take(&mut self.completions);
+        for c in batch.drain(..) {
             match c {
                 Completion::Accepted(fd) => {
+                    if !self.peer_allowed(&fd) {
+                        continue;
+                    }
                     let id = self.core.add_acceptor();
                     if let Err(e) = self.attach(id, fd) {
                         log::warn!("ConnectionUnix: cannot register accepted connection: {e}");
@@ -414,6 +450,10 @@ impl Reactor {
                 }
                 Completion::Sent { conn, result } => self.core.on_sent(conn, result),
             }
+        }
+        // Keep the allocation for the next batch.
+        if self.completions.is_empty() {
+            self.completions = batch;
         }
     }
 
