@@ -504,12 +504,9 @@ impl Client {
 
     /// Closes the connection to `peer`; whether there was one.
     pub fn disconnect_connection(&mut self, peer: &str) -> bool {
-        let Some(id) = self.reactor.core().conn_for(peer) else {
-            return false;
-        };
-        self.reactor.core_mut().close(id, None);
+        let had = self.reactor.core_mut().close_peer(peer);
         self.reactor.flush();
-        true
+        had
     }
 
     /// The socket of the cached connection to `peer`.

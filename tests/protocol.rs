@@ -51,6 +51,7 @@ fn expect_closed(s: &mut UnixStream, c: &mut Client) {
 }
 
 per_backend!(
+    simultaneous_connects_lose_nothing,
     garbage_hello_drops_connection_and_listener_keeps_serving,
     hello_without_id_drops_connection,
     connection_without_hello_is_closed_after_timeout,
@@ -159,7 +160,13 @@ fn newer_hello_replaces_stale_connection(b: BackendChoice) {
     second.write_all(&frame(r#"{"hello":"p"}"#)).unwrap();
     second.write_all(&msg("p", "srv", "2")).unwrap();
     assert_eq!(contents(&poll(&mut srv, 1)), [json!(2)]);
-    expect_closed(&mut first, &mut srv);
+    assert_eq!(srv.connections(), ["p"]);
+    // The replaced connection is retired, not cut: what the peer still had
+    // in flight on it arrives, and its close is an ordinary EOF.
+    first.write_all(&msg("p", "srv", "3")).unwrap();
+    assert_eq!(contents(&poll(&mut srv, 1)), [json!(3)]);
+    drop(first);
+    drain_for(&mut srv, Duration::from_millis(50));
     assert_eq!(srv.connections(), ["p"]);
     // Replies use the newest connection.
     srv.send_message("p", "reply").unwrap();
@@ -171,6 +178,42 @@ fn newer_hello_replaces_stale_connection(b: BackendChoice) {
     assert_eq!(v["content"], "reply");
     assert_eq!(v["from"], "srv");
     assert_eq!(v["to"], "p");
+}
+
+/// Two listeners connecting to each other at the same moment (PROTOCOL.md
+/// Q15): in Perl both connections break; here both stay usable and every
+/// queued message arrives.
+fn simultaneous_connects_lose_nothing(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let mut a = t.connect("a");
+    let mut bb = t.connect("b");
+    a.set_send_blocking(false);
+    bb.set_send_blocking(false);
+    for i in 0..50 {
+        a.queue_message("b", &i).unwrap();
+        bb.queue_message("a", &i).unwrap();
+    }
+    // Both hellos cross; each side sees the other's newer connection.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    while (got_a.len() < 50 || got_b.len() < 50) && Instant::now() < deadline {
+        a.drain_pending();
+        bb.drain_pending();
+        got_a.extend(a.get_messages().unwrap());
+        got_b.extend(bb.get_messages().unwrap());
+    }
+    let want: Vec<_> = (0..50).map(|i| json!(i)).collect();
+    assert_eq!(contents(&got_a), want);
+    assert_eq!(contents(&got_b), want);
+    // And both directions keep working.
+    a.set_send_blocking(true);
+    bb.set_send_blocking(true);
+    for _ in 0..3 {
+        a.send_message("b", "x").unwrap();
+        bb.send_message("a", "y").unwrap();
+    }
+    assert_eq!(poll(&mut bb, 3).len(), 3);
+    assert_eq!(poll(&mut a, 3).len(), 3);
 }
 
 fn replies_go_over_the_newest_connection(b: BackendChoice) {

@@ -151,6 +151,8 @@ pub struct Core {
     paused: bool,
     stats: Stats,
     dirty: Vec<ConnId>,
+    /// Open connections that a newer one from the same peer replaced.
+    retired: usize,
     to_close: Vec<ConnId>,
     closed: Vec<Closed>,
     arena: BytesMut,
@@ -170,6 +172,7 @@ impl Core {
             paused: false,
             stats: Stats::default(),
             dirty: Vec::new(),
+            retired: 0,
             to_close: Vec::new(),
             closed: Vec::new(),
             arena: BytesMut::new(),
@@ -356,7 +359,7 @@ impl Core {
         if self.get(id).is_none() {
             return;
         }
-        let conn = self.conns.remove(id.slot());
+        let mut conn = self.conns.remove(id.slot());
         log::debug!(
             "ConnectionUnix: closing connection {:?} to '{}' ({:?}, {} bytes written){}",
             id,
@@ -368,10 +371,13 @@ impl Core {
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         );
-        if let Some(peer) = &conn.peer
-            && self.by_peer.get(peer) == Some(&id.slot())
-        {
-            self.by_peer.remove(peer);
+        if let Some(peer) = &conn.peer {
+            if self.by_peer.get(peer) == Some(&id.slot()) {
+                self.by_peer.remove(peer);
+                self.promote_retired(peer, &mut conn.outbox);
+            } else {
+                self.retired -= 1;
+            }
         }
         self.to_close.push(id);
         self.closed.push(Closed {
@@ -380,6 +386,54 @@ impl Core {
             write_error,
             written_total: conn.outbox.written_total(),
         });
+    }
+
+    /// After the live connection to `peer` closed: a retired connection to
+    /// the same peer (still open for reading) becomes the live one and takes
+    /// the frames no write had started, so they are not lost.
+    fn promote_retired(&mut self, peer: &ByteStr, outbox: &mut Outbox) {
+        if self.retired == 0 {
+            return;
+        }
+        let Some(slot) = self
+            .conns
+            .iter()
+            .find(|(_, c)| c.peer.as_ref() == Some(peer))
+            .map(|(s, _)| s)
+        else {
+            return;
+        };
+        self.retired -= 1;
+        self.by_peer.insert(peer.clone(), slot);
+        let carried = outbox.take_unstarted();
+        let id = self.id_of(slot);
+        if !carried.is_empty() {
+            self.conns[slot].outbox.append(carried);
+            self.dirty.push(id);
+        }
+        log::debug!("ConnectionUnix: connection {id:?} to '{peer}' is live again");
+    }
+
+    /// Closes every connection to `peer` (the live one and retired ones);
+    /// returns whether there was a live one.
+    pub fn close_peer(&mut self, peer: &str) -> bool {
+        let had = self.by_peer.contains_key(peer);
+        let all: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.peer.as_deref() == Some(peer))
+            .map(|(s, c)| ConnId::new(s, c.generation))
+            .collect();
+        // Retired ones first, so that none is promoted by the live one's close.
+        for id in all.iter().rev() {
+            if self.by_peer.get(peer) != Some(&id.slot()) {
+                self.close(*id, None);
+            }
+        }
+        for id in all {
+            self.close(id, None);
+        }
+        had
     }
 
     /// Closes every connection.
@@ -525,16 +579,20 @@ impl Core {
                 return false;
             }
         };
-        // A newer connection from the same peer replaces the old one
-        // (PROTOCOL.md 7.4, Q15). Messages already read from the old one
-        // are in the inbox; its not-yet-started frames move over.
+        // A newer connection from the same peer becomes the live one
+        // (PROTOCOL.md 7.4, Q15): replies go over it, and the old one's
+        // not-yet-started frames move to it. Unlike Perl, the old one is not
+        // closed but *retired*: it finishes a partly written frame and stays
+        // open for reading until the peer closes it, so nothing in flight on
+        // it is lost (and two listeners connecting to each other at once
+        // keep both connections instead of breaking both).
         let mut carried = Outbox::default();
         if let Some(&old_slot) = self.by_peer.get(&peer) {
             let old = self.id_of(old_slot);
             if let Some(c) = self.get_mut(old) {
                 carried = c.outbox.take_unstarted();
             }
-            self.close(old, None);
+            self.retired += 1;
         }
         let Some(conn) = self.get_mut(id) else {
             return false;

@@ -139,13 +139,19 @@ fn newer_hello_replaces_the_old_connection_keeping_its_messages() {
     let mut bytes = frame(r#"{"hello":"p"}"#);
     bytes.extend(msg("p", "me", "\"late\""));
     feed(&mut c, new, &bytes);
-    assert!(!c.is_open(old));
+    assert!(c.is_open(old), "the old connection is retired, not closed");
     assert_eq!(c.conn_for("p"), Some(new));
+    assert_eq!(c.connections(), ["p"]);
+    // Frames still arriving on the retired connection are delivered.
+    feed(&mut c, old, &msg("p", "me", "\"straggler\""));
     let got: Vec<String> = take(&mut c)
         .iter()
         .map(|m| m.content_json().to_string())
         .collect();
-    assert_eq!(got, ["\"early\"", "\"late\""]);
+    assert_eq!(got, ["\"early\"", "\"late\"", "\"straggler\""]);
+    // When the live one closes, the retired one takes over.
+    c.close(new, None);
+    assert_eq!(c.conn_for("p"), Some(old));
 }
 
 #[test]
@@ -159,7 +165,10 @@ fn replacement_moves_unstarted_outgoing_frames_to_the_new_connection() {
     c.on_sent(old, Ok(3));
     let new = c.add_acceptor();
     feed(&mut c, new, &frame(r#"{"hello":"p"}"#));
-    assert!(!c.is_open(old));
+    assert!(
+        c.is_open(old),
+        "retired: it still has a partly written frame"
+    );
     assert_eq!(c.conn_for("p"), Some(new));
     // The partly written hello stays behind; both messages moved.
     let moved = c.queued_bytes(new);

@@ -595,3 +595,32 @@ mod tests {
         assert!(s.decode_hello(&Bytes::from_static(b"garbage")).is_err());
     }
 }
+#[cfg(test)]
+mod deep_tests {
+    use super::*;
+
+    /// Deep nesting never overflows the stack: an envelope too deep is an
+    /// error; deep content stays raw and fails cleanly when asked for.
+    #[test]
+    fn deep_nesting_is_handled_without_recursion() {
+        let deep = format!(
+            r#"{{"from":"w","to":"s","content":{}1{}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let m = Serializer::Json
+            .decode_message(&Bytes::from(deep))
+            .unwrap()
+            .unwrap();
+        assert!(
+            m.content_value().is_err(),
+            "the JSON parser's depth limit applies"
+        );
+        let deep_obj = format!("{}1{}", "{\"a\":".repeat(50_000), "}".repeat(50_000));
+        assert!(
+            Serializer::Json
+                .decode_message(&Bytes::from(deep_obj))
+                .is_err()
+        );
+    }
+}
