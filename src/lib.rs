@@ -41,6 +41,8 @@
 pub mod client;
 pub mod error;
 mod fork;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod message;
 pub mod proto;
 pub mod reactor;

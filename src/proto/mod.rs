@@ -235,11 +235,12 @@ impl Core {
     }
 
     /// Registers a connection we opened to `peer` and queues our hello as
-    /// its first frame. Any existing entry for `peer` is replaced.
+    /// its first frame. An existing live connection to `peer` is retired.
     pub fn add_initiator(&mut self, peer: &str, own_id: &str) -> ConnId {
-        if let Some(old) = self.by_peer.get(peer).copied() {
-            let old = self.id_of(old);
-            self.close(old, None);
+        if self.by_peer.contains_key(peer) {
+            // The new connection becomes the live one; the old is retired
+            // (see `resolve_hello`).
+            self.retired += 1;
         }
         let peer = ByteStr::copy_from(peer);
         let id = self.insert(Some(peer.clone()), Role::Initiator);
@@ -293,6 +294,11 @@ impl Core {
             .iter()
             .map(|(s, c)| ConnId::new(s, c.generation))
             .collect()
+    }
+
+    /// Receive-buffer capacity held by all connections' decoders.
+    pub fn receive_capacity(&self) -> usize {
+        self.conns.iter().map(|(_, c)| c.decoder.capacity()).sum()
     }
 
     /// Number of open connections, unresolved ones included.

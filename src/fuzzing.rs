@@ -1,0 +1,339 @@
+//! Fuzz targets, shared by the `cargo fuzz` crate (`fuzz/`) and the corpus
+//! replay tests, so that both run exactly the same checks. Each target
+//! takes arbitrary bytes and panics only when an invariant breaks.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::proto::{ConnId, Core, CoreConfig, Enqueue, RecvBuf};
+use crate::route::{Info, names};
+use crate::serializer::Serializer;
+use crate::wire::{BufferPool, FrameDecoder, FrameError, HEADER_LEN, encode_frame};
+
+/// Largest frame the targets allow (small, so limits are reached).
+const MAX_FRAME: usize = 64 * 1024;
+/// Receive-buffer size the targets use.
+const BUF: usize = 4096;
+
+/// Splits `data` into a chunk-size script (first byte says how many sizes
+/// follow) and a payload.
+fn script(data: &[u8]) -> (&[u8], &[u8]) {
+    let n = data.first().copied().unwrap_or(0) as usize;
+    let sizes = data.get(1..1 + n).unwrap_or(&[]);
+    let rest = data.get(1 + n..).unwrap_or(&[]);
+    (sizes, rest)
+}
+
+/// The frame decoder fed any byte stream in any chunking: it yields exactly
+/// the frames a reference parser finds, stops with an error exactly where
+/// a prefix is too large, and holds at most twice what arrived (or one
+/// pooled buffer).
+pub fn frame_decoder(data: &[u8]) {
+    let (sizes, stream) = script(data);
+    let mut pool = BufferPool::new(BUF, 4);
+    let mut dec = FrameDecoder::new(MAX_FRAME);
+    let mut got: Vec<Bytes> = Vec::new();
+    let mut error = None;
+    let mut at = 0;
+    let mut i = 0;
+    while at < stream.len() && error.is_none() {
+        let size = sizes
+            .get(i % sizes.len().max(1))
+            .copied()
+            .unwrap_or(255)
+            .max(1) as usize;
+        i += 1;
+        let end = (at + size).min(stream.len());
+        dec.push_slice(&stream[at..end], &mut pool);
+        at = end;
+        loop {
+            match dec.next_frame() {
+                Ok(Some(f)) => got.push(f),
+                Ok(None) => break,
+                Err(e) => {
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let bound = (2 * dec.partial_len()).max(2 * BUF) + HEADER_LEN;
+        assert!(
+            dec.capacity() <= bound,
+            "capacity {} for {} buffered bytes",
+            dec.capacity(),
+            dec.partial_len()
+        );
+    }
+    // Reference parse of the bytes delivered so far.
+    let mut want = Vec::new();
+    let mut want_err = None;
+    let mut p = &stream[..at];
+    while p.len() >= HEADER_LEN {
+        let len = u32::from_be_bytes([p[0], p[1], p[2], p[3]]) as usize;
+        if len > MAX_FRAME {
+            want_err = Some(FrameError::TooLarge {
+                len,
+                max: MAX_FRAME,
+            });
+            break;
+        }
+        if p.len() < HEADER_LEN + len {
+            break;
+        }
+        want.push(&p[HEADER_LEN..HEADER_LEN + len]);
+        p = &p[HEADER_LEN + len..];
+    }
+    assert_eq!(error, want_err);
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(&g[..], *w);
+    }
+}
+
+fn serializers() -> [Serializer; 3] {
+    let zstd = Serializer::json_zstd().unwrap_or(Serializer::Json);
+    [Serializer::Json, zstd, Serializer::Binary]
+}
+
+/// Hello and message decoding for every serializer: never panics, and
+/// whatever decodes re-encodes and decodes to the same message.
+pub fn decode_payloads(data: &[u8]) {
+    let payload = Bytes::copy_from_slice(data);
+    for ser in serializers() {
+        let _ = ser.decode_hello(&payload);
+        let Ok(Some(m)) = ser.decode_message(&payload) else {
+            continue;
+        };
+        let _ = m.to_value();
+        let _ = m.is_terminate();
+        // Round trip through the same serializer.
+        let mut out = BytesMut::new();
+        let outgoing = crate::serializer::Outgoing::<()> {
+            from: m.from(),
+            to: m.to().unwrap_or("x"),
+            content: crate::serializer::Content::Raw(m.content_json()),
+            id: Some(m.id()),
+            stamp: Some(m.stamp()),
+            stamp_ord: Some(m.stamp_ord()),
+            broadcast: m.is_broadcast(),
+            extra: &m.extra,
+        };
+        if ser.encode_message(&outgoing, &mut out).is_err() {
+            continue;
+        }
+        let again = ser
+            .decode_message(&out.freeze())
+            .ok()
+            .flatten()
+            .expect("a re-encoded message decodes");
+        assert_eq!(again.from(), m.from());
+        assert_eq!(again.stamp().to_bits(), m.stamp().to_bits());
+        assert_eq!(again.stamp_ord(), m.stamp_ord());
+        let a: Result<serde_json::Value, _> = again.content();
+        let b: Result<serde_json::Value, _> = m.content();
+        if let (Ok(a), Ok(b)) = (a, b) {
+            assert_eq!(a, b);
+        }
+    }
+}
+
+/// Info strings and on-disk names: parsing never panics, names always obey
+/// the rules of PROTOCOL.md section 3.
+pub fn names_and_info(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Ok(info) = Info::parse(&text) {
+        let again = Info::parse(&info.to_info_string()).expect("own info strings parse");
+        assert_eq!(again.route, info.route);
+    }
+    let (route, id) = match text.split_once('\n') {
+        Some((r, i)) => (r, i),
+        None => ("/tmp/PerlIPCManager-1-abcdef", text.as_ref()),
+    };
+    let _ = names::check_local_id(id);
+    match names::on_disk_name(route, id) {
+        Ok(name) => {
+            let max = names::max_on_disk_name_length(route);
+            if name == id {
+                assert!(id.chars().count() as i64 <= max);
+                assert!(!id.starts_with("h-"));
+                assert!(
+                    !id.chars()
+                        .any(|c| (c as u32) < 0x20 || c == '/' || c == '\\')
+                );
+            } else {
+                assert_eq!(name.len(), 42);
+                assert!(name.starts_with("h-"));
+                assert!(name[2..].bytes().all(|b| b.is_ascii_hexdigit()));
+                assert!(max >= 42);
+            }
+        }
+        Err(_) => assert!(id.is_empty() || names::max_on_disk_name_length(route) < 42),
+    }
+}
+
+/// The protocol core driven by an arbitrary sequence of events (accepts,
+/// bytes in any chunking, EOFs, sends, write completions, closes). It never
+/// panics; each connection holds at most about twice the largest frame; and
+/// messages sent whole on a resolved connection come out once, in order.
+pub fn core_events(data: &[u8]) {
+    let cfg = CoreConfig {
+        max_frame: MAX_FRAME,
+        outbox_limit: 8 * 1024,
+        buf_size: BUF,
+        inbox_limit: 1 << 20,
+        ..CoreConfig::default()
+    };
+    let mut core = Core::new(Serializer::Json, cfg);
+    let mut pool = BufferPool::new(BUF, 8);
+    let mut conns: Vec<ConnId> = Vec::new();
+    // Well-formed messages we fed whole, per connection, in order.
+    let mut expected: Vec<(ConnId, u32)> = Vec::new();
+    let mut delivered: Vec<u32> = Vec::new();
+    let mut seq = 0u32;
+    let mut bytes = data.iter().copied();
+    let mut next = || bytes.next();
+    while let Some(op) = next() {
+        let pick = |k: Option<u8>, conns: &[ConnId]| -> Option<ConnId> {
+            (!conns.is_empty()).then(|| conns[k.unwrap_or(0) as usize % conns.len()])
+        };
+        match op % 9 {
+            0 => conns.push(core.add_acceptor()),
+            1 => {
+                let peer = format!("p{}", next().unwrap_or(0) % 4);
+                conns.push(core.add_initiator(&peer, "me"));
+            }
+            2 | 3 => {
+                let Some(id) = pick(next(), &conns) else {
+                    continue;
+                };
+                let len = next().unwrap_or(0) as usize;
+                let mut chunk: Vec<u8> = (0..len).filter_map(|_| next()).collect();
+                if op % 9 == 3 {
+                    // A well-formed frame: hello for unresolved, else a message.
+                    chunk = if core.peer_of(id).is_none() {
+                        frame(format!(r#"{{"hello":"p{}"}}"#, len % 4).as_bytes())
+                    } else {
+                        seq += 1;
+                        expected.push((id, seq));
+                        let p = core.peer_of(id).unwrap_or("p").to_string();
+                        frame(format!(r#"{{"from":"{p}","to":"me","content":{seq}}}"#).as_bytes())
+                    };
+                }
+                feed(&mut core, &mut pool, id, &chunk);
+            }
+            4 => {
+                let Some(id) = pick(next(), &conns) else {
+                    continue;
+                };
+                if let Some(start) = core.start_recv(id, &mut pool) {
+                    let buf = match start {
+                        RecvBuf::Partial(b) => b,
+                        RecvBuf::Pooled => BytesMut::new(),
+                    };
+                    core.on_recv(id, buf, Ok(0), &mut pool);
+                }
+            }
+            5 => {
+                let Some(id) = pick(next(), &conns) else {
+                    continue;
+                };
+                let len = next().unwrap_or(1) as usize * 40;
+                let r = core.enqueue(id, Bytes::from(vec![b'x'; len]));
+                if let Enqueue::Full { queued } = r {
+                    assert!(queued > 0, "an empty outbox takes any frame");
+                }
+            }
+            6 => {
+                let Some(id) = pick(next(), &conns) else {
+                    continue;
+                };
+                let n = next().unwrap_or(0) as usize * 16;
+                if let Some(ob) = core.start_send(id) {
+                    let n = n.min(ob.queued_bytes());
+                    core.on_sent(id, Ok(n));
+                }
+            }
+            7 => {
+                let Some(id) = pick(next(), &conns) else {
+                    continue;
+                };
+                core.close(id, None);
+            }
+            _ => {
+                let mut v = Vec::new();
+                core.take_messages(&mut v);
+                delivered.extend(v.iter().filter_map(|m| m.content::<u32>().ok()));
+            }
+        }
+        let held = core.receive_capacity();
+        let bound = core.conn_count() * (2 * (MAX_FRAME + HEADER_LEN) + 2 * BUF);
+        assert!(
+            held <= bound,
+            "{held} bytes held by {} connections",
+            core.conn_count()
+        );
+        let mut dirty = Vec::new();
+        core.take_dirty(&mut dirty);
+        core.take_closed_ids();
+        core.take_closed();
+    }
+    let mut v = Vec::new();
+    core.take_messages(&mut v);
+    delivered.extend(v.iter().filter_map(|m| m.content::<u32>().ok()));
+    // Every delivered sequence number was sent, once, and per connection
+    // in order (a connection closed mid-way may lose later ones).
+    let mut seen = std::collections::HashSet::new();
+    for d in &delivered {
+        assert!(seen.insert(*d), "message {d} delivered twice");
+        assert!(
+            expected.iter().any(|(_, s)| s == d),
+            "message {d} never sent"
+        );
+    }
+    for id in conns.iter().copied() {
+        let sent: Vec<u32> = expected
+            .iter()
+            .filter(|(c, _)| *c == id)
+            .map(|(_, s)| *s)
+            .collect();
+        let got: Vec<u32> = delivered
+            .iter()
+            .copied()
+            .filter(|d| sent.contains(d))
+            .collect();
+        let mut sorted = got.clone();
+        sorted.sort_unstable();
+        assert_eq!(got, sorted, "order kept on one connection");
+    }
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    // Payloads here are small.
+    let _ = encode_frame(payload, &mut out);
+    out.to_vec()
+}
+
+fn feed(core: &mut Core, pool: &mut BufferPool, id: ConnId, chunk: &[u8]) {
+    let mut rest = chunk;
+    while !rest.is_empty() {
+        let Some(start) = core.start_recv(id, pool) else {
+            return;
+        };
+        let mut buf = match start {
+            RecvBuf::Partial(b) => b,
+            RecvBuf::Pooled => pool.take(),
+        };
+        let room = buf.capacity() - buf.len();
+        let n = room.min(rest.len());
+        if n == 0 {
+            core.on_recv(id, buf, Err(std::io::ErrorKind::WouldBlock.into()), pool);
+            return;
+        }
+        buf.extend_from_slice(&rest[..n]);
+        rest = &rest[n..];
+        core.on_recv(id, buf, Ok(n), pool);
+        if !core.is_open(id) {
+            return;
+        }
+    }
+}
