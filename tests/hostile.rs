@@ -96,6 +96,7 @@ per_backend!(
     connection_flood_without_hello_is_reaped,
     peer_killed_mid_frame_delivers_only_whole_messages,
     route_removed_under_a_live_client,
+    route_made_read_only_under_a_live_client,
     broadcast_to_500_peers_with_dead_ones,
     soak_8_processes_20_seconds,
 );
@@ -314,6 +315,63 @@ fn route_removed_under_a_live_client(b: BackendChoice) {
     // Disconnect skips the stats of a vanished route, as Perl does.
     srv.disconnect(None).unwrap();
     p.disconnect(None).unwrap();
+}
+
+/// Makes `dir` read-only even for root (`chattr +i`), or says why not.
+fn make_immutable(dir: &str, on: bool) -> bool {
+    let flag = if on { "+i" } else { "-i" };
+    std::process::Command::new("chattr")
+        .args([flag, dir])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn route_made_read_only_under_a_live_client(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let mut srv = t.connect("srv");
+    let mut p = t.connect("p");
+    p.send_message("srv", "before").unwrap();
+    assert_eq!(poll(&mut srv, 1).len(), 1);
+    if rustix::process::geteuid().is_root() {
+        if !make_immutable(t.route.path(), true) {
+            eprintln!("skipped: root ignores permissions and chattr +i is unavailable here");
+            return;
+        }
+    } else {
+        std::fs::set_permissions(
+            t.route.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o500),
+        )
+        .unwrap();
+    }
+    // Established connections keep working.
+    p.send_message("srv", "after").unwrap();
+    assert_eq!(contents(&poll(&mut srv, 1)), [json!("after")]);
+    // New registrations and file writes fail with clear errors.
+    let err = Client::connect(&t.info(), "late", t.opts())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "Cannot create listen socket '{}'",
+            t.file("late").display()
+        )),
+        "{err}"
+    );
+    p.requeue_message(&[]).unwrap_err();
+    let err = p.disconnect(None).unwrap_err().to_string();
+    assert!(err.starts_with("Could not open stats file ("), "{err}");
+    assert!(p.disconnected());
+    if rustix::process::geteuid().is_root() {
+        make_immutable(t.route.path(), false);
+    } else {
+        std::fs::set_permissions(
+            t.route.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
+    }
+    srv.disconnect(None).unwrap();
 }
 
 fn broadcast_to_500_peers_with_dead_ones(b: BackendChoice) {
