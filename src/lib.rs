@@ -49,6 +49,7 @@ pub mod reactor;
 pub mod route;
 pub mod serializer;
 pub mod spawn;
+pub mod threaded;
 pub mod wire;
 
 /// The README's examples, compiled and run as doc tests.
@@ -63,3 +64,4 @@ pub use reactor::{BackendChoice, BackendKind};
 pub use route::{Info, Route, Stats};
 pub use serializer::Serializer;
 pub use spawn::{Spawn, SpawnOptions};
+pub use threaded::{ReactorHandle, Receiver, Sender, ThreadedOptions};

@@ -157,14 +157,14 @@ impl Message {
         let Some(to) = to.filter(|t| !t.is_empty()) else {
             return Err(Error::ToOrBroadcast);
         };
-        let stamp = now_stamp();
+        let (stamp, stamp_ord) = next_stamp();
         Ok(Message {
             from: ByteStr::copy_from(from),
             to: Some(ByteStr::copy_from(to)),
             content: ByteStr::from_string(content_json),
             id: MsgId::Uuid(new_message_id()),
             stamp,
-            stamp_ord: next_stamp_ord(stamp),
+            stamp_ord,
             broadcast: false,
             extra: Vec::new(),
         })
@@ -314,10 +314,34 @@ pub fn now_stamp() -> f64 {
 
 static LAST_STAMP: Mutex<(f64, u64)> = Mutex::new((0.0, 0));
 
-/// The `stamp_ord` for a message stamped `stamp` (per-process rule of
-/// PROTOCOL.md 8.3: counts up while the stamp repeats).
-pub fn next_stamp_ord(stamp: f64) -> u64 {
+/// Stamp and `stamp_ord` for a new message, taken together under one lock
+/// so that the pair strictly increases across the whole process.
+///
+/// PROTOCOL.md 8.3 computes the two separately, which is enough for a
+/// single-threaded Perl process; with several threads a stamp read before
+/// another thread's could otherwise pair with a reset `stamp_ord` and sort
+/// before its own predecessor. The stamp never moves backwards here (it is
+/// held at the last one while the clock lags), so sorting by
+/// `(stamp, stamp_ord)` keeps every connection's send order.
+pub fn next_stamp() -> (f64, u64) {
     let mut last = LAST_STAMP.lock().unwrap_or_else(|p| p.into_inner());
+    let now = now_stamp();
+    if now > last.0 {
+        *last = (now, 0);
+    } else {
+        last.1 += 1;
+    }
+    *last
+}
+
+static LAST_GIVEN_STAMP: Mutex<(f64, u64)> = Mutex::new((0.0, 0));
+
+/// The `stamp_ord` for a message that has a stamp but no `stamp_ord` (the
+/// rule of PROTOCOL.md 8.3: counts up while the stamp repeats). It keeps its
+/// own state, so that stamps from elsewhere never disturb the increasing
+/// sequence of [`next_stamp`].
+pub fn next_stamp_ord(stamp: f64) -> u64 {
+    let mut last = LAST_GIVEN_STAMP.lock().unwrap_or_else(|p| p.into_inner());
     if last.0 == stamp {
         last.1 += 1;
     } else {
@@ -394,6 +418,22 @@ mod tests {
         assert!(b > a || c == 0);
         assert_eq!(next_stamp_ord(99.25), 0);
         assert_eq!(next_stamp_ord(99.25), 1);
+    }
+
+    #[test]
+    fn stamps_strictly_increase_across_threads() {
+        let per_thread: Vec<Vec<(f64, u64)>> = (0..4)
+            .map(|_| std::thread::spawn(|| (0..20_000).map(|_| next_stamp()).collect::<Vec<_>>()))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        for seq in per_thread {
+            for w in seq.windows(2) {
+                let (a, b) = (w[0], w[1]);
+                assert!(b.0 > a.0 || (b.0 == a.0 && b.1 > a.1), "{a:?} then {b:?}");
+            }
+        }
     }
 
     #[test]

@@ -81,7 +81,10 @@ fn helper_process_entry() {
             rustix::process::kill_process(rustix::process::getpid(), rustix::process::Signal::KILL)
                 .unwrap();
         }
-        "soak" => soak_process(&info),
+        "soak" => {
+            common::init_logging();
+            soak_process(&info)
+        }
         other => panic!("unknown role {other}"),
     }
 }

@@ -123,6 +123,16 @@ pub enum RecvBuf {
     Partial(BytesMut),
 }
 
+/// Frames that moved from one connection's outbox to another's: byte
+/// positions above `from_total` on `from` continue at `to_base` on `to`.
+#[derive(Debug, Clone, Copy)]
+struct Move {
+    from: ConnId,
+    from_total: u64,
+    to: ConnId,
+    to_base: u64,
+}
+
 /// Outcome of queueing a frame.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Enqueue {
@@ -153,6 +163,9 @@ pub struct Core {
     dirty: Vec<ConnId>,
     /// Open connections that a newer one from the same peer replaced.
     retired: usize,
+    /// Recent moves of unstarted frames between connections (see
+    /// [`Core::locate`]).
+    moves: std::collections::VecDeque<Move>,
     to_close: Vec<ConnId>,
     closed: Vec<Closed>,
     arena: BytesMut,
@@ -173,6 +186,7 @@ impl Core {
             stats: Stats::default(),
             dirty: Vec::new(),
             retired: 0,
+            moves: std::collections::VecDeque::new(),
             to_close: Vec::new(),
             closed: Vec::new(),
             arena: BytesMut::new(),
@@ -380,7 +394,7 @@ impl Core {
         if let Some(peer) = &conn.peer {
             if self.by_peer.get(peer) == Some(&id.slot()) {
                 self.by_peer.remove(peer);
-                self.promote_retired(peer, &mut conn.outbox);
+                self.promote_retired(id, peer, &mut conn.outbox);
             } else {
                 self.retired -= 1;
             }
@@ -397,7 +411,7 @@ impl Core {
     /// After the live connection to `peer` closed: a retired connection to
     /// the same peer (still open for reading) becomes the live one and takes
     /// the frames no write had started, so they are not lost.
-    fn promote_retired(&mut self, peer: &ByteStr, outbox: &mut Outbox) {
+    fn promote_retired(&mut self, from: ConnId, peer: &ByteStr, outbox: &mut Outbox) {
         if self.retired == 0 {
             return;
         }
@@ -414,6 +428,8 @@ impl Core {
         let carried = outbox.take_unstarted();
         let id = self.id_of(slot);
         if !carried.is_empty() {
+            let base = self.conns[slot].outbox.enqueued_total();
+            self.record_move(from, outbox.enqueued_total(), id, base);
             self.conns[slot].outbox.append(carried);
             self.dirty.push(id);
         }
@@ -593,12 +609,18 @@ impl Core {
         // it is lost (and two listeners connecting to each other at once
         // keep both connections instead of breaking both).
         let mut carried = Outbox::default();
+        let mut moved_from = None;
         if let Some(&old_slot) = self.by_peer.get(&peer) {
             let old = self.id_of(old_slot);
             if let Some(c) = self.get_mut(old) {
                 carried = c.outbox.take_unstarted();
+                moved_from = Some((old, c.outbox.enqueued_total()));
             }
             self.retired += 1;
+        }
+        if let (Some((old, total)), false) = (moved_from, carried.is_empty()) {
+            let base = self.get(id).map_or(0, |c| c.outbox.enqueued_total());
+            self.record_move(old, total, id, base);
         }
         let Some(conn) = self.get_mut(id) else {
             return false;
@@ -658,6 +680,11 @@ impl Core {
         }
     }
 
+    /// Changes the inbox limit (see [`CoreConfig::inbox_limit`]).
+    pub fn set_inbox_limit(&mut self, bytes: usize) {
+        self.cfg.inbox_limit = bytes;
+    }
+
     /// Whether receiving is paused because the inbox is full.
     pub fn is_paused(&self) -> bool {
         self.paused
@@ -695,6 +722,36 @@ impl Core {
             self.dirty.push(id);
         }
         Enqueue::Queued(total)
+    }
+
+    /// Where the frame that ends at byte `target` of `id`'s stream is now:
+    /// unstarted frames follow their connection's replacement.
+    pub fn locate(&self, mut id: ConnId, mut target: u64) -> (ConnId, u64) {
+        for _ in 0..self.moves.len() {
+            let Some(m) = self
+                .moves
+                .iter()
+                .rev()
+                .find(|m| m.from == id && target > m.from_total)
+            else {
+                break;
+            };
+            target = target - m.from_total + m.to_base;
+            id = m.to;
+        }
+        (id, target)
+    }
+
+    fn record_move(&mut self, from: ConnId, from_total: u64, to: ConnId, to_base: u64) {
+        if self.moves.len() >= 1024 {
+            self.moves.pop_front();
+        }
+        self.moves.push_back(Move {
+            from,
+            from_total,
+            to,
+            to_base,
+        });
     }
 
     /// Bytes written so far on `id` (see [`Enqueue::Queued`]).

@@ -118,6 +118,8 @@ impl Outbox {
         }
         out.queued = out.frames.iter().map(Bytes::len).sum();
         out.enqueued_total = out.queued as u64;
+        // Those bytes will never be written here.
+        self.enqueued_total -= out.enqueued_total;
         out
     }
 }

@@ -173,6 +173,11 @@ fn replacement_moves_unstarted_outgoing_frames_to_the_new_connection() {
     // The partly written hello stays behind; both messages moved.
     let moved = c.queued_bytes(new);
     assert_eq!(moved, msg("me", "p", "1").len() + msg("me", "p", "2").len());
+    // A waiter for the second message finds it on the new connection.
+    let hello = frame(r#"{"hello":"me"}"#).len() as u64;
+    let second_end = hello + (msg("me", "p", "1").len() + msg("me", "p", "2").len()) as u64;
+    assert_eq!(c.locate(old, second_end), (new, moved as u64));
+    assert_eq!(c.locate(old, hello), (old, hello), "the hello stayed");
 }
 
 #[test]

@@ -309,7 +309,14 @@ impl Backend for EpollBackend {
                 result: Err(e.into()),
             }),
         }
-        0
+        // The frames this call wrote (wholly or partly) stay "held" until
+        // the core applies the completion, so that a connection replacement
+        // in between does not move (and resend) them.
+        if total > 0 {
+            skip_frames + usize::from(skip_bytes > 0)
+        } else {
+            0
+        }
     }
 
     fn close(&mut self, id: ConnId) {

@@ -197,7 +197,9 @@ pub trait Backend: Send {
     fn recv(&mut self, conn: ConnId, buf: RecvBuf, pool: &mut BufferPool);
 
     /// Starts one write of (a prefix of) `outbox`; returns how many of its
-    /// frames the kernel may still be reading after this call returns.
+    /// leading frames the write covers (the kernel may still be reading
+    /// them, or has written them without the completion being applied yet).
+    /// The core never moves those frames elsewhere until the completion.
     fn send(&mut self, conn: ConnId, outbox: &Outbox) -> usize;
 
     /// Cancels `conn`'s operations and closes its socket.

@@ -30,9 +30,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{Content, DecodeError, Outgoing};
 use crate::error::Error;
-use crate::message::{
-    ByteStr, Message, MessageId, MsgId, new_message_id_bytes, next_stamp_ord, now_stamp,
-};
+use crate::message::{ByteStr, Message, MessageId, MsgId, new_message_id_bytes};
 
 /// Magic bytes that start every binary payload.
 pub const MAGIC: [u8; 4] = *b"IPCB";
@@ -101,9 +99,9 @@ pub(crate) fn encode_message<T: Serialize + ?Sized>(
     let mut h = header(if msg.broadcast { FLAG_BROADCAST } else { 0 });
     h.from_len = len16(msg.from, "from")?;
     h.to_len = len16(msg.to, "to")?;
-    let stamp = msg.stamp.unwrap_or_else(now_stamp);
+    let (stamp, ord) = super::stamp_pair(msg.stamp, msg.stamp_ord);
     h.stamp = F64::new(stamp);
-    h.stamp_ord = U64::new(msg.stamp_ord.unwrap_or_else(|| next_stamp_ord(stamp)));
+    h.stamp_ord = U64::new(ord);
     h.id = match msg.id {
         None => new_message_id_bytes(),
         Some(text) => *uuid::Uuid::parse_str(text)

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
-use crate::message::{ByteStr, Message, MsgId, new_message_id, next_stamp_ord, now_stamp};
+use crate::message::{ByteStr, Message, MsgId, new_message_id, next_stamp, next_stamp_ord};
 use json::{RawEnvelope, is_truthy, push_raw_ascii, push_str, to_ascii_json};
 pub use zstd::ZstdCodec;
 
@@ -316,8 +316,7 @@ fn envelope_to_message(payload: &Bytes, env: RawEnvelope<'_>) -> Result<Message>
         Some(id) => MsgId::Text(owned_or_slice(payload, id)),
         None => MsgId::Uuid(new_message_id()),
     };
-    let stamp = env.stamp.unwrap_or_else(now_stamp);
-    let stamp_ord = env.stamp_ord.unwrap_or_else(|| next_stamp_ord(stamp));
+    let (stamp, stamp_ord) = stamp_pair(env.stamp, env.stamp_ord);
     let extra = env
         .extra
         .into_iter()
@@ -375,8 +374,7 @@ fn encode_json_envelope<T: Serialize + ?Sized>(
             out.extend_from_slice(b"\"");
         }
     }
-    let stamp = msg.stamp.unwrap_or_else(now_stamp);
-    let ord = msg.stamp_ord.unwrap_or_else(|| next_stamp_ord(stamp));
+    let (stamp, ord) = stamp_pair(msg.stamp, msg.stamp_ord);
     out.extend_from_slice(b",\"stamp\":");
     to_ascii_json(&stamp, out)?;
     out.extend_from_slice(b",\"stamp_ord\":");
@@ -398,6 +396,19 @@ fn encode_json_envelope<T: Serialize + ?Sized>(
     }
     out.extend_from_slice(b"}");
     Ok(())
+}
+
+/// The stamp and `stamp_ord` of an outgoing message: given ones, or the
+/// next of the process (see [`crate::message::next_stamp`]).
+pub(crate) fn stamp_pair(stamp: Option<f64>, ord: Option<u64>) -> (f64, u64) {
+    match (stamp, ord) {
+        (Some(s), Some(o)) => (s, o),
+        (Some(s), None) => (s, next_stamp_ord(s)),
+        (None, o) => {
+            let (s, n) = next_stamp();
+            (s, o.unwrap_or(n))
+        }
+    }
 }
 
 fn itoa_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {

@@ -1,0 +1,736 @@
+//! Threaded mode: the client's reactor runs on its own thread; the
+//! application holds a [`Receiver`] (a bounded lock-free ring of received
+//! messages, with a pollable descriptor) and cloneable [`Sender`]s.
+//!
+//! * Senders serialize frames in their own thread (into a per-sender arena,
+//!   so steady-state sends do not allocate) and hand them over through a
+//!   bounded lock-free queue. The reactor is woken through the [`Waker`]
+//!   handshake: no syscall while it is busy.
+//! * The first message to a peer waits for the reactor's verdict, so
+//!   connection errors come back with the inline texts; later
+//!   [`Sender::try_send`]s to that peer return at once, and a later failure
+//!   is reported by the next call for that peer.
+//! * The ring is [`rtrb`]'s single-producer single-consumer queue. When it
+//!   is full the reactor keeps the rest of the batch, then stops reading
+//!   sockets once the inbox limit is reached: senders feel backpressure,
+//!   memory stays bounded, nothing is dropped.
+//! * [`ReactorHandle::shutdown`] sends what is queued, disconnects
+//!   (PROTOCOL.md rules) and returns its result; messages that arrive while
+//!   disconnecting still go to the ring.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use crossbeam_queue::ArrayQueue;
+use serde::Serialize;
+
+use crate::client::{BroadcastResult, Client};
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::proto::ConnId;
+use crate::reactor::Waker;
+use crate::serializer::{Content, Outgoing, Serializer};
+use crate::wire::build_frame;
+
+/// Sizes of the threaded mode's queues.
+#[derive(Debug, Clone)]
+pub struct ThreadedOptions {
+    /// Messages the receive ring holds.
+    pub ring_capacity: usize,
+    /// Frames the send queue holds before `try_send` reports `WouldBlock`.
+    pub send_queue: usize,
+    /// Payload bytes the reactor keeps beyond a full ring before it stops
+    /// reading sockets.
+    pub inbox_limit: usize,
+}
+
+impl Default for ThreadedOptions {
+    fn default() -> Self {
+        ThreadedOptions {
+            ring_capacity: 64 * 1024,
+            send_queue: 64 * 1024,
+            inbox_limit: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// A one-shot reply slot.
+struct Ack<T> {
+    slot: Mutex<Option<T>>,
+    cv: Condvar,
+}
+
+impl<T> Ack<T> {
+    fn new() -> Arc<Self> {
+        Arc::new(Ack {
+            slot: Mutex::new(None),
+            cv: Condvar::new(),
+        })
+    }
+
+    fn set(&self, v: T) {
+        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> T {
+        let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(v) = g.take() {
+                return v;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+enum Cmd {
+    Frame {
+        peer: Arc<str>,
+        frame: Bytes,
+        ack: Option<Arc<Ack<Result<()>>>>,
+    },
+    Broadcast {
+        content: String,
+        ack: Arc<Ack<Result<BTreeMap<String, BroadcastResult>>>>,
+    },
+}
+
+struct Shared {
+    cmds: ArrayQueue<Cmd>,
+    waker: Waker,
+    stop: AtomicBool,
+    /// The reactor waits for ring space.
+    ring_full: AtomicBool,
+    /// The reactor thread has ended.
+    finished: AtomicBool,
+    /// Readable while messages wait in the ring.
+    ready: OwnedFd,
+    /// Failures of fire-and-forget sends, per peer, reported by the next
+    /// call for that peer.
+    failures: Mutex<HashMap<String, String>>,
+    id: String,
+    serializer: Serializer,
+}
+
+impl Shared {
+    fn signal_ready(&self) {
+        let _ = rustix::io::write(&self.ready, &1u64.to_ne_bytes());
+    }
+
+    fn drain_ready(&self) {
+        let mut b = [0u8; 8];
+        let _ = rustix::io::read(&self.ready, &mut b);
+    }
+}
+
+/// The sending side: `Clone + Send`, one per thread.
+pub struct Sender {
+    shared: Arc<Shared>,
+    arena: BytesMut,
+    known: HashSet<Arc<str>>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
+impl Clone for Sender {
+    fn clone(&self) -> Self {
+        Sender {
+            shared: self.shared.clone(),
+            arena: BytesMut::new(),
+            known: HashSet::new(),
+        }
+    }
+}
+
+impl Sender {
+    fn frame<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<Bytes> {
+        if self.arena.capacity() < 4096 {
+            self.arena.reserve(64 * 1024);
+        }
+        let from = self.shared.id.as_str();
+        let ser = &self.shared.serializer;
+        build_frame(&mut self.arena, |b| {
+            ser.encode_message(
+                &Outgoing {
+                    from,
+                    to: peer,
+                    content: Content::Value(content),
+                    id: None,
+                    stamp: None,
+                    stamp_ord: None,
+                    broadcast: false,
+                    extra: &[],
+                },
+                b,
+            )
+        })
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        if self.shared.finished.load(Ordering::Acquire) || self.shared.stop.load(Ordering::Acquire)
+        {
+            return Err(Error::Disconnected {
+                id: self.shared.id.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn take_failure(&mut self, peer: &str) -> Result<()> {
+        let mut f = self
+            .shared
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(text) = f.remove(peer) {
+            self.known.remove(peer);
+            return Err(Error::Serialize(text));
+        }
+        Ok(())
+    }
+
+    fn push(&self, mut cmd: Cmd, wait: bool) -> Result<()> {
+        loop {
+            match self.shared.cmds.push(cmd) {
+                Ok(()) => {
+                    self.shared.waker.wake();
+                    return Ok(());
+                }
+                Err(back) if wait => {
+                    cmd = back;
+                    self.check_alive()?;
+                    self.shared.waker.wake();
+                    std::thread::yield_now();
+                }
+                Err(_) => {
+                    return Err(Error::WouldBlock {
+                        peer: self.shared.id.clone(),
+                        queued: self.shared.cmds.len(),
+                        limit: self.shared.cmds.capacity(),
+                    });
+                }
+            }
+        }
+    }
+
+    fn send_acked(&mut self, peer: &str, frame: Bytes) -> Result<()> {
+        let ack = Ack::new();
+        let peer: Arc<str> = Arc::from(peer);
+        self.push(
+            Cmd::Frame {
+                peer: peer.clone(),
+                frame,
+                ack: Some(ack.clone()),
+            },
+            true,
+        )?;
+        let r = ack.wait();
+        if r.is_ok() {
+            self.known.insert(peer);
+        }
+        r
+    }
+
+    /// Sends and waits until the kernel has the whole frame (as a blocking
+    /// inline send). Errors carry the inline texts.
+    pub fn send<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<()> {
+        self.check_alive()?;
+        self.take_failure(peer)?;
+        let frame = self.frame(peer, content)?;
+        self.send_acked(peer, frame)
+    }
+
+    /// Hands the message to the reactor and returns. The first message to
+    /// a peer waits for the connection verdict; a full send queue is
+    /// [`Error::WouldBlock`]; a failure of an earlier message to `peer` is
+    /// returned here (that earlier message was not delivered).
+    pub fn try_send<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<()> {
+        self.check_alive()?;
+        self.take_failure(peer)?;
+        let frame = self.frame(peer, content)?;
+        if !self.known.contains(peer) {
+            return self.send_acked(peer, frame);
+        }
+        let peer = self
+            .known
+            .get(peer)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(peer));
+        self.push(
+            Cmd::Frame {
+                peer,
+                frame,
+                ack: None,
+            },
+            false,
+        )
+    }
+
+    /// Sends `content` to every live peer; the result per peer.
+    pub fn broadcast<T: Serialize + ?Sized>(
+        &mut self,
+        content: &T,
+    ) -> Result<BTreeMap<String, BroadcastResult>> {
+        self.check_alive()?;
+        let ack = Ack::new();
+        self.push(
+            Cmd::Broadcast {
+                content: serde_json::to_string(content)?,
+                ack: ack.clone(),
+            },
+            true,
+        )?;
+        ack.wait()
+    }
+}
+
+/// The receiving side: a lock-free ring filled by the reactor thread.
+pub struct Receiver {
+    ring: rtrb::Consumer<Message>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("waiting", &self.ring.slots())
+            .finish()
+    }
+}
+
+impl Receiver {
+    fn pop(&mut self) -> Option<Message> {
+        let was_full = self.ring.buffer().capacity() == self.ring.slots();
+        let m = self.ring.pop().ok()?;
+        if was_full && self.shared.ring_full.swap(false, Ordering::AcqRel) {
+            self.shared.waker.wake();
+        }
+        Some(m)
+    }
+
+    /// A waiting message, if any; never blocks.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        if let Some(m) = self.pop() {
+            return Some(m);
+        }
+        // Empty: clear readiness, then look again (a push may have raced).
+        self.shared.drain_ready();
+        self.pop()
+    }
+
+    /// Waits up to `timeout` for a message (`None` waits as long as the
+    /// reactor runs). `None` when the time ran out or the reactor ended and
+    /// the ring is empty.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Option<Message> {
+        self.recv_until(Some(Instant::now() + timeout))
+    }
+
+    /// Waits for a message; `None` once the reactor has ended and every
+    /// message was taken.
+    pub fn recv(&mut self) -> Option<Message> {
+        self.recv_until(None)
+    }
+
+    fn recv_until(&mut self, deadline: Option<Instant>) -> Option<Message> {
+        loop {
+            if let Some(m) = self.try_recv() {
+                return Some(m);
+            }
+            if self.shared.finished.load(Ordering::Acquire) {
+                return self.pop();
+            }
+            let wait = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return None;
+                    }
+                    (d - now).min(Duration::from_millis(100))
+                }
+                None => Duration::from_millis(100),
+            };
+            let ts = rustix::event::Timespec {
+                tv_sec: wait.as_secs() as _,
+                tv_nsec: wait.subsec_nanos() as _,
+            };
+            let mut fds = [rustix::event::PollFd::new(
+                &self.shared.ready,
+                rustix::event::PollFlags::IN,
+            )];
+            let _ = rustix::event::poll(&mut fds, Some(&ts));
+        }
+    }
+
+    /// Moves up to `max` waiting messages into `out`; returns how many.
+    pub fn recv_batch(&mut self, out: &mut Vec<Message>, max: usize) -> usize {
+        let mut n = 0;
+        while n < max {
+            match self.try_recv() {
+                Some(m) => {
+                    out.push(m);
+                    n += 1;
+                }
+                None => break,
+            }
+        }
+        n
+    }
+
+    /// Messages waiting in the ring.
+    pub fn len(&self) -> usize {
+        self.ring.slots()
+    }
+
+    /// Whether no message waits.
+    pub fn is_empty(&self) -> bool {
+        self.ring.is_empty()
+    }
+}
+
+impl Iterator for Receiver {
+    type Item = Message;
+    fn next(&mut self) -> Option<Message> {
+        self.recv()
+    }
+}
+
+impl AsFd for Receiver {
+    /// Readable while messages wait (register it with epoll, mio or
+    /// tokio's `AsyncFd`, then drain with [`Receiver::try_recv`]).
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.shared.ready.as_fd()
+    }
+}
+
+/// Controls the reactor thread.
+pub struct ReactorHandle {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl std::fmt::Debug for ReactorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReactorHandle")
+            .field("id", &self.shared.id)
+            .finish()
+    }
+}
+
+impl ReactorHandle {
+    /// Sends everything queued, disconnects (socket removed, `.stats`
+    /// written) and returns the disconnect's result. Messages that arrive
+    /// meanwhile stay readable from the [`Receiver`].
+    pub fn shutdown(mut self) -> Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.shared.stop.store(true, Ordering::Release);
+        self.shared.waker.wake();
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(Error::Serialize("the reactor thread panicked".into()))),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the reactor thread still runs.
+    pub fn is_running(&self) -> bool {
+        !self.shared.finished.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for ReactorHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            log::warn!("ConnectionUnix: threaded client shutdown: {e}");
+        }
+    }
+}
+
+/// A frame waiting to be written (for an acknowledgement) or for room.
+struct Pending {
+    peer: Arc<str>,
+    frame: Option<Bytes>,
+    ack: Option<Arc<Ack<Result<()>>>>,
+    written: Option<(ConnId, u64)>,
+}
+
+struct Worker {
+    client: Client,
+    shared: Arc<Shared>,
+    ring: rtrb::Producer<Message>,
+    /// Received messages the ring had no room for yet.
+    spill: VecDeque<Message>,
+    batch: Vec<Message>,
+    /// Frames in order: stalled on a full outbox, or written but awaiting
+    /// their acknowledgement.
+    pending: VecDeque<Pending>,
+    acks: Vec<Pending>,
+}
+
+impl Worker {
+    fn fail(&self, p: &Pending, e: Error) {
+        match &p.ack {
+            Some(a) => a.set(Err(e)),
+            None => {
+                let mut f = self
+                    .shared
+                    .failures
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                f.insert(p.peer.to_string(), e.to_string());
+            }
+        }
+    }
+
+    /// Queues stalled frames in order; stops at the first that still does
+    /// not fit.
+    fn place_pending(&mut self) {
+        while let Some(mut p) = self.pending.pop_front() {
+            let Some(frame) = p.frame.take() else {
+                continue;
+            };
+            match self.client.queue_frame(&p.peer, frame) {
+                Ok(Ok(Some(w))) => {
+                    if p.ack.is_some() {
+                        p.written = Some(w);
+                        self.acks.push(p);
+                    }
+                }
+                Ok(Ok(None)) => {
+                    if let Some(a) = &p.ack {
+                        a.set(Ok(()));
+                    }
+                }
+                Ok(Err(frame)) => {
+                    p.frame = Some(frame);
+                    self.pending.push_front(p);
+                    return;
+                }
+                Err(e) => self.fail(&p, e),
+            }
+        }
+    }
+
+    fn take_commands(&mut self) {
+        while let Some(cmd) = self.shared.cmds.pop() {
+            match cmd {
+                Cmd::Frame { peer, frame, ack } => self.pending.push_back(Pending {
+                    peer,
+                    frame: Some(frame),
+                    ack,
+                    written: None,
+                }),
+                Cmd::Broadcast { content, ack } => {
+                    self.place_pending();
+                    ack.set(self.client.broadcast_json(&content));
+                }
+            }
+        }
+        self.place_pending();
+    }
+
+    fn settle_acks(&mut self) {
+        let mut i = 0;
+        while i < self.acks.len() {
+            let Some((id, target)) = self.acks[i].written else {
+                i += 1;
+                continue;
+            };
+            match self.client.frame_outcome(id, target) {
+                Some(r) => {
+                    let p = self.acks.swap_remove(i);
+                    if let Some(a) = &p.ack {
+                        a.set(r);
+                    }
+                }
+                None => i += 1,
+            }
+        }
+    }
+
+    /// Moves received messages into the ring until it is full or nothing
+    /// is left; true if it filled up.
+    fn deliver(&mut self) -> Result<bool> {
+        let mut pushed = false;
+        loop {
+            if self.spill.is_empty() {
+                // Taking the inbox also lifts a paused receive.
+                self.client.take_received(&mut self.batch)?;
+                self.spill.extend(self.batch.drain(..));
+                if self.spill.is_empty() {
+                    break;
+                }
+            }
+            while let Some(m) = self.spill.pop_front() {
+                match self.ring.push(m) {
+                    Ok(()) => pushed = true,
+                    Err(rtrb::PushError::Full(m)) => {
+                        self.spill.push_front(m);
+                        self.shared.ring_full.store(true, Ordering::Release);
+                        break;
+                    }
+                }
+            }
+            if !self.spill.is_empty() {
+                break;
+            }
+        }
+        // One eventfd write per delivered batch (not per message): the
+        // reader drains it only after seeing the ring empty, so a batch can
+        // never be stranded behind a consumed signal.
+        if pushed {
+            self.shared.signal_ready();
+        }
+        Ok(!self.spill.is_empty())
+    }
+
+    fn run(mut self) -> Result<()> {
+        let result = self.serve();
+        // Queued frames go out before disconnecting.
+        self.take_commands();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while (!self.pending.is_empty() || !self.acks.is_empty()) && Instant::now() < deadline {
+            let _ = self.client.turn(Some(Duration::from_millis(10)));
+            self.place_pending();
+            self.settle_acks();
+        }
+        for p in self.pending.drain(..).chain(self.acks.drain(..)) {
+            if let Some(a) = &p.ack {
+                a.set(Err(Error::Disconnected {
+                    id: self.shared.id.clone(),
+                }));
+            }
+        }
+        let _ = self.deliver();
+        let mut spill = std::mem::take(&mut self.spill);
+        let ring = &mut self.ring;
+        let mut lost = 0usize;
+        let mut late = |_: &Client, msgs: Vec<Message>| {
+            for m in msgs {
+                spill.push_back(m);
+            }
+            while let Some(m) = spill.pop_front() {
+                if let Err(rtrb::PushError::Full(_)) = ring.push(m) {
+                    lost += 1;
+                }
+            }
+        };
+        let closed = self.client.disconnect(Some(&mut late));
+        while let Some(m) = spill.pop_front() {
+            if self.ring.push(m).is_err() {
+                lost += 1;
+            }
+        }
+        self.shared.signal_ready();
+        result?;
+        closed?;
+        if lost > 0 {
+            return Err(Error::MessagesWaiting {
+                id: self.shared.id.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    fn serve(&mut self) -> Result<()> {
+        while !self.shared.stop.load(Ordering::Acquire) {
+            self.take_commands();
+            self.client.flush();
+            self.settle_acks();
+            let full = self.deliver()?;
+            let busy = !self.shared.cmds.is_empty();
+            // Sleep until I/O or a wake; a full ring is woken by the reader.
+            let wait = if busy {
+                Some(Duration::ZERO)
+            } else if !self.acks.is_empty() || !self.pending.is_empty() || full {
+                Some(Duration::from_millis(50))
+            } else {
+                None
+            };
+            self.client.turn(wait)?;
+        }
+        Ok(())
+    }
+}
+
+impl Client {
+    /// Moves this client's reactor onto its own thread (default queue
+    /// sizes).
+    pub fn into_threaded(self) -> Result<(Sender, Receiver, ReactorHandle)> {
+        self.into_threaded_with(ThreadedOptions::default())
+    }
+
+    /// Moves this client's reactor onto its own thread.
+    pub fn into_threaded_with(
+        mut self,
+        opts: ThreadedOptions,
+    ) -> Result<(Sender, Receiver, ReactorHandle)> {
+        self.set_inbox_limit(opts.inbox_limit);
+        let ready = rustix::event::eventfd(
+            0,
+            rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,
+        )
+        .map_err(|e| Error::io("Cannot create the receive ring's eventfd", e))?;
+        let shared = Arc::new(Shared {
+            cmds: ArrayQueue::new(opts.send_queue.max(1)),
+            waker: self.waker(),
+            stop: AtomicBool::new(false),
+            ring_full: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
+            ready,
+            failures: Mutex::new(HashMap::new()),
+            id: self.id().to_string(),
+            serializer: self.serializer().clone(),
+        });
+        let (producer, consumer) = rtrb::RingBuffer::new(opts.ring_capacity.max(1));
+        let worker = Worker {
+            client: self,
+            shared: shared.clone(),
+            ring: producer,
+            spill: VecDeque::new(),
+            batch: Vec::new(),
+            pending: VecDeque::new(),
+            acks: Vec::new(),
+        };
+        let done = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("ipcm-{}", shared.id))
+            .spawn(move || {
+                let r = worker.run();
+                done.finished.store(true, Ordering::Release);
+                done.signal_ready();
+                r
+            })
+            .map_err(|e| Error::io("Cannot start the reactor thread", e))?;
+        Ok((
+            Sender {
+                shared: shared.clone(),
+                arena: BytesMut::new(),
+                known: HashSet::new(),
+            },
+            Receiver {
+                ring: consumer,
+                shared: shared.clone(),
+            },
+            ReactorHandle {
+                shared,
+                thread: Some(thread),
+            },
+        ))
+    }
+}

@@ -1,0 +1,22 @@
+//! The examples are compiled into this test and run briefly, so CI proves
+//! they work (`cargo run --example threaded|tokio` runs them in full).
+
+#[path = "../examples/threaded.rs"]
+mod threaded;
+
+#[path = "../examples/tokio.rs"]
+mod tokio_example;
+
+#[test]
+fn threaded_example_serves_requests() {
+    assert_eq!(threaded::run(200).unwrap(), 200);
+}
+
+#[test]
+fn tokio_example_awaits_messages_through_asyncfd() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    assert_eq!(rt.block_on(tokio_example::run(2000)).unwrap(), 2000);
+}
