@@ -16,7 +16,7 @@ use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::{SendAncillaryBuffer, SendFlags, SocketFlags};
 
-use super::{Backend, BackendKind, Completion, Waker};
+use super::{Backend, BackendKind, Completion, ConnTable, Waker};
 use crate::proto::{ConnId, Outbox, RecvBuf};
 use crate::wire::BufferPool;
 
@@ -43,7 +43,7 @@ struct EpollConn {
 pub struct EpollBackend {
     ep: OwnedFd,
     listener: Option<OwnedFd>,
-    conns: Vec<Option<EpollConn>>,
+    conns: ConnTable<EpollConn>,
     ready: Vec<Completion>,
     events: EventBuf,
     waker: Waker,
@@ -76,7 +76,7 @@ impl EpollBackend {
         Ok(EpollBackend {
             ep,
             listener: None,
-            conns: Vec::new(),
+            conns: ConnTable::default(),
             ready: Vec::new(),
             events: EventBuf(Vec::with_capacity(EVENTS)),
             waker,
@@ -187,37 +187,28 @@ impl Backend for EpollBackend {
                 | epoll::EventFlags::RDHUP
                 | epoll::EventFlags::ET,
         )?;
-        let slot = id.slot();
-        if self.conns.len() <= slot {
-            self.conns.resize_with(slot + 1, || None);
-        }
-        self.conns[slot] = Some(EpollConn {
+        self.conns.insert(
             id,
-            fd,
-            // Optimistic: data (a hello) is often there already.
-            readable: true,
-            writable: true,
-            want_write: false,
-            recv: None,
-        });
+            EpollConn {
+                id,
+                fd,
+                // Optimistic: data (a hello) is often there already.
+                readable: true,
+                writable: true,
+                want_write: false,
+                recv: None,
+            },
+        );
         Ok(())
     }
 
     fn conn_fd(&self, id: ConnId) -> Option<BorrowedFd<'_>> {
-        self.conns
-            .get(id.slot())
-            .and_then(|c| c.as_ref())
-            .filter(|c| c.id == id)
-            .map(|c| c.fd.as_fd())
+        self.conns.get(id).map(|c| c.fd.as_fd())
     }
 
     fn recv(&mut self, id: ConnId, buf: RecvBuf, pool: &mut BufferPool) {
         let EpollBackend { conns, ready, .. } = self;
-        let Some(c) = conns
-            .get_mut(id.slot())
-            .and_then(|c| c.as_mut())
-            .filter(|c| c.id == id)
-        else {
+        let Some(c) = conns.get_mut(id) else {
             return;
         };
         c.recv = Some(buf);
@@ -228,11 +219,7 @@ impl Backend for EpollBackend {
 
     fn send(&mut self, id: ConnId, outbox: &Outbox) -> usize {
         let EpollBackend { conns, ready, .. } = self;
-        let Some(c) = conns
-            .get_mut(id.slot())
-            .and_then(|c| c.as_mut())
-            .filter(|c| c.id == id)
-        else {
+        let Some(c) = conns.get_mut(id) else {
             return 0;
         };
         if !c.writable {
@@ -320,22 +307,14 @@ impl Backend for EpollBackend {
     }
 
     fn close(&mut self, id: ConnId) {
-        let slot = id.slot();
-        if self
-            .conns
-            .get(slot)
-            .and_then(|c| c.as_ref())
-            .is_some_and(|c| c.id == id)
-            && let Some(c) = self.conns[slot].take()
-        {
+        if let Some(c) = self.conns.remove(id) {
             let _ = epoll::delete(&self.ep, &c.fd);
         }
     }
 
     fn held_buffers(&self) -> usize {
         self.conns
-            .iter()
-            .flatten()
+            .values()
             .filter(|c| matches!(c.recv, Some(RecvBuf::Partial(_))))
             .count()
     }
@@ -396,11 +375,7 @@ impl Backend for EpollBackend {
             let flags = ev.flags;
             let EpollBackend { conns, ready, .. } = self;
             let id = ConnId::from_u64(token);
-            let Some(c) = conns
-                .get_mut(id.slot())
-                .and_then(|c| c.as_mut())
-                .filter(|c| c.id == id)
-            else {
+            let Some(c) = conns.get_mut(id) else {
                 continue;
             };
             let err_or_hup = epoll::EventFlags::ERR | epoll::EventFlags::HUP;

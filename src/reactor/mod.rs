@@ -140,6 +140,60 @@ impl Waker {
     }
 }
 
+/// Per-connection state of a backend: indexed by the connection's slab slot
+/// and checked against its full id, so a stale id never reaches the state
+/// of the connection that reused its slot.
+#[derive(Debug)]
+pub(crate) struct ConnTable<T> {
+    slots: Vec<Option<(ConnId, T)>>,
+}
+
+impl<T> Default for ConnTable<T> {
+    fn default() -> Self {
+        ConnTable { slots: Vec::new() }
+    }
+}
+
+impl<T> ConnTable<T> {
+    pub(crate) fn insert(&mut self, id: ConnId, value: T) {
+        let slot = id.slot();
+        if self.slots.len() <= slot {
+            self.slots.resize_with(slot + 1, || None);
+        }
+        self.slots[slot] = Some((id, value));
+    }
+
+    pub(crate) fn get(&self, id: ConnId) -> Option<&T> {
+        match self.slots.get(id.slot()) {
+            Some(Some((i, v))) if *i == id => Some(v),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self, id: ConnId) -> Option<&mut T> {
+        match self.slots.get_mut(id.slot()) {
+            Some(Some((i, v))) if *i == id => Some(v),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn remove(&mut self, id: ConnId) -> Option<T> {
+        let entry = self.slots.get_mut(id.slot())?;
+        if entry.as_ref().is_some_and(|(i, _)| *i == id) {
+            return entry.take().map(|(_, v)| v);
+        }
+        None
+    }
+
+    pub(crate) fn ids(&self) -> impl Iterator<Item = ConnId> + '_ {
+        self.slots.iter().flatten().map(|(i, _)| *i)
+    }
+
+    pub(crate) fn values(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().flatten().map(|(_, v)| v)
+    }
+}
+
 /// A finished operation.
 #[derive(Debug)]
 pub enum Completion {

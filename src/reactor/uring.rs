@@ -42,7 +42,7 @@ use bytes::{Bytes, BytesMut};
 use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use slab::Slab;
 
-use super::{Backend, BackendKind, Completion, Waker};
+use super::{Backend, BackendKind, Completion, ConnTable, Waker};
 use crate::proto::{ConnId, Outbox, RecvBuf};
 use crate::wire::BufferPool;
 
@@ -104,7 +104,6 @@ enum Op {
 }
 
 struct UringConn {
-    id: ConnId,
     fd: OwnedFd,
     recv_op: Option<u64>,
     send_op: Option<u64>,
@@ -116,7 +115,7 @@ pub struct UringBackend {
     ring: IoUring,
     ops: Slab<(u32, Op)>,
     next_gen: u32,
-    conns: Vec<Option<UringConn>>,
+    conns: ConnTable<UringConn>,
     listener: Option<OwnedFd>,
     accept_op: Option<u64>,
     multishot_accept: bool,
@@ -182,7 +181,7 @@ impl UringBackend {
             ring,
             ops: Slab::new(),
             next_gen: 1,
-            conns: Vec::new(),
+            conns: ConnTable::default(),
             listener: None,
             accept_op: None,
             multishot_accept: true,
@@ -253,10 +252,7 @@ impl UringBackend {
     }
 
     fn conn(&mut self, id: ConnId) -> Option<&mut UringConn> {
-        self.conns
-            .get_mut(id.slot())
-            .and_then(|c| c.as_mut())
-            .filter(|c| c.id == id)
+        self.conns.get_mut(id)
     }
 
     fn arm_accept(&mut self) {
@@ -481,26 +477,20 @@ impl Backend for UringBackend {
     }
 
     fn add_conn(&mut self, id: ConnId, fd: OwnedFd) -> io::Result<()> {
-        let slot = id.slot();
-        if self.conns.len() <= slot {
-            self.conns.resize_with(slot + 1, || None);
-        }
-        self.conns[slot] = Some(UringConn {
+        self.conns.insert(
             id,
-            fd,
-            recv_op: None,
-            send_op: None,
-            spare_send: None,
-        });
+            UringConn {
+                fd,
+                recv_op: None,
+                send_op: None,
+                spare_send: None,
+            },
+        );
         Ok(())
     }
 
     fn conn_fd(&self, id: ConnId) -> Option<BorrowedFd<'_>> {
-        self.conns
-            .get(id.slot())
-            .and_then(|c| c.as_ref())
-            .filter(|c| c.id == id)
-            .map(|c| c.fd.as_fd())
+        self.conns.get(id).map(|c| c.fd.as_fd())
     }
 
     fn recv(&mut self, id: ConnId, buf: RecvBuf, pool: &mut BufferPool) {
@@ -594,12 +584,7 @@ impl Backend for UringBackend {
     }
 
     fn close(&mut self, id: ConnId) {
-        let slot = id.slot();
-        let Some(c) = self
-            .conns
-            .get_mut(slot)
-            .and_then(|c| c.take_if(|c| c.id == id))
-        else {
+        let Some(c) = self.conns.remove(id) else {
             return;
         };
         for op in [c.recv_op, c.send_op].into_iter().flatten() {
@@ -683,7 +668,7 @@ impl Backend for UringBackend {
 impl Drop for UringBackend {
     fn drop(&mut self) {
         self.close_listener();
-        let ids: Vec<ConnId> = self.conns.iter().flatten().map(|c| c.id).collect();
+        let ids: Vec<ConnId> = self.conns.ids().collect();
         for id in ids {
             self.close(id);
         }
