@@ -927,11 +927,18 @@ impl Client {
         &mut self,
         content: &T,
     ) -> Result<BTreeMap<String, BroadcastResult>> {
+        self.broadcast_content(Content::Value(content))
+    }
+
+    fn broadcast_content<T: Serialize + ?Sized>(
+        &mut self,
+        content: Content<'_, T>,
+    ) -> Result<BTreeMap<String, BroadcastResult>> {
         self.check_usable()?;
         let mut out = BTreeMap::new();
         let blocking = self.send_blocking;
         for peer in self.peers()? {
-            let r = match self.send_content(&peer, Content::Value(content), blocking, true) {
+            let r = match self.send_content(&peer, content, blocking, true) {
                 Ok(()) => BroadcastResult {
                     sent: true,
                     error: None,
@@ -1018,23 +1025,7 @@ impl Client {
         &mut self,
         json: &str,
     ) -> Result<BTreeMap<String, BroadcastResult>> {
-        self.check_usable()?;
-        let mut out = BTreeMap::new();
-        let blocking = self.send_blocking;
-        for peer in self.peers()? {
-            let r = match self.send_content::<()>(&peer, Content::Raw(json), blocking, true) {
-                Ok(()) => BroadcastResult {
-                    sent: true,
-                    error: None,
-                },
-                Err(e) => BroadcastResult {
-                    sent: false,
-                    error: Some(e.to_string()),
-                },
-            };
-            out.insert(peer, r);
-        }
-        Ok(out)
+        self.broadcast_content::<()>(Content::Raw(json))
     }
 
     /// Sets the payload bytes of undelivered messages above which receiving

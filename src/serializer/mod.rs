@@ -64,6 +64,15 @@ pub(crate) enum Content<'a, T: ?Sized> {
     Raw(&'a str),
 }
 
+// Both variants are references: copying never needs `T: Copy`.
+impl<T: ?Sized> Clone for Content<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T: ?Sized> Copy for Content<'_, T> {}
+
 /// One outgoing envelope, borrowed from the caller.
 pub(crate) struct Outgoing<'a, T: ?Sized> {
     pub from: &'a str,
