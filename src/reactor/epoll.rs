@@ -209,6 +209,10 @@ impl Backend for EpollBackend {
     fn recv(&mut self, id: ConnId, buf: RecvBuf, pool: &mut BufferPool) {
         let EpollBackend { conns, ready, .. } = self;
         let Some(c) = conns.get_mut(id) else {
+            // A closed connection: its partial buffer goes back, as in uring.
+            if let RecvBuf::Partial(b) = buf {
+                pool.put(b);
+            }
             return;
         };
         c.recv = Some(buf);
