@@ -52,6 +52,10 @@ pub struct Options {
     pub allow_uids: Vec<u32>,
     /// Accept connections from any user.
     pub allow_any_uid: bool,
+    /// Wait by spinning instead of sleeping in the kernel: receives and
+    /// blocking sends poll the sockets without blocking until there is
+    /// something to do. Costs a core while waiting; cuts wake-up latency.
+    pub busy_poll: bool,
 }
 
 impl Default for Options {
@@ -67,6 +71,7 @@ impl Default for Options {
             trust_route: false,
             allow_uids: Vec::new(),
             allow_any_uid: false,
+            busy_poll: false,
         }
     }
 }
@@ -128,6 +133,12 @@ impl Options {
     /// Sets [`Options::allow_any_uid`].
     pub fn allow_any_uid(mut self, any: bool) -> Self {
         self.allow_any_uid = any;
+        self
+    }
+
+    /// Sets [`Options::busy_poll`].
+    pub fn busy_poll(mut self, spin: bool) -> Self {
+        self.busy_poll = spin;
         self
     }
 
@@ -710,6 +721,10 @@ impl Client {
             }
             wait = wait.min(d - now);
         }
+        if self.opts.busy_poll {
+            std::hint::spin_loop();
+            wait = Duration::ZERO;
+        }
         self.reactor
             .turn(Some(wait))
             .map_err(|e| Error::io("reactor wait failed", e))
@@ -839,9 +854,30 @@ impl Client {
     /// everything else queued, at the next [`Client::drain_pending`] or
     /// reactor turn. A full outbox is [`Error::WouldBlock`].
     pub fn queue_message<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<()> {
+        self.queue_content(peer, Content::Value(content))
+    }
+
+    /// [`Client::queue_message`] for content that is already JSON text
+    /// (sent as is, as [`Client::send_json`] does).
+    pub fn queue_json(&mut self, peer: &str, content_json: &str) -> Result<()> {
+        self.queue_content::<()>(peer, Content::Raw(content_json))
+    }
+
+    fn queue_content<T: Serialize + ?Sized>(
+        &mut self,
+        peer: &str,
+        content: Content<'_, T>,
+    ) -> Result<()> {
         self.check_usable()?;
-        let frame = self.encode(peer, Content::Value(content), false)?;
+        if peer.is_empty() {
+            return Err(Error::NoPeer);
+        }
+        if peer == self.id {
+            return self.send_to_self(content);
+        }
         let id = self.conn_for_send(peer)?;
+        let limit = self.opts.limits.outbox_limit;
+        let frame = self.encode(peer, content, false)?;
         match self.reactor.core_mut().enqueue(id, frame) {
             Enqueue::Queued(_) => {
                 self.reactor.core_mut().count_sent(peer);
@@ -850,7 +886,7 @@ impl Client {
             Enqueue::Full { queued } => Err(Error::WouldBlock {
                 peer: peer.to_string(),
                 queued,
-                limit: self.opts.limits.outbox_limit,
+                limit,
             }),
             Enqueue::Gone => Err(self.closed_error(id)),
         }
@@ -896,6 +932,42 @@ impl Client {
             }
         }
         emptied
+    }
+
+    /// Waits until every queued frame has been written to the kernel, or
+    /// `timeout` passes ([`Error::Timeout`]). Connections that fail are
+    /// dropped with a warning, as in [`Client::drain_pending`].
+    pub fn flush_pending(&mut self, timeout: Option<Duration>) -> Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.reactor.flush();
+        while self.have_pending_sends() {
+            let mut wait = Duration::from_millis(500);
+            if let Some(d) = deadline {
+                let now = Instant::now();
+                if now >= d {
+                    return Err(Error::Timeout {
+                        what: "queued messages to be written",
+                        secs: timeout.map_or(0.0, |t| t.as_secs_f64()),
+                    });
+                }
+                wait = wait.min(d - now);
+            }
+            if self.opts.busy_poll {
+                wait = Duration::ZERO;
+            }
+            self.reactor
+                .turn(Some(wait))
+                .map_err(|e| Error::io("reactor wait failed", e))?;
+            for c in self.reactor.core_mut().take_closed() {
+                if let (Some(e), Some(p)) = (c.write_error, c.peer) {
+                    log::warn!(
+                        "ConnectionUnix: send to '{p}' failed during flush: {}",
+                        crate::error::strerror(&e)
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Whether any connection has queued bytes.
@@ -1014,9 +1086,10 @@ impl Client {
 
     /// Moves received messages (sorted per batch) into `out`.
     pub(crate) fn take_received(&mut self, out: &mut Vec<Message>) -> Result<()> {
+        let start = out.len();
         let mut resumed = self.take_resumed()?;
         out.append(&mut resumed);
-        self.collect_into(out);
+        self.collect_into(out, start);
         Ok(())
     }
 
@@ -1044,15 +1117,56 @@ impl Client {
     /// Every message available now, sorted by stamp then stamp_ord
     /// (PROTOCOL.md 10.1). Never blocks.
     pub fn get_messages(&mut self) -> Result<Vec<Message>> {
-        let mut out = self.take_resumed()?;
-        self.reactor
-            .turn(Some(Duration::ZERO))
-            .map_err(|e| Error::io("reactor poll failed", e))?;
-        self.collect_into(&mut out);
+        let mut out = Vec::new();
+        self.get_messages_into(&mut out)?;
         Ok(out)
     }
 
-    fn collect_into(&mut self, out: &mut Vec<Message>) {
+    /// [`Client::get_messages`] appending to `out` (reuse one vector to
+    /// receive without allocating); returns how many were appended. The
+    /// appended messages are sorted among themselves.
+    pub fn get_messages_into(&mut self, out: &mut Vec<Message>) -> Result<usize> {
+        let start = out.len();
+        if self.resume_pending {
+            out.append(&mut self.take_resumed()?);
+        }
+        self.reactor
+            .turn(Some(Duration::ZERO))
+            .map_err(|e| Error::io("reactor poll failed", e))?;
+        self.collect_into(out, start);
+        Ok(out.len() - start)
+    }
+
+    /// [`Client::get_messages_into`], waiting up to `timeout` for at least
+    /// one message (spinning if [`Options::busy_poll`] is set).
+    pub fn get_messages_timeout_into(
+        &mut self,
+        out: &mut Vec<Message>,
+        timeout: Duration,
+    ) -> Result<usize> {
+        let deadline = Instant::now() + timeout;
+        let start = out.len();
+        self.get_messages_into(out)?;
+        while out.len() == start {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let wait = if self.opts.busy_poll {
+                std::hint::spin_loop();
+                Duration::ZERO
+            } else {
+                deadline - now
+            };
+            self.reactor
+                .turn(Some(wait))
+                .map_err(|e| Error::io("reactor wait failed", e))?;
+            self.collect_into(out, start);
+        }
+        Ok(out.len() - start)
+    }
+
+    fn collect_into(&mut self, out: &mut Vec<Message>, start: usize) {
         let core = self.reactor.core_mut();
         core.expire_unresolved();
         core.take_messages(out);
@@ -1064,7 +1178,7 @@ impl Client {
                 );
             }
         }
-        sort_messages(out);
+        sort_messages(&mut out[start..]);
     }
 
     fn take_resumed(&mut self) -> Result<Vec<Message>> {
@@ -1087,18 +1201,8 @@ impl Client {
     /// Like [`Client::get_messages`], but waits up to `timeout` for at
     /// least one message.
     pub fn get_messages_timeout(&mut self, timeout: Duration) -> Result<Vec<Message>> {
-        let deadline = Instant::now() + timeout;
-        let mut out = self.get_messages()?;
-        while out.is_empty() {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            self.reactor
-                .turn(Some(deadline - now))
-                .map_err(|e| Error::io("reactor wait failed", e))?;
-            self.collect_into(&mut out);
-        }
+        let mut out = Vec::new();
+        self.get_messages_timeout_into(&mut out, timeout)?;
         Ok(out)
     }
 

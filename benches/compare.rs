@@ -1,0 +1,857 @@
+//! ipcm side by side with what a user could pick instead, in one process and
+//! on the same work: `cargo bench --bench compare` (`-- --quick` for a short
+//! run).
+//!
+//! Systems, each with a sender and a receiver on separate threads:
+//! * `raw`: `std::os::unix::net::UnixStream` with frames hand-batched into
+//!   64 KiB writes and parsed out of 64 KiB reads — the practical limit;
+//! * `tokio`: tokio-util's `LengthDelimitedCodec` over a `UnixStream`, one
+//!   current-thread runtime per thread;
+//! * `ipcm-uring`, `ipcm-epoll`: ipcm clients on a Binary route;
+//! * `ipcm-json`: ipcm on the Perl-compatible Json route (io_uring where
+//!   available).
+//!
+//! Every round runs every system once per payload size (side by side, so
+//! machine noise hits them alike); tables give medians over the rounds.
+//! Results go to `target/ipcm-compare/results.csv` and `results.svg`; the
+//! last line printed is a one-line summary of the headline ratios.
+//!
+//! Other sections: ping-pong round trips with blocking waits and with busy
+//! polling, fan-in (1,000 senders into one listener against 1 → 1), and the
+//! memory of 10,000 idle connections (measured in a child process).
+
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use ipcm::{BackendChoice, BackendKind, Client, Error, Info, Message, Options, Route, Serializer};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+const SIZES: [usize; 3] = [64, 1024, 16384];
+const SYSTEMS: [System; 5] = [
+    System::Raw,
+    System::Tokio,
+    System::Ipcm(Flavor::Uring),
+    System::Ipcm(Flavor::Epoll),
+    System::Ipcm(Flavor::Json),
+];
+const WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Flavor {
+    Uring,
+    Epoll,
+    Json,
+}
+
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum System {
+    Raw,
+    Tokio,
+    Ipcm(Flavor),
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Raw => "raw",
+            System::Tokio => "tokio",
+            System::Ipcm(Flavor::Uring) => "ipcm-uring",
+            System::Ipcm(Flavor::Epoll) => "ipcm-epoll",
+            System::Ipcm(Flavor::Json) => "ipcm-json",
+        }
+    }
+}
+
+/// Payload bytes for a message of `size` bytes: for ipcm a JSON string of
+/// exactly `size` bytes (its content), for the others the same bytes.
+fn payload(size: usize) -> String {
+    let mut s = String::with_capacity(size);
+    s.push('"');
+    for i in 0..size.saturating_sub(2) {
+        s.push((b'a' + (i % 26) as u8) as char);
+    }
+    s.push('"');
+    s
+}
+
+fn messages_for(size: usize, quick: bool) -> usize {
+    let bytes: usize = if quick { 48 << 20 } else { 256 << 20 };
+    let cap = if quick { 1_000_000 } else { 4_000_000 };
+    (bytes / size).clamp(20_000, cap)
+}
+
+// ----- raw sockets -----------------------------------------------------
+
+fn raw_throughput(size: usize, n: usize) -> f64 {
+    let (mut a, mut b) = UnixStream::pair().unwrap();
+    let body = payload(size).into_bytes();
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let mut buf = Vec::with_capacity(64 * 1024 + size + 4);
+        for _ in 0..n {
+            buf.extend_from_slice(&(size as u32).to_be_bytes());
+            buf.extend_from_slice(&body);
+            if buf.len() >= 64 * 1024 {
+                a.write_all(&buf).unwrap();
+                buf.clear();
+            }
+        }
+        a.write_all(&buf).unwrap();
+    });
+    let mut buf = vec![0u8; 64 * 1024 + size + 4];
+    let (mut filled, mut got, mut bytes) = (0usize, 0usize, 0usize);
+    while got < n {
+        let r = b.read(&mut buf[filled..]).unwrap();
+        assert!(r > 0, "raw sender closed early");
+        filled += r;
+        let mut at = 0;
+        while filled - at >= 4 {
+            let len = u32::from_be_bytes(buf[at..at + 4].try_into().unwrap()) as usize;
+            if filled - at < 4 + len {
+                break;
+            }
+            bytes += len + (buf[at + 4 + len - 1] & 1) as usize;
+            got += 1;
+            at += 4 + len;
+        }
+        buf.copy_within(at..filled, 0);
+        filled -= at;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    sender.join().unwrap();
+    std::hint::black_box(bytes);
+    n as f64 / secs
+}
+
+fn read_frame(s: &mut UnixStream, buf: &mut Vec<u8>) -> io::Result<()> {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len)?;
+    buf.resize(u32::from_be_bytes(len) as usize, 0);
+    s.read_exact(buf)
+}
+
+/// Reads exactly `buf.len()` bytes from a non-blocking socket, spinning.
+fn spin_read(s: &mut UnixStream, buf: &mut [u8]) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        match s.read(&mut buf[at..]) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::hint::spin_loop(),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+fn raw_ping_pong(size: usize, n: usize, spin: bool) -> Vec<f64> {
+    let (mut a, mut b) = UnixStream::pair().unwrap();
+    a.set_nonblocking(spin).unwrap();
+    b.set_nonblocking(spin).unwrap();
+    let echo = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let mut len = [0u8; 4];
+        loop {
+            let r = if spin {
+                spin_read(&mut b, &mut len).and_then(|()| {
+                    buf.resize(u32::from_be_bytes(len) as usize, 0);
+                    spin_read(&mut b, &mut buf)
+                })
+            } else {
+                read_frame(&mut b, &mut buf)
+            };
+            if r.is_err() {
+                return;
+            }
+            let mut out = (buf.len() as u32).to_be_bytes().to_vec();
+            out.extend_from_slice(&buf);
+            b.write_all(&out).unwrap();
+        }
+    });
+    let body = payload(size).into_bytes();
+    let mut frame = (size as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    let mut lat = Vec::with_capacity(n);
+    let mut buf = Vec::new();
+    let mut len = [0u8; 4];
+    for i in 0..n + n / 10 {
+        let t = Instant::now();
+        a.write_all(&frame).unwrap();
+        if spin {
+            spin_read(&mut a, &mut len).unwrap();
+            buf.resize(u32::from_be_bytes(len) as usize, 0);
+            spin_read(&mut a, &mut buf).unwrap();
+        } else {
+            read_frame(&mut a, &mut buf).unwrap();
+        }
+        if i >= n / 10 {
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    drop(a);
+    echo.join().unwrap();
+    lat
+}
+
+// ----- tokio -------------------------------------------------------------
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap()
+}
+
+fn framed(s: UnixStream) -> Framed<tokio::net::UnixStream, LengthDelimitedCodec> {
+    s.set_nonblocking(true).unwrap();
+    Framed::new(
+        tokio::net::UnixStream::from_std(s).unwrap(),
+        LengthDelimitedCodec::new(),
+    )
+}
+
+fn tokio_throughput(size: usize, n: usize) -> f64 {
+    let (a, b) = UnixStream::pair().unwrap();
+    let body = Bytes::from(payload(size));
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let mut tx = framed(a);
+            let batch = (64 * 1024 / (size + 4)).max(1);
+            for i in 0..n {
+                tx.feed(body.clone()).await.unwrap();
+                if (i + 1) % batch == 0 {
+                    SinkExt::<Bytes>::flush(&mut tx).await.unwrap();
+                }
+            }
+            SinkExt::<Bytes>::flush(&mut tx).await.unwrap();
+        })
+    });
+    let bytes = runtime().block_on(async move {
+        let mut rx = framed(b);
+        let (mut got, mut bytes) = (0, 0);
+        while got < n {
+            let f = rx.next().await.unwrap().unwrap();
+            bytes += f.len();
+            got += 1;
+        }
+        bytes
+    });
+    let secs = start.elapsed().as_secs_f64();
+    sender.join().unwrap();
+    std::hint::black_box(bytes);
+    n as f64 / secs
+}
+
+fn tokio_ping_pong(size: usize, n: usize) -> Vec<f64> {
+    let (a, b) = UnixStream::pair().unwrap();
+    let echo = std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let mut s = framed(b);
+            while let Some(Ok(f)) = s.next().await {
+                if s.send(f.freeze()).await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    let body = Bytes::from(payload(size));
+    let lat = runtime().block_on(async move {
+        let mut s = framed(a);
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n + n / 10 {
+            let t = Instant::now();
+            s.send(body.clone()).await.unwrap();
+            s.next().await.unwrap().unwrap();
+            if i >= n / 10 {
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        lat
+    });
+    echo.join().unwrap();
+    lat
+}
+
+// ----- ipcm ------------------------------------------------------------
+
+fn ipcm_route(flavor: Flavor) -> (Route, Info, Options) {
+    let route = Route::spawn(None).unwrap();
+    let ser = if flavor == Flavor::Json {
+        Serializer::Json
+    } else {
+        Serializer::Binary
+    };
+    let info = Info::new(ser, route.path());
+    let backend = match flavor {
+        Flavor::Epoll => BackendChoice::Epoll,
+        Flavor::Uring | Flavor::Json => uring_or_epoll(),
+    };
+    (route, info, Options::new().backend(backend))
+}
+
+fn uring_or_epoll() -> BackendChoice {
+    use std::sync::OnceLock;
+    static CHOICE: OnceLock<BackendChoice> = OnceLock::new();
+    *CHOICE.get_or_init(
+        || match ipcm::reactor::make_backend(BackendChoice::IoUring) {
+            Ok(_) => BackendChoice::IoUring,
+            Err(e) => {
+                eprintln!("note: io_uring refused here ({e:?}); the ipcm-uring rows use epoll");
+                BackendChoice::Epoll
+            }
+        },
+    )
+}
+
+/// Queues `content` for `peer`, flushing when the outbox is full.
+fn queue(tx: &mut Client, peer: &str, content: &str) {
+    loop {
+        match tx.queue_json(peer, content) {
+            Ok(()) => return,
+            Err(Error::WouldBlock { .. }) => tx.flush_pending(Some(WAIT)).unwrap(),
+            Err(e) => panic!("queue_json: {e}"),
+        }
+    }
+}
+
+/// Receives `n` messages, returning the content bytes seen.
+fn ipcm_receive(rx: &mut Client, n: usize) -> usize {
+    let mut batch: Vec<Message> = Vec::with_capacity(4096);
+    let (mut got, mut bytes) = (0, 0);
+    while got < n {
+        batch.clear();
+        rx.get_messages_timeout_into(&mut batch, WAIT).unwrap();
+        assert!(!batch.is_empty(), "ipcm receiver starved");
+        for m in &batch {
+            bytes += m.content_bytes().len();
+        }
+        got += batch.len();
+    }
+    bytes
+}
+
+fn ipcm_throughput(flavor: Flavor, size: usize, n: usize) -> f64 {
+    let (route, info, opts) = ipcm_route(flavor);
+    let mut rx = Client::connect(&info, "sink", opts.clone()).unwrap();
+    let body = payload(size);
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let mut tx = Client::connect(&info, "src", opts.listen(false)).unwrap();
+        let batch = (64 * 1024 / (size + 96)).max(1);
+        for i in 0..n {
+            queue(&mut tx, "sink", &body);
+            if (i + 1) % batch == 0 {
+                tx.drain_pending();
+            }
+        }
+        tx.flush_pending(Some(WAIT)).unwrap();
+        tx
+    });
+    let bytes = ipcm_receive(&mut rx, n);
+    let secs = start.elapsed().as_secs_f64();
+    let mut tx = sender.join().unwrap();
+    std::hint::black_box(bytes);
+    tx.disconnect(None).unwrap();
+    rx.disconnect(None).unwrap();
+    route.unspawn().unwrap();
+    n as f64 / secs
+}
+
+fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, spin: bool) -> Vec<f64> {
+    let (route, info, opts) = ipcm_route(flavor);
+    let opts = opts.busy_poll(spin);
+    let mut echo = Client::connect(&info, "echo", opts.clone()).unwrap();
+    let echo_thread = std::thread::spawn(move || {
+        let mut batch = Vec::with_capacity(64);
+        loop {
+            batch.clear();
+            echo.get_messages_timeout_into(&mut batch, WAIT).unwrap();
+            for m in &batch {
+                if m.content_json() == "0" {
+                    echo.disconnect(None).unwrap();
+                    return;
+                }
+                echo.send_json(m.from(), m.content_json()).unwrap();
+            }
+        }
+    });
+    let mut ping = Client::connect(&info, "ping", opts).unwrap();
+    let body = payload(size);
+    let mut lat = Vec::with_capacity(n);
+    let mut batch = Vec::with_capacity(64);
+    for i in 0..n + n / 10 {
+        let t = Instant::now();
+        ping.send_json("echo", &body).unwrap();
+        batch.clear();
+        while batch.is_empty() {
+            ping.get_messages_timeout_into(&mut batch, WAIT).unwrap();
+        }
+        if i >= n / 10 {
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    ping.send_json("echo", "0").unwrap();
+    echo_thread.join().unwrap();
+    ping.disconnect(None).unwrap();
+    route.unspawn().unwrap();
+    lat
+}
+
+// ----- fan-in and idle memory -----------------------------------------------
+
+/// One thread drives `senders` clients round-robin (64 messages each per
+/// turn) into one listener; messages per second at the listener.
+fn fan_in(senders: usize, n: usize) -> f64 {
+    let (route, info, opts) = ipcm_route(Flavor::Uring);
+    let mut rx = Client::connect(&info, "sink", opts).unwrap();
+    let body = payload(64);
+    let per = n / senders;
+    let total = per * senders;
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let go = ready.clone();
+    let sender = std::thread::spawn(move || {
+        // Senders use epoll: a thousand rings would measure the kernel's
+        // ring setup, not the listener.
+        let sopts = Options::new().backend(BackendChoice::Epoll).listen(false);
+        let mut txs: Vec<Client> = (0..senders)
+            .map(|i| Client::connect(&info, &format!("s{i}"), sopts.clone()).unwrap())
+            .collect();
+        for tx in &mut txs {
+            // Connect (and say hello) before the clock starts.
+            tx.send_json("sink", "1").unwrap();
+        }
+        go.wait();
+        let mut left = vec![per; senders];
+        let mut remaining = total;
+        while remaining > 0 {
+            for (tx, l) in txs.iter_mut().zip(left.iter_mut()) {
+                let k = (*l).min(64);
+                for _ in 0..k {
+                    queue(tx, "sink", &body);
+                }
+                *l -= k;
+                remaining -= k;
+                tx.drain_pending();
+            }
+        }
+        for tx in &mut txs {
+            tx.flush_pending(Some(WAIT)).unwrap();
+        }
+        txs
+    });
+    ipcm_receive(&mut rx, senders);
+    ready.wait();
+    let start = Instant::now();
+    ipcm_receive(&mut rx, total);
+    let secs = start.elapsed().as_secs_f64();
+    for mut tx in sender.join().unwrap() {
+        tx.disconnect(None).unwrap();
+    }
+    rx.disconnect(None).unwrap();
+    route.unspawn().unwrap();
+    total as f64 / secs
+}
+
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize
+}
+
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+/// Child role: opens `count` connections to `socket`, says hello on each
+/// (Binary), prints `ready` and waits for stdin to close.
+fn idle_clients(socket: &str, count: usize) {
+    raise_fd_limit();
+    let mut conns = Vec::with_capacity(count);
+    for i in 0..count {
+        let mut s = loop {
+            match UnixStream::connect(socket) {
+                Ok(s) => break s,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1))
+                }
+                Err(e) => panic!("connect {i}: {e}"),
+            }
+        };
+        let mut payload = bytes::BytesMut::new();
+        Serializer::Binary.encode_hello(&format!("idle{i}"), &mut payload);
+        let mut frame = bytes::BytesMut::new();
+        ipcm::wire::encode_frame(&payload, &mut frame).unwrap();
+        s.write_all(&frame).unwrap();
+        conns.push(s);
+    }
+    println!("ready");
+    io::stdout().flush().unwrap();
+    let mut sink = Vec::new();
+    let _ = io::stdin().read_to_end(&mut sink);
+}
+
+/// Bytes of listener memory (RSS delta) per idle connection, with `count`
+/// connections held open by a child process.
+fn idle_cost(backend: BackendChoice, count: usize) -> Option<f64> {
+    raise_fd_limit();
+    let route = Route::spawn(None).unwrap();
+    let info = Info::new(Serializer::Binary, route.path());
+    let mut rx = Client::connect(&info, "sink", Options::new().backend(backend)).ok()?;
+    let mut batch = Vec::new();
+    // Warm up: one connection and message, so fixed costs are paid.
+    {
+        let mut c = Client::connect(&info, "warm", Options::new().listen(false)).unwrap();
+        c.send_json("sink", "1").unwrap();
+        rx.get_messages_timeout_into(&mut batch, WAIT).unwrap();
+        c.disconnect(None).unwrap();
+        for _ in 0..10 {
+            rx.get_messages_into(&mut batch).unwrap();
+        }
+    }
+    let before = rss_bytes();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("IPCM_COMPARE_ROLE", "idle-clients")
+        .env("IPCM_COMPARE_SOCKET", rx.path())
+        .env("IPCM_COMPARE_COUNT", count.to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut line = [0u8; 6];
+        stdout.read_exact(&mut line).is_ok()
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rx.connections().len() < count && Instant::now() < deadline {
+        rx.get_messages_timeout_into(&mut batch, Duration::from_millis(20))
+            .unwrap();
+    }
+    let connected = rx.connections().len();
+    let after = rss_bytes();
+    drop(child.stdin.take());
+    let _ = reader.join();
+    let _ = child.wait();
+    rx.disconnect(None).unwrap();
+    route.unspawn().unwrap();
+    if connected < count {
+        eprintln!("idle: only {connected} of {count} connections came up");
+        return None;
+    }
+    Some(after.saturating_sub(before) as f64 / count as f64)
+}
+
+// ----- reporting -------------------------------------------------------------
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+struct Row {
+    system: System,
+    size: usize,
+    rates: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+}
+
+fn write_svg(path: &PathBuf, rows: &[Row]) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max = rows
+        .iter()
+        .map(|r| median(&r.rates) * r.size as f64 / 1e6)
+        .fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "ipcm compare: throughput by payload size",
+            ("sans-serif", 22),
+        )
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((32f64..32768f64).log_scale(), 0f64..max * 1.1)?;
+    chart
+        .configure_mesh()
+        .x_desc("payload bytes")
+        .y_desc("MB/s (payload)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()?;
+    let colors = [RED, BLUE, GREEN, MAGENTA, BLACK];
+    for (i, sys) in SYSTEMS.iter().enumerate() {
+        let pts: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.system == *sys)
+            .map(|r| (r.size as f64, median(&r.rates) * r.size as f64 / 1e6))
+            .collect();
+        let c = colors[i % colors.len()];
+        chart
+            .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+            .label(sys.name())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c));
+        chart.draw_series(pts.iter().map(|p| Circle::new(*p, 4, c.filled())))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+fn main() {
+    if std::env::var("IPCM_COMPARE_ROLE").as_deref() == Ok("idle-clients") {
+        let socket = std::env::var("IPCM_COMPARE_SOCKET").unwrap();
+        let count = std::env::var("IPCM_COMPARE_COUNT")
+            .unwrap()
+            .parse()
+            .unwrap();
+        idle_clients(&socket, count);
+        return;
+    }
+    let quick = std::env::args().any(|a| a == "--quick");
+    let rounds = if quick { 3 } else { 5 };
+    let pings = if quick { 3_000 } else { 20_000 };
+    let fan_msgs = if quick { 256_000 } else { 1_024_000 };
+    let started = Instant::now();
+    if uring_or_epoll() != BackendChoice::IoUring {
+        eprintln!("note: io_uring unavailable; ipcm-uring and ipcm-json rows ran on epoll");
+    }
+    println!(
+        "ipcm compare ({}): {rounds} rounds, sender and receiver on separate threads",
+        if quick { "quick" } else { "full" }
+    );
+
+    // Throughput and round trips, every system side by side per round.
+    let mut rows: Vec<Row> = Vec::new();
+    for &size in &SIZES {
+        for &system in &SYSTEMS {
+            rows.push(Row {
+                system,
+                size,
+                rates: Vec::new(),
+                p50: Vec::new(),
+                p99: Vec::new(),
+            });
+        }
+    }
+    let mut busy: Vec<(System, Vec<f64>, Vec<f64>)> = SYSTEMS
+        .iter()
+        .filter(|s| **s != System::Tokio)
+        .map(|s| (*s, Vec::new(), Vec::new()))
+        .collect();
+    for round in 0..rounds {
+        for row in &mut rows {
+            let n = messages_for(row.size, quick);
+            let rate = match row.system {
+                System::Raw => raw_throughput(row.size, n),
+                System::Tokio => tokio_throughput(row.size, n),
+                System::Ipcm(f) => ipcm_throughput(f, row.size, n),
+            };
+            row.rates.push(rate);
+            let pn = if row.size > 1024 { pings / 4 } else { pings };
+            let mut lat = match row.system {
+                System::Raw => raw_ping_pong(row.size, pn, false),
+                System::Tokio => tokio_ping_pong(row.size, pn),
+                System::Ipcm(f) => ipcm_ping_pong(f, row.size, pn, false),
+            };
+            lat.sort_by(f64::total_cmp);
+            row.p50.push(pct(&lat, 0.5));
+            row.p99.push(pct(&lat, 0.99));
+        }
+        for (system, p50, p99) in &mut busy {
+            let mut lat = match system {
+                System::Raw => raw_ping_pong(64, pings, true),
+                System::Ipcm(f) => ipcm_ping_pong(*f, 64, pings, true),
+                System::Tokio => unreachable!(),
+            };
+            lat.sort_by(f64::total_cmp);
+            p50.push(pct(&lat, 0.5));
+            p99.push(pct(&lat, 0.99));
+        }
+        eprintln!(
+            "round {}/{rounds} done at {:.0}s",
+            round + 1,
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    let get = |sys: System, size: usize| {
+        rows.iter()
+            .find(|r| r.system == sys && r.size == size)
+            .unwrap()
+    };
+    let mut table = String::new();
+    writeln!(
+        table,
+        "\n{:<11} {:>7} {:>12} {:>9} {:>9} {:>9} {:>8} {:>9}",
+        "system", "payload", "msgs/s", "MB/s", "rtt p50", "rtt p99", "x raw", "x tokio"
+    )
+    .unwrap();
+    let mut csv = String::from(
+        "system,payload_bytes,msgs_per_s,mb_per_s,rtt_p50_us,rtt_p99_us,ratio_raw,ratio_tokio,rounds,bytes_per_conn\n",
+    );
+    for row in &rows {
+        let rate = median(&row.rates);
+        let mbs = rate * row.size as f64 / 1e6;
+        let raw = median(&get(System::Raw, row.size).rates);
+        let tok = median(&get(System::Tokio, row.size).rates);
+        let (p50, p99) = (median(&row.p50), median(&row.p99));
+        writeln!(
+            table,
+            "{:<11} {:>7} {:>12.0} {:>9.1} {:>7.1}us {:>7.1}us {:>8.2} {:>9.2}",
+            row.system.name(),
+            row.size,
+            rate,
+            mbs,
+            p50,
+            p99,
+            rate / raw,
+            rate / tok
+        )
+        .unwrap();
+        writeln!(
+            csv,
+            "{},{},{rate:.0},{mbs:.1},{p50:.2},{p99:.2},{:.4},{:.4},{rounds},",
+            row.system.name(),
+            row.size,
+            rate / raw,
+            rate / tok
+        )
+        .unwrap();
+    }
+    print!("{table}");
+
+    println!("\nping-pong, 64 B, busy polling (raw: spinning non-blocking sockets)");
+    let raw_busy = median(&busy[0].1);
+    for (system, p50, p99) in &busy {
+        let (a, b) = (median(p50), median(p99));
+        println!(
+            "{:<11} p50 {a:>7.2}us  p99 {b:>7.2}us  p50 x raw {:.2}",
+            system.name(),
+            a / raw_busy
+        );
+        writeln!(
+            csv,
+            "{}-busy,64,,,{a:.2},{b:.2},{:.4},,{rounds},",
+            system.name(),
+            a / raw_busy
+        )
+        .unwrap();
+    }
+
+    // Fan-in: the same sender loop with 1 and with 1,000 clients.
+    raise_fd_limit();
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        one.push(fan_in(1, fan_msgs));
+        many.push(fan_in(1000, fan_msgs));
+    }
+    let (one, many) = (median(&one), median(&many));
+    println!(
+        "\nfan-in, 64 B Binary, listener on {:?}: 1 -> 1 {one:.0} msgs/s, 1000 -> 1 {many:.0} msgs/s, ratio {:.2}",
+        match uring_or_epoll() {
+            BackendChoice::IoUring => BackendKind::IoUring,
+            _ => BackendKind::Epoll,
+        },
+        many / one
+    );
+    writeln!(csv, "fan-in-1,64,{one:.0},,,,,,{rounds},").unwrap();
+    writeln!(
+        csv,
+        "fan-in-1000,64,{many:.0},,,,{:.4},,{rounds},",
+        many / one
+    )
+    .unwrap();
+
+    // Idle connections: listener memory per connection.
+    let idle = 10_000;
+    let mut idle_costs = Vec::new();
+    for (name, b) in [
+        ("io_uring", uring_or_epoll()),
+        ("epoll", BackendChoice::Epoll),
+    ] {
+        match idle_cost(b, idle) {
+            Some(c) => {
+                println!("idle connections ({name}): {idle} cost {c:.0} bytes of RSS each");
+                writeln!(csv, "idle-{name},,,,,,,,1,{c:.0}").unwrap();
+                idle_costs.push((name, c));
+            }
+            None => println!("idle connections ({name}): not measured (see above)"),
+        }
+    }
+
+    let dir = PathBuf::from(
+        std::env::var("CARGO_TARGET_DIR")
+            .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").to_string()),
+    )
+    .join("ipcm-compare");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("results.csv"), &csv).unwrap();
+    let svg = dir.join("results.svg");
+    if let Err(e) = write_svg(&svg, &rows) {
+        eprintln!("plot not written: {e}");
+    }
+    println!(
+        "\nwrote {} and {} in {:.0}s",
+        dir.join("results.csv").display(),
+        svg.display(),
+        started.elapsed().as_secs_f64()
+    );
+
+    let r = |sys, size| median(&get(sys, size).rates);
+    let u64_ = r(System::Ipcm(Flavor::Uring), 64);
+    let best64 = u64_.max(r(System::Ipcm(Flavor::Epoll), 64));
+    let best16k = r(System::Ipcm(Flavor::Uring), 16384).max(r(System::Ipcm(Flavor::Epoll), 16384));
+    let json = r(System::Ipcm(Flavor::Json), 64);
+    let blocking_pp = median(&get(System::Ipcm(Flavor::Uring), 64).p50)
+        .min(median(&get(System::Ipcm(Flavor::Epoll), 64).p50))
+        / median(&get(System::Raw, 64).p50);
+    let busy_pp = busy
+        .iter()
+        .filter(|b| b.0 != System::Raw && b.0 != System::Ipcm(Flavor::Json))
+        .map(|b| median(&b.1))
+        .fold(f64::INFINITY, f64::min)
+        / raw_busy;
+    let idle_txt = idle_costs
+        .iter()
+        .map(|(n, c)| format!("{n} {c:.0}B"))
+        .collect::<Vec<_>>()
+        .join("/");
+    println!(
+        "summary: 64B ipcm/raw {:.2} (target >=0.5), ipcm/tokio {:.2} (>=2); 16KiB ipcm/raw {:.2} (>=0.9); json 64B {:.2}M msgs/s (>=1.5M); ping-pong p50 x raw: blocking {:.2} (<=1.1), busy {:.2} (<=1.2); fan-in 1000/1 {:.2} (>=0.7); idle conn {idle_txt} (<4096B)",
+        best64 / r(System::Raw, 64),
+        best64 / r(System::Tokio, 64),
+        best16k / r(System::Raw, 16384),
+        json / 1e6,
+        blocking_pp,
+        busy_pp,
+        many / one,
+    );
+}
