@@ -292,7 +292,11 @@ fn ipcm_route(flavor: Flavor) -> (Route, Info, Options) {
         Flavor::Epoll => BackendChoice::Epoll,
         Flavor::Uring | Flavor::Json => uring_or_epoll(),
     };
-    (route, info, Options::new().backend(backend))
+    // A bounded outbox gives the sender back-pressure, as the socket buffer
+    // gives the raw sender and the codec's 8 KiB boundary gives tokio;
+    // the 16 MiB default would let it run ahead and churn memory.
+    let opts = Options::new().backend(backend).outbox_limit(256 * 1024);
+    (route, info, opts)
 }
 
 fn uring_or_epoll() -> BackendChoice {
@@ -635,7 +639,27 @@ fn main() {
         idle_clients(&socket, count);
         return;
     }
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--only") {
+        // `--only SYSTEM SIZE [MESSAGES]`: one throughput run, for profiling.
+        let system = *SYSTEMS
+            .iter()
+            .find(|s| Some(s.name()) == args.get(at + 1).map(String::as_str))
+            .expect("--only raw|tokio|ipcm-uring|ipcm-epoll|ipcm-json SIZE [MESSAGES]");
+        let size: usize = args[at + 2].parse().unwrap();
+        let n = args
+            .get(at + 3)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(messages_for(size, false));
+        let rate = match system {
+            System::Raw => raw_throughput(size, n),
+            System::Tokio => tokio_throughput(size, n),
+            System::Ipcm(f) => ipcm_throughput(f, size, n),
+        };
+        println!("{} {size} B: {rate:.0} msgs/s", system.name());
+        return;
+    }
+    let quick = args.iter().any(|a| a == "--quick");
     let rounds = if quick { 3 } else { 5 };
     let pings = if quick { 3_000 } else { 20_000 };
     let fan_msgs = if quick { 256_000 } else { 1_024_000 };

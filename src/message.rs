@@ -9,7 +9,6 @@ use std::cmp::Ordering;
 use std::fmt;
 use std::ops::Deref;
 use std::sync::Mutex;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -305,12 +304,21 @@ fn compare(a: &Message, b: &Message) -> Ordering {
 /// The current time as Perl stamps it: epoch seconds with (at most) 15
 /// significant digits, i.e. 10-microsecond resolution today.
 pub fn now_stamp() -> f64 {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    let ticks = d.as_secs() * 100_000 + u64::from(d.subsec_micros() / 10);
-    ticks as f64 / 100_000.0
+    now_ticks() as f64 / 100_000.0
 }
+
+/// The wall clock in 10-microsecond ticks since the epoch (one vDSO call,
+/// integer arithmetic only: this runs once per message sent).
+fn now_ticks() -> u64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+    let ticks = (t.tv_sec.max(0) as u64) * 100_000 + (t.tv_nsec.max(0) as u64) / 10_000;
+    LAST_MS.store(ticks / 100, std::sync::atomic::Ordering::Relaxed);
+    ticks
+}
+
+/// Milliseconds of the latest clock reading, for message ids (saves each
+/// id a second clock read).
+static LAST_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 static LAST_STAMP: Mutex<(f64, u64)> = Mutex::new((0.0, 0));
 
@@ -383,8 +391,46 @@ pub fn new_message_id() -> MessageId {
 }
 
 /// A fresh message id as 16 bytes (UUIDv7).
+///
+/// The time field is the latest stamp's millisecond (ids are unique, not
+/// ordered); the 74 random bits come from a per-thread generator seeded
+/// from the OS and reseeded after `fork`, so that no two processes or
+/// threads share a sequence.
 pub fn new_message_id_bytes() -> [u8; 16] {
-    uuid::Uuid::now_v7().into_bytes()
+    let mut ms = LAST_MS.load(std::sync::atomic::Ordering::Relaxed);
+    if ms == 0 {
+        ms = now_ticks() / 100;
+    }
+    let (a, b) = id_random();
+    let mut rand = [0u8; 10];
+    rand[..8].copy_from_slice(&a.to_le_bytes());
+    rand[8..].copy_from_slice(&b.to_le_bytes()[..2]);
+    *uuid::Builder::from_unix_timestamp_millis(ms, &rand)
+        .into_uuid()
+        .as_bytes()
+}
+
+thread_local! {
+    /// wyrand state and the fork generation it was seeded in.
+    static ID_RNG: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+fn id_random() -> (u64, u64) {
+    fn wyrand(state: &mut u64) -> u64 {
+        *state = state.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = u128::from(*state) * u128::from(*state ^ 0xe703_7ed1_a0b4_28db);
+        ((t >> 64) ^ t) as u64
+    }
+    let generation = crate::fork::generation();
+    ID_RNG.with(|cell| {
+        let mut state = match cell.get() {
+            Some((s, g)) if g == generation => s,
+            _ => u64::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..8].try_into().unwrap()),
+        };
+        let r = (wyrand(&mut state), wyrand(&mut state));
+        cell.set(Some((state, generation)));
+        r
+    })
 }
 
 #[cfg(test)]
@@ -399,6 +445,46 @@ mod tests {
         assert_eq!(s.as_bytes()[14], b'7');
         assert_eq!(s, s.to_ascii_uppercase());
         assert_ne!(s, new_message_id().as_str());
+        let ids: std::collections::HashSet<[u8; 16]> =
+            (0..100_000).map(|_| new_message_id_bytes()).collect();
+        assert_eq!(ids.len(), 100_000, "ids repeat");
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let id = uuid::Uuid::from_bytes(new_message_id_bytes());
+        let (secs, nanos) = id.get_timestamp().unwrap().to_unix();
+        let ms = secs * 1000 + u64::from(nanos) / 1_000_000;
+        assert!(now_ms.abs_diff(ms) < 5_000, "id time {ms} vs now {now_ms}");
+        assert_eq!(id.get_version_num(), 7);
+    }
+
+    #[test]
+    fn a_forked_child_draws_other_ids() {
+        new_message_id_bytes();
+        let mut fds = [0; 2];
+        // SAFETY: creates a pipe into the array we own.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: the child only draws an id, writes it and `_exit`s.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let id = new_message_id_bytes();
+            // SAFETY: writes 16 bytes from a live array, then ends the child.
+            unsafe {
+                libc::write(fds[1], id.as_ptr().cast(), 16);
+                libc::_exit(0);
+            }
+        }
+        let mine = new_message_id_bytes();
+        let mut theirs = [0u8; 16];
+        // SAFETY: reads into a live 16-byte array; waits for our child.
+        unsafe {
+            assert_eq!(libc::read(fds[0], theirs.as_mut_ptr().cast(), 16), 16);
+            libc::waitpid(pid, std::ptr::null_mut(), 0);
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+        assert_ne!(mine[6..], theirs[6..], "parent and child share a sequence");
     }
 
     #[test]
