@@ -169,6 +169,8 @@ pub struct Core {
     to_close: Vec<ConnId>,
     closed: Vec<Closed>,
     arena: BytesMut,
+    /// Retired send arenas, reclaimed once their frames are all written.
+    arenas: crate::wire::BufferPool,
 }
 
 impl Core {
@@ -190,6 +192,7 @@ impl Core {
             to_close: Vec::new(),
             closed: Vec::new(),
             arena: BytesMut::new(),
+            arenas: crate::wire::BufferPool::new(64 * 1024, 4),
         }
     }
 
@@ -589,7 +592,9 @@ impl Core {
 
     fn resolve_hello(&mut self, id: ConnId, frame: &Bytes) -> bool {
         let peer = match self.serializer.decode_hello(frame) {
-            Ok(Some(p)) => p,
+            // A copy: a slice would pin the whole receive buffer the hello
+            // arrived in for the life of the connection.
+            Ok(Some(p)) => ByteStr::copy_from(&p),
             Ok(None) => {
                 log::warn!("ConnectionUnix: hello frame missing peer id");
                 self.close(id, None);
@@ -697,10 +702,16 @@ impl Core {
         write: impl FnOnce(&Serializer, &mut BytesMut) -> crate::Result<()>,
     ) -> crate::Result<Bytes> {
         let Core {
-            arena, serializer, ..
+            arena,
+            arenas,
+            serializer,
+            ..
         } = self;
         if arena.capacity() < 4096 {
-            arena.reserve(64 * 1024);
+            // Frames still queued keep the old arena alive; it joins the
+            // spares and is reused in place once they have been written.
+            let fresh = arenas.take();
+            arenas.put(std::mem::replace(arena, fresh));
         }
         build_frame(arena, |b| write(serializer, b))
     }

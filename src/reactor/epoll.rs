@@ -8,13 +8,14 @@
 //! a write that could not start waits for the `OUT` edge and then completes
 //! with 0 bytes, which tells the core to try again.
 
-use std::io::{self, IoSlice};
+use std::io;
+use std::os::fd::AsRawFd;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
 use rustix::event::epoll;
 use rustix::io::Errno;
-use rustix::net::{SendAncillaryBuffer, SendFlags, SocketFlags};
+use rustix::net::SocketFlags;
 
 use super::{Backend, BackendKind, Completion, ConnTable, Waker};
 use crate::proto::{ConnId, Outbox, RecvBuf};
@@ -233,7 +234,10 @@ impl Backend for EpollBackend {
         let mut total = 0usize;
         let mut skip_frames = 0usize;
         let mut skip_bytes = outbox.front_offset();
-        let mut slices = [IoSlice::new(&[]); IOV_BATCH];
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; IOV_BATCH];
         let result = loop {
             let mut count = 0;
             let mut want = 0;
@@ -245,18 +249,32 @@ impl Backend for EpollBackend {
             {
                 let s = if i == 0 { &f[skip_bytes..] } else { &f[..] };
                 want += s.len();
-                slices[i] = IoSlice::new(s);
-                count += 1;
+                count = super::push_iovec(&mut iov, count, s);
             }
             if count == 0 {
                 break Ok(());
             }
-            match rustix::net::sendmsg(
-                &c.fd,
-                &slices[..count],
-                &mut SendAncillaryBuffer::default(),
-                SendFlags::NOSIGNAL | SendFlags::DONTWAIT,
-            ) {
+            // SAFETY: an all-zero msghdr is a valid empty header.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = count as _;
+            // SAFETY: the iovecs point into frames the outbox keeps alive
+            // for this call; the kernel only reads them.
+            let rc = unsafe {
+                libc::sendmsg(
+                    c.fd.as_raw_fd(),
+                    &msg,
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+                )
+            };
+            let sent = if rc < 0 {
+                Err(Errno::from_raw_os_error(
+                    std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+                ))
+            } else {
+                Ok(rc as usize)
+            };
+            match sent {
                 Ok(n) => {
                     total += n;
                     // Move the cursor past what was written.

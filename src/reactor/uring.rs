@@ -557,10 +557,17 @@ impl Backend for UringBackend {
         let offset = outbox.front_offset();
         for (i, f) in st.frames.iter().enumerate() {
             let s = if i == 0 { &f[offset..] } else { &f[..] };
-            st.iov.push(libc::iovec {
-                iov_base: s.as_ptr() as *mut libc::c_void,
-                iov_len: s.len(),
-            });
+            // Frames built one after another in the send arena are adjacent
+            // in memory: one iovec covers them all.
+            match st.iov.last_mut() {
+                Some(last) if (last.iov_base as usize) + last.iov_len == s.as_ptr() as usize => {
+                    last.iov_len += s.len();
+                }
+                _ => st.iov.push(libc::iovec {
+                    iov_base: s.as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                }),
+            }
         }
         st.msg.msg_iov = st.iov.as_mut_ptr();
         st.msg.msg_iovlen = st.iov.len() as _;

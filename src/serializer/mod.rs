@@ -252,6 +252,41 @@ impl Serializer {
             .map_err(DecodeError::Invalid)
     }
 
+    /// Appends the payload of a new message from `from` to `to` whose
+    /// content is the JSON text `content_json` (a fresh id and stamp), as a
+    /// client's send does before framing it.
+    pub fn encode_payload(
+        &self,
+        from: &str,
+        to: &str,
+        content_json: &str,
+        out: &mut BytesMut,
+    ) -> Result<()> {
+        self.encode_message::<()>(
+            &Outgoing {
+                from,
+                to,
+                content: Content::Raw(content_json),
+                id: None,
+                stamp: None,
+                stamp_ord: None,
+                broadcast: false,
+                extra: &[],
+            },
+            out,
+        )
+    }
+
+    /// Decodes a message payload as a client's receive does: `Ok(None)` for
+    /// a hello or a payload that is not an object, an error for one that
+    /// does not decode or breaks the envelope's rules.
+    pub fn decode_payload(&self, payload: &Bytes) -> Result<Option<Message>> {
+        self.decode_message(payload).map_err(|e| match e {
+            DecodeError::Malformed(text) => Error::Serialize(text),
+            DecodeError::Invalid(e) => e,
+        })
+    }
+
     /// Serializes any value (stats files).
     pub fn encode_value<T: Serialize + ?Sized>(&self, value: &T, out: &mut BytesMut) -> Result<()> {
         match self {

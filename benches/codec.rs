@@ -1,0 +1,88 @@
+//! Codec costs per message, in memory (no I/O): framing, and the Json and
+//! Binary envelopes, encoded and decoded. `cargo bench --bench codec`.
+
+use std::hint::black_box;
+
+use bytes::{Bytes, BytesMut};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ipcm::Serializer;
+use ipcm::wire::{BufferPool, FrameDecoder, encode_frame};
+
+fn content(size: usize) -> String {
+    let mut s = String::from("\"");
+    s.extend((0..size.saturating_sub(2)).map(|i| (b'a' + (i % 26) as u8) as char));
+    s.push('"');
+    s
+}
+
+fn frames(c: &mut Criterion) {
+    let mut g = c.benchmark_group("frame");
+    for size in [64usize, 1024, 16384] {
+        let payload = vec![7u8; size];
+        g.throughput(Throughput::Elements(1));
+        let mut out = BytesMut::with_capacity(1 << 20);
+        g.bench_function(format!("encode/{size}"), |b| {
+            b.iter(|| {
+                if out.len() > (1 << 20) - size - 8 {
+                    out.clear();
+                }
+                encode_frame(black_box(&payload), &mut out).unwrap();
+            })
+        });
+        // 64 frames back to back, decoded from one buffer per iteration.
+        let mut stream = BytesMut::new();
+        for _ in 0..64 {
+            encode_frame(&payload, &mut stream).unwrap();
+        }
+        let stream = stream.freeze();
+        let mut pool = BufferPool::new(64 * 1024, 8);
+        let mut dec = FrameDecoder::new(64 << 20);
+        g.throughput(Throughput::Elements(64));
+        g.bench_function(format!("decode64/{size}"), |b| {
+            b.iter(|| {
+                dec.push_slice(&stream, &mut pool);
+                let mut n = 0;
+                while let Some(f) = dec.next_frame().unwrap() {
+                    n += f.len();
+                }
+                dec.release(&mut pool);
+                black_box(n)
+            })
+        });
+    }
+    g.finish();
+}
+
+fn envelopes(c: &mut Criterion) {
+    let mut g = c.benchmark_group("envelope");
+    g.throughput(Throughput::Elements(1));
+    for (name, ser) in [("json", Serializer::Json), ("binary", Serializer::Binary)] {
+        for size in [64usize, 1024] {
+            let body = content(size);
+            let mut out = BytesMut::with_capacity(1 << 20);
+            g.bench_function(format!("{name}/encode/{size}"), |b| {
+                b.iter(|| {
+                    if out.capacity() - out.len() < size + 256 {
+                        out.clear();
+                    }
+                    ser.encode_payload("sender", "receiver", black_box(&body), &mut out)
+                        .unwrap();
+                })
+            });
+            let mut one = BytesMut::new();
+            ser.encode_payload("sender", "receiver", &body, &mut one)
+                .unwrap();
+            let payload: Bytes = one.freeze();
+            g.bench_function(format!("{name}/decode/{size}"), |b| {
+                b.iter(|| {
+                    let m = ser.decode_payload(black_box(&payload)).unwrap().unwrap();
+                    black_box(m.content_json().len())
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, frames, envelopes);
+criterion_main!(benches);
