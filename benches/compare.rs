@@ -672,6 +672,23 @@ fn main() {
         if quick { "quick" } else { "full" }
     );
 
+    // Idle connections first, while this process's heap is still small:
+    // listener memory per connection (RSS delta).
+    let idle = 10_000;
+    let mut idle_costs = Vec::new();
+    for (name, b) in [
+        ("io_uring", uring_or_epoll()),
+        ("epoll", BackendChoice::Epoll),
+    ] {
+        match idle_cost(b, idle) {
+            Some(c) => {
+                println!("idle connections ({name}): {idle} cost {c:.0} bytes of RSS each");
+                idle_costs.push((name, c));
+            }
+            None => println!("idle connections ({name}): not measured (see above)"),
+        }
+    }
+
     // Throughput and round trips, every system side by side per round.
     let mut rows: Vec<Row> = Vec::new();
     for &size in &SIZES {
@@ -814,23 +831,9 @@ fn main() {
     )
     .unwrap();
 
-    // Idle connections: listener memory per connection.
-    let idle = 10_000;
-    let mut idle_costs = Vec::new();
-    for (name, b) in [
-        ("io_uring", uring_or_epoll()),
-        ("epoll", BackendChoice::Epoll),
-    ] {
-        match idle_cost(b, idle) {
-            Some(c) => {
-                println!("idle connections ({name}): {idle} cost {c:.0} bytes of RSS each");
-                writeln!(csv, "idle-{name},,,,,,,,1,{c:.0}").unwrap();
-                idle_costs.push((name, c));
-            }
-            None => println!("idle connections ({name}): not measured (see above)"),
-        }
+    for (name, c) in &idle_costs {
+        writeln!(csv, "idle-{name},,,,,,,,1,{c:.0}").unwrap();
     }
-
     let dir = PathBuf::from(
         std::env::var("CARGO_TARGET_DIR")
             .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/target").to_string()),

@@ -315,7 +315,13 @@ pub fn now_stamp() -> f64 {
 /// The wall clock in 10-microsecond ticks since the epoch (one vDSO call,
 /// integer arithmetic only: this runs once per message sent).
 fn now_ticks() -> u64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+    // libc's (not rustix's own vDSO lookup, which valgrind cannot follow).
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the current time into a timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut t) };
     let ticks = (t.tv_sec.max(0) as u64) * 100_000 + (t.tv_nsec.max(0) as u64) / 10_000;
     LAST_MS.store(ticks / 100, std::sync::atomic::Ordering::Relaxed);
     ticks

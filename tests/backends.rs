@@ -166,7 +166,58 @@ fn backend_choice_parses_names() {
     assert_eq!(BackendChoice::parse("kqueue"), None);
 }
 
+/// Busy polling: waits spin instead of sleeping, yet deliver the same
+/// messages; `queue_json` + `flush_pending` write everything before
+/// returning; `get_messages_into` appends after what the vector holds.
+fn busy_polling_and_batch_apis_deliver_everything(backend: BackendChoice) {
+    let t = TestRoute::new(backend);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let opts = Options::new().backend(backend).busy_poll(true);
+    let mut rx = Client::connect(&info, "rx", opts.clone()).unwrap();
+    let mut tx = Client::connect(&info, "tx", opts.listen(false)).unwrap();
+    for i in 0..1000 {
+        tx.queue_json("rx", &i.to_string()).unwrap();
+    }
+    assert!(matches!(
+        tx.queue_json("rx", "  "),
+        Err(Error::ContentRequired)
+    ));
+    tx.flush_pending(Some(Duration::from_secs(10))).unwrap();
+    assert!(!tx.have_pending_sends());
+    let mut inbox = Vec::new();
+    let first = {
+        // A message already in the vector stays first.
+        tx.send_json("rx", "\"marker\"").unwrap();
+        rx.get_messages_timeout_into(&mut inbox, Duration::from_secs(10))
+            .unwrap()
+    };
+    assert!(first >= 1);
+    let start = Instant::now();
+    while inbox.len() < 1001 && start.elapsed() < Duration::from_secs(10) {
+        let before = inbox.len();
+        let n = rx
+            .get_messages_timeout_into(&mut inbox, Duration::from_millis(100))
+            .unwrap();
+        assert_eq!(inbox.len(), before + n);
+    }
+    let got: Vec<&str> = inbox.iter().map(|m| m.content_json()).collect();
+    let mut want: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+    want.push("\"marker\"".into());
+    assert_eq!(got, want, "every message, in send order");
+    // A busy-polling wait with nothing to receive still ends at its timeout.
+    let t0 = Instant::now();
+    assert_eq!(
+        rx.get_messages_timeout_into(&mut inbox, Duration::from_millis(50))
+            .unwrap(),
+        0
+    );
+    assert!(t0.elapsed() >= Duration::from_millis(50));
+    tx.disconnect(None).unwrap();
+    rx.disconnect(None).unwrap();
+}
+
 per_backend!(
+    busy_polling_and_batch_apis_deliver_everything,
     waker_interrupts_a_blocking_wait_and_is_free_when_awake,
     ten_thousand_connection_cycles_leak_nothing,
     client_create_drop_cycles_leak_no_descriptors,

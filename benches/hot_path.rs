@@ -1,0 +1,55 @@
+//! A single-threaded, deterministic run of the hot paths for instruction
+//! counting: `scripts/callgrind.sh` runs it under
+//! `valgrind --tool=callgrind` at two message counts and divides the
+//! difference, which cancels setup and teardown.
+//!
+//! Arguments: `[binary|json] [MESSAGES]` (defaults: binary, 10000). Both
+//! clients live on this thread (epoll backend: valgrind does not model
+//! io_uring's shared rings); each round queues 64 messages of 64 B content,
+//! flushes them and receives them.
+
+use std::time::Duration;
+
+use ipcm::{BackendChoice, Client, Info, Options, Route, Serializer};
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let ser = match args.first().map(String::as_str) {
+        Some("json") => Serializer::Json,
+        _ => Serializer::Binary,
+    };
+    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
+    let route = Route::spawn(None).unwrap();
+    let info = Info::new(ser, route.path());
+    let opts = Options::new().backend(BackendChoice::Epoll);
+    let mut rx = Client::connect(&info, "sink", opts.clone()).unwrap();
+    let mut tx = Client::connect(&info, "src", opts.listen(false)).unwrap();
+    let content = "\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd\"";
+    let mut inbox = Vec::with_capacity(4096);
+    let mut sent = 0;
+    let mut bytes = 0;
+    while sent < n {
+        let k = (n - sent).min(64);
+        for _ in 0..k {
+            tx.queue_json("sink", content).unwrap();
+        }
+        tx.flush_pending(Some(Duration::from_secs(30))).unwrap();
+        let mut got = 0;
+        while got < k {
+            inbox.clear();
+            got += rx
+                .get_messages_timeout_into(&mut inbox, Duration::from_secs(30))
+                .unwrap();
+            bytes += inbox.iter().map(|m| m.content_json().len()).sum::<usize>();
+        }
+        sent += k;
+    }
+    assert_eq!(bytes, n * content.len());
+    tx.disconnect(None).unwrap();
+    rx.disconnect(None).unwrap();
+    route.unspawn().unwrap();
+    println!("moved {n} messages");
+}
