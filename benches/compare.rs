@@ -659,6 +659,32 @@ fn main() {
         println!("{} {size} B: {rate:.0} msgs/s", system.name());
         return;
     }
+    if let Some(at) = args.iter().position(|a| a == "--only-pp") {
+        // `--only-pp SYSTEM busy|blocking [ROUND_TRIPS]`: one 64 B
+        // ping-pong run, for profiling.
+        let system = *SYSTEMS
+            .iter()
+            .find(|s| Some(s.name()) == args.get(at + 1).map(String::as_str))
+            .expect("--only-pp SYSTEM busy|blocking [ROUND_TRIPS]");
+        let spin = args.get(at + 2).map(String::as_str) == Some("busy");
+        let n = args
+            .get(at + 3)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(20_000);
+        let mut lat = match system {
+            System::Raw => raw_ping_pong(64, n, spin),
+            System::Tokio => tokio_ping_pong(64, n),
+            System::Ipcm(f) => ipcm_ping_pong(f, 64, n, spin),
+        };
+        lat.sort_by(f64::total_cmp);
+        println!(
+            "{} ping-pong: p50 {:.2}us p99 {:.2}us",
+            system.name(),
+            pct(&lat, 0.5),
+            pct(&lat, 0.99)
+        );
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let rounds = if quick { 3 } else { 5 };
     let pings = if quick { 3_000 } else { 20_000 };

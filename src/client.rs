@@ -264,6 +264,7 @@ impl Client {
         let mut core = Core::new(serializer.clone(), opts.limits.clone());
         *core.stats_mut() = stats;
         let mut reactor = Reactor::new(core, backend);
+        reactor.set_busy_poll(opts.busy_poll);
         if !opts.allow_any_uid {
             let mut uids = vec![rustix::process::geteuid().as_raw()];
             uids.extend(route_owner);
@@ -1147,19 +1148,35 @@ impl Client {
         let deadline = Instant::now() + timeout;
         let start = out.len();
         self.get_messages_into(out)?;
+        if self.opts.busy_poll {
+            // Spin on zero-timeout turns; the clock and the housekeeping
+            // of `collect_into` are looked at only every 64th turn.
+            let mut spins = 0u32;
+            while out.len() == start {
+                spins = spins.wrapping_add(1);
+                if spins.is_multiple_of(64) {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    self.collect_into(out, start);
+                }
+                std::hint::spin_loop();
+                self.reactor
+                    .turn(Some(Duration::ZERO))
+                    .map_err(|e| Error::io("reactor poll failed", e))?;
+                if self.reactor.core().has_messages() {
+                    self.collect_into(out, start);
+                }
+            }
+            return Ok(out.len() - start);
+        }
         while out.len() == start {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            let wait = if self.opts.busy_poll {
-                std::hint::spin_loop();
-                Duration::ZERO
-            } else {
-                deadline - now
-            };
             self.reactor
-                .turn(Some(wait))
+                .turn(Some(deadline - now))
                 .map_err(|e| Error::io("reactor wait failed", e))?;
             self.collect_into(out, start);
         }

@@ -273,6 +273,10 @@ pub trait Backend: Send {
     /// where operations start synchronously).
     fn submit(&mut self);
 
+    /// Tells the backend its owner spins on zero-timeout polls (busy
+    /// polling), so it may look for data in cheaper ways than a full poll.
+    fn set_busy_poll(&mut self, _spin: bool) {}
+
     /// Collects finished operations, waiting up to `timeout` (`None`:
     /// forever) when there are none yet.
     fn poll(
@@ -541,6 +545,11 @@ impl Reactor {
             self.flush();
         }
         Ok(())
+    }
+
+    /// See [`Backend::set_busy_poll`].
+    pub fn set_busy_poll(&mut self, spin: bool) {
+        self.backend.set_busy_poll(spin);
     }
 
     /// Closes every connection and the listener.

@@ -132,7 +132,22 @@ pub struct UringBackend {
     /// could be reused by an unrelated socket before the kernel reads the
     /// SQE).
     deferred_close: Vec<OwnedFd>,
+    /// Busy polling: receives on the connections that last had data are
+    /// issued with `MSG_DONTWAIT`, so each spin's `io_uring_enter` performs
+    /// them inline (completing with data or `EAGAIN`, then re-armed) instead
+    /// of arming a poll whose wake-up goes through task work.
+    busy: bool,
+    hot: [Option<ConnId>; HOT],
+    spins: u32,
+    /// Busy polling: receives on hot connections, performed by direct
+    /// non-blocking reads on each spinning poll instead of SQEs.
+    parked: Vec<(ConnId, BytesMut)>,
 }
+
+/// Connections read directly while busy polling.
+const HOT: usize = 4;
+/// While busy polling, one spin in this many enters the ring.
+const BUSY_ENTER_EVERY: u32 = 16;
 
 impl std::fmt::Debug for UringBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -193,6 +208,10 @@ impl UringBackend {
             ready: Vec::new(),
             cqes: Vec::new(),
             deferred_close: Vec::new(),
+            busy: false,
+            hot: [None; HOT],
+            spins: 0,
+            parked: Vec::new(),
         })
     }
 
@@ -405,6 +424,10 @@ impl UringBackend {
                 } else {
                     Self::result(res)
                 };
+                if self.busy && res > 0 && !self.hot.contains(&Some(conn)) {
+                    self.hot.rotate_right(1);
+                    self.hot[0] = Some(conn);
+                }
                 if let Some(c) = self.conn(conn) {
                     if c.recv_op == Some(user_data) {
                         c.recv_op = None;
@@ -445,6 +468,162 @@ impl UringBackend {
             Op::Wake { .. } => {
                 self.wake_armed = false;
             }
+        }
+    }
+}
+
+impl UringBackend {
+    /// Arms a receive SQE (into `buf`, or a provided buffer for `Pooled`).
+    fn issue_recv(&mut self, id: ConnId, buf: RecvBuf, pool: &mut BufferPool) {
+        let Some(c) = self.conn(id) else {
+            if let RecvBuf::Partial(b) = buf {
+                pool.put(b);
+            }
+            return;
+        };
+        let fd = types::Fd(c.fd.as_raw_fd());
+        match buf {
+            RecvBuf::Partial(mut b) => {
+                let spare = b.spare_capacity_mut();
+                let (ptr, len) = (
+                    spare.as_mut_ptr().cast::<u8>(),
+                    spare.len().min(u32::MAX as usize) as u32,
+                );
+                let key = self.insert_op(Op::Recv {
+                    conn: id,
+                    buf: Some(b),
+                });
+                if let Some(c) = self.conn(id) {
+                    c.recv_op = Some(key);
+                }
+                let entry = opcode::Recv::new(fd, ptr, len).build();
+                // SAFETY: the buffer's heap memory is owned by `ops[key]`
+                // (moving the `BytesMut` does not move it) until reaped.
+                unsafe { self.push(entry.user_data(key)) };
+            }
+            RecvBuf::Pooled => {
+                self.selecting += 1;
+                self.replenish(pool);
+                let len = pool.buf_size().min(u32::MAX as usize) as u32;
+                let key = self.insert_op(Op::Recv {
+                    conn: id,
+                    buf: None,
+                });
+                if let Some(c) = self.conn(id) {
+                    c.recv_op = Some(key);
+                }
+                let entry = opcode::Recv::new(fd, std::ptr::null_mut(), len)
+                    .buf_group(BGID)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT);
+                // SAFETY: the kernel picks a buffer from `self.provided`,
+                // which keeps it until the completion names it.
+                unsafe { self.push(entry.user_data(key)) };
+            }
+        }
+    }
+
+    /// Busy polling: reads the parked receives directly (non-blocking);
+    /// those that find nothing stay parked. True if any was read.
+    fn read_parked(&mut self, pool: &mut BufferPool) -> bool {
+        let mut tried = false;
+        let mut parked = std::mem::take(&mut self.parked);
+        parked.retain_mut(|(id, buf)| {
+            let Some(c) = self.conns.get(*id) else {
+                pool.put(std::mem::take(buf));
+                return false;
+            };
+            tried = true;
+            let len = buf.len();
+            let result = loop {
+                match rustix::io::read(&c.fd, buf.spare_capacity_mut()) {
+                    Ok((init, _)) => break Ok(init.len()),
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(rustix::io::Errno::AGAIN) => return true,
+                    Err(e) => break Err(io::Error::from(e)),
+                }
+            };
+            if let Ok(n) = result {
+                // SAFETY: `read` initialised `n` bytes of the spare
+                // capacity, right after the `len` valid ones.
+                unsafe { buf.set_len(len + n) };
+            }
+            self.ready.push(Completion::Recv {
+                conn: *id,
+                buf: std::mem::take(buf),
+                result,
+            });
+            false
+        });
+        parked.append(&mut self.parked);
+        self.parked = parked;
+        tried
+    }
+
+    fn send_inner(&mut self, id: ConnId, outbox: &Outbox) -> usize {
+        let Some(c) = self.conn(id) else { return 0 };
+        if c.send_op.is_some() {
+            return 0;
+        }
+        let fd = types::Fd(c.fd.as_raw_fd());
+        let mut st = c.spare_send.take().unwrap_or_else(SendState::new);
+        st.frames.clear();
+        st.iov.clear();
+        st.frames.extend(outbox.frames().take(IOV_MAX).cloned());
+        let offset = outbox.front_offset();
+        for (i, f) in st.frames.iter().enumerate() {
+            let s = if i == 0 { &f[offset..] } else { &f[..] };
+            // Frames built one after another in the send arena are adjacent
+            // in memory: one iovec covers them all.
+            match st.iov.last_mut() {
+                Some(last) if (last.iov_base as usize) + last.iov_len == s.as_ptr() as usize => {
+                    last.iov_len += s.len();
+                }
+                _ => st.iov.push(libc::iovec {
+                    iov_base: s.as_ptr() as *mut libc::c_void,
+                    iov_len: s.len(),
+                }),
+            }
+        }
+        st.msg.msg_iov = st.iov.as_mut_ptr();
+        st.msg.msg_iovlen = st.iov.len() as _;
+        let held = st.frames.len();
+        let msg: *const libc::msghdr = &st.msg;
+        // Ranges above 4 GiB go through SENDMSG (SEND takes a u32 length).
+        let single: &[libc::iovec] = match st.iov.as_slice() {
+            [one] if one.iov_len <= u32::MAX as usize => &[*one],
+            _ => &[],
+        };
+        let key = self.insert_op(Op::Send {
+            conn: id,
+            state: st,
+        });
+        if let Some(c) = self.conn(id) {
+            c.send_op = Some(key);
+        }
+        let entry = if let [one] = single {
+            // One range (adjacent frames merged): a plain SEND skips
+            // importing the msghdr and iovec array.
+            opcode::Send::new(fd, one.iov_base as *const u8, one.iov_len as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        } else {
+            opcode::SendMsg::new(fd, msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        }
+        .user_data(key);
+        // SAFETY: `msg`, the iovecs and the frame bytes they point to are
+        // owned by the boxed state in `ops[key]` until the completion.
+        unsafe { self.push(entry) };
+        held
+    }
+
+    /// Turns parked receives back into armed SQEs (before a blocking wait,
+    /// or when busy polling ends).
+    fn unpark(&mut self, pool: &mut BufferPool) {
+        for (id, buf) in std::mem::take(&mut self.parked) {
+            self.issue_recv(id, RecvBuf::Partial(buf), pool);
         }
     }
 }
@@ -503,93 +682,22 @@ impl Backend for UringBackend {
         if c.recv_op.is_some() {
             return;
         }
-        let fd = types::Fd(c.fd.as_raw_fd());
-        match buf {
-            RecvBuf::Partial(mut b) => {
-                let spare = b.spare_capacity_mut();
-                let (ptr, len) = (
-                    spare.as_mut_ptr().cast::<u8>(),
-                    spare.len().min(u32::MAX as usize) as u32,
-                );
-                let key = self.insert_op(Op::Recv {
-                    conn: id,
-                    buf: Some(b),
-                });
-                if let Some(c) = self.conn(id) {
-                    c.recv_op = Some(key);
-                }
-                // SAFETY: the buffer's heap memory is owned by `ops[key]`
-                // (moving the `BytesMut` does not move it) until reaped.
-                unsafe { self.push(opcode::Recv::new(fd, ptr, len).build().user_data(key)) };
-            }
-            RecvBuf::Pooled => {
-                self.selecting += 1;
-                self.replenish(pool);
-                let len = pool.buf_size().min(u32::MAX as usize) as u32;
-                let key = self.insert_op(Op::Recv {
-                    conn: id,
-                    buf: None,
-                });
-                if let Some(c) = self.conn(id) {
-                    c.recv_op = Some(key);
-                }
-                let entry = opcode::Recv::new(fd, std::ptr::null_mut(), len)
-                    .buf_group(BGID)
-                    .build()
-                    .flags(squeue::Flags::BUFFER_SELECT);
-                // SAFETY: the kernel picks a buffer from `self.provided`,
-                // which keeps it until the completion names it.
-                unsafe { self.push(entry.user_data(key)) };
-            }
+        if self.busy && self.hot.contains(&Some(id)) {
+            // Busy polling a hot connection: the spinning polls read it
+            // directly (see `read_parked`), into a buffer of our own.
+            let buf = match buf {
+                RecvBuf::Pooled => pool.take(),
+                RecvBuf::Partial(b) => b,
+            };
+            self.parked.push((id, buf));
+            return;
         }
+        self.issue_recv(id, buf, pool);
     }
 
     fn send(&mut self, id: ConnId, outbox: &Outbox) -> usize {
-        let Some(c) = self.conn(id) else { return 0 };
-        if c.send_op.is_some() {
-            return 0;
-        }
-        let fd = types::Fd(c.fd.as_raw_fd());
-        let mut st = c.spare_send.take().unwrap_or_else(SendState::new);
-        st.frames.clear();
-        st.iov.clear();
-        st.frames.extend(outbox.frames().take(IOV_MAX).cloned());
-        let offset = outbox.front_offset();
-        for (i, f) in st.frames.iter().enumerate() {
-            let s = if i == 0 { &f[offset..] } else { &f[..] };
-            // Frames built one after another in the send arena are adjacent
-            // in memory: one iovec covers them all.
-            match st.iov.last_mut() {
-                Some(last) if (last.iov_base as usize) + last.iov_len == s.as_ptr() as usize => {
-                    last.iov_len += s.len();
-                }
-                _ => st.iov.push(libc::iovec {
-                    iov_base: s.as_ptr() as *mut libc::c_void,
-                    iov_len: s.len(),
-                }),
-            }
-        }
-        st.msg.msg_iov = st.iov.as_mut_ptr();
-        st.msg.msg_iovlen = st.iov.len() as _;
-        let held = st.frames.len();
-        let msg: *const libc::msghdr = &st.msg;
-        let key = self.insert_op(Op::Send {
-            conn: id,
-            state: st,
-        });
-        if let Some(c) = self.conn(id) {
-            c.send_op = Some(key);
-        }
-        let entry = opcode::SendMsg::new(fd, msg)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(key);
-        // SAFETY: `msg`, the iovecs and the frame bytes they point to are
-        // owned by the boxed state in `ops[key]` until the completion.
-        unsafe { self.push(entry) };
-        held
+        self.send_inner(id, outbox)
     }
-
     fn close(&mut self, id: ConnId) {
         let Some(c) = self.conns.remove(id) else {
             return;
@@ -608,7 +716,8 @@ impl Backend for UringBackend {
             .ops
             .iter()
             .filter(|(_, (_, op))| matches!(op, Op::Recv { buf: Some(_), .. } | Op::Send { .. }))
-            .count();
+            .count()
+            + self.parked.len();
         in_ops + self.provided_count
     }
 
@@ -632,12 +741,35 @@ impl Backend for UringBackend {
         out.append(&mut self.ready);
     }
 
+    fn set_busy_poll(&mut self, spin: bool) {
+        self.busy = spin;
+        if !spin {
+            self.hot = [None; HOT];
+        }
+    }
+
     fn poll(
         &mut self,
         timeout: Option<Duration>,
         out: &mut Vec<Completion>,
-        _pool: &mut BufferPool,
+        pool: &mut BufferPool,
     ) -> io::Result<()> {
+        if self.busy && timeout == Some(Duration::ZERO) && self.ready.is_empty() {
+            self.spins = self.spins.wrapping_add(1);
+            // Spinning: read the hot connections directly; enter the ring
+            // only when there is something to submit, or every
+            // BUSY_ENTER_EVERY spins for the rest.
+            if !self.spins.is_multiple_of(BUSY_ENTER_EVERY)
+                && self.ring.submission().is_empty()
+                && self.read_parked(pool)
+            {
+                self.reap();
+                out.append(&mut self.ready);
+                return Ok(());
+            }
+        } else if !self.parked.is_empty() && (!self.busy || timeout != Some(Duration::ZERO)) {
+            self.unpark(pool);
+        }
         self.arm_wake();
         self.reap();
         let mut timeout = if self.ready.is_empty() {

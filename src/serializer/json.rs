@@ -172,10 +172,9 @@ impl<'de> Deserialize<'de> for RawEnvelope<'de> {
                         "to" => env.to = opt_str(raw),
                         "content" => env.content = (raw.get() != "null").then_some(raw),
                         "id" => env.id = opt_str(raw),
-                        "stamp" => env.stamp = serde_json::from_str::<f64>(raw.get()).ok(),
+                        "stamp" => env.stamp = parse_number(raw.get()),
                         "stamp_ord" => {
-                            env.stamp_ord = serde_json::from_str::<f64>(raw.get())
-                                .ok()
+                            env.stamp_ord = parse_number(raw.get())
                                 .filter(|v| *v >= 0.0)
                                 .map(|v| v as u64)
                         }
@@ -220,9 +219,32 @@ pub(crate) fn is_truthy(raw: &RawValue) -> bool {
     !matches!(t, "null" | "false" | "0" | "\"\"" | "\"0\"" | "0.0")
 }
 
+/// A JSON number as the nearest `f64` (correctly rounded, unlike
+/// serde_json's fast path, which can miss by an ulp on long inputs and
+/// would then change a stamp that is passed on); `None` for anything else
+/// or a value out of range.
+fn parse_number(text: &str) -> Option<f64> {
+    let t = text.as_bytes();
+    if !matches!(t.first(), Some(b'-' | b'0'..=b'9')) {
+        return None;
+    }
+    text.parse::<f64>().ok().filter(|v| v.is_finite())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_stamps_parse_to_the_nearest_double() {
+        // Found by fuzzing: serde_json's fast float path was an ulp off, so
+        // a forwarded stamp changed.
+        let text = "17955651177777777737.1625";
+        assert_eq!(parse_number(text), Some(text.parse::<f64>().unwrap()));
+        assert_eq!(parse_number("1e400"), None);
+        assert_eq!(parse_number("\"1\""), None);
+        assert_eq!(parse_number("-2.5"), Some(-2.5));
+    }
 
     #[test]
     fn non_ascii_is_escaped_with_surrogates() {
