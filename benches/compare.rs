@@ -412,7 +412,11 @@ fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, spin: bool) -> Vec<f64>
 /// One thread drives `senders` clients round-robin (64 messages each per
 /// turn) into one listener; messages per second at the listener.
 fn fan_in(senders: usize, n: usize) -> f64 {
-    let (route, info, opts) = ipcm_route(Flavor::Uring);
+    fan_in_on(Flavor::Uring, senders, n)
+}
+
+fn fan_in_on(listener: Flavor, senders: usize, n: usize) -> f64 {
+    let (route, info, opts) = ipcm_route(listener);
     let mut rx = Client::connect(&info, "sink", opts).unwrap();
     let body = payload(64);
     let per = n / senders;
@@ -683,6 +687,23 @@ fn main() {
             pct(&lat, 0.5),
             pct(&lat, 0.99)
         );
+        return;
+    }
+    if let Some(at) = args.iter().position(|a| a == "--only-fan") {
+        // `--only-fan SENDERS [epoll]`: one fan-in run, for profiling.
+        raise_fd_limit();
+        let senders: usize = args[at + 1].parse().unwrap();
+        let flavor = if args.get(at + 2).map(String::as_str) == Some("epoll") {
+            Flavor::Epoll
+        } else {
+            Flavor::Uring
+        };
+        let n = args
+            .get(at + 3)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(1_024_000);
+        let rate = fan_in_on(flavor, senders, n);
+        println!("fan-in {senders} -> 1 ({flavor:?} listener): {rate:.0} msgs/s");
         return;
     }
     let quick = args.iter().any(|a| a == "--quick");

@@ -15,7 +15,7 @@ use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::message::{Message, sort_messages};
+use crate::message::{Message, sort_messages_with};
 use crate::proto::{ConnId, Core, CoreConfig, Enqueue};
 use crate::reactor::{BackendChoice, BackendKind, Reactor, make_backend};
 use crate::route::{EntryKind, Info, Route, Stats, names::check_local_id, pid_is_running};
@@ -206,6 +206,8 @@ pub struct Client {
     /// Whether `<name>.resume` may exist (set at connect and by
     /// `requeue_message`; only this client writes it).
     resume_pending: bool,
+    /// Scratch of the batch sort (kept to receive without allocating).
+    sort_keys: Vec<(i64, u64, u32)>,
 }
 
 fn since(t: Instant) -> f64 {
@@ -317,6 +319,7 @@ impl Client {
             opts,
             fork_generation: crate::fork::generation(),
             resume_pending: route_has_resume,
+            sort_keys: Vec::new(),
         })
     }
 
@@ -1195,7 +1198,7 @@ impl Client {
                 );
             }
         }
-        sort_messages(&mut out[start..]);
+        sort_messages_with(&mut out[start..], &mut self.sort_keys);
     }
 
     fn take_resumed(&mut self) -> Result<Vec<Message>> {
@@ -1407,18 +1410,62 @@ fn check_route(route: &Route, opts: &Options) -> Result<Option<u32>> {
     Ok(Some(meta.uid()))
 }
 
+/// Binds and listens on `path`. The socket is bound under a temporary
+/// dot-name in the same directory (which peers skip) and renamed into place
+/// once it listens, so that no peer ever finds the file of a socket that
+/// would still refuse it. An existing entry at `path` fails as `bind` would
+/// (`Address already in use`); where the rename cannot be done without
+/// replacing (`RENAME_NOREPLACE` unsupported), the socket is bound in place.
 fn bind_listener(path: &str, backlog: i32) -> Result<OwnedFd> {
     let err = |e: rustix::io::Errno| Error::ListenSocket {
         path: path.to_string(),
         err: e.into(),
     };
-    let fd = rustix::net::socket_with(
-        AddressFamily::UNIX,
-        SocketType::STREAM,
-        SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
-        None,
-    )
-    .map_err(err)?;
+    let socket = || {
+        rustix::net::socket_with(
+            AddressFamily::UNIX,
+            SocketType::STREAM,
+            SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+            None,
+        )
+        .map_err(err)
+    };
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let dir = Path::new(path).parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".ipcm-bind-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    if let (Ok(tmp_addr), Some(tmp_str)) = (SocketAddrUnix::new(&tmp), tmp.to_str()) {
+        let fd = socket()?;
+        if rustix::net::bind(&fd, &tmp_addr).is_ok() {
+            let placed = rustix::net::listen(&fd, backlog).and_then(|()| {
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    tmp_str,
+                    rustix::fs::CWD,
+                    path,
+                    rustix::fs::RenameFlags::NOREPLACE,
+                )
+            });
+            match placed {
+                Ok(()) => return Ok(fd),
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    match e {
+                        rustix::io::Errno::EXIST => {
+                            return Err(err(rustix::io::Errno::ADDRINUSE));
+                        }
+                        // No RENAME_NOREPLACE here: bind in place below.
+                        rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS => {}
+                        e => return Err(err(e)),
+                    }
+                }
+            }
+        }
+    }
+    let fd = socket()?;
     let addr = SocketAddrUnix::new(path).map_err(err)?;
     rustix::net::bind(&fd, &addr).map_err(err)?;
     if let Err(e) = rustix::net::listen(&fd, backlog) {
@@ -1451,6 +1498,7 @@ fn connect_socket(path: &str, timeout: Duration) -> Result<OwnedFd> {
             Err(rustix::io::Errno::AGAIN) if since(start) < timeout.as_secs_f64() => {
                 std::thread::sleep(Duration::from_millis(1));
             }
+
             Err(e) => return Err(err(e)),
         }
     }

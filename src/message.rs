@@ -292,11 +292,52 @@ impl Message {
 /// Orders messages as `get_messages` returns them: by stamp, then stamp_ord;
 /// a stable sort keeps arrival order among ties.
 pub fn sort_messages(msgs: &mut [Message]) {
-    // Messages from one connection arrive in order: the usual batch is
-    // sorted already, and checking costs neither a scratch allocation nor
-    // moves (the stable sort allocates for more than a few elements).
-    if !msgs.is_sorted_by(|a, b| compare(a, b) != Ordering::Greater) {
+    sort_messages_with(msgs, &mut Vec::new());
+}
+
+/// [`sort_messages`] with a reusable scratch vector: no allocation once
+/// `keys` has grown to the batch size.
+///
+/// Messages from one connection arrive in order, so the usual batch is
+/// sorted already and only checked. Otherwise (batches from many
+/// connections) the sort orders small keys, not the messages themselves:
+/// `(stamp, stamp_ord, position)` sorted unstably is the stable order, and
+/// the messages are then moved once each into place.
+pub(crate) fn sort_messages_with(msgs: &mut [Message], keys: &mut Vec<(i64, u64, u32)>) {
+    if msgs.is_sorted_by(|a, b| compare(a, b) != Ordering::Greater) {
+        return;
+    }
+    if msgs.len() > u32::MAX as usize {
         msgs.sort_by(compare);
+        return;
+    }
+    keys.clear();
+    keys.extend(msgs.iter().enumerate().map(|(i, m)| {
+        // `f64::total_cmp` order as an integer.
+        let bits = m.stamp.to_bits() as i64;
+        (
+            bits ^ ((((bits >> 63) as u64) >> 1) as i64),
+            m.stamp_ord,
+            i as u32,
+        )
+    }));
+    keys.sort_unstable();
+    // Apply the permutation in place: position i takes message keys[i].2.
+    const DONE: u32 = u32::MAX;
+    for i in 0..keys.len() {
+        if keys[i].2 == DONE {
+            continue;
+        }
+        let mut cur = i;
+        loop {
+            let next = keys[cur].2 as usize;
+            keys[cur].2 = DONE;
+            if next == i {
+                break;
+            }
+            msgs.swap(cur, next);
+            cur = next;
+        }
     }
 }
 
@@ -468,6 +509,24 @@ mod tests {
         let ms = secs * 1000 + u64::from(nanos) / 1_000_000;
         assert!(now_ms.abs_diff(ms) < 5_000, "id time {ms} vs now {now_ms}");
         assert_eq!(id.get_version_num(), 7);
+    }
+
+    #[test]
+    fn key_sort_is_the_stable_sort() {
+        // Interleaved runs with ties, negative and equal stamps.
+        let mut v = Vec::new();
+        for i in 0..500u64 {
+            let mut m = Message::new("a", "b", &i).unwrap();
+            m.set_stamp(((i * 7919) % 37) as f64 - 10.0, i % 3);
+            v.push(m);
+        }
+        let mut want = v.clone();
+        want.sort_by(compare);
+        let mut keys = Vec::new();
+        sort_messages_with(&mut v, &mut keys);
+        let got: Vec<&str> = v.iter().map(|m| m.content_json()).collect();
+        let want: Vec<&str> = want.iter().map(|m| m.content_json()).collect();
+        assert_eq!(got, want);
     }
 
     #[test]

@@ -50,7 +50,74 @@ fn expect_closed(s: &mut UnixStream, c: &mut Client) {
     }
 }
 
+/// A listener's socket file appears only once it listens (it is bound
+/// under a temporary dot-name and renamed into place), so a peer that finds
+/// it is never refused; the temporary name never stays behind; a second
+/// client of the same name is still refused; and a stale socket
+/// that nobody listens on is refused at once, as in Perl.
+fn socket_file_appears_only_once_listening(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let mut rx = t.connect("rx");
+    let leftovers: Vec<_> = fs::read_dir(t.route.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".ipcm-bind"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // A raw connect to the path succeeds straight away.
+    UnixStream::connect(t.file("rx")).unwrap();
+    let err = Client::connect(&t.info(), "rx", t.opts()).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    // Racing peers: each new listener is reachable the moment its file
+    // shows up.
+    let mut tx = t.connect_nl("tx");
+    for i in 0..50 {
+        let name = format!("l{i}");
+        let info = t.info();
+        let opts = t.opts();
+        let n2 = name.clone();
+        let h = std::thread::spawn(move || Client::connect(&info, &n2, opts).unwrap());
+        while !t.file(&name).exists() {
+            std::hint::spin_loop();
+        }
+        tx.send_json(&name, "1").unwrap();
+        let mut l = h.join().unwrap();
+        let got = poll(&mut l, 1);
+        assert_eq!(got.len(), 1);
+        l.disconnect(None).unwrap();
+    }
+
+    let path = t.file("never");
+    let fd = bound_unix_socket(&path);
+    let start = Instant::now();
+    let err = tx.send_json("never", "1").unwrap_err();
+    assert!(err.to_string().contains("Connection refused"), "{err}");
+    assert!(start.elapsed() < Duration::from_millis(500));
+    // SAFETY: closes the socket created above.
+    unsafe { libc::close(fd) };
+    tx.disconnect(None).unwrap();
+    rx.disconnect(None).unwrap();
+}
+
+fn bound_unix_socket(path: &std::path::Path) -> i32 {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: plain socket/bind calls on a zeroed sockaddr_un we fill in.
+    unsafe {
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        for (d, s) in addr.sun_path.iter_mut().zip(path.as_os_str().as_bytes()) {
+            *d = *s as libc::c_char;
+        }
+        let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        assert_eq!(libc::bind(fd, (&raw const addr).cast(), len), 0);
+        fd
+    }
+}
+
 per_backend!(
+    socket_file_appears_only_once_listening,
     simultaneous_connects_lose_nothing,
     garbage_hello_drops_connection_and_listener_keeps_serving,
     hello_without_id_drops_connection,

@@ -48,10 +48,15 @@ use crate::wire::BufferPool;
 
 /// Buffer group of the provided receive buffers.
 const BGID: u16 = 0x1c;
-/// Most buffers kept provided to the kernel; fewer while fewer receives
-/// wait on the group (one each, plus one), so a client with few
-/// connections pins little memory.
-const PROVIDED_TARGET: usize = 32;
+/// Buffers kept provided to the kernel: one per receive waiting on the
+/// group (plus one), but no more than recent demand calls for (at least
+/// [`PROVIDED_MIN`], at most [`PROVIDED_MAX`]): idle connections pin no
+/// buffers, and a thousand busy senders do not starve on `ENOBUFS`.
+const PROVIDED_MIN: usize = 32;
+/// Upper bound of provided buffers.
+const PROVIDED_MAX: usize = 4096;
+/// Completions applied per reap.
+const REAP_BATCH: usize = 256;
 /// Frames gathered by one `SENDMSG` (the kernel's `UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
 const SQ_ENTRIES: u32 = 256;
@@ -123,6 +128,9 @@ pub struct UringBackend {
     provided_count: usize,
     /// Armed receives that select a provided buffer.
     selecting: usize,
+    /// Buffer-selecting receives that completed (with data or `ENOBUFS`)
+    /// in recent reaps: a decaying maximum.
+    demand: usize,
     waker: Waker,
     wake_armed: bool,
     ready: Vec<Completion>,
@@ -203,6 +211,7 @@ impl UringBackend {
             provided: Vec::new(),
             provided_count: 0,
             selecting: 0,
+            demand: 0,
             waker: Waker::new()?,
             wake_armed: false,
             ready: Vec::new(),
@@ -307,9 +316,12 @@ impl UringBackend {
     }
 
     /// Keeps enough pooled buffers provided to the kernel for the
-    /// receives waiting on the group (see [`PROVIDED_TARGET`]).
+    /// receives waiting on the group (see [`PROVIDED_MIN`]).
     fn replenish(&mut self, pool: &mut BufferPool) {
-        let target = PROVIDED_TARGET.min(self.selecting + 1);
+        let want = PROVIDED_MIN
+            .max(self.demand + self.demand / 2)
+            .min(PROVIDED_MAX);
+        let target = want.min(self.selecting + 1);
         while self.provided_count < target {
             let bid = match self.provided.iter().position(Option::is_none) {
                 Some(i) => i,
@@ -348,13 +360,20 @@ impl UringBackend {
     /// Moves finished completions into `ready`.
     fn reap(&mut self) {
         self.cqes.clear();
-        for cqe in self.ring.completion() {
+        // A bounded batch per turn (as epoll's event array bounds it): with
+        // many busy connections, the data and messages of one turn stay
+        // small enough to stay in cache; the rest waits in the ring.
+        for cqe in self.ring.completion().take(REAP_BATCH) {
             self.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
         }
         let cqes = std::mem::take(&mut self.cqes);
+        let selecting = self.selecting;
         for &(user_data, res, flags) in &cqes {
             self.complete(user_data, res, flags);
         }
+        // Every buffer-selecting receive that completed wanted a buffer.
+        let seen = selecting.saturating_sub(self.selecting);
+        self.demand = seen.max(self.demand - self.demand / 8);
         self.cqes = cqes;
     }
 
@@ -772,7 +791,7 @@ impl Backend for UringBackend {
         }
         self.arm_wake();
         self.reap();
-        let mut timeout = if self.ready.is_empty() {
+        let mut timeout = if self.ready.is_empty() && self.ring.completion().is_empty() {
             timeout
         } else {
             Some(Duration::ZERO)
