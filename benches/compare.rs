@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use ipcm::{BackendChoice, BackendKind, Client, Error, Info, Message, Options, Route, Serializer};
+use ipcm::{BackendChoice, Client, Error, Info, Message, Options, Route, Serializer};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 const SIZES: [usize; 3] = [64, 1024, 16384];
@@ -410,11 +410,8 @@ fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, spin: bool) -> Vec<f64>
 // ----- fan-in and idle memory -----------------------------------------------
 
 /// One thread drives `senders` clients round-robin (64 messages each per
-/// turn) into one listener; messages per second at the listener.
-fn fan_in(senders: usize, n: usize) -> f64 {
-    fan_in_on(Flavor::Uring, senders, n)
-}
-
+/// turn) into one listener on `listener`'s backend; messages per second at
+/// the listener.
 fn fan_in_on(listener: Flavor, senders: usize, n: usize) -> f64 {
     let (route, info, opts) = ipcm_route(listener);
     let mut rx = Client::connect(&info, "sink", opts).unwrap();
@@ -854,29 +851,31 @@ fn main() {
         .unwrap();
     }
 
-    // Fan-in: the same sender loop with 1 and with 1,000 clients.
+    println!();
+    // Fan-in: the same sender loop with 1 and with 1,000 clients, for a
+    // listener on each backend.
     raise_fd_limit();
-    let (mut one, mut many) = (Vec::new(), Vec::new());
-    for _ in 0..rounds {
-        one.push(fan_in(1, fan_msgs));
-        many.push(fan_in(1000, fan_msgs));
+    let mut fan: Vec<(&str, f64, f64)> = Vec::new();
+    for (name, flavor) in [("io_uring", Flavor::Uring), ("epoll", Flavor::Epoll)] {
+        let (mut one, mut many) = (Vec::new(), Vec::new());
+        for _ in 0..rounds {
+            one.push(fan_in_on(flavor, 1, fan_msgs));
+            many.push(fan_in_on(flavor, 1000, fan_msgs));
+        }
+        let (one, many) = (median(&one), median(&many));
+        println!(
+            "fan-in, 64 B Binary, {name} listener: 1 -> 1 {one:.0} msgs/s, 1000 -> 1 {many:.0} msgs/s, ratio {:.2}",
+            many / one
+        );
+        writeln!(csv, "fan-in-1-{name},64,{one:.0},,,,,,{rounds},").unwrap();
+        writeln!(
+            csv,
+            "fan-in-1000-{name},64,{many:.0},,,,{:.4},,{rounds},",
+            many / one
+        )
+        .unwrap();
+        fan.push((name, one, many));
     }
-    let (one, many) = (median(&one), median(&many));
-    println!(
-        "\nfan-in, 64 B Binary, listener on {:?}: 1 -> 1 {one:.0} msgs/s, 1000 -> 1 {many:.0} msgs/s, ratio {:.2}",
-        match uring_or_epoll() {
-            BackendChoice::IoUring => BackendKind::IoUring,
-            _ => BackendKind::Epoll,
-        },
-        many / one
-    );
-    writeln!(csv, "fan-in-1,64,{one:.0},,,,,,{rounds},").unwrap();
-    writeln!(
-        csv,
-        "fan-in-1000,64,{many:.0},,,,{:.4},,{rounds},",
-        many / one
-    )
-    .unwrap();
 
     for (name, c) in &idle_costs {
         writeln!(csv, "idle-{name},,,,,,,,1,{c:.0}").unwrap();
@@ -900,32 +899,38 @@ fn main() {
     );
 
     let r = |sys, size| median(&get(sys, size).rates);
-    let u64_ = r(System::Ipcm(Flavor::Uring), 64);
-    let best64 = u64_.max(r(System::Ipcm(Flavor::Epoll), 64));
-    let best16k = r(System::Ipcm(Flavor::Uring), 16384).max(r(System::Ipcm(Flavor::Epoll), 16384));
-    let json = r(System::Ipcm(Flavor::Json), 64);
-    let blocking_pp = median(&get(System::Ipcm(Flavor::Uring), 64).p50)
-        .min(median(&get(System::Ipcm(Flavor::Epoll), 64).p50))
-        / median(&get(System::Raw, 64).p50);
-    let busy_pp = busy
+    let (u, e) = (System::Ipcm(Flavor::Uring), System::Ipcm(Flavor::Epoll));
+    let ratio = |size| {
+        let raw = r(System::Raw, size);
+        (r(u, size) / raw, r(e, size) / raw)
+    };
+    let (u64r, e64r) = ratio(64);
+    let (u16r, e16r) = ratio(16384);
+    let tok = r(System::Tokio, 64);
+    let rtt = |sys| median(&get(sys, 64).p50) / median(&get(System::Raw, 64).p50);
+    let busy_of = |sys| {
+        busy.iter()
+            .find(|b| b.0 == sys)
+            .map_or(f64::NAN, |b| median(&b.1) / raw_busy)
+    };
+    let fan_txt = fan
         .iter()
-        .filter(|b| b.0 != System::Raw && b.0 != System::Ipcm(Flavor::Json))
-        .map(|b| median(&b.1))
-        .fold(f64::INFINITY, f64::min)
-        / raw_busy;
+        .map(|(n, one, many)| format!("{n} {:.2}", many / one))
+        .collect::<Vec<_>>()
+        .join(" ");
     let idle_txt = idle_costs
         .iter()
         .map(|(n, c)| format!("{n} {c:.0}B"))
         .collect::<Vec<_>>()
-        .join("/");
+        .join(" ");
     println!(
-        "summary: 64B ipcm/raw {:.2} (target >=0.5), ipcm/tokio {:.2} (>=2); 16KiB ipcm/raw {:.2} (>=0.9); json 64B {:.2}M msgs/s (>=1.5M); ping-pong p50 x raw: blocking {:.2} (<=1.1), busy {:.2} (<=1.2); fan-in 1000/1 {:.2} (>=0.7); idle conn {idle_txt} (<4096B)",
-        best64 / r(System::Raw, 64),
-        best64 / r(System::Tokio, 64),
-        best16k / r(System::Raw, 16384),
-        json / 1e6,
-        blocking_pp,
-        busy_pp,
-        many / one,
+        "summary (io_uring/epoll): 64B x raw {u64r:.2}/{e64r:.2} (target >=0.5), x tokio {:.2}/{:.2} (>=2); 16KiB x raw {u16r:.2}/{e16r:.2} (>=0.9); json 64B {:.2}M msgs/s (>=1.5M); ping-pong p50 x raw blocking {:.2}/{:.2} (<=1.1), busy {:.2}/{:.2} (<=1.2); fan-in 1000/1 {fan_txt} (>=0.7); idle conn {idle_txt} (<4096B)",
+        r(u, 64) / tok,
+        r(e, 64) / tok,
+        r(System::Ipcm(Flavor::Json), 64) / 1e6,
+        rtt(u),
+        rtt(e),
+        busy_of(u),
+        busy_of(e),
     );
 }

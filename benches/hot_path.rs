@@ -3,7 +3,8 @@
 //! `valgrind --tool=callgrind` at two message counts and divides the
 //! difference, which cancels setup and teardown.
 //!
-//! Arguments: `[binary|json] [MESSAGES]` (defaults: binary, 10000). Both
+//! Arguments: `[binary|json|pingpong] [MESSAGES]` (defaults: binary,
+//! 10000; `pingpong` moves one Binary message each way at a time). Both
 //! clients live on this thread (epoll backend: valgrind does not model
 //! io_uring's shared rings); each round queues 64 messages of 64 B content,
 //! flushes them and receives them.
@@ -21,6 +22,9 @@ fn main() {
         Some("json") => Serializer::Json,
         _ => Serializer::Binary,
     };
+    // `pingpong`: one message at a time, blocking send, busy-polling
+    // receive (what one hop of a ping-pong costs in user space).
+    let ping_pong = args.first().map(String::as_str) == Some("pingpong");
     let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let route = Route::spawn(None).unwrap();
     let info = Info::new(ser, route.path());
@@ -31,6 +35,35 @@ fn main() {
     let mut inbox = Vec::with_capacity(4096);
     let mut sent = 0;
     let mut bytes = 0;
+    if ping_pong {
+        drop((tx, rx));
+        let opts = Options::new().backend(BackendChoice::Epoll).busy_poll(true);
+        let mut a = Client::connect(&info, "a", opts.clone()).unwrap();
+        let mut b = Client::connect(&info, "b", opts).unwrap();
+        for _ in 0..n {
+            a.send_json("b", content).unwrap();
+            inbox.clear();
+            while b
+                .get_messages_timeout_into(&mut inbox, Duration::from_secs(30))
+                .unwrap()
+                == 0
+            {}
+            b.send_json("a", inbox[0].content_json()).unwrap();
+            inbox.clear();
+            while a
+                .get_messages_timeout_into(&mut inbox, Duration::from_secs(30))
+                .unwrap()
+                == 0
+            {}
+            bytes += inbox[0].content_json().len();
+        }
+        assert_eq!(bytes, n * content.len());
+        a.disconnect(None).unwrap();
+        b.disconnect(None).unwrap();
+        route.unspawn().unwrap();
+        println!("{n} round trips");
+        return;
+    }
     while sent < n {
         let k = (n - sent).min(64);
         for _ in 0..k {

@@ -101,12 +101,14 @@ impl PartialEq<&str> for ByteStr {
     }
 }
 
-/// A message id: text as received, or a UUID formatted in place (binary
-/// routes carry 16 raw bytes).
+/// A message id: text as received, a UUID formatted in place, or the 16
+/// raw bytes a binary route carries, formatted on first use (most
+/// receivers never look at ids).
 #[derive(Clone, Debug)]
 pub(crate) enum MsgId {
     Text(ByteStr),
     Uuid(MessageId),
+    Raw([u8; 16], std::sync::OnceLock<MessageId>),
 }
 
 impl MsgId {
@@ -114,6 +116,7 @@ impl MsgId {
         match self {
             MsgId::Text(t) => t.as_str(),
             MsgId::Uuid(u) => u.as_str(),
+            MsgId::Raw(bytes, text) => text.get_or_init(|| MessageId::from_bytes(*bytes)).as_str(),
         }
     }
 }

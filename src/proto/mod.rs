@@ -10,7 +10,6 @@
 
 mod outbox;
 
-use std::collections::HashMap;
 use std::io;
 use std::time::{Duration, Instant};
 
@@ -155,7 +154,9 @@ pub struct Core {
     serializer: Serializer,
     conns: Slab<Conn>,
     next_generation: u32,
-    by_peer: HashMap<ByteStr, usize>,
+    /// Live connection per peer name (FxHash: the names come from this
+    /// user's own processes, so no flooding to defend against).
+    by_peer: rustc_hash::FxHashMap<ByteStr, usize>,
     inbox: Vec<Message>,
     inbox_bytes: usize,
     paused: bool,
@@ -181,7 +182,7 @@ impl Core {
             serializer,
             conns: Slab::new(),
             next_generation: 1,
-            by_peer: HashMap::new(),
+            by_peer: rustc_hash::FxHashMap::default(),
             inbox: Vec::new(),
             inbox_bytes: 0,
             paused: false,

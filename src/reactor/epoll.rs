@@ -304,10 +304,8 @@ impl Backend for EpollBackend {
         let mut total = 0usize;
         let mut skip_frames = 0usize;
         let mut skip_bytes = outbox.front_offset();
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; IOV_BATCH];
+        // Uninitialised: only the entries `push_iovec` writes are used.
+        let mut iov = [std::mem::MaybeUninit::<libc::iovec>::uninit(); IOV_BATCH];
         let result = loop {
             let mut count = 0;
             let mut want = 0;
@@ -328,13 +326,19 @@ impl Backend for EpollBackend {
             let rc = if count == 1 {
                 // One range (the usual case once adjacent frames merge):
                 // `send` skips importing a msghdr and an iovec array.
-                // SAFETY: the range lies in frames the outbox keeps alive
-                // for this call; the kernel only reads it.
-                unsafe { libc::send(c.fd.as_raw_fd(), iov[0].iov_base, iov[0].iov_len, flags) }
+                // SAFETY: `push_iovec` wrote entry 0; the range lies in
+                // frames the outbox keeps alive for this call; the kernel
+                // only reads it.
+                unsafe {
+                    let one = iov[0].assume_init_ref();
+                    libc::send(c.fd.as_raw_fd(), one.iov_base, one.iov_len, flags)
+                }
             } else {
                 // SAFETY: an all-zero msghdr is a valid empty header.
                 let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                msg.msg_iov = iov.as_mut_ptr();
+                // `MaybeUninit<iovec>` has iovec's layout; the first
+                // `count` entries are written.
+                msg.msg_iov = iov.as_mut_ptr().cast();
                 msg.msg_iovlen = count as _;
                 // SAFETY: the iovecs point into frames the outbox keeps
                 // alive for this call; the kernel only reads them.

@@ -568,17 +568,23 @@ impl Reactor {
 /// the send arena are adjacent); returns the new count. The kernel reads
 /// iovecs as plain address ranges, so adjacent ranges need not share an
 /// allocation.
-pub(crate) fn push_iovec(iov: &mut [libc::iovec], count: usize, s: &[u8]) -> usize {
-    if let Some(last) = count.checked_sub(1).map(|i| &mut iov[i])
-        && (last.iov_base as usize).wrapping_add(last.iov_len) == s.as_ptr() as usize
-    {
-        last.iov_len += s.len();
-        return count;
+pub(crate) fn push_iovec(
+    iov: &mut [std::mem::MaybeUninit<libc::iovec>],
+    count: usize,
+    s: &[u8],
+) -> usize {
+    if let Some(i) = count.checked_sub(1) {
+        // SAFETY: entries below `count` were written by earlier calls.
+        let last = unsafe { iov[i].assume_init_mut() };
+        if (last.iov_base as usize).wrapping_add(last.iov_len) == s.as_ptr() as usize {
+            last.iov_len += s.len();
+            return count;
+        }
     }
-    iov[count] = libc::iovec {
+    iov[count].write(libc::iovec {
         iov_base: s.as_ptr() as *mut libc::c_void,
         iov_len: s.len(),
-    };
+    });
     count + 1
 }
 
@@ -588,16 +594,19 @@ mod iovec_tests {
     fn adjacent_slices_share_an_iovec() {
         let buf = [1u8, 2, 3, 4, 5, 6];
         let other = [9u8; 2];
-        let mut iov = [libc::iovec {
-            iov_base: std::ptr::null_mut(),
-            iov_len: 0,
-        }; 4];
+        let mut iov = [std::mem::MaybeUninit::<libc::iovec>::uninit(); 4];
         let mut n = super::push_iovec(&mut iov, 0, &buf[..2]);
         n = super::push_iovec(&mut iov, n, &buf[2..5]);
-        assert_eq!((n, iov[0].iov_len), (1, 5));
+        assert_eq!(n, 1);
         n = super::push_iovec(&mut iov, n, &other);
         n = super::push_iovec(&mut iov, n, &buf[5..]);
         assert_eq!(n, 3);
+        // SAFETY: the calls above wrote the first `n` entries.
+        let iov: Vec<libc::iovec> = iov[..n]
+            .iter()
+            .map(|v| unsafe { v.assume_init() })
+            .collect();
+        assert_eq!(iov[0].iov_len, 5);
         assert_eq!(iov[1].iov_len, 2);
         assert_eq!(iov[2].iov_base as usize, buf[5..].as_ptr() as usize);
     }

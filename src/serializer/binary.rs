@@ -32,7 +32,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{Content, DecodeError, Outgoing};
 use crate::error::Error;
-use crate::message::{ByteStr, Message, MessageId, MsgId, new_message_id_bytes};
+use crate::message::{ByteStr, Message, MsgId, new_message_id_bytes};
 
 /// Magic bytes that start every binary payload.
 pub const MAGIC: [u8; 4] = *b"IPCB";
@@ -265,7 +265,7 @@ pub(crate) fn decode_message(payload: &Bytes) -> Result<Option<Message>, DecodeE
         from: ByteStr::slice_of(payload, p.from),
         to: (!p.to.is_empty()).then(|| ByteStr::slice_of(payload, p.to)),
         content: ByteStr::slice_of(payload, p.content),
-        id: MsgId::Uuid(MessageId::from_bytes(p.header.id)),
+        id: MsgId::Raw(p.header.id, std::sync::OnceLock::new()),
         stamp: p.header.stamp.get(),
         stamp_ord: p.header.stamp_ord.get(),
         broadcast,
