@@ -207,7 +207,7 @@ pub struct Client {
     /// `requeue_message`; only this client writes it).
     resume_pending: bool,
     /// Scratch of the batch sort (kept to receive without allocating).
-    sort_keys: Vec<(i64, u64, u32)>,
+    sort_scratch: crate::message::SortScratch,
 }
 
 fn since(t: Instant) -> f64 {
@@ -319,7 +319,7 @@ impl Client {
             opts,
             fork_generation: crate::fork::generation(),
             resume_pending: route_has_resume,
-            sort_keys: Vec::new(),
+            sort_scratch: Default::default(),
         })
     }
 
@@ -1198,7 +1198,7 @@ impl Client {
                 );
             }
         }
-        sort_messages_with(&mut out[start..], &mut self.sort_keys);
+        sort_messages_with(&mut out[start..], &mut self.sort_scratch);
     }
 
     fn take_resumed(&mut self) -> Result<Vec<Message>> {

@@ -295,18 +295,32 @@ impl Message {
 /// Orders messages as `get_messages` returns them: by stamp, then stamp_ord;
 /// a stable sort keeps arrival order among ties.
 pub fn sort_messages(msgs: &mut [Message]) {
-    sort_messages_with(msgs, &mut Vec::new());
+    sort_messages_with(msgs, &mut SortScratch::default());
 }
 
-/// [`sort_messages`] with a reusable scratch vector: no allocation once
-/// `keys` has grown to the batch size.
+/// Reusable buffers of [`sort_messages_with`].
+#[derive(Default)]
+pub(crate) struct SortScratch {
+    keys: Vec<(i64, u64, u32)>,
+    moved: Vec<std::mem::MaybeUninit<Message>>,
+}
+
+impl fmt::Debug for SortScratch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SortScratch")
+    }
+}
+
+/// [`sort_messages`] with reusable scratch: no allocation once the buffers
+/// have grown to the batch size.
 ///
 /// Messages from one connection arrive in order, so the usual batch is
 /// sorted already and only checked. Otherwise (batches from many
 /// connections) the sort orders small keys, not the messages themselves:
-/// `(stamp, stamp_ord, position)` sorted unstably is the stable order, and
-/// the messages are then moved once each into place.
-pub(crate) fn sort_messages_with(msgs: &mut [Message], keys: &mut Vec<(i64, u64, u32)>) {
+/// `(stamp, stamp_ord, position)` sorted unstably is the stable order.
+/// The messages are then moved twice, in bulk: out in key order, back in
+/// one copy.
+pub(crate) fn sort_messages_with(msgs: &mut [Message], scratch: &mut SortScratch) {
     if msgs.is_sorted_by(|a, b| compare(a, b) != Ordering::Greater) {
         return;
     }
@@ -314,6 +328,7 @@ pub(crate) fn sort_messages_with(msgs: &mut [Message], keys: &mut Vec<(i64, u64,
         msgs.sort_by(compare);
         return;
     }
+    let SortScratch { keys, moved } = scratch;
     keys.clear();
     keys.extend(msgs.iter().enumerate().map(|(i, m)| {
         // `f64::total_cmp` order as an integer.
@@ -325,23 +340,29 @@ pub(crate) fn sort_messages_with(msgs: &mut [Message], keys: &mut Vec<(i64, u64,
         )
     }));
     keys.sort_unstable();
-    // Apply the permutation in place: position i takes message keys[i].2.
-    const DONE: u32 = u32::MAX;
-    for i in 0..keys.len() {
-        if keys[i].2 == DONE {
-            continue;
-        }
-        let mut cur = i;
-        loop {
-            let next = keys[cur].2 as usize;
-            keys[cur].2 = DONE;
-            if next == i {
-                break;
-            }
-            msgs.swap(cur, next);
-            cur = next;
-        }
+    moved.clear();
+    moved.reserve(msgs.len());
+    let src = msgs.as_ptr();
+    for k in keys.iter() {
+        // SAFETY: the third key fields are a permutation of 0..len, so
+        // every message is read out exactly once; nothing below can panic
+        // (the capacity is reserved), and the copy back makes `msgs` own
+        // each message once again.
+        moved.push(std::mem::MaybeUninit::new(unsafe {
+            std::ptr::read(src.add(k.2 as usize))
+        }));
     }
+    // SAFETY: `moved` holds `msgs.len()` initialised messages; they are
+    // copied over the slots they were read from (no drop of the old bits),
+    // then forgotten in `moved` (`MaybeUninit` never drops).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            moved.as_ptr().cast::<Message>(),
+            msgs.as_mut_ptr(),
+            msgs.len(),
+        );
+    }
+    moved.clear();
 }
 
 fn compare(a: &Message, b: &Message) -> Ordering {
@@ -525,8 +546,9 @@ mod tests {
         }
         let mut want = v.clone();
         want.sort_by(compare);
-        let mut keys = Vec::new();
-        sort_messages_with(&mut v, &mut keys);
+        let mut scratch = SortScratch::default();
+        sort_messages_with(&mut v, &mut scratch);
+        sort_messages_with(&mut v, &mut scratch);
         let got: Vec<&str> = v.iter().map(|m| m.content_json()).collect();
         let want: Vec<&str> = want.iter().map(|m| m.content_json()).collect();
         assert_eq!(got, want);
