@@ -136,6 +136,20 @@ impl BufferPool {
         buf
     }
 
+    /// A buffer to receive a fresh read into: the most recently returned
+    /// spare with at least a quarter of `buf_size` free (the unused tail
+    /// of a buffer whose start still holds delivered frames serves the next
+    /// connection's read: a thousand connections reading a few KiB each
+    /// share buffers instead of each taking a fresh one), else as
+    /// [`BufferPool::take`].
+    pub fn take_recv(&mut self) -> BytesMut {
+        let min = self.buf_size / 4;
+        if let Some(i) = self.free.iter().rposition(|b| b.capacity() >= min) {
+            return self.free.swap_remove(i);
+        }
+        self.take()
+    }
+
     /// Returns an empty buffer to the pool (non-empty ones are dropped).
     pub fn put(&mut self, buf: BytesMut) {
         if buf.is_empty() && buf.capacity() > 0 && self.free.len() < self.max_idle {

@@ -129,7 +129,7 @@ impl EpollBackend {
         let Some(armed) = c.recv.take() else { return };
         let mut buf = match armed {
             RecvBuf::Partial(b) => b,
-            RecvBuf::Pooled => pool.take(),
+            RecvBuf::Pooled => pool.take_recv(),
         };
         loop {
             let len = buf.len();

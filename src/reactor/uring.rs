@@ -330,7 +330,7 @@ impl UringBackend {
                     self.provided.len() - 1
                 }
             };
-            let mut buf = pool.take();
+            let mut buf = pool.take_recv();
             let len = buf.capacity().min(i32::MAX as usize) as i32;
             let ptr = buf.as_mut_ptr();
             self.provided[bid] = Some(buf);
@@ -772,7 +772,7 @@ impl Backend for UringBackend {
             // Busy polling a hot connection: the spinning polls read it
             // directly (see `read_parked`), into a buffer of our own.
             let buf = match buf {
-                RecvBuf::Pooled => pool.take(),
+                RecvBuf::Pooled => pool.take_recv(),
                 RecvBuf::Partial(b) => b,
             };
             self.parked.push((id, buf));
