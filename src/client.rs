@@ -1187,9 +1187,13 @@ impl Client {
     }
 
     fn collect_into(&mut self, out: &mut Vec<Message>, start: usize) {
+        // Messages already past `start` (resumed ones, or an earlier
+        // collect of this call) need a sort with the new ones; otherwise
+        // the new ones are appended in order, each moved once.
+        let merge = out.len() > start;
         let core = self.reactor.core_mut();
         core.expire_unresolved();
-        core.take_messages(out);
+        core.take_messages_sorted(out, &mut self.sort_scratch);
         for c in core.take_closed() {
             if let (Some(e), Some(p)) = (c.write_error, c.peer) {
                 log::warn!(
@@ -1198,7 +1202,9 @@ impl Client {
                 );
             }
         }
-        sort_messages_with(&mut out[start..], &mut self.sort_scratch);
+        if merge {
+            sort_messages_with(&mut out[start..], &mut self.sort_scratch);
+        }
     }
 
     fn take_resumed(&mut self) -> Result<Vec<Message>> {

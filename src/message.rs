@@ -365,6 +365,47 @@ pub(crate) fn sort_messages_with(msgs: &mut [Message], scratch: &mut SortScratch
     moved.clear();
 }
 
+/// Moves every message of `src` to the end of `dst`, in sorted order (the
+/// order of [`sort_messages`]), each message moved once: the fan-in path,
+/// where a batch interleaves many senders and must be sorted.
+pub(crate) fn append_sorted(
+    src: &mut Vec<Message>,
+    dst: &mut Vec<Message>,
+    scratch: &mut SortScratch,
+) {
+    if src.len() > u32::MAX as usize || src.is_sorted_by(|a, b| compare(a, b) != Ordering::Greater)
+    {
+        let start = dst.len();
+        dst.append(src);
+        sort_messages_with(&mut dst[start..], scratch);
+        return;
+    }
+    let keys = &mut scratch.keys;
+    keys.clear();
+    keys.extend(src.iter().enumerate().map(|(i, m)| {
+        let bits = m.stamp.to_bits() as i64;
+        (
+            bits ^ ((((bits >> 63) as u64) >> 1) as i64),
+            m.stamp_ord,
+            i as u32,
+        )
+    }));
+    keys.sort_unstable();
+    dst.reserve(src.len());
+    let from = src.as_ptr();
+    // SAFETY: `src` gives up ownership first (length 0: a panic below
+    // would leak, never double-drop); the third key fields are a
+    // permutation of its indices, so each message is read exactly once;
+    // `dst` has the capacity reserved, so `push` neither reallocates nor
+    // panics.
+    unsafe {
+        src.set_len(0);
+        for k in keys.iter() {
+            dst.push(std::ptr::read(from.add(k.2 as usize)));
+        }
+    }
+}
+
 fn compare(a: &Message, b: &Message) -> Ordering {
     a.stamp
         .total_cmp(&b.stamp)
@@ -550,6 +591,26 @@ mod tests {
         sort_messages_with(&mut v, &mut scratch);
         sort_messages_with(&mut v, &mut scratch);
         let got: Vec<&str> = v.iter().map(|m| m.content_json()).collect();
+        let want: Vec<&str> = want.iter().map(|m| m.content_json()).collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn append_sorted_is_append_then_stable_sort() {
+        let mut src = Vec::new();
+        for i in 0..300u64 {
+            let mut m = Message::new("a", "b", &i).unwrap();
+            m.set_stamp(((i * 7919) % 31) as f64, i % 4);
+            src.push(m);
+        }
+        let mut dst = vec![Message::new("x", "y", &"first").unwrap()];
+        let mut want = src.clone();
+        want.sort_by(compare);
+        let mut scratch = SortScratch::default();
+        append_sorted(&mut src, &mut dst, &mut scratch);
+        assert!(src.is_empty());
+        assert_eq!(dst[0].content_json(), "\"first\"");
+        let got: Vec<&str> = dst[1..].iter().map(|m| m.content_json()).collect();
         let want: Vec<&str> = want.iter().map(|m| m.content_json()).collect();
         assert_eq!(got, want);
     }

@@ -718,6 +718,18 @@ impl Core {
         }
     }
 
+    /// [`Core::take_messages`], appending them to `into` sorted by stamp
+    /// (each message moved once).
+    pub(crate) fn take_messages_sorted(
+        &mut self,
+        into: &mut Vec<Message>,
+        scratch: &mut crate::message::SortScratch,
+    ) {
+        crate::message::append_sorted(&mut self.inbox, into, scratch);
+        let mut none = Vec::new();
+        self.take_messages(&mut none);
+    }
+
     /// Changes the inbox limit (see [`CoreConfig::inbox_limit`]).
     pub fn set_inbox_limit(&mut self, bytes: usize) {
         self.cfg.inbox_limit = bytes;
