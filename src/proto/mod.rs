@@ -725,9 +725,10 @@ impl Core {
         into: &mut Vec<Message>,
         scratch: &mut crate::message::SortScratch,
     ) {
-        crate::message::append_sorted(&mut self.inbox, into, scratch);
-        let mut none = Vec::new();
-        self.take_messages(&mut none);
+        if self.inbox.len() > 1 {
+            crate::message::append_sorted(&mut self.inbox, into, scratch);
+        }
+        self.take_messages(into);
     }
 
     /// Changes the inbox limit (see [`CoreConfig::inbox_limit`]).
