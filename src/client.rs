@@ -927,14 +927,7 @@ impl Client {
             .iter()
             .filter(|id| core.is_open(**id) && core.queued_bytes(**id) == 0)
             .count();
-        for c in self.reactor.core_mut().take_closed() {
-            if let (Some(e), Some(p)) = (c.write_error, c.peer) {
-                log::warn!(
-                    "ConnectionUnix: send to '{p}' failed during drain: {}",
-                    crate::error::strerror(&e)
-                );
-            }
-        }
+        self.warn_failed_sends(" during drain");
         emptied
     }
 
@@ -962,14 +955,7 @@ impl Client {
             self.reactor
                 .turn(Some(wait))
                 .map_err(|e| Error::io("reactor wait failed", e))?;
-            for c in self.reactor.core_mut().take_closed() {
-                if let (Some(e), Some(p)) = (c.write_error, c.peer) {
-                    log::warn!(
-                        "ConnectionUnix: send to '{p}' failed during flush: {}",
-                        crate::error::strerror(&e)
-                    );
-                }
-            }
+            self.warn_failed_sends(" during flush");
         }
         Ok(())
     }
@@ -1194,16 +1180,22 @@ impl Client {
         let core = self.reactor.core_mut();
         core.expire_unresolved();
         core.take_messages_sorted(out, &mut self.sort_scratch);
-        for c in core.take_closed() {
+        self.warn_failed_sends("");
+        if merge {
+            sort_messages_with(&mut out[start..], &mut self.sort_scratch);
+        }
+    }
+
+    /// Logs the connections that closed with a write error (their queued
+    /// messages were not all sent); `when` follows "failed".
+    fn warn_failed_sends(&mut self, when: &str) {
+        for c in self.reactor.core_mut().take_closed() {
             if let (Some(e), Some(p)) = (c.write_error, c.peer) {
                 log::warn!(
-                    "ConnectionUnix: send to '{p}' failed: {}",
+                    "ConnectionUnix: send to '{p}' failed{when}: {}",
                     crate::error::strerror(&e)
                 );
             }
-        }
-        if merge {
-            sort_messages_with(&mut out[start..], &mut self.sort_scratch);
         }
     }
 

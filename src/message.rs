@@ -329,17 +329,7 @@ pub(crate) fn sort_messages_with(msgs: &mut [Message], scratch: &mut SortScratch
         return;
     }
     let SortScratch { keys, moved } = scratch;
-    keys.clear();
-    keys.extend(msgs.iter().enumerate().map(|(i, m)| {
-        // `f64::total_cmp` order as an integer.
-        let bits = m.stamp.to_bits() as i64;
-        (
-            bits ^ ((((bits >> 63) as u64) >> 1) as i64),
-            m.stamp_ord,
-            i as u32,
-        )
-    }));
-    keys.sort_unstable();
+    sorted_keys(msgs, keys);
     moved.clear();
     moved.reserve(msgs.len());
     let src = msgs.as_ptr();
@@ -381,16 +371,7 @@ pub(crate) fn append_sorted(
         return;
     }
     let keys = &mut scratch.keys;
-    keys.clear();
-    keys.extend(src.iter().enumerate().map(|(i, m)| {
-        let bits = m.stamp.to_bits() as i64;
-        (
-            bits ^ ((((bits >> 63) as u64) >> 1) as i64),
-            m.stamp_ord,
-            i as u32,
-        )
-    }));
-    keys.sort_unstable();
+    sorted_keys(src, keys);
     dst.reserve(src.len());
     let from = src.as_ptr();
     // SAFETY: `src` gives up ownership first (length 0: a panic below
@@ -404,6 +385,23 @@ pub(crate) fn append_sorted(
             dst.push(std::ptr::read(from.add(k.2 as usize)));
         }
     }
+}
+
+/// Fills `keys` with `(stamp, stamp_ord, position)` of each message, in
+/// sorted order: positions are distinct, so the unstable sort of the keys
+/// gives the stable order of the messages. (At most `u32::MAX` messages.)
+fn sorted_keys(msgs: &[Message], keys: &mut Vec<(i64, u64, u32)>) {
+    keys.clear();
+    keys.extend(msgs.iter().enumerate().map(|(i, m)| {
+        // `f64::total_cmp` order as an integer.
+        let bits = m.stamp.to_bits() as i64;
+        (
+            bits ^ ((((bits >> 63) as u64) >> 1) as i64),
+            m.stamp_ord,
+            i as u32,
+        )
+    }));
+    keys.sort_unstable();
 }
 
 fn compare(a: &Message, b: &Message) -> Ordering {

@@ -9,7 +9,6 @@
 //! with 0 bytes, which tells the core to try again.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
@@ -23,8 +22,6 @@ use crate::wire::BufferPool;
 
 const LISTENER: u64 = u64::MAX;
 const WAKE: u64 = u64::MAX - 1;
-/// Slices gathered per `sendmsg`.
-const IOV_BATCH: usize = 128;
 const EVENTS: usize = 256;
 
 #[derive(Debug)]
@@ -52,12 +49,10 @@ pub struct EpollBackend {
     /// had data directly, and call `epoll_wait` only every
     /// [`BUSY_EPOLL_EVERY`]th time (or when there is none to read).
     busy: bool,
-    hot: [Option<ConnId>; HOT],
+    hot: super::HotConns,
     spins: u32,
 }
 
-/// Connections read directly while busy polling.
-const HOT: usize = 4;
 /// While busy polling, one zero-timeout poll in this many calls `epoll_wait`.
 const BUSY_EPOLL_EVERY: u32 = 16;
 
@@ -93,7 +88,7 @@ impl EpollBackend {
             events: EventBuf(Vec::with_capacity(EVENTS)),
             waker,
             busy: false,
-            hot: [None; HOT],
+            hot: super::HotConns::default(),
             spins: 0,
         })
     }
@@ -131,48 +126,36 @@ impl EpollBackend {
             RecvBuf::Partial(b) => b,
             RecvBuf::Pooled => pool.take_recv(),
         };
-        loop {
-            let len = buf.len();
-            let spare = buf.capacity() - len;
-            match rustix::io::read(&c.fd, buf.spare_capacity_mut()) {
-                Ok((init, _)) => {
-                    let n = init.len();
-                    // SAFETY: `read` initialised the first `n` bytes of the
-                    // spare capacity, directly after the `len` valid ones.
-                    unsafe { buf.set_len(len + n) };
-                    if n < spare {
-                        // A short read drained the socket; the next arrival
-                        // raises a new edge.
-                        c.readable = false;
-                    }
-                    ready.push(Completion::Recv {
-                        conn: c.id,
-                        buf,
-                        result: Ok(n),
-                    });
-                    return;
-                }
-                Err(Errno::INTR) => continue,
-                Err(Errno::AGAIN) => {
+        let len = buf.len();
+        let spare = buf.capacity() - len;
+        match super::read_into(c.fd.as_fd(), &mut buf) {
+            Ok(n) => {
+                if n < spare {
+                    // A short read drained the socket; the next arrival
+                    // raises a new edge.
                     c.readable = false;
-                    c.recv = Some(if len == 0 && !keep {
-                        // Nothing arrived: the pool buffer goes back.
-                        pool.put(buf);
-                        RecvBuf::Pooled
-                    } else {
-                        RecvBuf::Partial(buf)
-                    });
-                    return;
                 }
-                Err(e) => {
-                    ready.push(Completion::Recv {
-                        conn: c.id,
-                        buf,
-                        result: Err(e.into()),
-                    });
-                    return;
-                }
+                ready.push(Completion::Recv {
+                    conn: c.id,
+                    buf,
+                    result: Ok(n),
+                });
             }
+            Err(Errno::AGAIN) => {
+                c.readable = false;
+                c.recv = Some(if len == 0 && !keep {
+                    // Nothing arrived: the pool buffer goes back.
+                    pool.put(buf);
+                    RecvBuf::Pooled
+                } else {
+                    RecvBuf::Partial(buf)
+                });
+            }
+            Err(e) => ready.push(Completion::Recv {
+                conn: c.id,
+                buf,
+                result: Err(e.into()),
+            }),
         }
     }
 }
@@ -187,38 +170,17 @@ impl EpollBackend {
             conns, ready, hot, ..
         } = self;
         let mut tried = false;
-        for slot in hot.iter_mut() {
-            let Some(id) = *slot else { continue };
+        for id in hot.ids() {
             match conns.get_mut(id) {
                 Some(c) if c.recv.is_some() => {
                     tried = true;
                     Self::do_read_keep(ready, c, pool, true);
                 }
                 Some(_) => {}
-                None => *slot = None,
+                None => hot.forget(id),
             }
-        }
-        if tried {
-            self.note_hot();
         }
         tried
-    }
-
-    /// Remembers the connections whose receives just returned data.
-    fn note_hot(&mut self) {
-        for c in &self.ready {
-            if let Completion::Recv {
-                conn,
-                result: Ok(n),
-                ..
-            } = c
-                && *n > 0
-                && !self.hot.contains(&Some(*conn))
-            {
-                self.hot.rotate_right(1);
-                self.hot[0] = Some(*conn);
-            }
-        }
     }
 }
 
@@ -302,82 +264,23 @@ impl Backend for EpollBackend {
             return 0;
         }
         let mut total = 0usize;
-        let mut skip_frames = 0usize;
-        let mut skip_bytes = outbox.front_offset();
-        // Uninitialised: only the entries `push_iovec` writes are used.
-        let mut iov = [std::mem::MaybeUninit::<libc::iovec>::uninit(); IOV_BATCH];
+        let mut pos = (0, outbox.front_offset());
         let result = loop {
-            let mut count = 0;
-            let mut want = 0;
-            for (i, f) in outbox
-                .frames()
-                .skip(skip_frames)
-                .take(IOV_BATCH)
-                .enumerate()
-            {
-                let s = if i == 0 { &f[skip_bytes..] } else { &f[..] };
-                want += s.len();
-                count = super::push_iovec(&mut iov, count, s);
-            }
-            if count == 0 {
-                break Ok(());
-            }
-            let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
-            let rc = if count == 1 {
-                // One range (the usual case once adjacent frames merge):
-                // `send` skips importing a msghdr and an iovec array.
-                // SAFETY: `push_iovec` wrote entry 0; the range lies in
-                // frames the outbox keeps alive for this call; the kernel
-                // only reads it.
-                unsafe {
-                    let one = iov[0].assume_init_ref();
-                    libc::send(c.fd.as_raw_fd(), one.iov_base, one.iov_len, flags)
-                }
-            } else {
-                // SAFETY: an all-zero msghdr is a valid empty header.
-                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                // `MaybeUninit<iovec>` has iovec's layout; the first
-                // `count` entries are written.
-                msg.msg_iov = iov.as_mut_ptr().cast();
-                msg.msg_iovlen = count as _;
-                // SAFETY: the iovecs point into frames the outbox keeps
-                // alive for this call; the kernel only reads them.
-                unsafe { libc::sendmsg(c.fd.as_raw_fd(), &msg, flags) }
-            };
-            let sent = if rc < 0 {
-                Err(Errno::from_raw_os_error(
-                    std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
-                ))
-            } else {
-                Ok(rc as usize)
-            };
-            match sent {
-                Ok(n) => {
+            match super::write_frames(c.fd.as_fd(), outbox, pos.0, pos.1) {
+                (Ok(0), 0) => break Ok(()),
+                (Ok(n), want) => {
                     total += n;
-                    // Move the cursor past what was written.
-                    let mut left = n;
-                    for f in outbox.frames().skip(skip_frames) {
-                        let rest = f.len() - skip_bytes;
-                        if left >= rest {
-                            left -= rest;
-                            skip_frames += 1;
-                            skip_bytes = 0;
-                        } else {
-                            skip_bytes += left;
-                            break;
-                        }
-                    }
+                    super::advance_position(outbox, &mut pos, n);
                     if n < want {
                         c.writable = false;
                         break Ok(());
                     }
                 }
-                Err(Errno::INTR) => continue,
-                Err(Errno::AGAIN) => {
+                (Err(Errno::AGAIN), _) => {
                     c.writable = false;
                     break Ok(());
                 }
-                Err(e) => break Err(e),
+                (Err(e), _) => break Err(e),
             }
         };
         match result {
@@ -399,7 +302,7 @@ impl Backend for EpollBackend {
         // the core applies the completion, so that a connection replacement
         // in between does not move (and resend) them.
         if total > 0 {
-            skip_frames + usize::from(skip_bytes > 0)
+            super::touched_frames(pos)
         } else {
             0
         }
@@ -506,7 +409,7 @@ impl Backend for EpollBackend {
         }
         self.events.0 = events;
         if self.busy {
-            self.note_hot();
+            self.hot.note_received(&self.ready);
         }
         out.append(&mut self.ready);
         Ok(())

@@ -145,15 +145,13 @@ pub struct UringBackend {
     /// them inline (completing with data or `EAGAIN`, then re-armed) instead
     /// of arming a poll whose wake-up goes through task work.
     busy: bool,
-    hot: [Option<ConnId>; HOT],
+    hot: super::HotConns,
     spins: u32,
     /// Busy polling: receives on hot connections, performed by direct
     /// non-blocking reads on each spinning poll instead of SQEs.
     parked: Vec<(ConnId, BytesMut)>,
 }
 
-/// Connections read directly while busy polling.
-const HOT: usize = 4;
 /// While busy polling, one spin in this many enters the ring.
 const BUSY_ENTER_EVERY: u32 = 16;
 
@@ -218,7 +216,7 @@ impl UringBackend {
             cqes: Vec::new(),
             deferred_close: Vec::new(),
             busy: false,
-            hot: [None; HOT],
+            hot: super::HotConns::default(),
             spins: 0,
             parked: Vec::new(),
         })
@@ -443,9 +441,8 @@ impl UringBackend {
                 } else {
                     Self::result(res)
                 };
-                if self.busy && res > 0 && !self.hot.contains(&Some(conn)) {
-                    self.hot.rotate_right(1);
-                    self.hot[0] = Some(conn);
+                if self.busy && res > 0 {
+                    self.hot.note(conn);
                 }
                 if let Some(c) = self.conn(conn) {
                     if c.recv_op == Some(user_data) {
@@ -553,20 +550,10 @@ impl UringBackend {
                 return false;
             };
             tried = true;
-            let len = buf.len();
-            let result = loop {
-                match rustix::io::read(&c.fd, buf.spare_capacity_mut()) {
-                    Ok((init, _)) => break Ok(init.len()),
-                    Err(rustix::io::Errno::INTR) => continue,
-                    Err(rustix::io::Errno::AGAIN) => return true,
-                    Err(e) => break Err(io::Error::from(e)),
-                }
+            let result = match super::read_into(c.fd.as_fd(), buf) {
+                Err(rustix::io::Errno::AGAIN) => return true,
+                r => r.map_err(io::Error::from),
             };
-            if let Ok(n) = result {
-                // SAFETY: `read` initialised `n` bytes of the spare
-                // capacity, right after the `len` valid ones.
-                unsafe { buf.set_len(len + n) };
-            }
             self.ready.push(Completion::Recv {
                 conn: *id,
                 buf: std::mem::take(buf),
@@ -583,58 +570,21 @@ impl UringBackend {
     /// `send` (as the spinning reads do), reporting the completion at once.
     /// `None` when the kernel took nothing (the caller arms an SQE).
     fn send_direct(&mut self, id: ConnId, outbox: &Outbox) -> Option<usize> {
-        const BATCH: usize = 128;
         let c = self.conns.get(id)?;
-        let mut iov = [std::mem::MaybeUninit::<libc::iovec>::uninit(); BATCH];
-        let mut count = 0;
-        let offset = outbox.front_offset();
-        for (i, f) in outbox.frames().take(BATCH).enumerate() {
-            let s = if i == 0 { &f[offset..] } else { &f[..] };
-            count = super::push_iovec(&mut iov, count, s);
-        }
-        if count == 0 {
-            return None;
-        }
-        let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
-        let rc = if count == 1 {
-            // SAFETY: `push_iovec` wrote entry 0; the range lies in frames
-            // the outbox keeps alive for this call; the kernel only reads.
-            unsafe {
-                let one = iov[0].assume_init_ref();
-                libc::send(c.fd.as_raw_fd(), one.iov_base, one.iov_len, flags)
+        let mut pos = (0, outbox.front_offset());
+        let result = match super::write_frames(c.fd.as_fd(), outbox, pos.0, pos.1) {
+            (Ok(0), 0) | (Err(rustix::io::Errno::AGAIN), _) => return None,
+            (Ok(n), _) => {
+                super::advance_position(outbox, &mut pos, n);
+                Ok(n)
             }
-        } else {
-            // SAFETY: an all-zero msghdr is a valid empty header.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            // `MaybeUninit<iovec>` has iovec's layout; `count` are written.
-            msg.msg_iov = iov.as_mut_ptr().cast();
-            msg.msg_iovlen = count as _;
-            // SAFETY: the iovecs point into frames the outbox keeps alive
-            // for this call; the kernel only reads them.
-            unsafe { libc::sendmsg(c.fd.as_raw_fd(), &msg, flags) }
+            (Err(e), _) => Err(io::Error::from(e)),
         };
-        let result = if rc >= 0 {
-            Ok(rc as usize)
+        let held = if result.is_ok() {
+            super::touched_frames(pos)
         } else {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted {
-                return None;
-            }
-            Err(e)
+            0
         };
-        // Frames this write touched (held until the core applies it).
-        let mut held = 0;
-        if let Ok(mut left) = result {
-            let mut skip = offset;
-            for f in outbox.frames() {
-                if left == 0 {
-                    break;
-                }
-                held += 1;
-                left = left.saturating_sub(f.len() - skip);
-                skip = 0;
-            }
-        }
         self.ready.push(Completion::Sent { conn: id, result });
         Some(held)
     }
@@ -645,7 +595,7 @@ impl UringBackend {
             return 0;
         }
         if self.busy
-            && self.hot.contains(&Some(id))
+            && self.hot.contains(id)
             && let Some(held) = self.send_direct(id, outbox)
         {
             return held;
@@ -662,9 +612,7 @@ impl UringBackend {
             // Frames built one after another in the send arena are adjacent
             // in memory: one iovec covers them all.
             match st.iov.last_mut() {
-                Some(last) if (last.iov_base as usize) + last.iov_len == s.as_ptr() as usize => {
-                    last.iov_len += s.len();
-                }
+                Some(last) if super::extends(last, s) => last.iov_len += s.len(),
                 _ => st.iov.push(libc::iovec {
                     iov_base: s.as_ptr() as *mut libc::c_void,
                     iov_len: s.len(),
@@ -768,7 +716,7 @@ impl Backend for UringBackend {
         if c.recv_op.is_some() {
             return;
         }
-        if self.busy && self.hot.contains(&Some(id)) {
+        if self.busy && self.hot.contains(id) {
             // Busy polling a hot connection: the spinning polls read it
             // directly (see `read_parked`), into a buffer of our own.
             let buf = match buf {
@@ -830,7 +778,7 @@ impl Backend for UringBackend {
     fn set_busy_poll(&mut self, spin: bool) {
         self.busy = spin;
         if !spin {
-            self.hot = [None; HOT];
+            self.hot.clear();
         }
     }
 
