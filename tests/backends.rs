@@ -216,7 +216,125 @@ fn busy_polling_and_batch_apis_deliver_everything(backend: BackendChoice) {
     rx.disconnect(None).unwrap();
 }
 
+/// Request/response traffic: on io_uring, a connection read and then
+/// written turn by turn is waited on directly (an edge-triggered epoll
+/// beside the ring). Nothing may be lost on that path: a message larger
+/// than a receive buffer (reads that fill the buffer raise no new edge),
+/// a burst behind it, a reactor thread woken to send while it waits there,
+/// and a peer that leaves and comes back under the same name.
+fn conversations_lose_nothing_on_hot_connections(backend: BackendChoice) {
+    let t = TestRoute::new(backend);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let opts = Options::new().backend(backend);
+    let wait = Duration::from_secs(10);
+    let mut a = Client::connect(&info, "a", opts.clone()).unwrap();
+    let mut b = Client::connect(&info, "b", opts.clone()).unwrap();
+    let take_one = |c: &mut Client| {
+        let mut got = Vec::new();
+        let start = Instant::now();
+        while got.is_empty() && start.elapsed() < wait {
+            c.get_messages_timeout_into(&mut got, wait).unwrap();
+        }
+        assert_eq!(got.len(), 1, "exactly one reply");
+        got.pop().unwrap()
+    };
+    for i in 0..50 {
+        a.send_json("b", &i.to_string()).unwrap();
+        let m = take_one(&mut b);
+        assert_eq!(m.content_json(), i.to_string());
+        b.send_json("a", &(i + 1000).to_string()).unwrap();
+        assert_eq!(take_one(&mut a).content_json(), (i + 1000).to_string());
+    }
+    // A burst that fits in the socket, all written before `a` reads: the
+    // reads that fill a buffer leave data behind with no edge to come.
+    a.send_json("b", "\"go\"").unwrap();
+    assert_eq!(take_one(&mut b).content_json(), "\"go\"");
+    let body = "y".repeat(100);
+    for i in 0..600 {
+        b.queue_json("a", &format!("\"{i} {body}\"")).unwrap();
+    }
+    b.flush_pending(Some(wait)).unwrap();
+    let mut inbox = Vec::new();
+    let start = Instant::now();
+    while inbox.len() < 600 && start.elapsed() < wait {
+        a.get_messages_timeout_into(&mut inbox, Duration::from_millis(200))
+            .unwrap();
+    }
+    assert_eq!(inbox.len(), 600);
+    for (i, m) in inbox.iter().enumerate() {
+        assert_eq!(m.content_json(), format!("\"{i} {body}\""));
+    }
+    // One message larger than a receive buffer, all in the socket before
+    // `a` waits once: the first read fills its buffer and leaves the rest
+    // with no edge to come; the wait must read on, not sleep.
+    a.send_json("b", "\"go\"").unwrap();
+    assert_eq!(take_one(&mut b).content_json(), "\"go\"");
+    let large = format!("\"{}\"", "z".repeat(120 * 1024));
+    b.send_json("a", &large).unwrap();
+    b.flush_pending(Some(wait)).unwrap();
+    let mut got = Vec::new();
+    let t0 = Instant::now();
+    a.get_messages_timeout_into(&mut got, Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(got.len(), 1, "the whole message in one wait");
+    assert_eq!(got[0].content_json(), large);
+    assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+    // A 300 KiB message, then a burst, while `a` waits.
+    let big = format!("\"{}\"", "x".repeat(300 * 1024));
+    let sender = {
+        let big = big.clone();
+        std::thread::spawn(move || {
+            b.send_json("a", &big).unwrap();
+            for i in 0..500 {
+                b.queue_json("a", &i.to_string()).unwrap();
+            }
+            b.flush_pending(Some(wait)).unwrap();
+            b
+        })
+    };
+    let mut inbox = Vec::new();
+    let start = Instant::now();
+    while inbox.len() < 501 && start.elapsed() < wait {
+        a.get_messages_timeout_into(&mut inbox, Duration::from_millis(200))
+            .unwrap();
+    }
+    let b = sender.join().unwrap();
+    assert_eq!(inbox.len(), 501);
+    assert_eq!(inbox[0].content_json(), big);
+    for (i, m) in inbox[1..].iter().enumerate() {
+        assert_eq!(m.content_json(), i.to_string());
+    }
+    // `b`'s reactor on its own thread: each reply it sends must wake it
+    // from its wait.
+    let (mut tx, mut rx, handle) = b.into_threaded().unwrap();
+    for i in 0..20 {
+        a.send_json("b", &i.to_string()).unwrap();
+        let m = rx.recv_timeout(wait).expect("request reaches b");
+        assert_eq!(m.content_json(), i.to_string());
+        tx.send("a", &(i + 2000)).unwrap();
+        assert_eq!(take_one(&mut a).content_json(), (i + 2000).to_string());
+    }
+    handle.shutdown().unwrap();
+    // `b` is gone: a wait ends at its timeout; a new `b` is served.
+    let t0 = Instant::now();
+    let mut none = Vec::new();
+    a.get_messages_timeout_into(&mut none, Duration::from_millis(100))
+        .unwrap();
+    assert!(none.is_empty());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    let mut b = Client::connect(&info, "b", opts).unwrap();
+    for i in 0..5 {
+        b.send_json("a", &i.to_string()).unwrap();
+        assert_eq!(take_one(&mut a).content_json(), i.to_string());
+        a.send_json("b", &(i + 3000).to_string()).unwrap();
+        assert_eq!(take_one(&mut b).content_json(), (i + 3000).to_string());
+    }
+    b.disconnect(None).unwrap();
+    a.disconnect(None).unwrap();
+}
+
 per_backend!(
+    conversations_lose_nothing_on_hot_connections,
     busy_polling_and_batch_apis_deliver_everything,
     waker_interrupts_a_blocking_wait_and_is_free_when_awake,
     ten_thousand_connection_cycles_leak_nothing,

@@ -57,7 +57,7 @@ pub struct EpollBackend {
 const BUSY_EPOLL_EVERY: u32 = 16;
 
 /// The event array handed to `epoll_wait`.
-struct EventBuf(Vec<epoll::Event>);
+pub(super) struct EventBuf(pub(super) Vec<epoll::Event>);
 
 // SAFETY: the events carry only `u64` tokens (never pointers), so moving
 // the buffer to another thread shares nothing.

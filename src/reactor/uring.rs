@@ -11,6 +11,17 @@
 //!   the single `io_uring_enter` that also waits for completions.
 //! * Wakes from other threads through an eventfd read by a `READ` op (see
 //!   [`Waker`]).
+//! * Conversations are waited on directly. A connection read and then
+//!   written, turn by turn (a request answered, a reply awaited), is *hot*:
+//!   its receives are parked instead of armed, and a blocking wait sleeps in
+//!   an edge-triggered epoll instance holding the hot sockets and the ring's
+//!   descriptor, then reads the hot sockets that became readable with plain
+//!   `read`s. A receive armed in the ring is woken through task work, which
+//!   cost a blocking ping-pong ~19% over raw sockets here; waiting on the
+//!   socket itself costs what epoll does (about raw). A connection that
+//!   brings data twice without a send in between is a stream and goes back
+//!   to the ring, so streams and fan-in stay entirely on io_uring. Busy
+//!   polling reads (and writes) its hot connections directly on each spin.
 //!
 //! # Buffer ownership
 //!
@@ -110,6 +121,13 @@ enum Op {
 
 struct UringConn {
     fd: OwnedFd,
+    /// For parked receives: the socket may hold unread data (an edge from
+    /// `hot_wait`, or the last direct read filled its buffer).
+    readable: bool,
+    /// Registered with `hot_wait`.
+    watched: bool,
+    /// Receives that brought data since the last send (saturating).
+    reads_since_send: u8,
     recv_op: Option<u64>,
     send_op: Option<u64>,
     spare_send: Option<Box<SendState>>,
@@ -140,17 +158,26 @@ pub struct UringBackend {
     /// could be reused by an unrelated socket before the kernel reads the
     /// SQE).
     deferred_close: Vec<OwnedFd>,
-    /// Busy polling: receives on the connections that last had data are
-    /// issued with `MSG_DONTWAIT`, so each spin's `io_uring_enter` performs
-    /// them inline (completing with data or `EAGAIN`, then re-armed) instead
-    /// of arming a poll whose wake-up goes through task work.
+    /// Busy polling: the spinning polls read the hot connections directly
+    /// and write them with direct sends, entering the ring only every
+    /// [`BUSY_ENTER_EVERY`] spins.
     busy: bool,
+    /// The connections that last brought data.
     hot: super::HotConns,
     spins: u32,
-    /// Busy polling: receives on hot connections, performed by direct
-    /// non-blocking reads on each spinning poll instead of SQEs.
+    /// Receives on hot connections, performed by direct non-blocking reads
+    /// instead of SQEs: on each spinning poll, or after a `ppoll` on them
+    /// and the ring (see `wait_parked`).
     parked: Vec<(ConnId, BytesMut)>,
+    /// Waits with parked receives: an edge-triggered epoll instance holding
+    /// the ring's descriptor and the hot sockets (created on first use).
+    hot_wait: Option<OwnedFd>,
+    hot_events: super::epoll::EventBuf,
+    received_scratch: Vec<ConnId>,
 }
+
+/// The ring's token in `hot_wait`.
+const RING_TOKEN: u64 = u64::MAX;
 
 /// While busy polling, one spin in this many enters the ring.
 const BUSY_ENTER_EVERY: u32 = 16;
@@ -219,6 +246,9 @@ impl UringBackend {
             hot: super::HotConns::default(),
             spins: 0,
             parked: Vec::new(),
+            hot_wait: None,
+            hot_events: super::epoll::EventBuf(Vec::with_capacity(8)),
+            received_scratch: Vec::new(),
         })
     }
 
@@ -441,8 +471,8 @@ impl UringBackend {
                 } else {
                     Self::result(res)
                 };
-                if self.busy && res > 0 {
-                    self.hot.note(conn);
+                if res > 0 {
+                    self.received(conn);
                 }
                 if let Some(c) = self.conn(conn) {
                     if c.recv_op == Some(user_data) {
@@ -539,21 +569,36 @@ impl UringBackend {
         }
     }
 
-    /// Busy polling: reads the parked receives directly (non-blocking);
-    /// those that find nothing stay parked. True if any was read.
-    fn read_parked(&mut self, pool: &mut BufferPool) -> bool {
+    /// Reads parked receives directly (non-blocking): all of them (busy
+    /// polling), or those whose sockets may hold data. Those that find
+    /// nothing stay parked. True if any was tried.
+    fn read_parked(&mut self, pool: &mut BufferPool, all: bool) -> bool {
         let mut tried = false;
+        let mut received = std::mem::take(&mut self.received_scratch);
         let mut parked = std::mem::take(&mut self.parked);
         parked.retain_mut(|(id, buf)| {
-            let Some(c) = self.conns.get(*id) else {
+            let Some(c) = self.conns.get_mut(*id) else {
                 pool.put(std::mem::take(buf));
                 return false;
             };
+            if !all && !c.readable {
+                return true;
+            }
             tried = true;
+            let spare = buf.capacity() - buf.len();
             let result = match super::read_into(c.fd.as_fd(), buf) {
-                Err(rustix::io::Errno::AGAIN) => return true,
+                Err(rustix::io::Errno::AGAIN) => {
+                    c.readable = false;
+                    return true;
+                }
                 r => r.map_err(io::Error::from),
             };
+            // A short read drained the socket; a full one may have left
+            // more behind (no new edge will say so).
+            c.readable = matches!(result, Ok(n) if n == spare && n > 0);
+            if matches!(result, Ok(n) if n > 0) {
+                received.push(*id);
+            }
             self.ready.push(Completion::Recv {
                 conn: *id,
                 buf: std::mem::take(buf),
@@ -563,7 +608,27 @@ impl UringBackend {
         });
         parked.append(&mut self.parked);
         self.parked = parked;
+        for id in received.drain(..) {
+            self.received(id);
+        }
+        self.received_scratch = received;
         tried
+    }
+
+    /// Notes a receive that brought data on `id`: busy polling makes it
+    /// hot; otherwise a connection that receives twice without a send in
+    /// between is a stream, not a conversation, and cools down.
+    fn received(&mut self, id: ConnId) {
+        if self.busy {
+            self.hot.note(id);
+        }
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        c.reads_since_send = c.reads_since_send.saturating_add(1);
+        if !self.busy && c.reads_since_send >= 2 {
+            self.hot.forget(id);
+        }
     }
 
     /// Busy polling: writes to a hot connection with a direct non-blocking
@@ -594,8 +659,13 @@ impl UringBackend {
         if c.send_op.is_some() {
             return 0;
         }
-        if self.busy
-            && self.hot.contains(id)
+        if std::mem::take(&mut c.reads_since_send) > 0 {
+            // A connection read and then written, turn by turn (a request
+            // answered, a reply awaited): its receives are parked and
+            // waited on directly, for latency (see `wait_parked`).
+            self.hot.note(id);
+        }
+        if self.hot.contains(id)
             && let Some(held) = self.send_direct(id, outbox)
         {
             return held;
@@ -653,12 +723,171 @@ impl UringBackend {
         held
     }
 
-    /// Turns parked receives back into armed SQEs (before a blocking wait,
-    /// or when busy polling ends).
-    fn unpark(&mut self, pool: &mut BufferPool) {
-        for (id, buf) in std::mem::take(&mut self.parked) {
-            self.issue_recv(id, RecvBuf::Partial(buf), pool);
+    /// Turns the parked receives of connections no longer hot back into
+    /// armed SQEs.
+    fn unpark_cold(&mut self, pool: &mut BufferPool) {
+        if self.parked.iter().all(|(id, _)| self.hot.contains(*id)) {
+            return;
         }
+        let cold: Vec<ConnId> = self
+            .parked
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| !self.hot.contains(*id))
+            .collect();
+        for id in cold {
+            self.unwatch(id);
+        }
+        let mut parked = std::mem::take(&mut self.parked);
+        parked.retain_mut(|(id, buf)| {
+            if self.hot.contains(*id) {
+                return true;
+            }
+            self.issue_recv(*id, RecvBuf::Partial(std::mem::take(buf)), pool);
+            false
+        });
+        parked.append(&mut self.parked);
+        self.parked = parked;
+    }
+
+    /// Stops watching `id` in `hot_wait` (before its descriptor closes or
+    /// when it cools down).
+    fn unwatch(&mut self, id: ConnId) {
+        let (Some(ep), Some(c)) = (&self.hot_wait, self.conns.get_mut(id)) else {
+            return;
+        };
+        if c.watched {
+            c.watched = false;
+            let _ = rustix::event::epoll::delete(ep, &c.fd);
+        }
+    }
+
+    /// Registers the parked connections (and, first, the ring) with
+    /// `hot_wait`. False if that failed: the caller waits on the ring.
+    fn watch_parked(&mut self) -> bool {
+        use rustix::event::epoll;
+        if self.hot_wait.is_none() {
+            let ep = epoll::create(epoll::CreateFlags::CLOEXEC).and_then(|ep| {
+                epoll::add(
+                    &ep,
+                    self.pollable_fd(),
+                    epoll::EventData::new_u64(RING_TOKEN),
+                    epoll::EventFlags::IN,
+                )
+                .map(|()| ep)
+            });
+            match ep {
+                Ok(ep) => self.hot_wait = Some(ep),
+                Err(e) => {
+                    log::warn!("io_uring: no epoll for hot connections ({e}); waiting on the ring");
+                    return false;
+                }
+            }
+        }
+        let Some(ep) = &self.hot_wait else {
+            return false;
+        };
+        for (id, _) in &self.parked {
+            let Some(c) = self.conns.get_mut(*id) else {
+                continue;
+            };
+            if c.watched {
+                continue;
+            }
+            // Edge-triggered, and with OUT: the peer consuming what we sent
+            // wakes this thread too (as the epoll backend's registration
+            // does), shortly before its reply is due.
+            let flags = epoll::EventFlags::IN
+                | epoll::EventFlags::OUT
+                | epoll::EventFlags::RDHUP
+                | epoll::EventFlags::ET;
+            if let Err(e) = epoll::add(ep, &c.fd, epoll::EventData::new_u64(id.as_u64()), flags) {
+                log::warn!("io_uring: cannot watch a hot connection ({e}); waiting on the ring");
+                return false;
+            }
+            c.watched = true;
+            // Data may have arrived before the registration.
+            c.readable = true;
+        }
+        true
+    }
+
+    /// A poll with parked (hot) receives: submits what is queued, then
+    /// waits on the ring's descriptor and the hot sockets together (an
+    /// edge-triggered epoll instance) and reads the sockets that became
+    /// readable directly.
+    ///
+    /// A receive armed in the ring is woken through task work; a socket's
+    /// own wait queue wakes its waiter directly, and with `OUT` registered
+    /// also when the peer reads what we sent, which finds this thread's
+    /// CPU awake when the reply comes. On this 2-core VM a blocking
+    /// ping-pong costs ~57 µs per round trip waiting in the ring and ~48 µs
+    /// (as raw blocking sockets) waiting here.
+    fn wait_parked(
+        &mut self,
+        timeout: Option<Duration>,
+        out: &mut Vec<Completion>,
+        pool: &mut BufferPool,
+    ) -> io::Result<bool> {
+        use rustix::event::epoll;
+        if !self.watch_parked() {
+            return Ok(false);
+        }
+        if !self.ring.submission().is_empty() {
+            match self.submit(0, None) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.reap();
+        self.read_parked(pool, false);
+        let mut timeout = if self.ready.is_empty() && self.ring.completion().is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        let blocking = timeout != Some(Duration::ZERO);
+        if blocking && !self.waker.prepare_sleep() {
+            timeout = Some(Duration::ZERO);
+        }
+        let ts = timeout.map(|d| rustix::event::Timespec {
+            tv_sec: d.as_secs().min(i64::MAX as u64) as _,
+            tv_nsec: d.subsec_nanos() as _,
+        });
+        let Some(ep) = &self.hot_wait else {
+            return Ok(false);
+        };
+        self.hot_events.0.clear();
+        let res = epoll::wait(
+            ep,
+            rustix::buffer::spare_capacity(&mut self.hot_events.0),
+            ts.as_ref(),
+        );
+        if blocking {
+            self.waker.finish_sleep();
+        }
+        match res {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let readable = epoll::EventFlags::IN
+            | epoll::EventFlags::RDHUP
+            | epoll::EventFlags::HUP
+            | epoll::EventFlags::ERR;
+        for ev in &self.hot_events.0 {
+            let (token, flags) = (ev.data.u64(), ev.flags);
+            if token != RING_TOKEN
+                && flags.intersects(readable)
+                && let Some(c) = self.conns.get_mut(ConnId::from_u64(token))
+            {
+                c.readable = true;
+            }
+        }
+        self.read_parked(pool, false);
+        self.reap();
+        out.append(&mut self.ready);
+        Ok(true)
     }
 }
 
@@ -694,6 +923,9 @@ impl Backend for UringBackend {
             id,
             UringConn {
                 fd,
+                readable: false,
+                watched: false,
+                reads_since_send: 0,
                 recv_op: None,
                 send_op: None,
                 spare_send: None,
@@ -716,9 +948,9 @@ impl Backend for UringBackend {
         if c.recv_op.is_some() {
             return;
         }
-        if self.busy && self.hot.contains(id) {
-            // Busy polling a hot connection: the spinning polls read it
-            // directly (see `read_parked`), into a buffer of our own.
+        if self.hot.contains(id) {
+            // A hot connection: the polls read it directly (see
+            // `read_parked` and `wait_parked`), into a buffer of our own.
             let buf = match buf {
                 RecvBuf::Pooled => pool.take_recv(),
                 RecvBuf::Partial(b) => b,
@@ -733,6 +965,8 @@ impl Backend for UringBackend {
         self.send_inner(id, outbox)
     }
     fn close(&mut self, id: ConnId) {
+        self.unwatch(id);
+        self.hot.forget(id);
         let Some(c) = self.conns.remove(id) else {
             return;
         };
@@ -795,16 +1029,26 @@ impl Backend for UringBackend {
             // BUSY_ENTER_EVERY spins for the rest.
             if !self.spins.is_multiple_of(BUSY_ENTER_EVERY)
                 && self.ring.submission().is_empty()
-                && self.read_parked(pool)
+                && self.read_parked(pool, true)
             {
                 self.reap();
                 out.append(&mut self.ready);
                 return Ok(());
             }
-        } else if !self.parked.is_empty() && (!self.busy || timeout != Some(Duration::ZERO)) {
-            self.unpark(pool);
         }
+        self.unpark_cold(pool);
         self.arm_wake();
+        if !self.parked.is_empty() && timeout == Some(Duration::ZERO) {
+            // Not waiting: the hot sockets are read as the spins read them.
+            self.read_parked(pool, true);
+        } else if !self.parked.is_empty() {
+            if self.wait_parked(timeout, out, pool)? {
+                return Ok(());
+            }
+            // No epoll for the hot connections: the ring performs them.
+            self.hot.clear();
+            self.unpark_cold(pool);
+        }
         self.reap();
         let mut timeout = if self.ready.is_empty() && self.ring.completion().is_empty() {
             timeout
