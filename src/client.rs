@@ -1179,7 +1179,9 @@ impl Client {
         let merge = out.len() > start;
         let core = self.reactor.core_mut();
         core.expire_unresolved();
+        let was_paused = core.is_paused();
         core.take_messages_sorted(out, &mut self.sort_scratch);
+        self.reactor.took_messages(was_paused);
         self.warn_failed_sends("");
         if merge {
             sort_messages_with(&mut out[start..], &mut self.sort_scratch);

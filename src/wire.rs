@@ -95,9 +95,17 @@ where
 /// once every such frame is dropped, the next [`BufferPool::take`] reclaims
 /// the whole allocation without allocating (`BytesMut::reserve` on a unique
 /// buffer). Idle connections therefore hold no buffer at all.
+///
+/// A buffer returned with too little room left to receive into is kept as
+/// a handle on its allocation (up to twice `max_idle`, oldest first), so
+/// that once its frames are dropped the allocation is reused rather than
+/// freed and allocated afresh.
 #[derive(Debug)]
 pub struct BufferPool {
     free: Vec<BytesMut>,
+    /// Empty handles on allocations whose frames may still be in use,
+    /// oldest first.
+    allocations: std::collections::VecDeque<BytesMut>,
     buf_size: usize,
     max_idle: usize,
 }
@@ -107,6 +115,7 @@ impl BufferPool {
     pub fn new(buf_size: usize, max_idle: usize) -> Self {
         BufferPool {
             free: Vec::new(),
+            allocations: std::collections::VecDeque::new(),
             buf_size: buf_size.max(MIN_RECV_SPACE),
             max_idle,
         }
@@ -131,6 +140,17 @@ impl BufferPool {
         if let Some(i) = self.free.iter_mut().rposition(|b| b.try_reclaim(size)) {
             return self.free.swap_remove(i);
         }
+        // The oldest allocations are the likeliest to be free again; one
+        // still in use goes to the back.
+        for _ in 0..2.min(self.allocations.len()) {
+            let Some(mut handle) = self.allocations.pop_front() else {
+                break;
+            };
+            if handle.try_reclaim(size) {
+                return handle;
+            }
+            self.allocations.push_back(handle);
+        }
         let mut buf = BytesMut::new();
         buf.reserve(size);
         buf
@@ -151,10 +171,22 @@ impl BufferPool {
     }
 
     /// Returns an empty buffer to the pool (non-empty ones are dropped).
+    /// One with room to receive into is a spare; one without is kept as a
+    /// handle on its allocation, reclaimed once its frames are dropped.
+    /// Only buffers that had an allocation belong here.
     pub fn put(&mut self, buf: BytesMut) {
-        if buf.is_empty() && buf.capacity() > 0 && self.free.len() < self.max_idle {
-            self.free.push(buf);
+        if !buf.is_empty() || self.max_idle == 0 {
+            return;
         }
+        if buf.capacity() >= self.buf_size / 4 && self.free.len() < self.max_idle {
+            self.free.push(buf);
+            return;
+        }
+        if self.allocations.len() >= 2 * self.max_idle {
+            // The oldest goes back to the allocator once its frames drop.
+            self.allocations.pop_front();
+        }
+        self.allocations.push_back(buf);
     }
 }
 
@@ -189,6 +221,9 @@ pub struct FrameDecoder {
     buf: BytesMut,
     max_frame: usize,
     out: bool,
+    /// `buf` is (a part of) an allocation from a receive, to go back to
+    /// the pool when emptied; false for the initial, unallocated one.
+    pooled: bool,
 }
 
 impl FrameDecoder {
@@ -198,6 +233,7 @@ impl FrameDecoder {
             buf: BytesMut::new(),
             max_frame,
             out: false,
+            pooled: false,
         }
     }
 
@@ -231,8 +267,7 @@ impl FrameDecoder {
         debug_assert!(!self.out, "receive buffer lent twice");
         self.out = true;
         if self.buf.is_empty() {
-            let old = std::mem::take(&mut self.buf);
-            pool.put(old);
+            self.give_back(pool);
             return None;
         }
         let len = self.buf.len();
@@ -251,6 +286,7 @@ impl FrameDecoder {
             let mut fresh = pool.take();
             fresh.extend_from_slice(&self.buf);
             self.buf.clear();
+            self.give_back(pool);
             return Some(fresh);
         }
         Some(std::mem::take(&mut self.buf))
@@ -261,6 +297,15 @@ impl FrameDecoder {
     pub fn filled(&mut self, buf: BytesMut) {
         self.out = false;
         self.buf = buf;
+        self.pooled = true;
+    }
+
+    /// Hands the (empty) buffer back to the pool.
+    fn give_back(&mut self, pool: &mut BufferPool) {
+        let old = std::mem::take(&mut self.buf);
+        if std::mem::take(&mut self.pooled) {
+            pool.put(old);
+        }
     }
 
     /// Appends bytes by copying them (tests and the fuzzer; the I/O path
@@ -304,7 +349,7 @@ impl FrameDecoder {
     /// Gives the buffer back to the pool if it holds no partial frame.
     pub fn release(&mut self, pool: &mut BufferPool) {
         if self.buf.is_empty() && !self.out {
-            pool.put(std::mem::take(&mut self.buf));
+            self.give_back(pool);
         }
     }
 
@@ -444,6 +489,33 @@ mod tests {
         drop(f);
         let again = pool.take();
         assert_eq!(again.as_ptr() as usize, base, "allocation reused");
+    }
+
+    #[test]
+    fn pool_reclaims_a_buffer_filled_to_the_end() {
+        let mut pool = BufferPool::new(4096, 4);
+        let mut dec = FrameDecoder::new(8192);
+        let mut buf = pool.take();
+        let base = buf.as_ptr() as usize;
+        let cap = buf.capacity();
+        // One frame filling the buffer exactly: nothing left to receive
+        // into, so the remnant is kept only as a handle.
+        buf.extend_from_slice(&frame(&vec![b'x'; cap - HEADER_LEN]));
+        assert_eq!(buf.capacity(), cap);
+        dec.filled(buf);
+        let f = dec.next_frame().unwrap().unwrap();
+        dec.release(&mut pool);
+        assert_eq!(pool.idle(), 0, "no room to lend out");
+        let other = pool.take();
+        assert_ne!(other.as_ptr() as usize, base, "frame still in use");
+        assert_eq!(pool.allocations.len(), 1, "a handle is kept");
+        drop(f);
+        // Were the allocation freed, this would likely take its place.
+        let squatter: Vec<u8> = Vec::with_capacity(cap);
+        let again = pool.take();
+        assert_eq!(again.as_ptr() as usize, base, "allocation reused");
+        assert!(again.capacity() >= 4096);
+        drop((other, squatter));
     }
 
     #[test]

@@ -59,9 +59,12 @@ pub struct CoreConfig {
     pub buf_size: usize,
     /// Payload bytes of received, undelivered messages above which the core
     /// stops receiving (backpressure to senders) until they are taken.
-    /// This also bounds one `get_messages` batch: 4 MiB by default, which
-    /// keeps a batch cache-sized (measured: with 1,000 busy senders, 256 MiB
-    /// batches ran at half the speed, see PERFORMANCE.md).
+    /// This also bounds one `get_messages` batch, to the limit plus one
+    /// receive buffer (or one larger frame): 4 MiB by default, which keeps
+    /// a batch cache-sized (measured: with 1,000 busy senders, 256 MiB
+    /// batches ran at half the speed, see PERFORMANCE.md). What is already
+    /// read beyond it waits in the reactor for the next call, and the
+    /// client's `handles_for_select` descriptor turns readable for it.
     pub inbox_limit: usize,
     /// How long an accepted connection may stay silent before its hello.
     pub hello_timeout: Duration,

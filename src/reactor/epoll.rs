@@ -51,6 +51,12 @@ pub struct EpollBackend {
     busy: bool,
     hot: super::HotConns,
     spins: u32,
+    /// Receives are held back (the core's inbox is full): readiness is
+    /// remembered, the reads wait.
+    held: bool,
+    /// Connections that became readable with a receive started while
+    /// receives were held.
+    deferred: Vec<ConnId>,
 }
 
 /// While busy polling, one zero-timeout poll in this many calls `epoll_wait`.
@@ -90,6 +96,8 @@ impl EpollBackend {
             busy: false,
             hot: super::HotConns::default(),
             spins: 0,
+            held: false,
+            deferred: Vec::new(),
         })
     }
 
@@ -170,6 +178,9 @@ impl EpollBackend {
             conns, ready, hot, ..
         } = self;
         let mut tried = false;
+        if self.held {
+            return false;
+        }
         for id in hot.ids() {
             match conns.get_mut(id) {
                 Some(c) if c.recv.is_some() => {
@@ -250,7 +261,11 @@ impl Backend for EpollBackend {
         };
         c.recv = Some(buf);
         if c.readable {
-            Self::do_read(ready, c, pool);
+            if self.held {
+                self.deferred.push(id);
+            } else {
+                Self::do_read(ready, c, pool);
+            }
         }
     }
 
@@ -331,6 +346,26 @@ impl Backend for EpollBackend {
         self.busy = spin;
     }
 
+    fn hold_receives(&mut self, hold: bool, pool: &mut BufferPool) {
+        self.held = hold;
+        if hold {
+            return;
+        }
+        let EpollBackend {
+            conns,
+            ready,
+            deferred,
+            ..
+        } = self;
+        for id in deferred.drain(..) {
+            if let Some(c) = conns.get_mut(id)
+                && c.readable
+            {
+                Self::do_read(ready, c, pool);
+            }
+        }
+    }
+
     fn collect(&mut self, out: &mut Vec<Completion>) {
         out.append(&mut self.ready);
     }
@@ -394,7 +429,11 @@ impl Backend for EpollBackend {
             let err_or_hup = epoll::EventFlags::ERR | epoll::EventFlags::HUP;
             if flags.intersects(epoll::EventFlags::IN | epoll::EventFlags::RDHUP | err_or_hup) {
                 c.readable = true;
-                Self::do_read(ready, c, pool);
+                if !self.held {
+                    Self::do_read(ready, c, pool);
+                } else if c.recv.is_some() {
+                    self.deferred.push(id);
+                }
             }
             if flags.intersects(epoll::EventFlags::OUT | err_or_hup) {
                 c.writable = true;

@@ -115,6 +115,13 @@ impl Waker {
         false
     }
 
+    /// Makes the backend's pollable descriptor readable even while the
+    /// reactor is awake (the next wait consumes it).
+    pub(crate) fn signal(&self) {
+        self.inner.woken.store(true, Ordering::SeqCst);
+        let _ = rustix::io::write(&self.inner.efd, &1u64.to_ne_bytes());
+    }
+
     /// The eventfd the backend watches.
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.inner.efd.as_fd()
@@ -277,6 +284,12 @@ pub trait Backend: Send {
     /// polling), so it may look for data in cheaper ways than a full poll.
     fn set_busy_poll(&mut self, _spin: bool) {}
 
+    /// While `hold` is set (the core's inbox is full), receives already
+    /// started but not yet performed wait instead of reading; they resume
+    /// when it is cleared. Receives the kernel already performs on its own
+    /// (io_uring's armed SQEs) are not held back.
+    fn hold_receives(&mut self, _hold: bool, _pool: &mut BufferPool) {}
+
     /// Collects finished operations, waiting up to `timeout` (`None`:
     /// forever) when there are none yet.
     fn poll(
@@ -353,6 +366,11 @@ pub struct Reactor {
     allowed_uids: Option<Vec<u32>>,
     completions: Vec<Completion>,
     scratch: Vec<ConnId>,
+    /// Receives are held back (see [`Backend::hold_receives`]).
+    held: bool,
+    /// Receives that finished while the inbox was full, applied once the
+    /// application has taken messages (each connection has at most one).
+    stalled: std::collections::VecDeque<(ConnId, BytesMut, io::Result<usize>)>,
 }
 
 impl fmt::Debug for Reactor {
@@ -374,6 +392,8 @@ impl Reactor {
             backend,
             completions: Vec::new(),
             scratch: Vec::new(),
+            held: false,
+            stalled: std::collections::VecDeque::new(),
         }
     }
 
@@ -394,7 +414,17 @@ impl Reactor {
 
     /// Buffers held by the backend (see [`Backend::held_buffers`]).
     pub fn backend_buffers(&self) -> usize {
-        self.backend.held_buffers()
+        self.backend.held_buffers() + self.stalled.len()
+    }
+
+    /// After the application took the inbox: if receiving had paused (data
+    /// may wait unread in sockets, or read but not yet applied), makes the
+    /// pollable descriptor readable, so that a caller who polls it before
+    /// `get_messages` comes back for the rest.
+    pub fn took_messages(&mut self, was_paused: bool) {
+        if was_paused || !self.stalled.is_empty() {
+            self.backend.waker().signal();
+        }
     }
 
     /// A handle that wakes this reactor's wait from another thread.
@@ -439,6 +469,19 @@ impl Reactor {
 
     /// Starts every operation the core wants.
     fn dispatch(&mut self) {
+        while !self.core.is_paused()
+            && let Some((conn, buf, result)) = self.stalled.pop_front()
+        {
+            self.core.on_recv(conn, buf, result, &mut self.pool);
+        }
+        let paused = self.core.is_paused();
+        if paused != self.held {
+            // A full inbox holds back the receives already started, so one
+            // batch stays near the inbox limit instead of taking a buffer
+            // from every readable connection.
+            self.held = paused;
+            self.backend.hold_receives(paused, &mut self.pool);
+        }
         loop {
             for id in self.core.take_closed_ids() {
                 self.backend.close(id);
@@ -451,6 +494,14 @@ impl Reactor {
             for id in batch.drain(..) {
                 if let Some(buf) = self.core.start_recv(id, &mut self.pool) {
                     self.backend.recv(id, buf, &mut self.pool);
+                    // A receive the backend performed at once is applied at
+                    // once: the inbox limit then stops the next ones (a
+                    // thousand connections accepted together would
+                    // otherwise each bring a full buffer in one turn).
+                    self.backend.collect(&mut self.completions);
+                    if !self.completions.is_empty() {
+                        self.process();
+                    }
                 }
                 if let Some(outbox) = self.core.start_send(id) {
                     let held = self.backend.send(id, outbox);
@@ -506,7 +557,13 @@ impl Reactor {
                     }
                 }
                 Completion::Recv { conn, buf, result } => {
-                    self.core.on_recv(conn, buf, result, &mut self.pool)
+                    if self.core.is_paused() {
+                        // The inbox is full: the data waits here, so that
+                        // one batch stays near the inbox limit.
+                        self.stalled.push_back((conn, buf, result));
+                    } else {
+                        self.core.on_recv(conn, buf, result, &mut self.pool)
+                    }
                 }
                 Completion::Sent { conn, result } => self.core.on_sent(conn, result),
             }

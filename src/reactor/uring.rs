@@ -174,6 +174,8 @@ pub struct UringBackend {
     hot_wait: Option<OwnedFd>,
     hot_events: super::epoll::EventBuf,
     received_scratch: Vec<ConnId>,
+    /// Parked receives are held back (the core's inbox is full).
+    held: bool,
 }
 
 /// The ring's token in `hot_wait`.
@@ -249,6 +251,7 @@ impl UringBackend {
             hot_wait: None,
             hot_events: super::epoll::EventBuf(Vec::with_capacity(8)),
             received_scratch: Vec::new(),
+            held: false,
         })
     }
 
@@ -341,6 +344,21 @@ impl UringBackend {
         // SAFETY: the 8-byte buffer is boxed inside `ops[key]` until the
         // completion is reaped.
         unsafe { self.push(opcode::Read::new(fd, ptr, 8).build().user_data(key)) };
+    }
+
+    /// Re-arms the wake-up read if a completion just consumed it, and
+    /// submits it now: a signal (see [`Waker::signal`]) must make the ring
+    /// readable before the next poll, for callers who poll its descriptor.
+    fn rearm_wake(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        self.arm_wake();
+        if let Err(e) = self.submit(0, None)
+            && e.raw_os_error() != Some(libc::EBUSY)
+        {
+            log::error!("io_uring submit failed: {e}");
+        }
     }
 
     /// Keeps enough pooled buffers provided to the kernel for the
@@ -574,6 +592,9 @@ impl UringBackend {
     /// nothing stay parked. True if any was tried.
     fn read_parked(&mut self, pool: &mut BufferPool, all: bool) -> bool {
         let mut tried = false;
+        if self.held {
+            return false;
+        }
         let mut received = std::mem::take(&mut self.received_scratch);
         let mut parked = std::mem::take(&mut self.parked);
         parked.retain_mut(|(id, buf)| {
@@ -886,6 +907,7 @@ impl UringBackend {
         }
         self.read_parked(pool, false);
         self.reap();
+        self.rearm_wake();
         out.append(&mut self.ready);
         Ok(true)
     }
@@ -1006,7 +1028,14 @@ impl Backend for UringBackend {
 
     fn collect(&mut self, out: &mut Vec<Completion>) {
         self.reap();
+        self.rearm_wake();
         out.append(&mut self.ready);
+    }
+
+    fn hold_receives(&mut self, hold: bool, _pool: &mut BufferPool) {
+        // Parked receives wait (their sockets' readiness is remembered);
+        // the SQEs armed in the ring complete as the kernel performs them.
+        self.held = hold;
     }
 
     fn set_busy_poll(&mut self, spin: bool) {
@@ -1077,6 +1106,7 @@ impl Backend for UringBackend {
             Err(e) => return Err(e),
         }
         self.reap();
+        self.rearm_wake();
         out.append(&mut self.ready);
         Ok(())
     }
