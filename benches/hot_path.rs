@@ -3,11 +3,11 @@
 //! `valgrind --tool=callgrind` at two message counts and divides the
 //! difference, which cancels setup and teardown.
 //!
-//! Arguments: `[binary|json|pingpong] [MESSAGES]` (defaults: binary,
-//! 10000; `pingpong` moves one Binary message each way at a time). Both
-//! clients live on this thread (epoll backend: valgrind does not model
-//! io_uring's shared rings); each round queues 64 messages of 64 B content,
-//! flushes them and receives them.
+//! Arguments: `[binary|binary16k|json|pingpong] [MESSAGES]` (defaults:
+//! binary, 10000; `pingpong` moves one Binary message each way at a time).
+//! Both clients live on this thread (epoll backend: valgrind does not model
+//! io_uring's shared rings); each round queues 64 messages of 64 B content
+//! (`binary16k`: 4 of 16 KiB), flushes them and receives them.
 
 use std::time::Duration;
 
@@ -31,7 +31,14 @@ fn main() {
     let opts = Options::new().backend(BackendChoice::Epoll);
     let mut rx = Client::connect(&info, "sink", opts.clone()).unwrap();
     let mut tx = Client::connect(&info, "src", opts.listen(false)).unwrap();
-    let content = "\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd\"";
+    let large = args.first().map(String::as_str) == Some("binary16k");
+    let content = if large {
+        format!("\"{}\"", "0123456789abcdef".repeat(1024).split_at(16382).0)
+    } else {
+        "\"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd\"".to_string()
+    };
+    let content = content.as_str();
+    let per_round = if large { 4 } else { 64 };
     let mut inbox = Vec::with_capacity(4096);
     let mut sent = 0;
     let mut bytes = 0;
@@ -65,7 +72,7 @@ fn main() {
         return;
     }
     while sent < n {
-        let k = (n - sent).min(64);
+        let k = (n - sent).min(per_round);
         for _ in 0..k {
             tx.queue_json("sink", content).unwrap();
         }
