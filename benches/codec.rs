@@ -1,5 +1,6 @@
-//! Codec costs per message, in memory (no I/O): framing, and the Json and
-//! Binary envelopes, encoded and decoded. `cargo bench --bench codec`.
+//! Codec costs per message, in memory (no I/O): framing, the Json and
+//! Binary envelopes, encoded and decoded, and the stamp and id every
+//! message needs. `cargo bench --bench codec`.
 
 use std::hint::black_box;
 
@@ -84,5 +85,24 @@ fn envelopes(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, frames, envelopes);
+/// What every message costs its sender before any encoding: the stamp
+/// (one wall-clock read, as the protocol stamps each message) and the id.
+fn per_message(c: &mut Criterion) {
+    let mut g = c.benchmark_group("per_message");
+    g.bench_function("clock_gettime", |b| {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: writes the current time into a timespec we own.
+        b.iter(|| unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, black_box(&mut t)) })
+    });
+    g.bench_function("next_stamp", |b| b.iter(ipcm::message::next_stamp));
+    g.bench_function("message_id", |b| {
+        b.iter(ipcm::message::new_message_id_bytes)
+    });
+    g.finish();
+}
+
+criterion_group!(benches, frames, envelopes, per_message);
 criterion_main!(benches);

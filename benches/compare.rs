@@ -347,7 +347,7 @@ fn ipcm_throughput(flavor: Flavor, size: usize, n: usize) -> f64 {
     let start = Instant::now();
     let sender = std::thread::spawn(move || {
         let mut tx = Client::connect(&info, "src", opts.listen(false)).unwrap();
-        let batch = (64 * 1024 / (size + 96)).max(1);
+        let batch = (64usize * 1024).div_ceil(size + 64);
         for i in 0..n {
             queue(&mut tx, "sink", &body);
             if (i + 1) % batch == 0 {

@@ -47,7 +47,7 @@ impl Pair {
         let body = content(size);
         let sender = std::thread::spawn(move || {
             let mut tx = Client::connect(&info, "src", opts.listen(false)).unwrap();
-            let batch = (64 * 1024 / (size + 96)).max(1) as u64;
+            let batch = (64usize * 1024).div_ceil(size + 64) as u64;
             while let Ok(n) = orders.recv() {
                 for i in 0..n {
                     loop {
