@@ -58,7 +58,7 @@ fn envelopes(c: &mut Criterion) {
     let mut g = c.benchmark_group("envelope");
     g.throughput(Throughput::Elements(1));
     for (name, ser) in [("json", Serializer::Json), ("binary", Serializer::Binary)] {
-        for size in [64usize, 1024] {
+        for size in [64usize, 1024, 16384] {
             let body = content(size);
             let mut out = BytesMut::with_capacity(1 << 20);
             g.bench_function(format!("{name}/encode/{size}"), |b| {

@@ -12,7 +12,9 @@
 //!   available).
 //!
 //! Every round runs every system once per payload size (side by side, so
-//! machine noise hits them alike); tables give medians over the rounds.
+//! machine noise hits them alike); tables give medians over the rounds,
+//! and each ratio is the median of the per-round ratios (a pair measured
+//! in one round, seconds apart, shares the machine's state).
 //! Results go to `target/ipcm-compare/results.csv` and `results.svg`; the
 //! last line printed is a one-line summary of the headline ratios.
 //!
@@ -582,6 +584,14 @@ fn median(v: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
+/// The median of the per-round ratios `a[i] / b[i]`: each pair was
+/// measured in the same round, seconds apart, so a slow spell of the shared
+/// machine moves both sides of a pair and cancels out.
+fn paired(a: &[f64], b: &[f64]) -> f64 {
+    let ratios: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).collect();
+    median(&ratios)
+}
+
 fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -816,8 +826,8 @@ fn main() {
     for row in &rows {
         let rate = median(&row.rates);
         let mbs = rate * row.size as f64 / 1e6;
-        let raw = median(&get(System::Raw, row.size).rates);
-        let tok = median(&get(System::Tokio, row.size).rates);
+        let raw = paired(&row.rates, &get(System::Raw, row.size).rates);
+        let tok = paired(&row.rates, &get(System::Tokio, row.size).rates);
         let (p50, p99) = (median(&row.p50), median(&row.p99));
         writeln!(
             table,
@@ -828,36 +838,34 @@ fn main() {
             mbs,
             p50,
             p99,
-            rate / raw,
-            rate / tok
+            raw,
+            tok
         )
         .unwrap();
         writeln!(
             csv,
-            "{},{},{rate:.0},{mbs:.1},{p50:.2},{p99:.2},{:.4},{:.4},{rounds},",
+            "{},{},{rate:.0},{mbs:.1},{p50:.2},{p99:.2},{raw:.4},{tok:.4},{rounds},",
             row.system.name(),
             row.size,
-            rate / raw,
-            rate / tok
         )
         .unwrap();
     }
     print!("{table}");
 
     println!("\nping-pong, 64 B, busy polling (raw: spinning non-blocking sockets)");
-    let raw_busy = median(&busy[0].1);
+    let raw_busy = busy[0].1.clone();
     for (system, p50, p99) in &busy {
         let (a, b) = (median(p50), median(p99));
         println!(
             "{:<11} p50 {a:>7.2}us  p99 {b:>7.2}us  p50 x raw {:.2}",
             system.name(),
-            a / raw_busy
+            paired(p50, &raw_busy)
         );
         writeln!(
             csv,
             "{}-busy,64,,,{a:.2},{b:.2},{:.4},,{rounds},",
             system.name(),
-            a / raw_busy
+            paired(p50, &raw_busy)
         )
         .unwrap();
     }
@@ -866,26 +874,25 @@ fn main() {
     // Fan-in: the same sender loop with 1 and with 1,000 clients, for a
     // listener on each backend.
     raise_fd_limit();
-    let mut fan: Vec<(&str, f64, f64)> = Vec::new();
+    let mut fan: Vec<(&str, f64)> = Vec::new();
     for (name, flavor) in [("io_uring", Flavor::Uring), ("epoll", Flavor::Epoll)] {
         let (mut one, mut many) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             one.push(fan_in_on(flavor, 1, fan_msgs));
             many.push(fan_in_on(flavor, 1000, fan_msgs));
         }
+        let ratio = paired(&many, &one);
         let (one, many) = (median(&one), median(&many));
         println!(
-            "fan-in, 64 B Binary, {name} listener: 1 -> 1 {one:.0} msgs/s, 1000 -> 1 {many:.0} msgs/s, ratio {:.2}",
-            many / one
+            "fan-in, 64 B Binary, {name} listener: 1 -> 1 {one:.0} msgs/s, 1000 -> 1 {many:.0} msgs/s, ratio {ratio:.2}"
         );
         writeln!(csv, "fan-in-1-{name},64,{one:.0},,,,,,{rounds},").unwrap();
         writeln!(
             csv,
-            "fan-in-1000-{name},64,{many:.0},,,,{:.4},,{rounds},",
-            many / one
+            "fan-in-1000-{name},64,{many:.0},,,,{ratio:.4},,{rounds},"
         )
         .unwrap();
-        fan.push((name, one, many));
+        fan.push((name, ratio));
     }
 
     for (name, c) in &idle_costs {
@@ -910,23 +917,20 @@ fn main() {
     );
 
     let r = |sys, size| median(&get(sys, size).rates);
+    let vs = |sys, other, size| paired(&get(sys, size).rates, &get(other, size).rates);
     let (u, e) = (System::Ipcm(Flavor::Uring), System::Ipcm(Flavor::Epoll));
-    let ratio = |size| {
-        let raw = r(System::Raw, size);
-        (r(u, size) / raw, r(e, size) / raw)
-    };
+    let ratio = |size| (vs(u, System::Raw, size), vs(e, System::Raw, size));
     let (u64r, e64r) = ratio(64);
     let (u16r, e16r) = ratio(16384);
-    let tok = r(System::Tokio, 64);
-    let rtt = |sys| median(&get(sys, 64).p50) / median(&get(System::Raw, 64).p50);
+    let rtt = |sys| paired(&get(sys, 64).p50, &get(System::Raw, 64).p50);
     let busy_of = |sys| {
         busy.iter()
             .find(|b| b.0 == sys)
-            .map_or(f64::NAN, |b| median(&b.1) / raw_busy)
+            .map_or(f64::NAN, |b| paired(&b.1, &raw_busy))
     };
     let fan_txt = fan
         .iter()
-        .map(|(n, one, many)| format!("{n} {:.2}", many / one))
+        .map(|(n, ratio)| format!("{n} {ratio:.2}"))
         .collect::<Vec<_>>()
         .join(" ");
     let idle_txt = idle_costs
@@ -936,8 +940,8 @@ fn main() {
         .join(" ");
     println!(
         "summary (io_uring/epoll): 64B x raw {u64r:.2}/{e64r:.2} (target >=0.5), x tokio {:.2}/{:.2} (>=2); 16KiB x raw {u16r:.2}/{e16r:.2} (>=0.9); json 64B {:.2}M msgs/s (>=1.5M); ping-pong p50 x raw blocking {:.2}/{:.2} (<=1.1), busy {:.2}/{:.2} (<=1.2); fan-in 1000/1 {fan_txt} (>=0.7); idle conn {idle_txt} (<4096B)",
-        r(u, 64) / tok,
-        r(e, 64) / tok,
+        vs(u, System::Tokio, 64),
+        vs(e, System::Tokio, 64),
         r(System::Ipcm(Flavor::Json), 64) / 1e6,
         rtt(u),
         rtt(e),
