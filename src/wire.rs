@@ -6,7 +6,7 @@
 //! [`FrameDecoder::filled`]; every complete frame then comes out of
 //! [`FrameDecoder::next_frame`] as a [`Bytes`] slice of that same buffer.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use zerocopy::byteorder::{BigEndian, U32};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -342,7 +342,7 @@ impl FrameDecoder {
             return Ok(None);
         }
         let mut frame = self.buf.split_to(need);
-        let _ = frame.split_to(HEADER_LEN);
+        frame.advance(HEADER_LEN);
         Ok(Some(frame.freeze()))
     }
 

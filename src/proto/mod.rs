@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use slab::Slab;
 
-use crate::message::{ByteStr, Message, now_stamp};
+use crate::message::{ByteStr, Message, coarse_stamp};
 use crate::route::Stats;
 use crate::serializer::{DecodeError, Serializer};
 use crate::wire::{BufferPool, FrameDecoder, build_frame};
@@ -180,6 +180,9 @@ pub struct Core {
     arena: BytesMut,
     /// Retired send arenas, reclaimed once their frames are all written.
     arenas: crate::wire::BufferPool,
+    /// Accepted connections in order of arrival, for the hello timeout
+    /// (those resolved or closed since are skipped when reached).
+    unresolved: std::collections::VecDeque<(Instant, ConnId)>,
 }
 
 impl Core {
@@ -203,6 +206,7 @@ impl Core {
             closed: Vec::new(),
             arena: BytesMut::new(),
             arenas: crate::wire::BufferPool::new(64 * 1024, 4),
+            unresolved: std::collections::VecDeque::new(),
         }
     }
 
@@ -237,11 +241,14 @@ impl Core {
             outbox: Outbox::default(),
             recv_in_flight: false,
             send_in_flight: false,
-            last_activity: now_stamp(),
+            last_activity: coarse_stamp(),
             created: Instant::now(),
         });
         let id = ConnId::new(slot, generation);
         self.dirty.push(id);
+        if self.conns[slot].peer.is_none() {
+            self.unresolved.push_back((self.conns[slot].created, id));
+        }
         id
     }
 
@@ -356,7 +363,7 @@ impl Core {
     /// Closes connections idle since before `now - max_idle` (strictly),
     /// unresolved ones included; returns how many.
     pub fn close_idle(&mut self, max_idle: f64) -> usize {
-        let cutoff = now_stamp() - max_idle;
+        let cutoff = coarse_stamp() - max_idle;
         let idle: Vec<ConnId> = self
             .conns
             .iter()
@@ -372,19 +379,27 @@ impl Core {
     /// Closes accepted connections that sent no hello within the timeout.
     pub fn expire_unresolved(&mut self) -> usize {
         let timeout = self.cfg.hello_timeout;
-        let stale: Vec<ConnId> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| c.peer.is_none() && c.created.elapsed() > timeout)
-            .map(|(s, c)| ConnId::new(s, c.generation))
-            .collect();
-        for id in &stale {
+        let mut now = None;
+        let mut closed = 0;
+        // Oldest first: stop at the first one still waiting within its time
+        // (no clock read, no scan of the connections, when none waits).
+        while let Some(&(created, id)) = self.unresolved.front() {
+            if self.get(id).is_none_or(|c| c.peer.is_some()) {
+                self.unresolved.pop_front();
+                continue;
+            }
+            let now = *now.get_or_insert_with(Instant::now);
+            if now.saturating_duration_since(created) <= timeout {
+                break;
+            }
+            self.unresolved.pop_front();
             log::warn!(
                 "ConnectionUnix: closing a connection that sent no hello within {timeout:?}"
             );
-            self.close(*id, None);
+            self.close(id, None);
+            closed += 1;
         }
-        stale.len()
+        closed
     }
 
     /// Closes a connection; the reactor learns of it via [`Core::take_closed_ids`].
@@ -579,7 +594,7 @@ impl Core {
         // thousand peers a good part of its time).
         self.flush_read_run();
         if got_frame && let Some(c) = self.get_mut(id) {
-            c.last_activity = now_stamp();
+            c.last_activity = coarse_stamp();
         }
     }
 
@@ -661,7 +676,7 @@ impl Core {
             return false;
         };
         conn.peer = Some(peer.clone());
-        conn.last_activity = now_stamp();
+        conn.last_activity = coarse_stamp();
         let moved = !carried.is_empty();
         conn.outbox.append(carried);
         self.by_peer.insert(peer, id.slot());
@@ -872,7 +887,7 @@ impl Core {
             Ok(n) => {
                 conn.outbox.advance(n);
                 if n > 0 && conn.outbox.is_empty() {
-                    conn.last_activity = now_stamp();
+                    conn.last_activity = coarse_stamp();
                 }
                 if !conn.outbox.is_empty() {
                     self.dirty.push(id);
@@ -891,7 +906,7 @@ impl Core {
     /// Marks `id` active now.
     pub fn touch(&mut self, id: ConnId) {
         if let Some(c) = self.get_mut(id) {
-            c.last_activity = now_stamp();
+            c.last_activity = coarse_stamp();
         }
     }
 }

@@ -129,6 +129,32 @@ fn unresolved_connection_expires_after_hello_timeout() {
 }
 
 #[test]
+fn only_silent_connections_past_the_timeout_expire() {
+    let mut c = Core::new(
+        Serializer::Json,
+        CoreConfig {
+            hello_timeout: Duration::from_millis(50),
+            ..CoreConfig::default()
+        },
+    );
+    let old = c.add_acceptor();
+    let resolved = c.add_acceptor();
+    feed(&mut c, resolved, &frame(r#"{"hello":"cli"}"#));
+    let gone = c.add_acceptor();
+    c.close(gone, None);
+    std::thread::sleep(Duration::from_millis(80));
+    let young = c.add_acceptor();
+    assert_eq!(c.expire_unresolved(), 1, "only the old silent one");
+    assert!(!c.is_open(old));
+    assert!(c.is_open(resolved) && c.is_open(young));
+    assert_eq!(c.expire_unresolved(), 0);
+    std::thread::sleep(Duration::from_millis(80));
+    assert_eq!(c.expire_unresolved(), 1);
+    assert!(!c.is_open(young));
+    assert!(c.is_open(resolved), "a resolved connection never expires");
+}
+
+#[test]
 fn newer_hello_replaces_the_old_connection_keeping_its_messages() {
     let mut c = core();
     let old = c.add_acceptor();
@@ -360,7 +386,7 @@ fn resolved(c: &mut Core, peer: &str, activity: f64) -> ConnId {
 #[test]
 fn table_lists_sorted_keys_and_activity() {
     let mut c = core();
-    let now = now_stamp();
+    let now = crate::message::now_stamp();
     resolved(&mut c, "beta", now);
     let alpha = resolved(&mut c, "alpha", now - 10.0);
     assert_eq!(c.connections(), ["alpha", "beta"]);
@@ -375,7 +401,7 @@ fn table_lists_sorted_keys_and_activity() {
 #[test]
 fn close_idle_closes_only_entries_older_than_the_cutoff() {
     let mut c = core();
-    let now = now_stamp();
+    let now = crate::message::now_stamp();
     resolved(&mut c, "old", now - 100.0);
     resolved(&mut c, "recent", now);
     assert_eq!(c.close_idle(50.0), 1);

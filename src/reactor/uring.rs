@@ -1026,6 +1026,10 @@ impl Backend for UringBackend {
         }
     }
 
+    fn take_performed(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut self.ready);
+    }
+
     fn collect(&mut self, out: &mut Vec<Completion>) {
         self.reap();
         self.rearm_wake();
