@@ -161,7 +161,7 @@ pub struct Core {
     conns: Slab<Conn>,
     next_generation: u32,
     /// Messages read since the last stats update: their `from` and count.
-    read_run: Option<(ByteStr, u64)>,
+    read_run: Option<(crate::message::Name, u64)>,
     /// Live connection per peer name (FxHash: the names come from this
     /// user's own processes, so no flooding to defend against).
     by_peer: rustc_hash::FxHashMap<ByteStr, usize>,

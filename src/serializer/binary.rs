@@ -32,7 +32,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 use super::{Content, DecodeError, Outgoing};
 use crate::error::Error;
-use crate::message::{ByteStr, Message, MsgId, new_message_id_bytes};
+use crate::message::{ByteStr, Message, MsgId, Name, new_message_id_bytes};
 
 /// Magic bytes that start every binary payload.
 pub const MAGIC: [u8; 4] = *b"IPCB";
@@ -264,8 +264,8 @@ pub(crate) fn decode_message(payload: &Bytes) -> Result<Option<Message>, DecodeE
         }
     }
     Ok(Some(Message {
-        from: ByteStr::slice_of(payload, p.from),
-        to: (!p.to.is_empty()).then(|| ByteStr::slice_of(payload, p.to)),
+        from: Name::slice_of(payload, p.from),
+        to: Name::slice_of(payload, p.to),
         content: ByteStr::slice_of(payload, p.content),
         id: MsgId::Raw(p.header.id, std::sync::OnceLock::new()),
         stamp: p.header.stamp.get(),
@@ -309,7 +309,30 @@ mod tests {
             "content is raw UTF-8, not escaped"
         );
         let inside = |p: *const u8| payload.as_ptr_range().contains(&p);
-        assert!(inside(m.content_json().as_ptr()) && inside(m.from().as_ptr()));
+        assert!(
+            inside(m.content_json().as_ptr()),
+            "content is a slice of the frame"
+        );
+        assert!(!inside(m.from().as_ptr()), "a short name is kept inline");
+        let long = "a-peer-name-longer-than-thirty-bytes";
+        let mut out = BytesMut::new();
+        encode_message(
+            &Outgoing {
+                from: long,
+                to: long,
+                extra: &[],
+                ..msg
+            },
+            &mut out,
+        )
+        .unwrap();
+        let payload2 = out.freeze();
+        let m2 = decode_message(&payload2).unwrap().unwrap();
+        assert_eq!((m2.from(), m2.to()), (long, Some(long)));
+        assert!(
+            payload2.as_ptr_range().contains(&m2.from().as_ptr()),
+            "a long name is a slice"
+        );
         assert_eq!(m.stamp(), 12.5);
         assert_eq!(m.stamp_ord(), 7);
         assert!(m.is_broadcast());

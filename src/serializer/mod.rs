@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
-use crate::message::{ByteStr, Message, MsgId, new_message_id, next_stamp, next_stamp_ord};
+use crate::message::{ByteStr, Message, MsgId, Name, new_message_id, next_stamp, next_stamp_ord};
 use json::{RawEnvelope, is_truthy, push_raw_ascii, push_str, to_ascii_json};
 pub use zstd::ZstdCodec;
 
@@ -340,9 +340,16 @@ fn owned_or_slice(payload: &Bytes, s: std::borrow::Cow<'_, str>) -> ByteStr {
     }
 }
 
+fn owned_or_slice_name(payload: &Bytes, s: std::borrow::Cow<'_, str>) -> Name {
+    match s {
+        std::borrow::Cow::Borrowed(b) => Name::slice_of(payload, b),
+        std::borrow::Cow::Owned(o) => Name::from_byte_str(ByteStr::from_string(o)),
+    }
+}
+
 fn envelope_to_message(payload: &Bytes, env: RawEnvelope<'_>) -> Result<Message> {
     let from = match env.from {
-        Some(f) if !f.is_empty() && f != "0" => owned_or_slice(payload, f),
+        Some(f) if !f.is_empty() && f != "0" => owned_or_slice_name(payload, f),
         _ => return Err(Error::FromRequired),
     };
     let Some(content) = env.content else {
@@ -352,10 +359,11 @@ fn envelope_to_message(payload: &Bytes, env: RawEnvelope<'_>) -> Result<Message>
     let to = env
         .to
         .filter(|t| !t.is_empty())
-        .map(|t| owned_or_slice(payload, t));
-    if to.is_none() && !broadcast {
+        .map(|t| owned_or_slice_name(payload, t));
+    // An absent `to` (allowed on broadcasts) is the empty name.
+    let Some(to) = to.or_else(|| broadcast.then(|| Name::copy_from(""))) else {
         return Err(Error::ToOrBroadcast);
-    }
+    };
     let id = match env.id {
         Some(id) => MsgId::Text(owned_or_slice(payload, id)),
         None => MsgId::Uuid(new_message_id()),
