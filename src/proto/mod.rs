@@ -503,6 +503,11 @@ impl Core {
         std::mem::take(&mut self.closed)
     }
 
+    /// Whether any connection needs operations (re)armed, or closing.
+    pub fn has_operations_to_start(&self) -> bool {
+        !self.dirty.is_empty() || !self.to_close.is_empty()
+    }
+
     /// Connections whose operations need (re)arming.
     pub fn take_dirty(&mut self, into: &mut Vec<ConnId>) {
         into.append(&mut self.dirty);

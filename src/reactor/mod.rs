@@ -592,6 +592,11 @@ impl Reactor {
                 return;
             }
             self.process();
+            if !self.core.has_operations_to_start() {
+                // Nothing to re-arm or close: another round would find
+                // nothing either (a write that emptied its outbox).
+                return;
+            }
         }
     }
 
