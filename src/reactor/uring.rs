@@ -1072,8 +1072,11 @@ impl Backend for UringBackend {
         self.unpark_cold(pool);
         self.arm_wake();
         if !self.parked.is_empty() && timeout == Some(Duration::ZERO) {
-            // Not waiting: the hot sockets are read as the spins read them.
-            self.read_parked(pool, true);
+            // Not waiting: the hot sockets are read as the spins read them
+            // (when spinning, by the spins themselves).
+            if !self.busy {
+                self.read_parked(pool, true);
+            }
         } else if !self.parked.is_empty() {
             if self.wait_parked(timeout, out, pool)? {
                 return Ok(());
