@@ -9,7 +9,10 @@
 //!   current-thread runtime per thread;
 //! * `ipcm-uring`, `ipcm-epoll`: ipcm clients on a Binary route;
 //! * `ipcm-json`: ipcm on the Perl-compatible Json route (io_uring where
-//!   available).
+//!   available);
+//! * `ipcm-thread`: the threaded mode (Binary, io_uring where available):
+//!   the receiver's reactor on its own thread, handing messages over
+//!   through the lock-free receive ring; in ping-pong both ends threaded.
 //!
 //! Every round runs every system once per payload size (side by side, so
 //! machine noise hits them alike); tables give medians over the rounds,
@@ -34,12 +37,13 @@ use ipcm::{BackendChoice, Client, Error, Info, Message, Options, Route, Serializ
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 const SIZES: [usize; 3] = [64, 1024, 16384];
-const SYSTEMS: [System; 5] = [
+const SYSTEMS: [System; 6] = [
     System::Raw,
     System::Tokio,
     System::Ipcm(Flavor::Uring),
     System::Ipcm(Flavor::Epoll),
     System::Ipcm(Flavor::Json),
+    System::Ipcm(Flavor::Threaded),
 ];
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -48,6 +52,8 @@ enum Flavor {
     Uring,
     Epoll,
     Json,
+    /// Binary, io_uring where available, the reactor on its own thread.
+    Threaded,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -65,6 +71,7 @@ impl System {
             System::Ipcm(Flavor::Uring) => "ipcm-uring",
             System::Ipcm(Flavor::Epoll) => "ipcm-epoll",
             System::Ipcm(Flavor::Json) => "ipcm-json",
+            System::Ipcm(Flavor::Threaded) => "ipcm-thread",
         }
     }
 }
@@ -292,7 +299,7 @@ fn ipcm_route(flavor: Flavor) -> (Route, Info, Options) {
     let info = Info::new(ser, route.path());
     let backend = match flavor {
         Flavor::Epoll => BackendChoice::Epoll,
-        Flavor::Uring | Flavor::Json => uring_or_epoll(),
+        Flavor::Uring | Flavor::Json | Flavor::Threaded => uring_or_epoll(),
     };
     // A bounded outbox gives the sender back-pressure, as the socket buffer
     // gives the raw sender and the codec's 8 KiB boundary gives tokio;
@@ -342,9 +349,33 @@ fn ipcm_receive(rx: &mut Client, n: usize) -> usize {
     bytes
 }
 
+/// Messages from the threaded receiver's ring, in batches.
+fn threaded_receive(rx: &mut ipcm::Receiver, n: usize) -> usize {
+    let mut batch: Vec<Message> = Vec::with_capacity(4096);
+    let (mut got, mut bytes) = (0, 0);
+    while got < n {
+        batch.clear();
+        if rx.recv_batch(&mut batch, 4096) == 0 {
+            batch.push(rx.recv_timeout(WAIT).expect("threaded receiver starved"));
+        }
+        for m in &batch {
+            bytes += m.content_bytes().len();
+        }
+        got += batch.len();
+    }
+    bytes
+}
+
 fn ipcm_throughput(flavor: Flavor, size: usize, n: usize) -> f64 {
     let (route, info, opts) = ipcm_route(flavor);
-    let mut rx = Client::connect(&info, "sink", opts.clone()).unwrap();
+    let rx = Client::connect(&info, "sink", opts.clone()).unwrap();
+    let mut threaded = None;
+    let mut inline = None;
+    if flavor == Flavor::Threaded {
+        threaded = Some(rx.into_threaded().unwrap());
+    } else {
+        inline = Some(rx);
+    }
     let body = payload(size);
     let start = Instant::now();
     let sender = std::thread::spawn(move || {
@@ -359,17 +390,66 @@ fn ipcm_throughput(flavor: Flavor, size: usize, n: usize) -> f64 {
         tx.flush_pending(Some(WAIT)).unwrap();
         tx
     });
-    let bytes = ipcm_receive(&mut rx, n);
+    let bytes = match (&mut inline, &mut threaded) {
+        (Some(rx), _) => ipcm_receive(rx, n),
+        (None, Some((_, rx, _))) => threaded_receive(rx, n),
+        (None, None) => unreachable!(),
+    };
     let secs = start.elapsed().as_secs_f64();
     let mut tx = sender.join().unwrap();
     std::hint::black_box(bytes);
     tx.disconnect(None).unwrap();
-    rx.disconnect(None).unwrap();
+    if let Some(mut rx) = inline {
+        rx.disconnect(None).unwrap();
+    }
+    if let Some((_, _, handle)) = threaded {
+        handle.shutdown().unwrap();
+    }
     route.unspawn().unwrap();
     n as f64 / secs
 }
 
+/// Ping-pong with both ends in the threaded mode: blocking `Sender::send`
+/// and `Receiver::recv_timeout`.
+fn threaded_ping_pong(size: usize, n: usize) -> Vec<f64> {
+    use serde_json::value::RawValue;
+    let (route, info, opts) = ipcm_route(Flavor::Threaded);
+    let echo = Client::connect(&info, "echo", opts.clone()).unwrap();
+    let (mut etx, mut erx, ehandle) = echo.into_threaded().unwrap();
+    let echo_thread = std::thread::spawn(move || {
+        loop {
+            let m = erx.recv_timeout(WAIT).expect("echo starved");
+            if m.content_json() == "0" {
+                break;
+            }
+            let raw = RawValue::from_string(m.content_json().to_string()).unwrap();
+            etx.send(m.from(), &*raw).unwrap();
+        }
+        ehandle.shutdown().unwrap();
+    });
+    let ping = Client::connect(&info, "ping", opts).unwrap();
+    let (mut tx, mut rx, handle) = ping.into_threaded().unwrap();
+    let body = RawValue::from_string(payload(size)).unwrap();
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let t = Instant::now();
+        tx.send("echo", &*body).unwrap();
+        rx.recv_timeout(WAIT).expect("ping starved");
+        if i >= n / 10 {
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    tx.send("echo", &0).unwrap();
+    echo_thread.join().unwrap();
+    handle.shutdown().unwrap();
+    route.unspawn().unwrap();
+    lat
+}
+
 fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, spin: bool) -> Vec<f64> {
+    if flavor == Flavor::Threaded {
+        return threaded_ping_pong(size, n);
+    }
     let (route, info, opts) = ipcm_route(flavor);
     let opts = opts.busy_poll(spin);
     let mut echo = Client::connect(&info, "echo", opts.clone()).unwrap();
@@ -627,7 +707,7 @@ fn write_svg(path: &PathBuf, rows: &[Row]) -> Result<(), Box<dyn std::error::Err
         .y_desc("MB/s (payload)")
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()?;
-    let colors = [RED, BLUE, GREEN, MAGENTA, BLACK];
+    let colors = [RED, BLUE, GREEN, MAGENTA, BLACK, CYAN];
     for (i, sys) in SYSTEMS.iter().enumerate() {
         let pts: Vec<(f64, f64)> = rows
             .iter()
@@ -767,9 +847,10 @@ fn main() {
             });
         }
     }
+    // Busy polling is an inline-mode option.
     let mut busy: Vec<(System, Vec<f64>, Vec<f64>)> = SYSTEMS
         .iter()
-        .filter(|s| **s != System::Tokio)
+        .filter(|s| !matches!(s, System::Tokio | System::Ipcm(Flavor::Threaded)))
         .map(|s| (*s, Vec::new(), Vec::new()))
         .collect();
     for round in 0..rounds {
