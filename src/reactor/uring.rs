@@ -162,11 +162,12 @@ pub struct UringBackend {
     /// and write them with direct sends, entering the ring only every
     /// [`BUSY_ENTER_EVERY`] spins.
     busy: bool,
-    /// The connections that last brought data.
+    /// Hot connections: when busy polling, those that last brought data;
+    /// otherwise the latest conversations (read, then written).
     hot: super::HotConns,
     spins: u32,
     /// Receives on hot connections, performed by direct non-blocking reads
-    /// instead of SQEs: on each spinning poll, or after a `ppoll` on them
+    /// instead of SQEs: on each spinning poll, or after an epoll wait on them
     /// and the ring (see `wait_parked`).
     parked: Vec<(ConnId, BytesMut)>,
     /// Waits with parked receives: an edge-triggered epoll instance holding
