@@ -383,19 +383,8 @@ impl Backend for EpollBackend {
                 return Ok(());
             }
         }
-        let mut timeout = if self.ready.is_empty() {
-            timeout
-        } else {
-            Some(Duration::ZERO)
-        };
-        let blocking = timeout != Some(Duration::ZERO);
-        if blocking && !self.waker.prepare_sleep() {
-            timeout = Some(Duration::ZERO);
-        }
-        let ts = timeout.map(|d| rustix::event::Timespec {
-            tv_sec: d.as_secs() as _,
-            tv_nsec: d.subsec_nanos() as _,
-        });
+        let (timeout, blocking) = self.waker.wait_timeout(!self.ready.is_empty(), timeout);
+        let ts = timeout.map(super::timespec);
         self.events.0.clear();
         let res = epoll::wait(
             &self.ep,

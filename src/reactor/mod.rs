@@ -134,6 +134,23 @@ impl Waker {
         !self.inner.woken.load(Ordering::SeqCst)
     }
 
+    /// The timeout a backend's wait should use, and whether it announced a
+    /// sleep (then it must call [`Waker::finish_sleep`] after the wait):
+    /// zero when completions are `ready` already or a wake arrived first.
+    pub(crate) fn wait_timeout(
+        &self,
+        ready: bool,
+        timeout: Option<Duration>,
+    ) -> (Option<Duration>, bool) {
+        if ready || timeout == Some(Duration::ZERO) {
+            return (Some(Duration::ZERO), false);
+        }
+        if !self.prepare_sleep() {
+            return (Some(Duration::ZERO), true);
+        }
+        (timeout, true)
+    }
+
     /// Ends a wait; returns whether a wake arrived.
     pub(crate) fn finish_sleep(&self) -> bool {
         self.inner.sleeping.store(false, Ordering::SeqCst);
@@ -629,6 +646,14 @@ impl Reactor {
         // socket only once its cancelled operations are done, and peers
         // must see EOF without waiting for our next turn.
         self.flush();
+    }
+}
+
+/// `d` as the kernel's timespec (saturating at `time_t`'s range).
+pub(crate) fn timespec(d: Duration) -> rustix::event::Timespec {
+    rustix::event::Timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as _,
+        tv_nsec: d.subsec_nanos() as _,
     }
 }
 

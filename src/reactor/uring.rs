@@ -864,19 +864,9 @@ impl UringBackend {
         }
         self.reap();
         self.read_parked(pool, false);
-        let mut timeout = if self.ready.is_empty() && self.ring.completion().is_empty() {
-            timeout
-        } else {
-            Some(Duration::ZERO)
-        };
-        let blocking = timeout != Some(Duration::ZERO);
-        if blocking && !self.waker.prepare_sleep() {
-            timeout = Some(Duration::ZERO);
-        }
-        let ts = timeout.map(|d| rustix::event::Timespec {
-            tv_sec: d.as_secs().min(i64::MAX as u64) as _,
-            tv_nsec: d.subsec_nanos() as _,
-        });
+        let ready = !self.ready.is_empty() || !self.ring.completion().is_empty();
+        let (timeout, blocking) = self.waker.wait_timeout(ready, timeout);
+        let ts = timeout.map(super::timespec);
         let Some(ep) = &self.hot_wait else {
             return Ok(false);
         };
@@ -1087,15 +1077,8 @@ impl Backend for UringBackend {
             self.unpark_cold(pool);
         }
         self.reap();
-        let mut timeout = if self.ready.is_empty() && self.ring.completion().is_empty() {
-            timeout
-        } else {
-            Some(Duration::ZERO)
-        };
-        let blocking = timeout != Some(Duration::ZERO);
-        if blocking && !self.waker.prepare_sleep() {
-            timeout = Some(Duration::ZERO);
-        }
+        let ready = !self.ready.is_empty() || !self.ring.completion().is_empty();
+        let (timeout, blocking) = self.waker.wait_timeout(ready, timeout);
         let res = match timeout {
             Some(d) if d.is_zero() => self.submit(0, None),
             None => self.submit(1, None),
