@@ -405,7 +405,96 @@ fn inbox_limit_bounds_each_batch_and_the_rest_follows(backend: BackendChoice) {
     rx.disconnect(None).unwrap();
 }
 
+/// A peer that converses (so its connection is waited on directly on
+/// io_uring) and then dies in the middle of a frame: the listener drops the
+/// partial frame, keeps every complete message, does not hang, and reports
+/// the peer gone when it next sends to it.
+fn a_conversing_peer_that_dies_mid_frame_loses_nothing_complete(backend: BackendChoice) {
+    use std::io::{Read, Write};
+    let t = TestRoute::new(backend);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let mut a = Client::connect(&info, "a", Options::new().backend(backend)).unwrap();
+    let mut p = std::os::unix::net::UnixStream::connect(a.path()).unwrap();
+    p.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let frame = |payload: &[u8]| {
+        let mut out = bytes::BytesMut::new();
+        ipcm::wire::encode_frame(payload, &mut out).unwrap();
+        out
+    };
+    let mut hello = bytes::BytesMut::new();
+    Serializer::Binary.encode_hello("p", &mut hello);
+    p.write_all(&frame(&hello)).unwrap();
+    let wait = Duration::from_secs(10);
+    for i in 0..20 {
+        let mut payload = bytes::BytesMut::new();
+        Serializer::Binary
+            .encode_payload("p", "a", &i.to_string(), &mut payload)
+            .unwrap();
+        p.write_all(&frame(&payload)).unwrap();
+        let mut got = Vec::new();
+        while got.is_empty() {
+            a.get_messages_timeout_into(&mut got, wait).unwrap();
+        }
+        assert_eq!(got[0].content_json(), i.to_string());
+        // `a` answers over the same connection.
+        a.send_json("p", &(i + 100).to_string()).unwrap();
+        let mut len = [0u8; 4];
+        p.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        p.read_exact(&mut body).unwrap();
+        let m = Serializer::Binary
+            .decode_payload(&bytes::Bytes::from(body))
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.content_json(), (i + 100).to_string());
+    }
+    // One complete message, then half of the next, then gone.
+    let mut last = bytes::BytesMut::new();
+    Serializer::Binary
+        .encode_payload("p", "a", "\"last\"", &mut last)
+        .unwrap();
+    let mut cut = bytes::BytesMut::new();
+    Serializer::Binary
+        .encode_payload("p", "a", "\"never complete\"", &mut cut)
+        .unwrap();
+    let cut = frame(&cut);
+    let mut bytes = frame(&last).to_vec();
+    bytes.extend_from_slice(&cut[..cut.len() / 2]);
+    p.write_all(&bytes).unwrap();
+    drop(p);
+    let mut got = Vec::new();
+    let start = Instant::now();
+    while got.is_empty() && start.elapsed() < wait {
+        a.get_messages_timeout_into(&mut got, wait).unwrap();
+    }
+    let contents: Vec<&str> = got.iter().map(|m| m.content_json()).collect();
+    assert_eq!(contents, ["\"last\""]);
+    // Nothing more arrives, and the wait ends on time.
+    let t0 = Instant::now();
+    let mut none = Vec::new();
+    a.get_messages_timeout_into(&mut none, Duration::from_millis(200))
+        .unwrap();
+    assert!(none.is_empty());
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    // `p` had no socket of its own: with its connection gone, a send fails.
+    let deadline = Instant::now() + wait;
+    loop {
+        match a.send_json("p", "1") {
+            Err(_) => break,
+            Ok(()) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "sends to a dead peer keep succeeding"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    a.disconnect(None).unwrap();
+}
+
 per_backend!(
+    a_conversing_peer_that_dies_mid_frame_loses_nothing_complete,
     inbox_limit_bounds_each_batch_and_the_rest_follows,
     conversations_lose_nothing_on_hot_connections,
     busy_polling_and_batch_apis_deliver_everything,
