@@ -9,12 +9,8 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ipcm::Serializer;
 use ipcm::wire::{BufferPool, FrameDecoder, encode_frame};
 
-fn content(size: usize) -> String {
-    let mut s = String::from("\"");
-    s.extend((0..size.saturating_sub(2)).map(|i| (b'a' + (i % 26) as u8) as char));
-    s.push('"');
-    s
-}
+mod support;
+use support::json_string as content;
 
 fn frames(c: &mut Criterion) {
     let mut g = c.benchmark_group("frame");

@@ -29,12 +29,15 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use ipcm::{BackendChoice, Client, Error, Info, Message, Options, Route, Serializer};
+use ipcm::{BackendChoice, Client, Info, Message, Options, Route, Serializer};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+mod support;
+use support::{WAIT, json_string as payload, queue};
 
 const SIZES: [usize; 3] = [64, 1024, 16384];
 const SYSTEMS: [System; 6] = [
@@ -45,7 +48,6 @@ const SYSTEMS: [System; 6] = [
     System::Ipcm(Flavor::Json),
     System::Ipcm(Flavor::Threaded),
 ];
-const WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Flavor {
@@ -74,18 +76,6 @@ impl System {
             System::Ipcm(Flavor::Threaded) => "ipcm-thread",
         }
     }
-}
-
-/// Payload bytes for a message of `size` bytes: for ipcm a JSON string of
-/// exactly `size` bytes (its content), for the others the same bytes.
-fn payload(size: usize) -> String {
-    let mut s = String::with_capacity(size);
-    s.push('"');
-    for i in 0..size.saturating_sub(2) {
-        s.push((b'a' + (i % 26) as u8) as char);
-    }
-    s.push('"');
-    s
 }
 
 fn messages_for(size: usize, quick: bool) -> usize {
@@ -322,17 +312,6 @@ fn uring_or_epoll() -> BackendChoice {
     )
 }
 
-/// Queues `content` for `peer`, flushing when the outbox is full.
-fn queue(tx: &mut Client, peer: &str, content: &str) {
-    loop {
-        match tx.queue_json(peer, content) {
-            Ok(()) => return,
-            Err(Error::WouldBlock { .. }) => tx.flush_pending(Some(WAIT)).unwrap(),
-            Err(e) => panic!("queue_json: {e}"),
-        }
-    }
-}
-
 /// Receives `n` messages, returning the content bytes seen.
 fn ipcm_receive(rx: &mut Client, n: usize) -> usize {
     let mut batch: Vec<Message> = Vec::with_capacity(4096);
@@ -452,21 +431,8 @@ fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, spin: bool) -> Vec<f64>
     }
     let (route, info, opts) = ipcm_route(flavor);
     let opts = opts.busy_poll(spin);
-    let mut echo = Client::connect(&info, "echo", opts.clone()).unwrap();
-    let echo_thread = std::thread::spawn(move || {
-        let mut batch = Vec::with_capacity(64);
-        loop {
-            batch.clear();
-            echo.get_messages_timeout_into(&mut batch, WAIT).unwrap();
-            for m in &batch {
-                if m.content_json() == "0" {
-                    echo.disconnect(None).unwrap();
-                    return;
-                }
-                echo.send_json(m.from(), m.content_json()).unwrap();
-            }
-        }
-    });
+    let echo = Client::connect(&info, "echo", opts.clone()).unwrap();
+    let echo_thread = support::spawn_echo(echo);
     let mut ping = Client::connect(&info, "ping", opts).unwrap();
     let body = payload(size);
     let mut lat = Vec::with_capacity(n);
@@ -556,104 +522,27 @@ fn fan_in_on(listener: Flavor, senders: usize, n: usize) -> f64 {
     total as f64 / secs
 }
 
-fn rss_bytes() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-    let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize
-}
-
-fn raise_fd_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the struct we own.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
-/// Child role: opens `count` connections to `socket`, says hello on each
-/// (Binary), prints `ready` and waits for stdin to close.
-fn idle_clients(socket: &str, count: usize) {
-    raise_fd_limit();
-    let mut conns = Vec::with_capacity(count);
-    for i in 0..count {
-        let mut s = loop {
-            match UnixStream::connect(socket) {
-                Ok(s) => break s,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                Err(e) => panic!("connect {i}: {e}"),
-            }
-        };
-        let mut payload = bytes::BytesMut::new();
-        Serializer::Binary.encode_hello(&format!("idle{i}"), &mut payload);
-        let mut frame = bytes::BytesMut::new();
-        ipcm::wire::encode_frame(&payload, &mut frame).unwrap();
-        s.write_all(&frame).unwrap();
-        conns.push(s);
-    }
-    println!("ready");
-    io::stdout().flush().unwrap();
-    let mut sink = Vec::new();
-    let _ = io::stdin().read_to_end(&mut sink);
-}
-
 /// Bytes of listener memory (RSS delta) per idle connection, with `count`
-/// connections held open by a child process.
+/// connections held open by a child process (this binary, re-run in the
+/// idle-clients role).
 fn idle_cost(backend: BackendChoice, count: usize) -> Option<f64> {
-    raise_fd_limit();
+    support::raise_fd_limit();
     let route = Route::spawn(None).unwrap();
     let info = Info::new(Serializer::Binary, route.path());
     let mut rx = Client::connect(&info, "sink", Options::new().backend(backend)).ok()?;
-    let mut batch = Vec::new();
-    // Warm up: one connection and message, so fixed costs are paid.
-    {
-        let mut c = Client::connect(&info, "warm", Options::new().listen(false)).unwrap();
-        c.send_json("sink", "1").unwrap();
-        rx.get_messages_timeout_into(&mut batch, WAIT).unwrap();
-        c.disconnect(None).unwrap();
-        for _ in 0..10 {
-            rx.get_messages_into(&mut batch).unwrap();
-        }
-    }
-    let before = rss_bytes();
-    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .env("IPCM_COMPARE_ROLE", "idle-clients")
-        .env("IPCM_COMPARE_SOCKET", rx.path())
-        .env("IPCM_COMPARE_COUNT", count.to_string())
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut line = [0u8; 6];
-        stdout.read_exact(&mut line).is_ok()
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while rx.connections().len() < count && Instant::now() < deadline {
-        rx.get_messages_timeout_into(&mut batch, Duration::from_millis(20))
-            .unwrap();
-    }
-    let connected = rx.connections().len();
-    let after = rss_bytes();
-    drop(child.stdin.take());
-    let _ = reader.join();
-    let _ = child.wait();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child.env("IPCM_COMPARE_ROLE", "idle-clients");
+    let run = support::measure_idle(&mut rx, &info, count, child);
     rx.disconnect(None).unwrap();
     route.unspawn().unwrap();
-    if connected < count {
-        eprintln!("idle: only {connected} of {count} connections came up");
+    if run.connected < count {
+        eprintln!(
+            "idle: only {} of {count} connections came up",
+            run.connected
+        );
         return None;
     }
-    Some(after.saturating_sub(before) as f64 / count as f64)
+    Some(run.per_connection())
 }
 
 // ----- reporting -------------------------------------------------------------
@@ -733,12 +622,7 @@ fn write_svg(path: &PathBuf, rows: &[Row]) -> Result<(), Box<dyn std::error::Err
 
 fn main() {
     if std::env::var("IPCM_COMPARE_ROLE").as_deref() == Ok("idle-clients") {
-        let socket = std::env::var("IPCM_COMPARE_SOCKET").unwrap();
-        let count = std::env::var("IPCM_COMPARE_COUNT")
-            .unwrap()
-            .parse()
-            .unwrap();
-        idle_clients(&socket, count);
+        support::hold_idle_clients();
         return;
     }
     let args: Vec<String> = std::env::args().collect();
@@ -789,7 +673,7 @@ fn main() {
     }
     if let Some(at) = args.iter().position(|a| a == "--only-fan") {
         // `--only-fan SENDERS [epoll]`: one fan-in run, for profiling.
-        raise_fd_limit();
+        support::raise_fd_limit();
         let senders: usize = args[at + 1].parse().unwrap();
         let flavor = if args.get(at + 2).map(String::as_str) == Some("epoll") {
             Flavor::Epoll
@@ -954,7 +838,7 @@ fn main() {
     println!();
     // Fan-in: the same sender loop with 1 and with 1,000 clients, for a
     // listener on each backend.
-    raise_fd_limit();
+    support::raise_fd_limit();
     let mut fan: Vec<(&str, f64)> = Vec::new();
     for (name, flavor) in [("io_uring", Flavor::Uring), ("epoll", Flavor::Epoll)] {
         let (mut one, mut many) = (Vec::new(), Vec::new());

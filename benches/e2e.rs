@@ -9,9 +9,10 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use ipcm::{BackendChoice, Client, Error, Info, Options, Route, Serializer};
+use ipcm::{BackendChoice, Client, Info, Options, Route, Serializer};
 
-const WAIT: Duration = Duration::from_secs(30);
+mod support;
+use support::{WAIT, json_string as content, queue};
 
 fn backends() -> Vec<(&'static str, BackendChoice)> {
     let mut v = vec![("epoll", BackendChoice::Epoll)];
@@ -20,13 +21,6 @@ fn backends() -> Vec<(&'static str, BackendChoice)> {
         Err(e) => eprintln!("io_uring benches skipped: io_uring refused here ({e:?})"),
     }
     v
-}
-
-fn content(size: usize) -> String {
-    let mut s = String::from("\"");
-    s.extend((0..size - 2).map(|i| (b'a' + (i % 26) as u8) as char));
-    s.push('"');
-    s
 }
 
 /// A sender thread that sends `n` messages each time it is told to.
@@ -50,13 +44,7 @@ impl Pair {
             let batch = (64usize * 1024).div_ceil(size + 64) as u64;
             while let Ok(n) = orders.recv() {
                 for i in 0..n {
-                    loop {
-                        match tx.queue_json("sink", &body) {
-                            Ok(()) => break,
-                            Err(Error::WouldBlock { .. }) => tx.flush_pending(Some(WAIT)).unwrap(),
-                            Err(e) => panic!("{e}"),
-                        }
-                    }
+                    queue(&mut tx, "sink", &body);
                     if (i + 1) % batch == 0 {
                         tx.drain_pending();
                     }
@@ -122,21 +110,8 @@ fn ping_pong(c: &mut Criterion) {
             let route = Route::spawn(None).unwrap();
             let info = Info::new(Serializer::Binary, route.path());
             let opts = Options::new().backend(backend).busy_poll(busy);
-            let mut echo = Client::connect(&info, "echo", opts.clone()).unwrap();
-            let echo_thread = std::thread::spawn(move || {
-                let mut batch = Vec::new();
-                loop {
-                    batch.clear();
-                    echo.get_messages_timeout_into(&mut batch, WAIT).unwrap();
-                    for m in &batch {
-                        if m.content_json() == "0" {
-                            echo.disconnect(None).unwrap();
-                            return;
-                        }
-                        echo.send_json(m.from(), m.content_json()).unwrap();
-                    }
-                }
-            });
+            let echo = Client::connect(&info, "echo", opts.clone()).unwrap();
+            let echo_thread = support::spawn_echo(echo);
             let mut ping = Client::connect(&info, "ping", opts).unwrap();
             let body = content(64);
             let mut batch = Vec::new();

@@ -128,6 +128,16 @@ pub enum RecvBuf {
     Partial(BytesMut),
 }
 
+impl RecvBuf {
+    /// Gives a partial buffer back to the pool (a receive that will not
+    /// start: its connection is gone).
+    pub(crate) fn give_back(self, pool: &mut BufferPool) {
+        if let RecvBuf::Partial(b) = self {
+            pool.put(b);
+        }
+    }
+}
+
 /// Frames that moved from one connection's outbox to another's: byte
 /// positions above `from_total` on `from` continue at `to_base` on `to`.
 #[derive(Debug, Clone, Copy)]

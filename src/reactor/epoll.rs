@@ -254,9 +254,7 @@ impl Backend for EpollBackend {
         let EpollBackend { conns, ready, .. } = self;
         let Some(c) = conns.get_mut(id) else {
             // A closed connection: its partial buffer goes back, as in uring.
-            if let RecvBuf::Partial(b) = buf {
-                pool.put(b);
-            }
+            buf.give_back(pool);
             return;
         };
         c.recv = Some(buf);

@@ -174,7 +174,6 @@ pub struct UringBackend {
     /// the ring's descriptor and the hot sockets (created on first use).
     hot_wait: Option<OwnedFd>,
     hot_events: super::epoll::EventBuf,
-    received_scratch: Vec<ConnId>,
     /// Parked receives are held back (the core's inbox is full).
     held: bool,
 }
@@ -251,7 +250,6 @@ impl UringBackend {
             parked: Vec::new(),
             hot_wait: None,
             hot_events: super::epoll::EventBuf(Vec::with_capacity(8)),
-            received_scratch: Vec::new(),
             held: false,
         })
     }
@@ -541,9 +539,7 @@ impl UringBackend {
     /// Arms a receive SQE (into `buf`, or a provided buffer for `Pooled`).
     fn issue_recv(&mut self, id: ConnId, buf: RecvBuf, pool: &mut BufferPool) {
         let Some(c) = self.conn(id) else {
-            if let RecvBuf::Partial(b) = buf {
-                pool.put(b);
-            }
+            buf.give_back(pool);
             return;
         };
         let fd = types::Fd(c.fd.as_raw_fd());
@@ -596,7 +592,6 @@ impl UringBackend {
         if self.held {
             return false;
         }
-        let mut received = std::mem::take(&mut self.received_scratch);
         let mut parked = std::mem::take(&mut self.parked);
         parked.retain_mut(|(id, buf)| {
             let Some(c) = self.conns.get_mut(*id) else {
@@ -619,7 +614,7 @@ impl UringBackend {
             // more behind (no new edge will say so).
             c.readable = matches!(result, Ok(n) if n == spare && n > 0);
             if matches!(result, Ok(n) if n > 0) {
-                received.push(*id);
+                self.received(*id);
             }
             self.ready.push(Completion::Recv {
                 conn: *id,
@@ -630,10 +625,6 @@ impl UringBackend {
         });
         parked.append(&mut self.parked);
         self.parked = parked;
-        for id in received.drain(..) {
-            self.received(id);
-        }
-        self.received_scratch = received;
         tried
     }
 
@@ -751,20 +742,12 @@ impl UringBackend {
         if self.parked.iter().all(|(id, _)| self.hot.contains(*id)) {
             return;
         }
-        let cold: Vec<ConnId> = self
-            .parked
-            .iter()
-            .map(|(id, _)| *id)
-            .filter(|id| !self.hot.contains(*id))
-            .collect();
-        for id in cold {
-            self.unwatch(id);
-        }
         let mut parked = std::mem::take(&mut self.parked);
         parked.retain_mut(|(id, buf)| {
             if self.hot.contains(*id) {
                 return true;
             }
+            self.unwatch(*id);
             self.issue_recv(*id, RecvBuf::Partial(std::mem::take(buf)), pool);
             false
         });
@@ -953,9 +936,7 @@ impl Backend for UringBackend {
 
     fn recv(&mut self, id: ConnId, buf: RecvBuf, pool: &mut BufferPool) {
         let Some(c) = self.conn(id) else {
-            if let RecvBuf::Partial(b) = buf {
-                pool.put(b);
-            }
+            buf.give_back(pool);
             return;
         };
         if c.recv_op.is_some() {
