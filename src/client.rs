@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use serde::Serialize;
 
@@ -734,8 +734,10 @@ impl Client {
             .map_err(|e| Error::io("reactor wait failed", e))
     }
 
-    fn send_to_self<T: Serialize + ?Sized>(&mut self, content: Content<'_, T>) -> Result<()> {
-        let frame = self.encode(&self.id.clone(), content, false)?;
+    /// Delivers a frame addressed to this client straight to its inbox
+    /// (no socket): what a peer would decode from it, id, stamp and extra
+    /// keys included.
+    fn send_to_self(&mut self, frame: Bytes) -> Result<()> {
         let payload = frame.slice(crate::wire::HEADER_LEN..);
         let msg = self
             .serializer
@@ -763,7 +765,8 @@ impl Client {
             return Err(Error::NoPeer);
         }
         if peer == self.id {
-            return self.send_to_self(content);
+            let frame = self.encode(&self.id.clone(), content, false)?;
+            return self.send_to_self(frame);
         }
         let frame = self.encode(peer, content, broadcast)?;
         let id = self.conn_for_send(peer)?;
@@ -810,7 +813,7 @@ impl Client {
             )
         })?;
         if peer == self.id {
-            return self.send_to_self::<()>(Content::Raw(msg.content_json()));
+            return self.send_to_self(frame);
         }
         let id = self.conn_for_send(&peer)?;
         let blocking = self.send_blocking;
@@ -877,7 +880,8 @@ impl Client {
             return Err(Error::NoPeer);
         }
         if peer == self.id {
-            return self.send_to_self(content);
+            let frame = self.encode(&self.id.clone(), content, false)?;
+            return self.send_to_self(frame);
         }
         let id = self.conn_for_send(peer)?;
         let limit = self.opts.limits.outbox_limit;
@@ -1069,6 +1073,11 @@ impl Client {
             .map_err(|e| Error::io("reactor wait failed", e))
     }
 
+    /// The reactor now runs on the calling thread (threaded mode).
+    pub(crate) fn moved_to_this_thread(&mut self) {
+        self.reactor.moved_to_this_thread();
+    }
+
     /// Starts queued operations now.
     pub(crate) fn flush(&mut self) {
         self.reactor.flush();
@@ -1178,7 +1187,6 @@ impl Client {
         // the new ones are appended in order, each moved once.
         let merge = out.len() > start;
         let core = self.reactor.core_mut();
-        core.expire_unresolved();
         let was_paused = core.is_paused();
         core.take_messages_sorted(out, &mut self.sort_scratch);
         self.reactor.took_messages(was_paused);

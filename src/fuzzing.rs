@@ -189,6 +189,7 @@ pub fn core_events(data: &[u8]) {
     let mut expected: Vec<(ConnId, u32)> = Vec::new();
     let mut delivered: Vec<u32> = Vec::new();
     let mut seq = 0u32;
+    let mut now = std::time::Instant::now();
     let mut bytes = data.iter().copied();
     let mut next = || bytes.next();
     while let Some(op) = next() {
@@ -196,7 +197,16 @@ pub fn core_events(data: &[u8]) {
             (!conns.is_empty()).then(|| conns[k.unwrap_or(0) as usize % conns.len()])
         };
         match op % 9 {
-            0 => conns.push(core.add_acceptor()),
+            0 => {
+                // Time moves only when the input says so (the core is fed
+                // `now`): 0..=255 quarter-seconds, then what is due.
+                now += std::time::Duration::from_millis(250 * u64::from(next().unwrap_or(0)));
+                core.handle_timeout(now);
+                if let Some(at) = core.poll_timeout() {
+                    assert!(at > now, "a deadline handled at {now:?} is still due");
+                }
+                conns.push(core.add_acceptor(now));
+            }
             1 => {
                 let peer = format!("p{}", next().unwrap_or(0) % 4);
                 conns.push(core.add_initiator(&peer, "me"));

@@ -99,6 +99,10 @@ enum Cmd {
         content: String,
         ack: Arc<Ack<Result<BTreeMap<String, BroadcastResult>>>>,
     },
+    Requeue {
+        msgs: Vec<Message>,
+        ack: Arc<Ack<Result<()>>>,
+    },
 }
 
 struct Shared {
@@ -288,6 +292,25 @@ impl Sender {
         self.push(
             Cmd::Broadcast {
                 content: serde_json::to_string(content)?,
+                ack: ack.clone(),
+            },
+            true,
+        )?;
+        ack.wait()
+    }
+}
+
+impl Sender {
+    /// Hands messages back to this client, as the inline
+    /// [`Client::requeue_message`] does: they are written to its resume
+    /// file and come out of the [`Receiver`] again, ahead of newer ones.
+    /// Waits until the reactor has written them.
+    pub fn requeue(&mut self, msgs: Vec<Message>) -> Result<()> {
+        self.check_alive()?;
+        let ack = Ack::new();
+        self.push(
+            Cmd::Requeue {
+                msgs,
                 ack: ack.clone(),
             },
             true,
@@ -539,6 +562,7 @@ impl Worker {
                     self.place_pending();
                     ack.set(self.client.broadcast_json(&content));
                 }
+                Cmd::Requeue { msgs, ack } => ack.set(self.client.requeue_message(&msgs)),
             }
         }
         self.place_pending();
@@ -600,6 +624,7 @@ impl Worker {
     }
 
     fn run(mut self) -> Result<()> {
+        self.client.moved_to_this_thread();
         let result = self.serve();
         // Queued frames go out before disconnecting.
         self.take_commands();

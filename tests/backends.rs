@@ -3,19 +3,11 @@
 #[macro_use]
 mod common;
 
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{ROLE_ENV, TestRoute, drain_for, helper_command, poll};
 use ipcm::reactor::{BackendChoice, BackendKind, Reactor, io_uring_available, make_backend};
 use ipcm::{Client, Error, Info, Options, Serializer};
-
-/// Tests that count the process's descriptors or CPU time run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Makes `io_uring_setup` fail with EPERM for this thread (and anything it
 /// starts), as a seccomp policy of a container would.
@@ -61,6 +53,10 @@ fn helper_process_entry() {
     let Ok(role) = std::env::var(ROLE_ENV) else {
         return;
     };
+    if role == "flood" {
+        flood_and_hold();
+        return;
+    }
     let info = Info::parse(&std::env::var("IPCM_INFO").unwrap()).unwrap();
     if role == "report_backend" {
         let c = Client::connect(&info, "probe", Options::new()).unwrap();
@@ -499,9 +495,16 @@ per_backend!(
     conversations_lose_nothing_on_hot_connections,
     busy_polling_and_batch_apis_deliver_everything,
     waker_interrupts_a_blocking_wait_and_is_free_when_awake,
+);
+
+// These count the whole process's descriptors or CPU time: each runs in a
+// process of its own.
+per_backend_isolated!(
     ten_thousand_connection_cycles_leak_nothing,
     client_create_drop_cycles_leak_no_descriptors,
     idle_reactor_uses_no_cpu,
+    peers_closing_before_their_hello_release_descriptors_during_a_blocking_wait,
+    descriptor_exhaustion_backs_off_and_recovers,
 );
 
 fn waker_interrupts_a_blocking_wait_and_is_free_when_awake(b: BackendChoice) {
@@ -533,7 +536,6 @@ fn open_fds() -> usize {
 }
 
 fn ten_thousand_connection_cycles_leak_nothing(b: BackendChoice) {
-    let _g = serial();
     let t = TestRoute::new(b);
     let mut srv = t.connect("srv");
     let mut cli = t.connect_nl("cli");
@@ -571,7 +573,6 @@ fn ten_thousand_connection_cycles_leak_nothing(b: BackendChoice) {
 }
 
 fn client_create_drop_cycles_leak_no_descriptors(b: BackendChoice) {
-    let _g = serial();
     let t = TestRoute::new(b);
     let mut srv = t.connect("srv");
     {
@@ -598,7 +599,6 @@ fn thread_cpu() -> Duration {
 }
 
 fn idle_reactor_uses_no_cpu(b: BackendChoice) {
-    let _g = serial();
     let t = TestRoute::new(b);
     let mut srv = t.connect("srv");
     let mut peers: Vec<Client> = (0..20).map(|i| t.connect_nl(&format!("p{i}"))).collect();
@@ -616,4 +616,214 @@ fn idle_reactor_uses_no_cpu(b: BackendChoice) {
         used < Duration::from_millis(10),
         "idle second cost {used:?} of CPU"
     );
+}
+
+/// Helper role `flood`: connects up to `IPCM_FLOOD_COUNT` sockets to
+/// `IPCM_FLOOD_PATH` (never saying hello; refused ones are skipped),
+/// prints how many connected, and holds them until its stdin closes.
+fn flood_and_hold() {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let path = std::env::var("IPCM_FLOOD_PATH").unwrap();
+    let n: usize = std::env::var("IPCM_FLOOD_COUNT").unwrap().parse().unwrap();
+    // The parent lowered its limit; this process needs room for the flood.
+    set_fd_limit(u64::MAX);
+    let held: Vec<UnixStream> = (0..n)
+        .filter_map(|_| UnixStream::connect(&path).ok())
+        .collect();
+    let mut out = std::io::stdout();
+    writeln!(out, "connected {}", held.len()).unwrap();
+    out.flush().unwrap();
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    drop(held);
+}
+
+/// Waits up to `limit` for `cond`; whether it came true.
+fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Peers that connect and close without a hello: the listener, blocked in
+/// a long wait with no other traffic, releases their descriptors at once
+/// (not at its next wake-up, nor at the hello timeout).
+fn peers_closing_before_their_hello_release_descriptors_during_a_blocking_wait(b: BackendChoice) {
+    use std::os::unix::net::UnixStream;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const PEERS: usize = 300;
+    let t = TestRoute::new(b);
+    let mut srv = t.connect("srv");
+    // Warm up lazily opened descriptors.
+    let mut warm = t.connect_nl("warm");
+    warm.send_message("srv", "warm").unwrap();
+    warm.disconnect(None).unwrap();
+    poll(&mut srv, 1);
+    drain_for(&mut srv, Duration::from_millis(50));
+    let base = open_fds();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                // Long waits: only I/O ends them.
+                srv.get_messages_timeout(Duration::from_secs(20)).unwrap();
+            }
+            srv
+        })
+    };
+    let peers: Vec<UnixStream> = (0..PEERS)
+        .map(|_| UnixStream::connect(t.file("srv")).unwrap())
+        .collect();
+    assert!(
+        eventually(Duration::from_secs(10), || open_fds() >= base + 2 * PEERS),
+        "the listener accepted them all: {base} -> {}",
+        open_fds()
+    );
+    drop(peers);
+    let start = Instant::now();
+    let released = eventually(Duration::from_secs(2), || open_fds() <= base);
+    let now = open_fds();
+    eprintln!(
+        "{b:?}: {PEERS} closed peers: descriptors {base} -> {now} after {:?}",
+        start.elapsed()
+    );
+    assert!(
+        released,
+        "descriptors {base} -> {now}: closed connections still held 2 s after their EOF"
+    );
+    stop.store(true, Ordering::SeqCst);
+    let mut c = t.connect_nl("wake");
+    c.send_message("srv", "stop").unwrap();
+    let mut srv = server.join().unwrap();
+    assert!(srv.connections().iter().all(|p| p == "wake"));
+    c.disconnect(None).unwrap();
+    drain_for(&mut srv, Duration::from_millis(20));
+}
+
+fn process_cpu() -> Duration {
+    let ts = rustix::time::clock_gettime(rustix::time::ClockId::ProcessCPUTime);
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Open descriptors below `limit + 64`, counted without opening one (as
+/// reading /proc/self/fd would: impossible while they are exhausted).
+fn fds_by_probe(limit: u64) -> u64 {
+    (0..limit as i32 + 64)
+        // SAFETY: F_GETFD only reads the descriptor's flags; an unused
+        // number fails with EBADF.
+        .filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1)
+        .count() as u64
+}
+
+fn set_fd_limit(soft: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write a struct we own.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = soft.min(lim.rlim_max);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &lim), 0);
+    }
+}
+
+/// `RLIMIT_NOFILE` lowered, and a flood of connections that exhausts it:
+/// the listener backs off instead of spinning, warns once, keeps its
+/// socket, and serves a well-behaved client once the flood has gone.
+fn descriptor_exhaustion_backs_off_and_recovers(b: BackendChoice) {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    const FLOOD: usize = 400;
+    // Room for 40 more descriptors than the listener needs. Lowered before
+    // the listener starts: io_uring's accept reads the limit when armed.
+    let limit = open_fds() as u64 + 48;
+    set_fd_limit(limit);
+    let t = TestRoute::new(b);
+    let mut srv = t.connect("srv");
+    let mut warm = t.connect_nl("warm");
+    warm.send_message("srv", "warm").unwrap();
+    warm.disconnect(None).unwrap();
+    poll(&mut srv, 1);
+    drain_for(&mut srv, Duration::from_millis(50));
+    let base = open_fds() as u64;
+    let mut flood = helper_command("flood")
+        .env("IPCM_FLOOD_PATH", t.file("srv"))
+        .env("IPCM_FLOOD_COUNT", FLOOD.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The harness prints its own text first, on the same line too. The
+    // reader stays open until the helper exits (it prints more).
+    let mut report = std::io::BufReader::new(flood.stdout.take().unwrap()).lines();
+    let connected: usize = report
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split("connected ").nth(1)?.trim().parse().ok())
+        .expect("the flood helper reports its connections");
+    assert!(connected > 100, "the flood connected only {connected}");
+    // While exhausted: the reactor waits, it does not spin.
+    let cpu = process_cpu();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        srv.get_messages_timeout(Duration::from_millis(100))
+            .unwrap();
+    }
+    let used = process_cpu() - cpu;
+    let held = fds_by_probe(limit);
+    let warnings = common::logged(log::Level::Warn, "accept failed");
+    eprintln!(
+        "{b:?}: {connected} flooding connections, limit {}: {held} descriptors, {used:?} CPU in 1 s, \
+         warnings: {warnings:?}",
+        limit
+    );
+    assert!(
+        held >= limit - 4,
+        "the limit was reached ({held} of {limit})"
+    );
+    assert!(
+        used < Duration::from_millis(200),
+        "{used:?} of CPU in 1 s while exhausted"
+    );
+    assert_eq!(warnings.len(), 1, "one warning per episode: {warnings:?}");
+    // The flood goes; its connections close; the queue drains.
+    drop(flood.stdin.take());
+    let rest: Vec<String> = report.map_while(Result::ok).collect();
+    assert!(flood.wait().unwrap().success(), "flood helper: {rest:?}");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            srv.get_messages_timeout(Duration::from_millis(20)).unwrap();
+            srv.resources().connections == 0 && fds_by_probe(limit) <= base
+        }),
+        "the flood's connections were all accepted and closed: {} connections, {} descriptors",
+        srv.resources().connections,
+        fds_by_probe(limit)
+    );
+    // A well-behaved client is accepted and served.
+    let mut good = t.connect_nl("good");
+    good.send_message("srv", "served").unwrap();
+    let got = poll(&mut srv, 1);
+    assert_eq!(got.len(), 1, "the listener serves again");
+    assert_eq!(got[0].content::<String>().unwrap(), "served");
+    assert_eq!(
+        common::logged(log::Level::Warn, "accept failed").len(),
+        1,
+        "still one warning"
+    );
+    assert!(
+        !common::logged(log::Level::Info, "accepting again").is_empty(),
+        "recovery is logged"
+    );
+    good.disconnect(None).unwrap();
 }

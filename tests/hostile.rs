@@ -89,9 +89,11 @@ fn helper_process_entry() {
     }
 }
 
+// Measures the whole process's RSS: in a process of its own.
+per_backend_isolated!(prefix_then_silence_holds_no_large_buffer);
+
 per_backend!(
     huge_length_prefixes_close_only_that_connection,
-    prefix_then_silence_holds_no_large_buffer,
     one_byte_every_100ms_is_reassembled_while_others_are_served,
     duplicate_and_oversize_hellos,
     hello_claiming_a_live_id_replaces_the_older_connection,

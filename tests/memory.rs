@@ -7,15 +7,10 @@ mod common;
 #[path = "../benches/support/mod.rs"]
 mod support;
 
-use std::sync::Mutex;
-
 use common::{ROLE_ENV, helper_command};
 use ipcm::{Client, Info, Options, Serializer};
 
 const IDLE: usize = 10_000;
-
-/// The two backends' tests measure the same process's RSS: one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 #[test]
 #[ignore = "helper process, run by the tests below"]
@@ -28,7 +23,6 @@ fn helper_process_entry() {
 }
 
 fn idle_connections_cost_under_4_kib_each(backend: ipcm::BackendChoice) {
-    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let limit = support::raise_fd_limit();
     if limit < IDLE as u64 + 256 {
         eprintln!("skipped: RLIMIT_NOFILE allows {limit} descriptors, the test needs {IDLE} + 256");
@@ -50,4 +44,5 @@ fn idle_connections_cost_under_4_kib_each(backend: ipcm::BackendChoice) {
     rx.disconnect(None).unwrap();
 }
 
-per_backend!(idle_connections_cost_under_4_kib_each);
+// Measures the whole process's RSS: in a process of its own.
+per_backend_isolated!(idle_connections_cost_under_4_kib_each);

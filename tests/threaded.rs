@@ -12,8 +12,9 @@ use common::{TestRoute, poll};
 use ipcm::{BackendChoice, Client, ThreadedOptions};
 use serde_json::json;
 
-/// The tests of this file run one at a time: one measures memory, one
-/// moves millions of messages.
+/// The tests of this file that move many messages run one at a time (the
+/// machine has two cores; the one that measures memory has a process of
+/// its own).
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -36,9 +37,12 @@ per_backend!(
     receiver_gets_messages_in_order_and_its_fd_signals,
     sender_reports_inline_errors,
     many_threads_many_messages_nothing_lost,
-    full_ring_applies_backpressure_with_bounded_memory,
     shutdown_while_traffic_flows_loses_nothing_silently,
+    a_threaded_reactor_reaps_a_silent_connection_on_time,
 );
+
+// Measures the whole process's RSS: in a process of its own.
+per_backend_isolated!(full_ring_applies_backpressure_with_bounded_memory);
 
 fn receiver_gets_messages_in_order_and_its_fd_signals(b: BackendChoice) {
     let _g = serial();
@@ -194,7 +198,6 @@ fn rss_kib() -> u64 {
 }
 
 fn full_ring_applies_backpressure_with_bounded_memory(b: BackendChoice) {
-    let _g = serial();
     let t = TestRoute::new(b);
     let opts = ThreadedOptions {
         ring_capacity: 16,
@@ -285,4 +288,40 @@ fn shutdown_while_traffic_flows_loses_nothing_silently(b: BackendChoice) {
         Ok(()) => assert_eq!(read, got, "read counted {read}, ring held {got}"),
         Err(e) => assert_eq!(e.to_string(), "Messages waiting at disconnect for sink"),
     }
+}
+
+/// The threaded reactor, parked with no traffic at all, still closes a
+/// connection that sends no hello when its hello timeout passes: the core's
+/// deadline bounds the reactor's wait.
+fn a_threaded_reactor_reaps_a_silent_connection_on_time(b: BackendChoice) {
+    use std::io::Read;
+    let t = TestRoute::new(b);
+    let timeout = Duration::from_millis(300);
+    let srv = Client::connect(&t.info(), "srv", t.opts().hello_timeout(timeout)).unwrap();
+    let (_tx, _rx, handle) = srv.into_threaded().unwrap();
+    let mut silent = std::os::unix::net::UnixStream::connect(t.file("srv")).unwrap();
+    let start = Instant::now();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    // io_uring runs completion work of requests this thread submitted
+    // (before the move) here, which interrupts a read with a timeout.
+    let n = loop {
+        match silent.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r,
+        }
+    };
+    let after = start.elapsed();
+    assert!(
+        matches!(n, Ok(0)),
+        "closed by the listener: {n:?} after {after:?}"
+    );
+    assert!(
+        after >= timeout - Duration::from_millis(20)
+            && after < timeout + Duration::from_millis(700),
+        "closed {after:?} after connecting, hello timeout {timeout:?}"
+    );
+    handle.shutdown().unwrap();
 }

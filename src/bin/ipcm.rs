@@ -69,6 +69,10 @@ enum Command {
         /// Stop after this many seconds.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
+        /// Receive in threaded mode: the reactor runs on its own thread and
+        /// messages come through the receive ring.
+        #[arg(long)]
+        threaded: bool,
         #[command(flatten)]
         backend: BackendArg,
     },
@@ -221,7 +225,45 @@ impl<E: std::fmt::Display> From<E> for Fail {
 
 type Out = Result<ExitCode, Fail>;
 
+/// The library's log records on stderr, one line each ("ipcm: warning:
+/// ..."); the level is `$IPCM_LOG` (off, error, warn, info, debug, trace),
+/// warn by default.
+struct StderrLog;
+
+impl log::Log for StderrLog {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::max_level()
+    }
+
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            let level = match r.level() {
+                log::Level::Error => "error",
+                log::Level::Warn => "warning",
+                log::Level::Info => "info",
+                log::Level::Debug => "debug",
+                log::Level::Trace => "trace",
+            };
+            eprintln!("ipcm: {level}: {}", r.args());
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+fn init_logging() {
+    static LOG: StderrLog = StderrLog;
+    let level = std::env::var("IPCM_LOG")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(log::LevelFilter::Warn);
+    if log::set_logger(&LOG).is_ok() {
+        log::set_max_level(level);
+    }
+}
+
 fn main() -> ExitCode {
+    init_logging();
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Spawn { serializer, dir } => spawn(serializer, dir),
@@ -231,8 +273,9 @@ fn main() -> ExitCode {
             id,
             count,
             timeout,
+            threaded,
             backend,
-        } => recv(&info, &id, count, timeout, backend.backend.into()),
+        } => recv(&info, &id, count, timeout, threaded, backend.backend.into()),
         Command::Send {
             info,
             id,
@@ -300,7 +343,14 @@ fn print_message(out: &mut impl Write, m: &Message) -> Result<(), Fail> {
     Ok(())
 }
 
-fn recv(info: &str, id: &str, count: Option<u64>, timeout: f64, backend: BackendChoice) -> Out {
+fn recv(
+    info: &str,
+    id: &str,
+    count: Option<u64>,
+    timeout: f64,
+    threaded: bool,
+    backend: BackendChoice,
+) -> Out {
     let info = parse_info(info)?;
     if !timeout.is_finite() || timeout < 0.0 {
         return Err(Fail(format!(
@@ -314,6 +364,9 @@ fn recv(info: &str, id: &str, count: Option<u64>, timeout: f64, backend: Backend
     let mut out = stdout.lock();
     let mut n = 0u64;
     let want = count.unwrap_or(u64::MAX);
+    if threaded {
+        return recv_threaded(c, &mut out, deadline, count);
+    }
     while n < want {
         let now = Instant::now();
         if now >= deadline {
@@ -332,6 +385,44 @@ fn recv(info: &str, id: &str, count: Option<u64>, timeout: f64, backend: Backend
     let mut late = 0usize;
     let mut keep = |_: &Client, msgs: Vec<Message>| late += msgs.len();
     c.disconnect(Some(&mut keep))?;
+    if late > 0 {
+        eprintln!("ipcm: {late} message(s) arrived during disconnect and were not printed");
+    }
+    Ok(if count.is_some() && n < want {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `recv --threaded`: the same output and exit status, with the reactor on
+/// its own thread and messages taken from the receive ring.
+fn recv_threaded(c: Client, out: &mut impl Write, deadline: Instant, count: Option<u64>) -> Out {
+    let want = count.unwrap_or(u64::MAX);
+    let (mut tx, mut rx, handle) = c.into_threaded()?;
+    let mut n = 0u64;
+    while n < want {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Some(m) => {
+                print_message(out, &m)?;
+                n += 1;
+            }
+            None if !handle.is_running() => break,
+            None => {}
+        }
+    }
+    // Messages already in the ring beyond --count go back to the resume
+    // file rather than being lost.
+    let extra: Vec<Message> = std::iter::from_fn(|| rx.try_recv()).collect();
+    if !extra.is_empty() {
+        tx.requeue(extra)?;
+    }
+    handle.shutdown()?;
+    let late = std::iter::from_fn(|| rx.try_recv()).count();
     if late > 0 {
         eprintln!("ipcm: {late} message(s) arrived during disconnect and were not printed");
     }

@@ -193,7 +193,40 @@ pub struct Core {
     /// Accepted connections in order of arrival, for the hello timeout
     /// (those resolved or closed since are skipped when reached).
     unresolved: std::collections::VecDeque<(Instant, ConnId)>,
+    /// Accepting is backed off after a failure (see [`Core::on_accept_error`]).
+    accept: AcceptBackoff,
 }
+
+/// The accept back-off: after `accept` fails (descriptors or kernel memory
+/// exhausted, or anything else), accepting pauses and is retried on a
+/// deadline that doubles up to [`ACCEPT_RETRY_MAX`], so an exhausted
+/// process neither spins nor loses its listener.
+///
+/// One warning per episode. An episode ends with a successful accept, but
+/// a queue drained while descriptors trickle back fails and succeeds by
+/// turns; failures within [`ACCEPT_WARN_QUIET`] of the last warning belong
+/// to the same episode and are not warned about again.
+#[derive(Debug, Default)]
+struct AcceptBackoff {
+    /// When the failing began, how many attempts failed since, and
+    /// whether it was warned about.
+    episode: Option<(Instant, u64, bool)>,
+    /// When the last warning was logged.
+    warned: Option<Instant>,
+    /// The current delay between attempts.
+    delay: Duration,
+    /// When to try again (`None`: not waiting).
+    retry_at: Option<Instant>,
+    /// The retry is due: the reactor resumes accepting.
+    resume: bool,
+}
+
+/// The first delay after a failed accept.
+pub const ACCEPT_RETRY_MIN: Duration = Duration::from_millis(5);
+/// The longest delay between accept attempts while they keep failing.
+pub const ACCEPT_RETRY_MAX: Duration = Duration::from_millis(500);
+/// Accept failures this soon after the last warning are not warned about.
+pub const ACCEPT_WARN_QUIET: Duration = Duration::from_secs(10);
 
 impl Core {
     /// A core with no connections.
@@ -217,6 +250,7 @@ impl Core {
             arena: BytesMut::new(),
             arenas: crate::wire::BufferPool::new(64 * 1024, 4),
             unresolved: std::collections::VecDeque::new(),
+            accept: AcceptBackoff::default(),
         }
     }
 
@@ -240,7 +274,7 @@ impl Core {
         &mut self.stats
     }
 
-    fn insert(&mut self, peer: Option<ByteStr>, role: Role) -> ConnId {
+    fn insert(&mut self, peer: Option<ByteStr>, role: Role, now: Instant) -> ConnId {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let slot = self.conns.insert(Conn {
@@ -252,7 +286,7 @@ impl Core {
             recv_in_flight: false,
             send_in_flight: false,
             last_activity: coarse_stamp(),
-            created: Instant::now(),
+            created: now,
         });
         let id = ConnId::new(slot, generation);
         self.dirty.push(id);
@@ -287,7 +321,9 @@ impl Core {
             self.retired += 1;
         }
         let peer = ByteStr::copy_from(peer);
-        let id = self.insert(Some(peer.clone()), Role::Initiator);
+        // An initiator's creation time is never looked at (it is not
+        // waiting for a hello), so no clock is read for it.
+        let id = self.insert(Some(peer.clone()), Role::Initiator, Instant::now());
         self.by_peer.insert(peer, id.slot());
         let ser = self.serializer.clone();
         let hello = build_frame::<crate::Error>(&mut self.arena, |b| {
@@ -300,9 +336,13 @@ impl Core {
         id
     }
 
-    /// Registers an accepted connection; it stays unresolved until its hello.
-    pub fn add_acceptor(&mut self) -> ConnId {
-        self.insert(None, Role::Acceptor)
+    /// Registers a connection accepted at `now`; it stays unresolved until
+    /// its hello, and is closed if none comes within
+    /// [`CoreConfig::hello_timeout`] (see [`Core::handle_timeout`]). Also
+    /// ends an accept back-off episode.
+    pub fn add_acceptor(&mut self, now: Instant) -> ConnId {
+        self.on_accepted(now);
+        self.insert(None, Role::Acceptor, now)
     }
 
     /// The open connection to `peer`, if any.
@@ -386,20 +426,42 @@ impl Core {
         idle.len()
     }
 
-    /// Closes accepted connections that sent no hello within the timeout.
-    pub fn expire_unresolved(&mut self) -> usize {
+    /// When the core next needs [`Core::handle_timeout`]: the earliest of
+    /// the oldest unresolved connection's hello deadline and the accept
+    /// retry. `None`: no deadline; the driver may wait forever.
+    ///
+    /// Every driver calls this before it waits and waits no longer than
+    /// the instant returned (quinn-proto's contract: the core never reads
+    /// the clock for its deadlines; it is told the time).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let hello = self
+            .unresolved
+            .front()
+            .map(|&(created, _)| created + self.cfg.hello_timeout);
+        match (hello, self.accept.retry_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Does what is due at `now`: closes accepted connections that sent no
+    /// hello within the timeout, and makes a due accept retry known to the
+    /// reactor ([`Core::take_accept_resume`]). Returns how many
+    /// connections it closed. Calling it early is harmless.
+    pub fn handle_timeout(&mut self, now: Instant) -> usize {
+        if self.accept.retry_at.is_some_and(|at| at <= now) {
+            self.accept.retry_at = None;
+            self.accept.resume = true;
+        }
         let timeout = self.cfg.hello_timeout;
-        let mut now = None;
         let mut closed = 0;
-        // Oldest first: stop at the first one still waiting within its time
-        // (no clock read, no scan of the connections, when none waits).
+        // Oldest first: stop at the first one still waiting within its time.
         while let Some(&(created, id)) = self.unresolved.front() {
             if self.get(id).is_none_or(|c| c.peer.is_some()) {
                 self.unresolved.pop_front();
                 continue;
             }
-            let now = *now.get_or_insert_with(Instant::now);
-            if now.saturating_duration_since(created) <= timeout {
+            if now.saturating_duration_since(created) < timeout {
                 break;
             }
             self.unresolved.pop_front();
@@ -410,6 +472,73 @@ impl Core {
             closed += 1;
         }
         closed
+    }
+
+    /// `accept` failed at `now`: accepting pauses (the backend stopped
+    /// after reporting the failure) and is retried after a delay that
+    /// doubles while failures continue. Logs one warning per episode.
+    pub fn on_accept_error(&mut self, now: Instant, err: &io::Error) {
+        let b = &mut self.accept;
+        match &mut b.episode {
+            Some((_, failures, _)) => {
+                *failures += 1;
+                b.delay = (b.delay * 2).min(ACCEPT_RETRY_MAX);
+            }
+            None => {
+                let quiet = b
+                    .warned
+                    .is_none_or(|w| now.saturating_duration_since(w) >= ACCEPT_WARN_QUIET);
+                if quiet {
+                    log::warn!(
+                        "ConnectionUnix: accept failed: {}; new connections wait in the \
+                         listen queue, retried every {ACCEPT_RETRY_MIN:?} to {ACCEPT_RETRY_MAX:?} \
+                         until accepting succeeds",
+                        crate::error::strerror(err)
+                    );
+                    b.warned = Some(now);
+                } else {
+                    log::debug!(
+                        "ConnectionUnix: accept failed again: {}",
+                        crate::error::strerror(err)
+                    );
+                }
+                b.episode = Some((now, 1, quiet));
+                b.delay = ACCEPT_RETRY_MIN;
+            }
+        }
+        b.retry_at = Some(now + b.delay);
+        b.resume = false;
+    }
+
+    /// An accept succeeded: ends a back-off episode (logged once).
+    fn on_accepted(&mut self, now: Instant) {
+        let b = &mut self.accept;
+        if let Some((since, failures, warned)) = b.episode.take() {
+            let level = if warned {
+                log::Level::Info
+            } else {
+                log::Level::Debug
+            };
+            log::log!(
+                level,
+                "ConnectionUnix: accepting again after {failures} failed attempt(s) over {:?}",
+                now.saturating_duration_since(since)
+            );
+            b.delay = Duration::ZERO;
+            b.retry_at = None;
+            b.resume = false;
+        }
+    }
+
+    /// Whether accepting is backed off after a failure.
+    pub fn accept_backed_off(&self) -> bool {
+        self.accept.episode.is_some()
+    }
+
+    /// Whether the reactor should resume accepting now (a retry became
+    /// due); true once per retry.
+    pub fn take_accept_resume(&mut self) -> bool {
+        std::mem::take(&mut self.accept.resume)
     }
 
     /// Closes a connection; the reactor learns of it via [`Core::take_closed_ids`].
@@ -513,19 +642,15 @@ impl Core {
         std::mem::take(&mut self.closed)
     }
 
-    /// Whether any connection needs operations (re)armed, or closing.
+    /// Whether any connection needs operations (re)armed, or closing, or
+    /// accepting is to resume.
     pub fn has_operations_to_start(&self) -> bool {
-        !self.dirty.is_empty() || !self.to_close.is_empty()
+        !self.dirty.is_empty() || !self.to_close.is_empty() || self.accept.resume
     }
 
     /// Connections whose operations need (re)arming.
     pub fn take_dirty(&mut self, into: &mut Vec<ConnId>) {
         into.append(&mut self.dirty);
-    }
-
-    /// Whether `id` wants a receive armed now.
-    pub fn wants_recv(&self, id: ConnId) -> bool {
-        !self.paused && self.get(id).is_some_and(|c| !c.recv_in_flight)
     }
 
     /// Starts a receive on `id`: `None` if none should start now (one is in
@@ -915,13 +1040,6 @@ impl Core {
                 self.dirty.push(id);
             }
             Err(e) => self.close(id, Some(e)),
-        }
-    }
-
-    /// Marks `id` active now.
-    pub fn touch(&mut self, id: ConnId) {
-        if let Some(c) = self.get_mut(id) {
-            c.last_activity = coarse_stamp();
         }
     }
 }

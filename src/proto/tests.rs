@@ -48,7 +48,7 @@ fn take(c: &mut Core) -> Vec<Message> {
 #[test]
 fn hello_resolves_and_frames_in_the_same_read_are_delivered() {
     let mut c = core();
-    let id = c.add_acceptor();
+    let id = c.add_acceptor(Instant::now());
     assert!(
         c.connections().is_empty(),
         "unresolved connections are hidden"
@@ -67,7 +67,7 @@ fn hello_resolves_and_frames_in_the_same_read_are_delivered() {
 #[test]
 fn hello_split_across_reads_waits_for_the_rest() {
     let mut c = core();
-    let id = c.add_acceptor();
+    let id = c.add_acceptor(Instant::now());
     let bytes = frame(r#"{"hello":"cli"}"#);
     for b in &bytes {
         assert!(c.conn_for("cli").is_none());
@@ -79,7 +79,7 @@ fn hello_split_across_reads_waits_for_the_rest() {
 #[test]
 fn garbage_hello_drops_the_connection() {
     let mut c = core();
-    let id = c.add_acceptor();
+    let id = c.add_acceptor(Instant::now());
     let mut bytes = frame("not json");
     bytes.extend(msg("cli", "srv", "1"));
     feed(&mut c, id, &bytes);
@@ -97,7 +97,7 @@ fn hello_without_id_drops_the_connection() {
         r#"{"hello":null}"#,
     ] {
         let mut c = core();
-        let id = c.add_acceptor();
+        let id = c.add_acceptor(Instant::now());
         feed(&mut c, id, &frame(payload));
         assert!(!c.is_open(id), "{payload}");
     }
@@ -106,62 +106,148 @@ fn hello_without_id_drops_the_connection() {
 #[test]
 fn silent_connection_stays_parked_and_eof_closes_it_silently() {
     let mut c = core();
-    let id = c.add_acceptor();
+    let id = c.add_acceptor(Instant::now());
     feed(&mut c, id, &[0, 0]);
     assert!(c.is_open(id));
     eof(&mut c, id);
     assert!(!c.is_open(id));
 }
 
-#[test]
-fn unresolved_connection_expires_after_hello_timeout() {
-    let mut c = Core::new(
+fn core_with_hello_timeout(t: Duration) -> Core {
+    Core::new(
         Serializer::Json,
         CoreConfig {
-            hello_timeout: Duration::from_millis(1),
+            hello_timeout: t,
             ..CoreConfig::default()
         },
-    );
-    let id = c.add_acceptor();
-    std::thread::sleep(Duration::from_millis(5));
-    assert_eq!(c.expire_unresolved(), 1);
+    )
+}
+
+#[test]
+fn unresolved_connection_expires_at_its_hello_deadline() {
+    let mut c = core_with_hello_timeout(Duration::from_secs(30));
+    let t0 = Instant::now();
+    assert_eq!(c.poll_timeout(), None, "no deadline without connections");
+    let id = c.add_acceptor(t0);
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+    assert_eq!(c.handle_timeout(t0 + Duration::from_millis(29_999)), 0);
+    assert!(c.is_open(id));
+    assert_eq!(c.handle_timeout(t0 + Duration::from_secs(30)), 1);
     assert!(!c.is_open(id));
+    assert_eq!(c.poll_timeout(), None);
 }
 
 #[test]
 fn only_silent_connections_past_the_timeout_expire() {
-    let mut c = Core::new(
-        Serializer::Json,
-        CoreConfig {
-            hello_timeout: Duration::from_millis(50),
-            ..CoreConfig::default()
-        },
-    );
-    let old = c.add_acceptor();
-    let resolved = c.add_acceptor();
+    let mut c = core_with_hello_timeout(Duration::from_millis(50));
+    let t0 = Instant::now();
+    let ms = Duration::from_millis;
+    let old = c.add_acceptor(t0);
+    let resolved = c.add_acceptor(t0);
     feed(&mut c, resolved, &frame(r#"{"hello":"cli"}"#));
-    let gone = c.add_acceptor();
+    let gone = c.add_acceptor(t0);
     c.close(gone, None);
-    std::thread::sleep(Duration::from_millis(80));
-    let young = c.add_acceptor();
-    assert_eq!(c.expire_unresolved(), 1, "only the old silent one");
+    let young = c.add_acceptor(t0 + ms(80));
+    assert_eq!(c.handle_timeout(t0 + ms(80)), 1, "only the old silent one");
     assert!(!c.is_open(old));
     assert!(c.is_open(resolved) && c.is_open(young));
-    assert_eq!(c.expire_unresolved(), 0);
-    std::thread::sleep(Duration::from_millis(80));
-    assert_eq!(c.expire_unresolved(), 1);
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + ms(130)),
+        "the young one's deadline"
+    );
+    assert_eq!(c.handle_timeout(t0 + ms(129)), 0);
+    assert_eq!(c.handle_timeout(t0 + ms(160)), 1);
     assert!(!c.is_open(young));
     assert!(c.is_open(resolved), "a resolved connection never expires");
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn failed_accepts_back_off_on_a_doubling_deadline_and_recover() {
+    let mut c = core();
+    let t0 = Instant::now();
+    let err = io::Error::from_raw_os_error(libc::EMFILE);
+    c.on_accept_error(t0, &err);
+    assert!(c.accept_backed_off());
+    assert!(!c.take_accept_resume(), "not before the deadline");
+    assert_eq!(c.poll_timeout(), Some(t0 + ACCEPT_RETRY_MIN));
+    assert!(c.has_operations_to_start() || c.poll_timeout().is_some());
+    c.handle_timeout(t0 + ACCEPT_RETRY_MIN - Duration::from_nanos(1));
+    assert!(!c.take_accept_resume());
+    c.handle_timeout(t0 + ACCEPT_RETRY_MIN);
+    assert!(c.has_operations_to_start(), "the reactor must resume");
+    assert!(c.take_accept_resume());
+    assert!(!c.take_accept_resume(), "once per retry");
+    assert_eq!(c.poll_timeout(), None, "no deadline while the retry runs");
+    // Failing again doubles the delay, up to the cap.
+    let mut now = t0 + ACCEPT_RETRY_MIN;
+    let mut delay = ACCEPT_RETRY_MIN;
+    for _ in 0..20 {
+        c.on_accept_error(now, &err);
+        delay = (delay * 2).min(ACCEPT_RETRY_MAX);
+        assert_eq!(c.poll_timeout(), Some(now + delay));
+        now += delay;
+        c.handle_timeout(now);
+        assert!(c.take_accept_resume());
+    }
+    assert_eq!(delay, ACCEPT_RETRY_MAX);
+    // An accepted connection ends the episode; the next failure starts
+    // over at the shortest delay.
+    let id = c.add_acceptor(now);
+    assert!(!c.accept_backed_off());
+    c.close(id, None);
+    c.on_accept_error(now, &err);
+    assert_eq!(c.poll_timeout(), Some(now + ACCEPT_RETRY_MIN));
+}
+
+#[test]
+fn every_accept_error_backs_off_and_one_warning_covers_an_episode() {
+    for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM, libc::ENOBUFS] {
+        let mut c = core();
+        let t0 = Instant::now();
+        let err = io::Error::from_raw_os_error(errno);
+        c.on_accept_error(t0, &err);
+        assert!(c.accept_backed_off(), "errno {errno}");
+        assert!(c.accept.warned == Some(t0), "errno {errno} warned");
+        // Draining the queue as descriptors come back: success, failure.
+        let id = c.add_acceptor(t0 + Duration::from_millis(1));
+        c.close(id, None);
+        c.on_accept_error(t0 + Duration::from_millis(2), &err);
+        assert!(c.accept_backed_off());
+        assert_eq!(
+            c.accept.warned,
+            Some(t0),
+            "the same episode: no new warning"
+        );
+        // Long after, a new failure is a new episode.
+        let later = t0 + ACCEPT_WARN_QUIET + Duration::from_millis(2);
+        let id = c.add_acceptor(later);
+        c.close(id, None);
+        c.on_accept_error(later, &err);
+        assert_eq!(c.accept.warned, Some(later));
+    }
+}
+
+#[test]
+fn the_earliest_deadline_is_reported() {
+    let mut c = core_with_hello_timeout(Duration::from_millis(3));
+    let t0 = Instant::now();
+    c.add_acceptor(t0);
+    c.on_accept_error(t0, &io::Error::from_raw_os_error(libc::ENFILE));
+    assert_eq!(c.poll_timeout(), Some(t0 + Duration::from_millis(3)));
+    c.handle_timeout(t0 + Duration::from_millis(3));
+    assert_eq!(c.poll_timeout(), Some(t0 + ACCEPT_RETRY_MIN));
 }
 
 #[test]
 fn newer_hello_replaces_the_old_connection_keeping_its_messages() {
     let mut c = core();
-    let old = c.add_acceptor();
+    let old = c.add_acceptor(Instant::now());
     let mut bytes = frame(r#"{"hello":"p"}"#);
     bytes.extend(msg("p", "me", "\"early\""));
     feed(&mut c, old, &bytes);
-    let new = c.add_acceptor();
+    let new = c.add_acceptor(Instant::now());
     let mut bytes = frame(r#"{"hello":"p"}"#);
     bytes.extend(msg("p", "me", "\"late\""));
     feed(&mut c, new, &bytes);
@@ -189,7 +275,7 @@ fn replacement_moves_unstarted_outgoing_frames_to_the_new_connection() {
     c.enqueue(old, Bytes::from(msg("me", "p", "2")));
     assert!(c.start_send(old).is_some());
     c.on_sent(old, Ok(3));
-    let new = c.add_acceptor();
+    let new = c.add_acceptor(Instant::now());
     feed(&mut c, new, &frame(r#"{"hello":"p"}"#));
     assert!(
         c.is_open(old),
@@ -209,7 +295,7 @@ fn replacement_moves_unstarted_outgoing_frames_to_the_new_connection() {
 #[test]
 fn stray_hello_and_non_objects_are_skipped_silently() {
     let mut c = core();
-    let id = c.add_acceptor();
+    let id = c.add_acceptor(Instant::now());
     let mut bytes = frame(r#"{"hello":"p"}"#);
     bytes.extend(frame(r#"{"hello":"p"}"#));
     bytes.extend(frame("[1]"));
@@ -223,7 +309,7 @@ fn stray_hello_and_non_objects_are_skipped_silently() {
 #[test]
 fn malformed_and_invalid_frames_are_skipped_without_losing_others() {
     let mut c = core();
-    let id = c.add_acceptor();
+    let id = c.add_acceptor(Instant::now());
     let mut bytes = frame(r#"{"hello":"p"}"#);
     bytes.extend(msg("p", "me", "1"));
     bytes.extend(frame("{broken"));
@@ -249,9 +335,9 @@ fn oversize_length_prefix_closes_only_that_connection() {
             ..CoreConfig::default()
         },
     );
-    let good = c.add_acceptor();
+    let good = c.add_acceptor(Instant::now());
     feed(&mut c, good, &frame(r#"{"hello":"good"}"#));
-    let bad = c.add_acceptor();
+    let bad = c.add_acceptor(Instant::now());
     let mut bytes = frame(r#"{"hello":"bad"}"#);
     bytes.extend([0, 0, 4, 1]);
     feed(&mut c, bad, &bytes);
@@ -264,7 +350,7 @@ fn oversize_length_prefix_closes_only_that_connection() {
 #[test]
 fn eof_with_partial_frame_discards_it_and_closes() {
     let mut c = core();
-    let id = c.add_acceptor();
+    let id = c.add_acceptor(Instant::now());
     let mut bytes = frame(r#"{"hello":"p"}"#);
     bytes.extend(msg("p", "me", "1"));
     let partial = msg("p", "me", "2");
@@ -284,7 +370,7 @@ fn outbox_is_bounded_but_always_takes_one_frame() {
             ..CoreConfig::default()
         },
     );
-    let id = c.add_acceptor();
+    let id = c.add_acceptor(Instant::now());
     feed(&mut c, id, &frame(r#"{"hello":"p"}"#));
     let big = Bytes::from(vec![0u8; 150]);
     assert!(matches!(c.enqueue(id, big.clone()), Enqueue::Queued(150)));
@@ -320,7 +406,7 @@ fn write_error_closes_with_the_error_recorded() {
 #[test]
 fn completions_for_a_closed_connection_never_reach_its_successor() {
     let mut c = core();
-    let old = c.add_acceptor();
+    let old = c.add_acceptor(Instant::now());
     let mut pool = BufferPool::new(4096, 4);
     assert!(matches!(
         c.start_recv(old, &mut pool),
@@ -328,7 +414,7 @@ fn completions_for_a_closed_connection_never_reach_its_successor() {
     ));
     let buf = pool.take();
     c.close(old, None);
-    let new = c.add_acceptor();
+    let new = c.add_acceptor(Instant::now());
     assert_eq!(new.slot(), old.slot(), "slot reused");
     assert_ne!(new, old);
     let mut late = buf;
@@ -347,7 +433,7 @@ fn full_inbox_pauses_receiving_until_taken() {
             ..CoreConfig::default()
         },
     );
-    let id = c.add_acceptor();
+    let id = c.add_acceptor(Instant::now());
     let mut bytes = frame(r#"{"hello":"p"}"#);
     bytes.extend(msg("p", "me", "1"));
     feed(&mut c, id, &bytes);
@@ -377,7 +463,7 @@ fn empty_table_answers_every_query() {
 }
 
 fn resolved(c: &mut Core, peer: &str, activity: f64) -> ConnId {
-    let id = c.add_acceptor();
+    let id = c.add_acceptor(Instant::now());
     feed(c, id, &frame(&format!(r#"{{"hello":"{peer}"}}"#)));
     assert!(c.set_last_activity(peer, activity));
     id

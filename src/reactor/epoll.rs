@@ -41,6 +41,8 @@ struct EpollConn {
 pub struct EpollBackend {
     ep: OwnedFd,
     listener: Option<OwnedFd>,
+    /// Accepting stopped after a failure, until `resume_accept`.
+    accept_paused: bool,
     conns: ConnTable<EpollConn>,
     ready: Vec<Completion>,
     events: EventBuf,
@@ -89,6 +91,7 @@ impl EpollBackend {
         Ok(EpollBackend {
             ep,
             listener: None,
+            accept_paused: false,
             conns: ConnTable::default(),
             ready: Vec::new(),
             events: EventBuf(Vec::with_capacity(EVENTS)),
@@ -101,16 +104,25 @@ impl EpollBackend {
         })
     }
 
+    /// Accepts until the queue is empty (the listener is edge-triggered:
+    /// no new edge comes for connections left in it). A failure stops
+    /// accepting and is reported; the core's back-off resumes it.
     fn accept_all(&mut self) {
         let Some(l) = &self.listener else { return };
+        if self.accept_paused {
+            return;
+        }
         loop {
             match rustix::net::accept_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
                 Ok(fd) => self.ready.push(Completion::Accepted(fd)),
                 Err(Errno::INTR) | Err(Errno::CONNABORTED) => continue,
                 Err(Errno::AGAIN) => return,
                 Err(e) => {
-                    // EMFILE and friends: log, retry at the next edge.
-                    log::warn!("ConnectionUnix: accept failed: {e}");
+                    // EMFILE, ENFILE, ENOMEM, ENOBUFS...: the queue still
+                    // holds connections, and the edge is spent. Retrying
+                    // now would spin; the core says when to try again.
+                    self.accept_paused = true;
+                    self.ready.push(Completion::AcceptFailed(e.into()));
                     return;
                 }
             }
@@ -218,6 +230,13 @@ impl Backend for EpollBackend {
     fn close_listener(&mut self) {
         if let Some(l) = self.listener.take() {
             let _ = epoll::delete(&self.ep, &l);
+        }
+        self.accept_paused = false;
+    }
+
+    fn resume_accept(&mut self) {
+        if std::mem::take(&mut self.accept_paused) {
+            self.accept_all();
         }
     }
 

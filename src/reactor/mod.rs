@@ -14,7 +14,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 
@@ -223,6 +223,11 @@ impl<T> ConnTable<T> {
 pub enum Completion {
     /// The listening socket accepted a connection (non-blocking, close-on-exec).
     Accepted(OwnedFd),
+    /// `accept` failed with something other than a retry-at-once error
+    /// (`EMFILE`, `ENFILE`, `ENOMEM`, `ENOBUFS`, ...). The backend has
+    /// stopped accepting; it starts again at [`Backend::resume_accept`],
+    /// which the reactor calls when the core's back-off deadline is due.
+    AcceptFailed(io::Error),
     /// A receive finished; `buf` is the [`RecvBuf::Partial`] buffer with the
     /// new bytes appended, or a pooled buffer holding just the new bytes.
     /// `Ok(0)` is end of stream.
@@ -263,6 +268,16 @@ pub trait Backend: Send {
 
     /// Stops accepting and closes the listening socket.
     fn close_listener(&mut self);
+
+    /// Accepts again after [`Completion::AcceptFailed`] (a no-op while
+    /// accepting, or without a listener). Connections that queued up in
+    /// the meantime are accepted now.
+    fn resume_accept(&mut self);
+
+    /// The reactor now runs on the calling thread (threaded mode moved it):
+    /// operations that the kernel ties to the thread that submitted them
+    /// are submitted again from this one. A no-op where none are.
+    fn moved_to_this_thread(&mut self) {}
 
     /// Adopts a connected, non-blocking socket as `conn`.
     fn add_conn(&mut self, conn: ConnId, fd: OwnedFd) -> io::Result<()>;
@@ -506,6 +521,9 @@ impl Reactor {
             self.held = paused;
             self.backend.hold_receives(paused, &mut self.pool);
         }
+        if self.core.take_accept_resume() {
+            self.backend.resume_accept();
+        }
         loop {
             for id in self.core.take_closed_ids() {
                 self.backend.close(id);
@@ -575,7 +593,7 @@ impl Reactor {
                     if !self.peer_allowed(&fd) {
                         continue;
                     }
-                    let id = self.core.add_acceptor();
+                    let id = self.core.add_acceptor(Instant::now());
                     if let Err(e) = self.attach(id, fd) {
                         log::warn!("ConnectionUnix: cannot register accepted connection: {e}");
                     }
@@ -590,6 +608,7 @@ impl Reactor {
                     }
                 }
                 Completion::Sent { conn, result } => self.core.on_sent(conn, result),
+                Completion::AcceptFailed(e) => self.core.on_accept_error(Instant::now(), &e),
             }
         }
         // Keep the allocation for the next batch.
@@ -618,8 +637,15 @@ impl Reactor {
     }
 
     /// One turn: start pending operations, collect completions (waiting up
-    /// to `timeout` if none are ready), apply them, start follow-ups.
+    /// to `timeout` if none are ready, and never past the core's next
+    /// deadline), apply them, do what is due, start follow-ups.
+    ///
+    /// This is the one place the core's deadlines are driven
+    /// ([`Core::poll_timeout`], [`Core::handle_timeout`]): every way of
+    /// waiting (inline calls, busy polling, the threaded loop) goes through
+    /// it. The clock is read only while a deadline exists.
     pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let timeout = self.handle_due(timeout);
         self.dispatch();
         self.backend
             .poll(timeout, &mut self.completions, &mut self.pool)?;
@@ -630,7 +656,36 @@ impl Reactor {
             self.process();
             self.flush();
         }
+        if self.core.poll_timeout().is_some() {
+            self.handle_due(None);
+            if self.core.has_operations_to_start() {
+                self.flush();
+            }
+        }
         Ok(())
+    }
+
+    /// Feeds the core the time if one of its deadlines is due, and returns
+    /// `timeout` shortened to the next deadline.
+    fn handle_due(&mut self, timeout: Option<Duration>) -> Option<Duration> {
+        let Some(mut at) = self.core.poll_timeout() else {
+            return timeout;
+        };
+        let now = Instant::now();
+        if at <= now {
+            self.core.handle_timeout(now);
+            match self.core.poll_timeout() {
+                Some(next) => at = next,
+                None => return timeout,
+            }
+        }
+        let until = at.saturating_duration_since(now);
+        Some(timeout.map_or(until, |t| t.min(until)))
+    }
+
+    /// See [`Backend::moved_to_this_thread`].
+    pub fn moved_to_this_thread(&mut self) {
+        self.backend.moved_to_this_thread();
     }
 
     /// See [`Backend::set_busy_poll`].

@@ -142,6 +142,8 @@ pub struct UringBackend {
     listener: Option<OwnedFd>,
     accept_op: Option<u64>,
     multishot_accept: bool,
+    /// Accepting stopped after a failure, until `resume_accept`.
+    accept_paused: bool,
     provided: Vec<Option<BytesMut>>,
     provided_count: usize,
     /// Armed receives that select a provided buffer.
@@ -151,6 +153,8 @@ pub struct UringBackend {
     demand: usize,
     waker: Waker,
     wake_armed: bool,
+    /// The armed wake-up read.
+    wake_op: Option<u64>,
     ready: Vec<Completion>,
     cqes: Vec<(u64, i32, u32)>,
     /// Descriptors of closed connections, kept open until the SQEs that
@@ -235,12 +239,14 @@ impl UringBackend {
             listener: None,
             accept_op: None,
             multishot_accept: true,
+            accept_paused: false,
             provided: Vec::new(),
             provided_count: 0,
             selecting: 0,
             demand: 0,
             waker: Waker::new()?,
             wake_armed: false,
+            wake_op: None,
             ready: Vec::new(),
             cqes: Vec::new(),
             deferred_close: Vec::new(),
@@ -309,6 +315,31 @@ impl UringBackend {
         res
     }
 
+    /// Closes `fd` as soon as no queued SQE can name it by number: at once
+    /// when the submission queue is empty, else at the next submit (which
+    /// every wait does first, see `release_deferred`), never after a wait.
+    fn defer_close(&mut self, fd: OwnedFd) {
+        if self.ring.submission().is_empty() {
+            drop(fd);
+        } else {
+            self.deferred_close.push(fd);
+        }
+    }
+
+    /// Submits the queue if descriptors wait for it to be closed, so that
+    /// a wait never holds a closed connection's descriptor open (a peer's
+    /// EOF would otherwise keep it until the next completion).
+    fn release_deferred(&mut self) {
+        if self.deferred_close.is_empty() {
+            return;
+        }
+        if let Err(e) = self.submit(0, None)
+            && e.raw_os_error() != Some(libc::EBUSY)
+        {
+            log::error!("io_uring submit failed: {e}");
+        }
+    }
+
     fn conn(&mut self, id: ConnId) -> Option<&mut UringConn> {
         self.conns.get_mut(id)
     }
@@ -340,6 +371,7 @@ impl UringBackend {
         let fd = types::Fd(self.waker.fd().as_raw_fd());
         let key = self.insert_op(Op::Wake { _buf: buf });
         self.wake_armed = true;
+        self.wake_op = Some(key);
         // SAFETY: the 8-byte buffer is boxed inside `ops[key]` until the
         // completion is reaped.
         unsafe { self.push(opcode::Read::new(fd, ptr, 8).build().user_data(key)) };
@@ -439,17 +471,35 @@ impl UringBackend {
             } else if res == -libc::EINVAL && multishot {
                 log::info!("io_uring: multishot accept unsupported; using single-shot accepts");
                 self.multishot_accept = false;
-            } else if res != -libc::ECANCELED {
-                log::warn!(
-                    "ConnectionUnix: accept failed: {}",
-                    io::Error::from_raw_os_error(-res)
-                );
+            } else if ![
+                libc::ECANCELED,
+                libc::EINTR,
+                libc::ECONNABORTED,
+                libc::EAGAIN,
+            ]
+            .contains(&-res)
+            {
+                // EMFILE, ENFILE, ENOMEM, ENOBUFS...: stop accepting until
+                // the core's back-off says to try again (re-arming now
+                // would fail at once, forever: a busy loop).
+                self.accept_paused = true;
+                self.ready
+                    .push(Completion::AcceptFailed(io::Error::from_raw_os_error(-res)));
+                if more && self.accept_op == Some(user_data) {
+                    // A multishot accept that goes on after an error is
+                    // stopped too; its cancellation is no longer current.
+                    self.accept_op = None;
+                    self.cancel(user_data);
+                }
             }
             if !more {
                 self.ops.remove(key);
+                // Still current: not cancelled by us (we forget an accept
+                // before cancelling it), but ended by the kernel, which
+                // also cancels a thread's requests when it exits.
                 if self.accept_op == Some(user_data) {
                     self.accept_op = None;
-                    if self.listener.is_some() && res != -libc::ECANCELED {
+                    if !self.accept_paused {
                         self.arm_accept();
                     }
                 }
@@ -482,8 +532,12 @@ impl UringBackend {
                     // buffer's `len` initialised bytes, within its capacity.
                     unsafe { buf.set_len(len.min(buf.capacity())) };
                 }
-                let result = if res == -libc::ENOBUFS {
+                let result = if res == -libc::ENOBUFS || res == -libc::ECANCELED {
                     // The provided group ran dry; try again after refilling.
+                    // Or the receive was cancelled while its connection
+                    // is open (ours are cancelled only when it closes): by
+                    // `moved_to_this_thread`, or by the kernel because the
+                    // thread that submitted it exited. Armed again.
                     Err(io::ErrorKind::WouldBlock.into())
                 } else {
                     Self::result(res)
@@ -505,10 +559,14 @@ impl UringBackend {
                         c.send_op = None;
                     }
                     c.spare_send = Some(state);
-                    self.ready.push(Completion::Sent {
-                        conn,
-                        result: Self::result(res),
-                    });
+                    // Cancelled with its connection open (its submitting
+                    // thread exited): nothing was written; write again.
+                    let result = if res == -libc::ECANCELED {
+                        Ok(0)
+                    } else {
+                        Self::result(res)
+                    };
+                    self.ready.push(Completion::Sent { conn, result });
                 }
             }
             Op::Provide { bid } => {
@@ -529,7 +587,10 @@ impl UringBackend {
             }
             Op::Cancel => {}
             Op::Wake { .. } => {
-                self.wake_armed = false;
+                if self.wake_op == Some(user_data) {
+                    self.wake_op = None;
+                    self.wake_armed = false;
+                }
             }
         }
     }
@@ -910,8 +971,38 @@ impl Backend for UringBackend {
             self.cancel(op);
         }
         if let Some(l) = self.listener.take() {
-            self.deferred_close.push(l);
+            self.defer_close(l);
         }
+        self.accept_paused = false;
+    }
+
+    fn resume_accept(&mut self) {
+        if std::mem::take(&mut self.accept_paused) && self.accept_op.is_none() {
+            self.arm_accept();
+        }
+    }
+
+    fn moved_to_this_thread(&mut self) {
+        // The kernel runs a request's completion work on the thread that
+        // submitted it (interrupting its system calls) and cancels the
+        // request when that thread exits. Long-lived operations are
+        // submitted again from here: the accept and the wake-up read at
+        // once, the receives when their cancellations come back (see
+        // `complete`).
+        if let Some(op) = self.accept_op.take() {
+            self.cancel(op);
+            self.arm_accept();
+        }
+        if let Some(op) = self.wake_op.take() {
+            self.cancel(op);
+            self.wake_armed = false;
+            self.arm_wake();
+        }
+        let armed: Vec<u64> = self.conns.values().filter_map(|c| c.recv_op).collect();
+        for op in armed {
+            self.cancel(op);
+        }
+        Backend::submit(self);
     }
 
     fn add_conn(&mut self, id: ConnId, fd: OwnedFd) -> io::Result<()> {
@@ -970,7 +1061,7 @@ impl Backend for UringBackend {
         // The descriptor closes once the queued SQEs naming it are
         // submitted; in-flight operations hold their own reference to the
         // socket until their (cancelled) completions arrive.
-        self.deferred_close.push(c.fd);
+        self.defer_close(c.fd);
     }
 
     fn held_buffers(&self) -> usize {
@@ -989,6 +1080,7 @@ impl Backend for UringBackend {
 
     fn submit(&mut self) {
         if self.ring.submission().is_empty() {
+            self.deferred_close.clear();
             return;
         }
         if let Err(e) = self.submit(0, None)
@@ -1057,6 +1149,7 @@ impl Backend for UringBackend {
             self.hot.clear();
             self.unpark_cold(pool);
         }
+        self.release_deferred();
         self.reap();
         let ready = !self.ready.is_empty() || !self.ring.completion().is_empty();
         let (timeout, blocking) = self.waker.wait_timeout(ready, timeout);

@@ -35,6 +35,79 @@ macro_rules! per_backend {
     };
 }
 
+/// [`per_backend!`] for tests that measure something process-wide
+/// (descriptors, RSS, CPU time, page faults): each runs in a process of its
+/// own (see [`isolated`]), so that other tests of the same binary, running
+/// in parallel threads, cannot move its numbers.
+#[macro_export]
+macro_rules! per_backend_isolated {
+    ($($name:ident),* $(,)?) => {
+        mod isolated {
+            mod epoll {
+                $(
+                    #[test]
+                    fn $name() {
+                        $crate::common::isolated(
+                            concat!("isolated::epoll::", stringify!($name)),
+                            || super::super::$name(ipcm::BackendChoice::Epoll),
+                        )
+                    }
+                )*
+            }
+            mod io_uring {
+                $(
+                    #[test]
+                    fn $name() {
+                        if let Err(reason) = ipcm::reactor::io_uring_available() {
+                            eprintln!("skipped: io_uring unavailable ({reason})");
+                            return;
+                        }
+                        $crate::common::isolated(
+                            concat!("isolated::io_uring::", stringify!($name)),
+                            || super::super::$name(ipcm::BackendChoice::IoUring),
+                        )
+                    }
+                )*
+            }
+        }
+    };
+}
+
+/// Names the one test an isolated child process runs (see [`isolated`]).
+pub const ISOLATED_ENV: &str = "IPCM_ISOLATED_TEST";
+
+/// Runs `body`, the test named `name` (its full path in this test binary),
+/// in a process of its own: the binary re-runs itself with only that test
+/// selected, one test thread, and [`ISOLATED_ENV`] set, and this test
+/// passes when that child ran the test and it passed. In the child, `body`
+/// runs directly.
+pub fn isolated(name: &str, body: impl FnOnce()) {
+    if std::env::var(ISOLATED_ENV).as_deref() == Ok(name) {
+        init_logging();
+        body();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+        .env(ISOLATED_ENV, name)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // What the child printed, for --nocapture and for failures.
+    eprint!("{stderr}");
+    assert!(
+        out.status.success(),
+        "isolated test {name} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("1 passed"),
+        "the child process ran no test named {name}:\n{stdout}"
+    );
+}
+
 /// A fresh route in a private temporary directory, removed on drop.
 pub struct TestRoute {
     pub dir: tempfile::TempDir,
@@ -177,10 +250,29 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, r: &log::Record) {
         if self.enabled(r.metadata()) {
-            eprintln!("[pid {} {}] {}", std::process::id(), r.level(), r.args());
+            let text = r.args().to_string();
+            eprintln!("[pid {} {}] {text}", std::process::id(), r.level());
+            LOGGED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((r.level(), text));
         }
     }
     fn flush(&self) {}
+}
+
+/// Every record logged since [`init_logging`], for tests that count them.
+static LOGGED: std::sync::Mutex<Vec<(log::Level, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// The records logged so far at `level` whose text contains `needle`.
+pub fn logged(level: log::Level, needle: &str) -> Vec<String> {
+    LOGGED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(l, t)| *l == level && t.contains(needle))
+        .map(|(_, t)| t.clone())
+        .collect()
 }
 
 /// Sends the library's log records to stderr (shown for failing tests).
