@@ -49,8 +49,12 @@ pub mod reactor;
 pub mod route;
 pub mod serializer;
 pub mod spawn;
+mod sync;
 pub mod threaded;
 pub mod wire;
+
+#[cfg(all(test, ipcm_loom))]
+mod loom_models;
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

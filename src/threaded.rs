@@ -59,6 +59,36 @@ impl Default for ThreadedOptions {
     }
 }
 
+/// The receive ring's backpressure handshake: the reactor, finding the
+/// ring full, announces that it waits for room and looks again; the
+/// reader, after taking a message, wakes it if it waits.
+///
+/// One atomic: bit 0 is "the reactor waits", the rest counts the reader's
+/// pops. Both sides read-modify-write it, so they fall in one total order:
+/// if the reader's pop came first, the reactor's announcement reads it
+/// (acquire), and its second look at the ring sees the room; otherwise
+/// the reader's count reads the announcement and wakes the reactor. A
+/// wake-up is never lost (a loom model checks it, `src/loom_models.rs`).
+#[derive(Debug, Default)]
+pub(crate) struct RingGate {
+    state: crate::sync::AtomicUsize,
+}
+
+impl RingGate {
+    /// The reactor found the ring full. It must try the push once more
+    /// afterwards and wait for a wake only if that fails too.
+    pub(crate) fn producer_blocked(&self) {
+        self.state.fetch_or(1, crate::sync::Ordering::AcqRel);
+    }
+
+    /// The reader took a message; true if the reactor waits for room (it
+    /// is woken once per wait).
+    pub(crate) fn consumer_popped(&self) -> bool {
+        use crate::sync::Ordering::AcqRel;
+        self.state.fetch_add(2, AcqRel) & 1 != 0 && self.state.fetch_and(!1, AcqRel) & 1 != 0
+    }
+}
+
 /// A one-shot reply slot.
 struct Ack<T> {
     slot: Mutex<Option<T>>,
@@ -110,7 +140,7 @@ struct Shared {
     waker: Waker,
     stop: AtomicBool,
     /// The reactor waits for ring space.
-    ring_full: AtomicBool,
+    gate: RingGate,
     /// The reactor thread has ended.
     finished: AtomicBool,
     /// Readable while messages wait in the ring.
@@ -335,9 +365,8 @@ impl std::fmt::Debug for Receiver {
 
 impl Receiver {
     fn pop(&mut self) -> Option<Message> {
-        let was_full = self.ring.buffer().capacity() == self.ring.slots();
         let m = self.ring.pop().ok()?;
-        if was_full && self.shared.ring_full.swap(false, Ordering::AcqRel) {
+        if self.shared.gate.consumer_popped() {
             self.shared.waker.wake();
         }
         Some(m)
@@ -604,9 +633,16 @@ impl Worker {
                 match self.ring.push(m) {
                     Ok(()) => pushed = true,
                     Err(rtrb::PushError::Full(m)) => {
-                        self.spill.push_front(m);
-                        self.shared.ring_full.store(true, Ordering::Release);
-                        break;
+                        // Announce the wait, then look again: the reader
+                        // may have made room before it could see the flag.
+                        self.shared.gate.producer_blocked();
+                        match self.ring.push(m) {
+                            Ok(()) => pushed = true,
+                            Err(rtrb::PushError::Full(m)) => {
+                                self.spill.push_front(m);
+                                break;
+                            }
+                        }
                     }
                 }
             }
@@ -715,7 +751,7 @@ impl Client {
             cmds: ArrayQueue::new(opts.send_queue.max(1)),
             waker: self.waker(),
             stop: AtomicBool::new(false),
-            ring_full: AtomicBool::new(false),
+            gate: RingGate::default(),
             finished: AtomicBool::new(false),
             ready,
             failures: Mutex::new(HashMap::new()),

@@ -403,3 +403,69 @@ fn bench_reports_throughput_latency_and_backend() {
         "no progress bar when stdout is not a terminal"
     );
 }
+
+#[test]
+fn recv_threaded_prints_in_order_and_follows_the_exit_codes_on_each_backend() {
+    for backend in ["epoll", "io_uring"] {
+        if backend == "io_uring"
+            && let Err(reason) = ipcm::reactor::io_uring_available()
+        {
+            eprintln!("skipped: io_uring unavailable ({reason})");
+            continue;
+        }
+        let bus = spawn_bus("json");
+        let child = start_recv(
+            &bus,
+            "sink",
+            &[
+                "--threaded",
+                "--backend",
+                backend,
+                "--count",
+                "3",
+                "--timeout",
+                "20",
+            ],
+        );
+        let out = send(
+            &bus,
+            "src",
+            &["--to", "sink"],
+            &["1", "\"two\"", "{\"three\":3}"],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let (code, msgs) = finish(child);
+        assert_eq!(code, 0, "{backend}");
+        let got: Vec<Value> = msgs.iter().map(|m| m["content"].clone()).collect();
+        assert_eq!(
+            got,
+            [json!(1), json!("two"), json!({"three": 3})],
+            "{backend}"
+        );
+        assert!(msgs.iter().all(|m| m["from"] == "src" && m["to"] == "sink"));
+        // Disconnected cleanly: socket gone, .stats written.
+        let route = route_of(&bus.info);
+        assert!(!std::path::Path::new(&format!("{route}/sink")).exists());
+        let stats = ipcm()
+            .args(["stats", &bus.info, "--id", "sink"])
+            .output()
+            .unwrap();
+        let stats: Value = serde_json::from_slice(&stats.stdout).unwrap();
+        assert_eq!(stats["read"]["src"], 3, "{backend}");
+        let (code, msgs) = finish(start_recv(
+            &bus,
+            "idle",
+            &[
+                "--threaded",
+                "--backend",
+                backend,
+                "--count",
+                "1",
+                "--timeout",
+                "0.3",
+            ],
+        ));
+        assert_eq!(code, 1, "{backend}: count not reached before the timeout");
+        assert!(msgs.is_empty());
+    }
+}

@@ -13,7 +13,6 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -69,14 +68,59 @@ impl BackendChoice {
 /// Name of the environment variable that picks the backend under `Auto`.
 pub const BACKEND_ENV: &str = "IPCM_BACKEND";
 
+/// The wake-up handshake of a [`Waker`], without its descriptor.
+///
+/// One atomic holds both flags (`SLEEPING`, `WOKEN`) and every operation
+/// is a read-modify-write of it, so all of them fall in one total order:
+/// either the waker's `fetch_or` comes after the reactor announced its
+/// sleep (the waker sees `SLEEPING` and signals the descriptor), or before
+/// (the reactor sees `WOKEN` and does not block). A wake is never lost, and
+/// the woken reactor sees everything the waker did before waking it
+/// (acquire/release). Read-modify-writes, not a pair of flags with
+/// `SeqCst` fences: loom models the former exactly; a loom model checks
+/// this handshake (`src/loom_models.rs`).
+#[derive(Debug, Default)]
+pub(crate) struct WakeFlags {
+    state: crate::sync::AtomicU8,
+}
+
+const SLEEPING: u8 = 1;
+const WOKEN: u8 = 2;
+
+impl WakeFlags {
+    /// Records a wake; true if the reactor is asleep (or about to sleep)
+    /// and its descriptor must be signalled (once per sleep: a second wake
+    /// finds `WOKEN` already set, by a waker that signalled, or before the
+    /// reactor looked).
+    pub(crate) fn wake(&self) -> bool {
+        let prev = self.state.fetch_or(WOKEN, crate::sync::Ordering::AcqRel);
+        prev & (SLEEPING | WOKEN) == SLEEPING
+    }
+
+    /// Records a wake that will be signalled regardless.
+    pub(crate) fn note_wake(&self) {
+        self.state.fetch_or(WOKEN, crate::sync::Ordering::AcqRel);
+    }
+
+    /// Announces a blocking wait; false if a wake already arrived (then
+    /// the wait must not block). Either way [`WakeFlags::finish_sleep`]
+    /// follows.
+    pub(crate) fn prepare_sleep(&self) -> bool {
+        let prev = self.state.fetch_or(SLEEPING, crate::sync::Ordering::AcqRel);
+        prev & WOKEN == 0
+    }
+
+    /// Ends a wait; returns whether a wake arrived.
+    pub(crate) fn finish_sleep(&self) -> bool {
+        self.state.swap(0, crate::sync::Ordering::AcqRel) & WOKEN != 0
+    }
+}
+
 /// Wakes a reactor from another thread.
 ///
 /// Costs no syscall while the reactor is awake: the eventfd is written only
-/// when the reactor has announced that it is about to sleep. The two flags
-/// form a Dekker-style handshake (both sides store, then load the other's
-/// flag, all `SeqCst`), so a wake is never lost: either the waker sees the
-/// reactor asleep and signals, or the reactor sees the wake and does not
-/// block.
+/// when the reactor has announced that it is about to sleep (see
+/// [`WakeFlags`]).
 #[derive(Clone, Debug)]
 pub struct Waker {
     inner: Arc<WakeState>,
@@ -85,8 +129,7 @@ pub struct Waker {
 #[derive(Debug)]
 struct WakeState {
     efd: OwnedFd,
-    sleeping: AtomicBool,
-    woken: AtomicBool,
+    flags: WakeFlags,
 }
 
 impl Waker {
@@ -98,8 +141,7 @@ impl Waker {
         Ok(Waker {
             inner: Arc::new(WakeState {
                 efd,
-                sleeping: AtomicBool::new(false),
-                woken: AtomicBool::new(false),
+                flags: WakeFlags::default(),
             }),
         })
     }
@@ -107,8 +149,7 @@ impl Waker {
     /// Wakes the reactor; returns whether a syscall was needed (the reactor
     /// was asleep or about to sleep).
     pub fn wake(&self) -> bool {
-        self.inner.woken.store(true, Ordering::SeqCst);
-        if self.inner.sleeping.load(Ordering::SeqCst) {
+        if self.inner.flags.wake() {
             let _ = rustix::io::write(&self.inner.efd, &1u64.to_ne_bytes());
             return true;
         }
@@ -118,20 +159,13 @@ impl Waker {
     /// Makes the backend's pollable descriptor readable even while the
     /// reactor is awake (the next wait consumes it).
     pub(crate) fn signal(&self) {
-        self.inner.woken.store(true, Ordering::SeqCst);
+        self.inner.flags.note_wake();
         let _ = rustix::io::write(&self.inner.efd, &1u64.to_ne_bytes());
     }
 
     /// The eventfd the backend watches.
     pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.inner.efd.as_fd()
-    }
-
-    /// Announces a blocking wait; returns false if a wake already arrived
-    /// (then the wait must not block).
-    pub(crate) fn prepare_sleep(&self) -> bool {
-        self.inner.sleeping.store(true, Ordering::SeqCst);
-        !self.inner.woken.load(Ordering::SeqCst)
     }
 
     /// The timeout a backend's wait should use, and whether it announced a
@@ -145,7 +179,7 @@ impl Waker {
         if ready || timeout == Some(Duration::ZERO) {
             return (Some(Duration::ZERO), false);
         }
-        if !self.prepare_sleep() {
+        if !self.inner.flags.prepare_sleep() {
             return (Some(Duration::ZERO), true);
         }
         (timeout, true)
@@ -153,8 +187,7 @@ impl Waker {
 
     /// Ends a wait; returns whether a wake arrived.
     pub(crate) fn finish_sleep(&self) -> bool {
-        self.inner.sleeping.store(false, Ordering::SeqCst);
-        self.inner.woken.swap(false, Ordering::SeqCst)
+        self.inner.flags.finish_sleep()
     }
 
     /// Drains the eventfd counter.
