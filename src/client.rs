@@ -16,9 +16,10 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::message::{Message, sort_messages_with};
+use crate::proto::Stats;
 use crate::proto::{ConnId, Core, CoreConfig, Enqueue};
 use crate::reactor::{BackendChoice, BackendKind, Reactor, make_backend};
-use crate::route::{EntryKind, Info, Route, Stats, names::check_local_id, pid_is_running};
+use crate::route::{EntryKind, Info, Route, names::check_local_id, pid_is_running};
 use crate::serializer::{Content, Outgoing, Serializer};
 use crate::wire::encode_frame;
 

@@ -314,6 +314,19 @@ pub enum Error {
     /// A payload could not be serialized or deserialized.
     #[error("{0}")]
     Serialize(String),
+    /// A threaded [`Sender::try_send`](crate::Sender::try_send) to `peer`
+    /// failed after it returned; the next call for that peer reports it,
+    /// with the text the inline send would have given.
+    #[error("{text}")]
+    DeferredSend {
+        /// The peer the earlier message was for.
+        peer: String,
+        /// The failure, as the inline API words it.
+        text: String,
+    },
+    /// The threaded mode's reactor thread panicked.
+    #[error("the reactor thread panicked")]
+    ReactorPanicked,
     /// The route directory fails the ownership or permission check.
     #[error("refusing route '{route}': {reason} (set Options::trust_route to use it anyway)")]
     InsecureRoute {
@@ -326,7 +339,7 @@ pub enum Error {
     #[error("the {backend} backend is unavailable: {reason}")]
     BackendUnavailable {
         /// The backend asked for.
-        backend: crate::reactor::BackendKind,
+        backend: crate::backend_kind::BackendKind,
         /// Why.
         reason: SysError,
     },
@@ -367,6 +380,14 @@ impl Error {
 impl From<serde_json::Error> for Error {
     fn from(e: serde_json::Error) -> Self {
         Error::Serialize(e.to_string())
+    }
+}
+
+impl From<crate::wire::FrameError> for Error {
+    fn from(e: crate::wire::FrameError) -> Self {
+        match e {
+            crate::wire::FrameError::TooLarge { len, max } => Error::FrameTooLarge { len, max },
+        }
     }
 }
 

@@ -38,6 +38,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod backend_kind;
 pub mod client;
 pub mod error;
 mod fork;
@@ -64,8 +65,9 @@ pub struct ReadmeDoctests;
 pub use client::{BroadcastResult, Client, Options, Resources};
 pub use error::{Error, Result};
 pub use message::Message;
+pub use proto::Stats;
 pub use reactor::{BackendChoice, BackendKind};
-pub use route::{Info, Route, Stats};
+pub use route::{Info, Route};
 pub use serializer::Serializer;
 pub use spawn::{Spawn, SpawnOptions};
 pub use threaded::{ReactorHandle, Receiver, Sender, ThreadedOptions};

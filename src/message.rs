@@ -324,7 +324,7 @@ impl Message {
             return false;
         }
         match serde_json::from_str::<T>(&self.content) {
-            Ok(T { terminate: Some(v) }) => crate::serializer::json::is_truthy(v),
+            Ok(T { terminate: Some(v) }) => is_truthy(v),
             _ => false,
         }
     }
@@ -646,6 +646,13 @@ fn id_random() -> (u64, u64) {
         cell.set(Some((state, generation)));
         r
     })
+}
+
+/// Perl truthiness of a JSON value: everything but `null`, `false`, `0`,
+/// `""` and `"0"` is true.
+pub(crate) fn is_truthy(raw: &serde_json::value::RawValue) -> bool {
+    let t = raw.get().trim();
+    !matches!(t, "null" | "false" | "0" | "\"\"" | "\"0\"" | "0.0")
 }
 
 #[cfg(test)]

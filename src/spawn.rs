@@ -168,7 +168,7 @@ impl Spawn {
 }
 
 /// One line per ordered pair whose sent and read counts differ.
-pub fn sanity_delta(all: &BTreeMap<String, crate::Stats>) -> String {
+pub fn sanity_delta(all: &BTreeMap<String, crate::proto::Stats>) -> String {
     let mut pairs: BTreeMap<(&str, &str), (u64, u64)> = BTreeMap::new();
     for (id, stats) in all {
         for (to, n) in &stats.sent {
@@ -202,7 +202,7 @@ impl Drop for Spawn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Stats;
+    use crate::proto::Stats;
 
     #[test]
     fn sanity_delta_reports_only_mismatches() {

@@ -230,7 +230,10 @@ impl Sender {
             .unwrap_or_else(|p| p.into_inner());
         if let Some(text) = f.remove(peer) {
             self.known.remove(peer);
-            return Err(Error::Serialize(text));
+            return Err(Error::DeferredSend {
+                peer: peer.to_string(),
+                text,
+            });
         }
         Ok(())
     }
@@ -492,9 +495,7 @@ impl ReactorHandle {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.waker.wake();
         match self.thread.take() {
-            Some(t) => t
-                .join()
-                .unwrap_or_else(|_| Err(Error::Serialize("the reactor thread panicked".into()))),
+            Some(t) => t.join().unwrap_or(Err(Error::ReactorPanicked)),
             None => Ok(()),
         }
     }

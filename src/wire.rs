@@ -49,8 +49,8 @@ impl FrameHeader {
 }
 
 /// Appends one frame (header + `payload`) to `out`.
-pub fn encode_frame(payload: &[u8], out: &mut BytesMut) -> Result<(), crate::Error> {
-    let len = u32::try_from(payload.len()).map_err(|_| crate::Error::FrameTooLarge {
+pub fn encode_frame(payload: &[u8], out: &mut BytesMut) -> Result<(), FrameError> {
+    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge {
         len: payload.len(),
         max: u32::MAX as usize,
     })?;
@@ -67,7 +67,7 @@ pub fn build_frame<E>(
     write: impl FnOnce(&mut BytesMut) -> Result<(), E>,
 ) -> Result<Bytes, E>
 where
-    E: From<crate::Error>,
+    E: From<FrameError>,
 {
     debug_assert!(out.is_empty());
     out.put_slice(FrameHeader::new(0).as_bytes());
@@ -78,7 +78,7 @@ where
     let payload_len = out.len() - HEADER_LEN;
     let Ok(len) = u32::try_from(payload_len) else {
         out.clear();
-        return Err(crate::Error::FrameTooLarge {
+        return Err(FrameError::TooLarge {
             len: payload_len,
             max: u32::MAX as usize,
         }
@@ -245,11 +245,6 @@ impl FrameDecoder {
     /// Capacity currently held by this decoder.
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
-    }
-
-    /// Whether the receive buffer is lent out to a backend.
-    pub fn is_lent(&self) -> bool {
-        self.out
     }
 
     /// The total length (header included) of the frame at the front, once
@@ -521,7 +516,7 @@ mod tests {
     #[test]
     fn build_frame_patches_length() {
         let mut arena = BytesMut::new();
-        let f = build_frame::<crate::Error>(&mut arena, |b| {
+        let f = build_frame::<FrameError>(&mut arena, |b| {
             b.extend_from_slice(b"{\"hello\":\"cli\"}");
             Ok(())
         })

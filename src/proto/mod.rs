@@ -9,6 +9,7 @@
 //! which is what both epoll (emulated) and io_uring (native) provide.
 
 mod outbox;
+mod stats;
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -17,10 +18,10 @@ use bytes::{Bytes, BytesMut};
 use slab::Slab;
 
 use crate::message::{ByteStr, Message, coarse_stamp};
-use crate::route::Stats;
 use crate::serializer::{DecodeError, Serializer};
 use crate::wire::{BufferPool, FrameDecoder, build_frame};
 pub use outbox::Outbox;
+pub use stats::Stats;
 
 /// Identifies one connection: a slab slot plus a generation, so a late
 /// completion for a closed connection never reaches its slot's successor.

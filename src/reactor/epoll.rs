@@ -16,7 +16,7 @@ use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
-use super::{Backend, BackendKind, Completion, ConnTable, Waker};
+use super::{Backend, BackendKind, Completion, ConnTable, EventBuf, Waker};
 use crate::proto::{ConnId, Outbox, RecvBuf};
 use crate::wire::BufferPool;
 
@@ -63,19 +63,6 @@ pub struct EpollBackend {
 
 /// While busy polling, one zero-timeout poll in this many calls `epoll_wait`.
 const BUSY_EPOLL_EVERY: u32 = 16;
-
-/// The event array handed to `epoll_wait`.
-pub(super) struct EventBuf(pub(super) Vec<epoll::Event>);
-
-// SAFETY: the events carry only `u64` tokens (never pointers), so moving
-// the buffer to another thread shares nothing.
-unsafe impl Send for EventBuf {}
-
-impl std::fmt::Debug for EventBuf {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EventBuf")
-    }
-}
 
 impl EpollBackend {
     /// A backend with its own epoll instance.

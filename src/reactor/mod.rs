@@ -20,24 +20,7 @@ use bytes::BytesMut;
 use crate::proto::{ConnId, Core, Outbox, RecvBuf};
 use crate::wire::BufferPool;
 
-/// Which I/O backend a reactor runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum BackendKind {
-    /// Readiness-based `epoll`, with completions emulated.
-    Epoll,
-    /// io_uring: native completions.
-    IoUring,
-}
-
-impl fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BackendKind::Epoll => "epoll",
-            BackendKind::IoUring => "io_uring",
-        })
-    }
-}
+pub use crate::backend_kind::BackendKind;
 
 /// Which backend to use when connecting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -428,6 +411,20 @@ pub fn make_backend(choice: BackendChoice) -> Result<Box<dyn Backend>, BackendUn
 /// Whether io_uring can be used here; `Err` carries the reason.
 pub fn io_uring_available() -> io::Result<()> {
     uring::UringBackend::new().map(drop)
+}
+
+/// The event array handed to `epoll_wait` (the epoll backend's, and the
+/// io_uring backend's wait on its hot connections).
+pub(crate) struct EventBuf(pub(crate) Vec<rustix::event::epoll::Event>);
+
+// SAFETY: the events carry only `u64` tokens (never pointers), so moving
+// the buffer to another thread shares nothing.
+unsafe impl Send for EventBuf {}
+
+impl fmt::Debug for EventBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EventBuf")
+    }
 }
 
 /// The core plus a backend: one single-threaded event loop.

@@ -177,7 +177,7 @@ pub struct UringBackend {
     /// Waits with parked receives: an edge-triggered epoll instance holding
     /// the ring's descriptor and the hot sockets (created on first use).
     hot_wait: Option<OwnedFd>,
-    hot_events: super::epoll::EventBuf,
+    hot_events: super::EventBuf,
     /// Parked receives are held back (the core's inbox is full).
     held: bool,
 }
@@ -255,7 +255,7 @@ impl UringBackend {
             spins: 0,
             parked: Vec::new(),
             hot_wait: None,
-            hot_events: super::epoll::EventBuf(Vec::with_capacity(8)),
+            hot_events: super::EventBuf(Vec::with_capacity(8)),
             held: false,
         })
     }

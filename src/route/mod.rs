@@ -14,35 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::proto::Stats;
 use crate::serializer::Serializer;
 use crate::wire::{FrameHeader, HEADER_LEN};
 pub use info::Info;
 pub use names::{max_on_disk_name_length, on_disk_name};
-
-/// Per-peer message counters, as written to `<name>.stats`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stats {
-    /// Messages read from each peer.
-    #[serde(default)]
-    pub read: BTreeMap<String, u64>,
-    /// Messages sent to each peer.
-    #[serde(default)]
-    pub sent: BTreeMap<String, u64>,
-}
-
-impl Stats {
-    pub(crate) fn bump(map: &mut BTreeMap<String, u64>, peer: &str) {
-        match map.get_mut(peer) {
-            Some(n) => *n += 1,
-            None => {
-                map.insert(peer.to_string(), 1);
-            }
-        }
-    }
-}
 
 /// What kind of entry a client has in the route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -212,12 +212,7 @@ impl<'de> Deserialize<'de> for RawEnvelope<'de> {
     }
 }
 
-/// Perl truthiness of a JSON value: everything but `null`, `false`, `0`,
-/// `""` and `"0"` is true.
-pub(crate) fn is_truthy(raw: &RawValue) -> bool {
-    let t = raw.get().trim();
-    !matches!(t, "null" | "false" | "0" | "\"\"" | "\"0\"" | "0.0")
-}
+pub(crate) use crate::message::is_truthy;
 
 /// A JSON number as the nearest `f64` (correctly rounded, unlike
 /// serde_json's fast path, which can miss by an ulp on long inputs and
