@@ -1,0 +1,98 @@
+//! What the threaded mode drives a client with: queueing a built frame,
+//! its outcome, one reactor turn, and taking what arrived.
+
+use super::*;
+
+impl Client {
+    // ----- building blocks of the threaded mode -----------------------
+
+    /// Queues a complete frame for `peer` (connecting if needed); returns
+    /// the connection and the byte count to wait for, or `None` for a
+    /// self-send delivered locally. `Ok(Err(frame))` hands the frame back
+    /// when the outbox is full.
+    pub(crate) fn queue_frame(
+        &mut self,
+        peer: &str,
+        frame: bytes::Bytes,
+    ) -> Result<std::result::Result<Option<(ConnId, u64)>, bytes::Bytes>> {
+        self.check_usable()?;
+        if peer.is_empty() {
+            return Err(Error::NoPeer);
+        }
+        if peer == self.id {
+            let payload = frame.slice(crate::wire::HEADER_LEN..);
+            if let Ok(Some(msg)) = self.serializer.decode_message(&payload) {
+                let id = self.id.clone();
+                let core = self.reactor.core_mut();
+                core.count_sent(&id);
+                core.count_read(&id);
+                core.push_local(msg);
+            }
+            return Ok(Ok(None));
+        }
+        let id = self.conn_for_send(peer)?;
+        match self.reactor.core_mut().enqueue(id, frame.clone()) {
+            Enqueue::Queued(target) => {
+                self.reactor.core_mut().count_sent(peer);
+                Ok(Ok(Some((id, target))))
+            }
+            Enqueue::Full { .. } => Ok(Err(frame)),
+            Enqueue::Gone => Err(self.closed_error(id)),
+        }
+    }
+
+    /// Whether `target` bytes were written on `id`: `None` while pending.
+    pub(crate) fn frame_outcome(&mut self, id: ConnId, target: u64) -> Option<Result<()>> {
+        let (id, target) = self.reactor.core().locate(id, target);
+        if !self.reactor.core().is_open(id) {
+            return Some(self.closed_outcome(id, target));
+        }
+        let written = self.reactor.core().written_total(id)?;
+        (written >= target).then_some(Ok(()))
+    }
+
+    /// One reactor turn (waiting up to `timeout`).
+    pub(crate) fn turn(&mut self, timeout: Option<Duration>) -> Result<()> {
+        self.reactor
+            .turn(timeout)
+            .map_err(|e| Error::io("reactor wait failed", e))
+    }
+
+    /// The reactor now runs on the calling thread (threaded mode).
+    pub(crate) fn moved_to_this_thread(&mut self) {
+        self.reactor.moved_to_this_thread();
+    }
+
+    /// Starts queued operations now.
+    pub(crate) fn flush(&mut self) {
+        self.reactor.flush();
+    }
+
+    /// Moves received messages (sorted per batch) into `out`.
+    pub(crate) fn take_received(&mut self, out: &mut Vec<Message>) -> Result<()> {
+        let start = out.len();
+        let mut resumed = self.take_resumed()?;
+        out.append(&mut resumed);
+        self.collect_into(out, start);
+        Ok(())
+    }
+
+    /// `broadcast` with content that is already JSON text.
+    pub(crate) fn broadcast_json(
+        &mut self,
+        json: &str,
+    ) -> Result<BTreeMap<String, BroadcastResult>> {
+        self.broadcast_content::<()>(Content::Raw(json))
+    }
+
+    /// Sets the payload bytes of undelivered messages above which receiving
+    /// pauses.
+    pub(crate) fn set_inbox_limit(&mut self, bytes: usize) {
+        self.reactor.core_mut().set_inbox_limit(bytes);
+    }
+
+    /// A handle that wakes this client's reactor from another thread.
+    pub fn waker(&self) -> crate::reactor::Waker {
+        self.reactor.waker()
+    }
+}

@@ -1,0 +1,100 @@
+//! The client: one named participant of a route, with the API of the Perl
+//! ConnectionUnix client (PROTOCOL.md's API table), running its reactor
+//! inline inside its own calls.
+
+use std::collections::BTreeMap;
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+use crate::message::{Message, sort_messages_with};
+use crate::proto::Stats;
+use crate::proto::{ConnId, Core, CoreConfig, Enqueue};
+use crate::reactor::{BackendChoice, BackendKind, Reactor, make_backend};
+use crate::route::{EntryKind, Info, Route, names::check_local_id, pid_is_running};
+use crate::serializer::{Content, Outgoing, Serializer};
+use crate::wire::encode_frame;
+
+/// The Perl `path_type` of this transport.
+pub const PATH_TYPE: &str = "UNIX Socket or marker file";
+
+mod compat;
+mod driver;
+mod options;
+mod receive;
+mod registration;
+mod send;
+
+pub use options::{BroadcastResult, DisconnectHandler, Options, Resources};
+use registration::connect_socket;
+
+/// A client of a route.
+///
+/// ```
+/// use ipcm::{Client, Info, Options, Route, Serializer};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let route = Route::spawn(Some(dir.path())).unwrap();
+/// let info = Info::new(Serializer::Json, route.path());
+/// let mut a = Client::connect(&info, "a", Options::new()).unwrap();
+/// let mut b = Client::connect(&info, "b", Options::new()).unwrap();
+/// a.send_message("b", &serde_json::json!({"hello": "world"})).unwrap();
+/// let msgs = b.get_messages_timeout(std::time::Duration::from_secs(5)).unwrap();
+/// assert_eq!(msgs[0].from(), "a");
+/// assert_eq!(msgs[0].content_json(), r#"{"hello":"world"}"#);
+/// ```
+#[derive(Debug)]
+pub struct Client {
+    id: String,
+    disk: String,
+    route: Route,
+    serializer: Serializer,
+    pid: u32,
+    listen: bool,
+    path: String,
+    reactor: Reactor,
+    send_blocking: bool,
+    disconnected: bool,
+    opts: Options,
+    /// Fork generation at creation (see [`Client::pid_check`]).
+    fork_generation: u64,
+    /// Whether `<name>.resume` may exist (set at connect and by
+    /// `requeue_message`; only this client writes it).
+    resume_pending: bool,
+    /// Scratch of the batch sort (kept to receive without allocating).
+    sort_scratch: crate::message::SortScratch,
+}
+
+fn since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+impl AsFd for Client {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.reactor.pollable_fd()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if self.disconnected || crate::fork::generation() != self.fork_generation {
+            return;
+        }
+        if let Err(e) = self.disconnect(None) {
+            log::warn!(
+                "ConnectionUnix: disconnect of '{}' during drop failed: {e}",
+                self.id
+            );
+            if !self.disconnected {
+                let _ = self.write_stats();
+            }
+        }
+    }
+}

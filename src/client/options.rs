@@ -1,0 +1,153 @@
+//! How a client connects and behaves ([`Options`]), and the plain types its
+//! calls report ([`BroadcastResult`], [`Resources`]).
+
+use super::*;
+
+/// How a client connects and behaves. Defaults follow PROTOCOL.md, with
+/// bounded waits where Perl had none.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Own a listening socket (default) or only a marker file.
+    pub listen: bool,
+    /// Listen backlog (default `SOMAXCONN`).
+    pub backlog: i32,
+    /// The I/O backend.
+    pub backend: BackendChoice,
+    /// Frame, outbox and inbox limits.
+    pub limits: CoreConfig,
+    /// How long connecting to a peer may wait for room in its backlog.
+    pub connect_timeout: Duration,
+    /// Deadline of a blocking send (`None`: wait as long as it takes, as Perl).
+    pub send_timeout: Option<Duration>,
+    /// How long `disconnect` waits for in-flight messages and to flush
+    /// queued sends before closing.
+    pub drain_timeout: Duration,
+    /// Use a route directory that another user owns or that is group- or
+    /// world-writable (refused by default).
+    pub trust_route: bool,
+    /// Further uids allowed to connect, besides the route's owner and this
+    /// process's user (checked with `SO_PEERCRED` on accept).
+    pub allow_uids: Vec<u32>,
+    /// Accept connections from any user.
+    pub allow_any_uid: bool,
+    /// Wait by spinning instead of sleeping in the kernel: receives and
+    /// blocking sends poll the sockets without blocking until there is
+    /// something to do. Costs a core while waiting; cuts wake-up latency.
+    pub busy_poll: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            listen: true,
+            backlog: libc::SOMAXCONN,
+            backend: BackendChoice::Auto,
+            limits: CoreConfig::default(),
+            connect_timeout: Duration::from_secs(5),
+            send_timeout: None,
+            drain_timeout: Duration::from_secs(2),
+            trust_route: false,
+            allow_uids: Vec::new(),
+            allow_any_uid: false,
+            busy_poll: false,
+        }
+    }
+}
+
+impl Options {
+    /// Default options.
+    pub fn new() -> Self {
+        Options::default()
+    }
+
+    /// Sets [`Options::listen`].
+    pub fn listen(mut self, listen: bool) -> Self {
+        self.listen = listen;
+        self
+    }
+
+    /// Sets [`Options::backlog`].
+    pub fn backlog(mut self, backlog: i32) -> Self {
+        self.backlog = backlog;
+        self
+    }
+
+    /// Sets [`Options::backend`].
+    pub fn backend(mut self, backend: BackendChoice) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Sets the largest payload accepted from a peer.
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.limits.max_frame = bytes;
+        self
+    }
+
+    /// Sets the per-connection outbox limit in bytes.
+    pub fn outbox_limit(mut self, bytes: usize) -> Self {
+        self.limits.outbox_limit = bytes;
+        self
+    }
+
+    /// Sets [`Options::send_timeout`].
+    pub fn send_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.send_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Options::trust_route`].
+    pub fn trust_route(mut self, trust: bool) -> Self {
+        self.trust_route = trust;
+        self
+    }
+
+    /// Allows connections from processes running as `uid` too.
+    pub fn allow_uid(mut self, uid: u32) -> Self {
+        self.allow_uids.push(uid);
+        self
+    }
+
+    /// Sets [`Options::allow_any_uid`].
+    pub fn allow_any_uid(mut self, any: bool) -> Self {
+        self.allow_any_uid = any;
+        self
+    }
+
+    /// Sets [`Options::busy_poll`].
+    pub fn busy_poll(mut self, spin: bool) -> Self {
+        self.busy_poll = spin;
+        self
+    }
+
+    /// Sets how long an accepted connection may wait before its hello.
+    pub fn hello_timeout(mut self, timeout: Duration) -> Self {
+        self.limits.hello_timeout = timeout;
+        self
+    }
+}
+
+/// The outcome of a broadcast for one peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BroadcastResult {
+    /// Whether the copy was sent.
+    pub sent: bool,
+    /// Why not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What a client holds right now (for monitoring and leak checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resources {
+    /// Open connections, unresolved ones included.
+    pub connections: usize,
+    /// Idle receive buffers kept in the pool.
+    pub pooled_buffers: usize,
+    /// Buffers the backend holds (armed receives, in-flight sends, buffers
+    /// provided to the kernel).
+    pub backend_buffers: usize,
+}
+
+/// A handler that takes the messages still arriving during `disconnect`.
+pub type DisconnectHandler<'a> = &'a mut dyn FnMut(&Client, Vec<Message>);

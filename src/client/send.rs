@@ -1,0 +1,469 @@
+//! Sending: blocking and non-blocking sends, the outbox, broadcasts and
+//! self-sends (PROTOCOL.md 9).
+
+use super::*;
+
+impl Client {
+    // ----- sending ----------------------------------------------------
+
+    /// Whether sends block until written (default true).
+    pub fn send_blocking(&self) -> bool {
+        self.send_blocking
+    }
+
+    /// Chooses blocking sends or the non-blocking outbox.
+    pub fn set_send_blocking(&mut self, blocking: bool) {
+        self.send_blocking = blocking;
+    }
+
+    /// Builds a message from this client.
+    pub fn build_message<T: Serialize + ?Sized>(&self, to: &str, content: &T) -> Result<Message> {
+        Message::new(&self.id, to, content)
+    }
+
+    /// The cached connection to `peer`, or a new one (PROTOCOL.md 9.1 step 4).
+    pub(super) fn conn_for_send(&mut self, peer: &str) -> Result<ConnId> {
+        if peer.is_empty() {
+            return Err(Error::NoPeer);
+        }
+        if let Some(id) = self.reactor.core().conn_for(peer) {
+            return Ok(id);
+        }
+        let Some(path) = self.route.peer_exists(peer)? else {
+            return Err(Error::NotRecipient {
+                id: peer.to_string(),
+            });
+        };
+        if Route::check_path(&path) != Some(EntryKind::Socket) {
+            return Err(Error::NoActiveConnection {
+                id: peer.to_string(),
+            });
+        }
+        let fd = connect_socket(&path, self.opts.connect_timeout)?;
+        let id = self.reactor.core_mut().add_initiator(peer, &self.id);
+        self.reactor.attach(id, fd).map_err(|e| Error::Connect {
+            path,
+            err: e.into(),
+        })?;
+        Ok(id)
+    }
+
+    pub(super) fn encode<T: Serialize + ?Sized>(
+        &mut self,
+        to: &str,
+        content: Content<'_, T>,
+        broadcast: bool,
+    ) -> Result<bytes::Bytes> {
+        let from = self.id.as_str();
+        self.reactor.core_mut().build_frame(|ser, out| {
+            ser.encode_message(
+                &Outgoing {
+                    from,
+                    to,
+                    content,
+                    id: None,
+                    stamp: None,
+                    stamp_ord: None,
+                    broadcast,
+                    extra: &[],
+                },
+                out,
+            )
+        })
+    }
+
+    /// Why connection `id` went away; `Ok` if it had written `target`
+    /// bytes first (the frame reached the kernel before the close).
+    pub(super) fn closed_outcome(&mut self, id: ConnId, target: u64) -> Result<()> {
+        let mut outcome = Err(None);
+        for c in self.reactor.core_mut().take_closed() {
+            if c.id == id {
+                outcome = if c.written_total >= target {
+                    Ok(())
+                } else {
+                    Err(c.write_error)
+                };
+            } else if let (Some(e), Some(p)) = (c.write_error, c.peer) {
+                log::warn!(
+                    "ConnectionUnix: send to '{p}' failed: {}",
+                    crate::error::strerror(&e)
+                );
+            }
+        }
+        outcome.map_err(|err| Error::Write {
+            err: err
+                .unwrap_or_else(|| io::Error::from_raw_os_error(libc::EPIPE))
+                .into(),
+        })
+    }
+
+    pub(super) fn closed_error(&mut self, id: ConnId) -> Error {
+        match self.closed_outcome(id, u64::MAX) {
+            Err(e) => e,
+            Ok(()) => Error::Write {
+                err: io::Error::from_raw_os_error(libc::EPIPE).into(),
+            },
+        }
+    }
+
+    pub(super) fn deliver_frame(
+        &mut self,
+        peer: &str,
+        id: ConnId,
+        frame: bytes::Bytes,
+        blocking: bool,
+    ) -> Result<()> {
+        let deadline = self.opts.send_timeout.map(|t| Instant::now() + t);
+        let limit = self.opts.limits.outbox_limit;
+        let target = loop {
+            match self.reactor.core_mut().enqueue(id, frame.clone()) {
+                Enqueue::Queued(t) => break t,
+                Enqueue::Gone => return Err(self.closed_error(id)),
+                Enqueue::Full { queued } if !blocking => {
+                    return Err(Error::WouldBlock {
+                        peer: peer.to_string(),
+                        queued,
+                        limit,
+                    });
+                }
+                Enqueue::Full { .. } => self.wait_turn(deadline, "room in the outbox")?,
+            }
+        };
+        self.reactor.flush();
+        if !blocking {
+            let (id, target) = self.reactor.core().locate(id, target);
+            if !self.reactor.core().is_open(id) {
+                // A frame already handed to the kernel counts as sent even
+                // if the connection closed right after.
+                return self.closed_outcome(id, target);
+            }
+            return Ok(());
+        }
+        loop {
+            // The frame may have moved to a newer connection to the peer.
+            let (id, target) = self.reactor.core().locate(id, target);
+            if !self.reactor.core().is_open(id) {
+                return self.closed_outcome(id, target);
+            }
+            if self
+                .reactor
+                .core()
+                .written_total(id)
+                .is_some_and(|w| w >= target)
+            {
+                return Ok(());
+            }
+            self.wait_turn(deadline, "the peer to accept the message")?;
+        }
+    }
+
+    pub(super) fn wait_turn(
+        &mut self,
+        deadline: Option<Instant>,
+        what: &'static str,
+    ) -> Result<()> {
+        let mut wait = Duration::from_millis(500);
+        if let Some(d) = deadline {
+            let now = Instant::now();
+            if now >= d {
+                return Err(Error::Timeout {
+                    what,
+                    secs: self.opts.send_timeout.map_or(0.0, |t| t.as_secs_f64()),
+                });
+            }
+            wait = wait.min(d - now);
+        }
+        if self.opts.busy_poll {
+            std::hint::spin_loop();
+            wait = Duration::ZERO;
+        }
+        self.reactor
+            .turn(Some(wait))
+            .map_err(|e| Error::io("reactor wait failed", e))
+    }
+
+    /// Delivers a frame addressed to this client straight to its inbox
+    /// (no socket): what a peer would decode from it, id, stamp and extra
+    /// keys included.
+    pub(super) fn send_to_self(&mut self, frame: Bytes) -> Result<()> {
+        let payload = frame.slice(crate::wire::HEADER_LEN..);
+        let msg = self
+            .serializer
+            .decode_message(&payload)
+            .ok()
+            .flatten()
+            .ok_or(Error::ContentRequired)?;
+        let id = self.id.clone();
+        let core = self.reactor.core_mut();
+        core.count_sent(&id);
+        core.count_read(&id);
+        core.push_local(msg);
+        Ok(())
+    }
+
+    pub(super) fn send_content<T: Serialize + ?Sized>(
+        &mut self,
+        peer: &str,
+        content: Content<'_, T>,
+        blocking: bool,
+        broadcast: bool,
+    ) -> Result<()> {
+        self.check_usable()?;
+        if peer.is_empty() {
+            return Err(Error::NoPeer);
+        }
+        if peer == self.id {
+            let frame = self.encode(&self.id.clone(), content, false)?;
+            return self.send_to_self(frame);
+        }
+        let frame = self.encode(peer, content, broadcast)?;
+        let id = self.conn_for_send(peer)?;
+        self.deliver_frame(peer, id, frame, blocking)?;
+        self.reactor.core_mut().count_sent(peer);
+        Ok(())
+    }
+
+    /// Sends `content` to `peer` (PROTOCOL.md 9.1). In blocking mode (the
+    /// default) it returns once the kernel has the whole frame; in
+    /// non-blocking mode it behaves as [`Client::try_send_message`].
+    pub fn send_message<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<()> {
+        let blocking = self.send_blocking;
+        self.send_content(peer, Content::Value(content), blocking, false)
+    }
+
+    /// Sends content that is already JSON text.
+    pub fn send_json(&mut self, peer: &str, content_json: &str) -> Result<()> {
+        let blocking = self.send_blocking;
+        self.send_content::<()>(peer, Content::Raw(content_json), blocking, false)
+    }
+
+    /// Sends a built message (its `from` is replaced by this client's id;
+    /// its id, stamp and extra keys are kept).
+    pub fn send(&mut self, msg: &Message) -> Result<()> {
+        self.check_usable()?;
+        let Some(peer) = msg.to().map(str::to_string) else {
+            return Err(Error::NoPeer);
+        };
+        let from = self.id.clone();
+        let frame = self.reactor.core_mut().build_frame(|ser, out| {
+            ser.encode_message::<()>(
+                &Outgoing {
+                    from: &from,
+                    to: &peer,
+                    content: Content::Raw(msg.content_json()),
+                    id: Some(msg.id()),
+                    stamp: Some(msg.stamp()),
+                    stamp_ord: Some(msg.stamp_ord()),
+                    broadcast: msg.is_broadcast(),
+                    extra: &msg.extra,
+                },
+                out,
+            )
+        })?;
+        if peer == self.id {
+            return self.send_to_self(frame);
+        }
+        let id = self.conn_for_send(&peer)?;
+        let blocking = self.send_blocking;
+        self.deliver_frame(&peer, id, frame, blocking)?;
+        self.reactor.core_mut().count_sent(&peer);
+        Ok(())
+    }
+
+    /// `send_message`, reporting failure as `(false, error text)`.
+    pub fn try_message<T: Serialize + ?Sized>(
+        &mut self,
+        peer: &str,
+        content: &T,
+    ) -> (bool, Option<String>) {
+        match self.send_message(peer, content) {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(e.to_string())),
+        }
+    }
+
+    /// Non-blocking send (PROTOCOL.md 9.3): queues the frame, writes what the
+    /// kernel takes now and leaves the rest for [`Client::drain_pending`].
+    /// A full outbox is [`Error::WouldBlock`] (nothing queued); a hard write
+    /// error is returned, not counted as sent (Q13).
+    pub fn try_send_message<T: Serialize + ?Sized>(
+        &mut self,
+        peer: &str,
+        content: &T,
+    ) -> Result<()> {
+        self.send_content(peer, Content::Value(content), false, false)
+    }
+
+    /// Non-blocking send of an already-serialized payload (Q12's raw form).
+    pub fn try_send_raw(&mut self, peer: &str, payload: &[u8]) -> Result<()> {
+        self.check_usable()?;
+        let mut out = BytesMut::new();
+        encode_frame(payload, &mut out)?;
+        let id = self.conn_for_send(peer)?;
+        self.deliver_frame(peer, id, out.freeze(), false)?;
+        self.reactor.core_mut().count_sent(peer);
+        Ok(())
+    }
+
+    /// Queues a message without writing anything; it goes out, batched with
+    /// everything else queued, at the next [`Client::drain_pending`] or
+    /// reactor turn. A full outbox is [`Error::WouldBlock`].
+    pub fn queue_message<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<()> {
+        self.queue_content(peer, Content::Value(content))
+    }
+
+    /// [`Client::queue_message`] for content that is already JSON text
+    /// (sent as is, as [`Client::send_json`] does).
+    pub fn queue_json(&mut self, peer: &str, content_json: &str) -> Result<()> {
+        self.queue_content::<()>(peer, Content::Raw(content_json))
+    }
+
+    pub(super) fn queue_content<T: Serialize + ?Sized>(
+        &mut self,
+        peer: &str,
+        content: Content<'_, T>,
+    ) -> Result<()> {
+        self.check_usable()?;
+        if peer.is_empty() {
+            return Err(Error::NoPeer);
+        }
+        if peer == self.id {
+            let frame = self.encode(&self.id.clone(), content, false)?;
+            return self.send_to_self(frame);
+        }
+        let id = self.conn_for_send(peer)?;
+        let limit = self.opts.limits.outbox_limit;
+        let frame = self.encode(peer, content, false)?;
+        match self.reactor.core_mut().enqueue(id, frame) {
+            Enqueue::Queued(_) => {
+                self.reactor.core_mut().count_sent(peer);
+                Ok(())
+            }
+            Enqueue::Full { queued } => Err(Error::WouldBlock {
+                peer: peer.to_string(),
+                queued,
+                limit,
+            }),
+            Enqueue::Gone => Err(self.closed_error(id)),
+        }
+    }
+
+    /// Number of connections with queued bytes.
+    pub fn pending_sends(&self) -> usize {
+        self.reactor.core().backlogged().len()
+    }
+
+    /// Whether any connection has queued bytes.
+    pub fn have_pending_sends(&self) -> bool {
+        self.pending_sends() > 0
+    }
+
+    /// Whether the connection to `peer` has queued bytes.
+    pub fn pending_sends_to(&self, peer: &str) -> bool {
+        self.reactor
+            .core()
+            .conn_for(peer)
+            .is_some_and(|id| self.reactor.core().queued_bytes(id) > 0)
+    }
+
+    /// Writes queued bytes without blocking; returns how many connections'
+    /// backlogs became empty. Failed connections are dropped with a warning.
+    pub fn drain_pending(&mut self) -> usize {
+        let before = self.reactor.core().backlogged();
+        if before.is_empty() {
+            return 0;
+        }
+        let _ = self.reactor.turn(Some(Duration::ZERO));
+        let core = self.reactor.core();
+        let emptied = before
+            .iter()
+            .filter(|id| core.is_open(**id) && core.queued_bytes(**id) == 0)
+            .count();
+        self.warn_failed_sends(" during drain");
+        emptied
+    }
+
+    /// Waits until every queued frame has been written to the kernel, or
+    /// `timeout` passes ([`Error::Timeout`]). Connections that fail are
+    /// dropped with a warning, as in [`Client::drain_pending`].
+    pub fn flush_pending(&mut self, timeout: Option<Duration>) -> Result<()> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        self.reactor.flush();
+        while self.have_pending_sends() {
+            let mut wait = Duration::from_millis(500);
+            if let Some(d) = deadline {
+                let now = Instant::now();
+                if now >= d {
+                    return Err(Error::Timeout {
+                        what: "queued messages to be written",
+                        secs: timeout.map_or(0.0, |t| t.as_secs_f64()),
+                    });
+                }
+                wait = wait.min(d - now);
+            }
+            if self.opts.busy_poll {
+                wait = Duration::ZERO;
+            }
+            self.reactor
+                .turn(Some(wait))
+                .map_err(|e| Error::io("reactor wait failed", e))?;
+            self.warn_failed_sends(" during flush");
+        }
+        Ok(())
+    }
+
+    /// Whether any connection has queued bytes.
+    pub fn have_writable_handles(&self) -> bool {
+        self.have_pending_sends()
+    }
+
+    /// Sockets with queued bytes (to poll for writability).
+    pub fn writable_handles(&self) -> Vec<BorrowedFd<'_>> {
+        self.reactor
+            .core()
+            .backlogged()
+            .into_iter()
+            .filter_map(|id| self.reactor.conn_fd(id))
+            .collect()
+    }
+
+    /// Whether a connection to `peer` is cached with nothing queued
+    /// (false without a connection, as in Perl; Q11).
+    pub fn can_send_to(&self, peer: &str) -> bool {
+        self.reactor
+            .core()
+            .conn_for(peer)
+            .is_some_and(|id| self.reactor.core().queued_bytes(id) == 0)
+    }
+
+    /// Sends `content` to every live peer; the result per peer.
+    pub fn broadcast<T: Serialize + ?Sized>(
+        &mut self,
+        content: &T,
+    ) -> Result<BTreeMap<String, BroadcastResult>> {
+        self.broadcast_content(Content::Value(content))
+    }
+
+    pub(super) fn broadcast_content<T: Serialize + ?Sized>(
+        &mut self,
+        content: Content<'_, T>,
+    ) -> Result<BTreeMap<String, BroadcastResult>> {
+        self.check_usable()?;
+        let mut out = BTreeMap::new();
+        let blocking = self.send_blocking;
+        for peer in self.peers()? {
+            let r = match self.send_content(&peer, content, blocking, true) {
+                Ok(()) => BroadcastResult {
+                    sent: true,
+                    error: None,
+                },
+                Err(e) => BroadcastResult {
+                    sent: false,
+                    error: Some(e.to_string()),
+                },
+            };
+            out.insert(peer, r);
+        }
+        Ok(out)
+    }
+}
