@@ -196,19 +196,7 @@ impl Sender {
         let from = self.shared.id.as_str();
         let ser = &self.shared.serializer;
         build_frame(&mut self.arena, |b| {
-            ser.encode_message(
-                &Outgoing {
-                    from,
-                    to: peer,
-                    content: Content::Value(content),
-                    id: None,
-                    stamp: None,
-                    stamp_ord: None,
-                    broadcast: false,
-                    extra: &[],
-                },
-                b,
-            )
+            ser.encode_message(&Outgoing::new(from, peer, Content::Value(content)), b)
         })
     }
 

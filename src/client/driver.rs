@@ -15,29 +15,13 @@ impl Client {
         peer: &str,
         frame: bytes::Bytes,
     ) -> Result<std::result::Result<Option<(ConnId, u64)>, bytes::Bytes>> {
-        self.check_usable()?;
-        if peer.is_empty() {
-            return Err(Error::NoPeer);
-        }
-        if peer == self.id {
-            let payload = frame.slice(crate::wire::HEADER_LEN..);
-            if let Ok(Some(msg)) = self.serializer.decode_message(&payload) {
-                let id = self.id.clone();
-                let core = self.reactor.core_mut();
-                core.count_sent(&id);
-                core.count_read(&id);
-                core.push_local(msg);
-            }
-            return Ok(Ok(None));
-        }
-        let id = self.conn_for_send(peer)?;
-        match self.reactor.core_mut().enqueue(id, frame.clone()) {
-            Enqueue::Queued(target) => {
+        match self.enqueue_frame(peer, frame)? {
+            send::Placed::Local => Ok(Ok(None)),
+            send::Placed::Queued { id, target } => {
                 self.reactor.core_mut().count_sent(peer);
                 Ok(Ok(Some((id, target))))
             }
-            Enqueue::Full { .. } => Ok(Err(frame)),
-            Enqueue::Gone => Err(self.closed_error(id)),
+            send::Placed::Full { frame, .. } => Ok(Err(frame)),
         }
     }
 

@@ -163,16 +163,7 @@ impl Client {
         for m in msgs {
             let mut payload = BytesMut::new();
             self.serializer.encode_message::<()>(
-                &Outgoing {
-                    from: m.from(),
-                    to: m.to().unwrap_or(&self.id),
-                    content: Content::Raw(m.content_json()),
-                    id: Some(m.id()),
-                    stamp: Some(m.stamp()),
-                    stamp_ord: Some(m.stamp_ord()),
-                    broadcast: m.is_broadcast(),
-                    extra: &m.extra,
-                },
+                &Outgoing::resend(m, m.from(), m.to().unwrap_or(&self.id)),
                 &mut payload,
             )?;
             encode_frame(&payload, &mut records)?;

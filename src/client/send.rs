@@ -3,9 +3,35 @@
 
 use super::*;
 
-impl Client {
-    // ----- sending ----------------------------------------------------
+/// How far a send goes before it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Delivery {
+    /// Queued only: written at the next drain or reactor turn
+    /// (`queue_message`); a full outbox is `WouldBlock`.
+    Queue,
+    /// Queued and written as far as the kernel takes it now
+    /// (`try_send_message`); a full outbox is `WouldBlock`.
+    Start,
+    /// Written whole to the kernel, waiting for outbox room and for the
+    /// write (a blocking `send_message`), within `Options::send_timeout`.
+    Complete,
+}
 
+/// Where [`Client::enqueue_frame`] put a frame.
+pub(super) enum Placed {
+    /// A self-send, delivered to this client's own inbox.
+    Local,
+    /// In the outbox of `id`, ending at byte `target` of its stream.
+    Queued { id: ConnId, target: u64 },
+    /// The outbox of `id` has no room: the frame comes back.
+    Full {
+        id: ConnId,
+        frame: Bytes,
+        queued: usize,
+    },
+}
+
+impl Client {
     /// Whether sends block until written (default true).
     pub fn send_blocking(&self) -> bool {
         self.send_blocking
@@ -56,19 +82,9 @@ impl Client {
     ) -> Result<bytes::Bytes> {
         let from = self.id.as_str();
         self.reactor.core_mut().build_frame(|ser, out| {
-            ser.encode_message(
-                &Outgoing {
-                    from,
-                    to,
-                    content,
-                    id: None,
-                    stamp: None,
-                    stamp_ord: None,
-                    broadcast,
-                    extra: &[],
-                },
-                out,
-            )
+            let mut msg = Outgoing::new(from, to, content);
+            msg.broadcast = broadcast;
+            ser.encode_message(&msg, out)
         })
     }
 
@@ -106,69 +122,100 @@ impl Client {
         }
     }
 
-    pub(super) fn deliver_frame(
-        &mut self,
-        peer: &str,
-        id: ConnId,
-        frame: bytes::Bytes,
-        blocking: bool,
-    ) -> Result<()> {
-        let deadline = self.opts.send_timeout.map(|t| Instant::now() + t);
-        let limit = self.opts.limits.outbox_limit;
-        let target = loop {
-            match self.reactor.core_mut().enqueue(id, frame.clone()) {
-                Enqueue::Queued(t) => break t,
-                Enqueue::Gone => return Err(self.closed_error(id)),
-                Enqueue::Full { queued } if !blocking => {
+    /// The one way a frame is queued: a self-send is delivered locally;
+    /// otherwise the frame goes into the outbox of the connection to `peer`
+    /// (connecting first). Every send path comes through here.
+    pub(super) fn enqueue_frame(&mut self, peer: &str, frame: Bytes) -> Result<Placed> {
+        self.check_usable()?;
+        if peer.is_empty() {
+            return Err(Error::NoPeer);
+        }
+        if peer == self.id {
+            self.send_to_self(frame)?;
+            return Ok(Placed::Local);
+        }
+        let id = self.conn_for_send(peer)?;
+        self.place(id, frame)
+    }
+
+    /// Queues `frame` on connection `id`.
+    fn place(&mut self, id: ConnId, frame: Bytes) -> Result<Placed> {
+        match self.reactor.core_mut().enqueue(id, frame.clone()) {
+            Enqueue::Queued(target) => Ok(Placed::Queued { id, target }),
+            Enqueue::Full { queued } => Ok(Placed::Full { id, frame, queued }),
+            Enqueue::Gone => Err(self.closed_error(id)),
+        }
+    }
+
+    /// Sends a built frame to `peer` as far as `how` says, counting it as
+    /// sent once it got there (a hard write error is returned, not
+    /// counted).
+    pub(super) fn send_frame(&mut self, peer: &str, frame: Bytes, how: Delivery) -> Result<()> {
+        let deadline = self.send_deadline();
+        let mut placed = self.enqueue_frame(peer, frame)?;
+        let (id, target) = loop {
+            match placed {
+                Placed::Local => return Ok(()),
+                Placed::Queued { id, target } => break (id, target),
+                Placed::Full { queued, .. } if how != Delivery::Complete => {
                     return Err(Error::WouldBlock {
                         peer: peer.to_string(),
                         queued,
-                        limit,
+                        limit: self.opts.limits.outbox_limit,
                     });
                 }
-                Enqueue::Full { .. } => self.wait_turn(deadline, "room in the outbox")?,
+                Placed::Full { id, frame, .. } => {
+                    self.wait_turn(deadline, "room in the outbox")?;
+                    placed = self.place(id, frame)?;
+                }
             }
         };
-        self.reactor.flush();
-        if !blocking {
-            let (id, target) = self.reactor.core().locate(id, target);
-            if !self.reactor.core().is_open(id) {
-                // A frame already handed to the kernel counts as sent even
-                // if the connection closed right after.
-                return self.closed_outcome(id, target);
-            }
-            return Ok(());
+        if how != Delivery::Queue {
+            self.reactor.flush();
         }
         loop {
             // The frame may have moved to a newer connection to the peer.
             let (id, target) = self.reactor.core().locate(id, target);
             if !self.reactor.core().is_open(id) {
-                return self.closed_outcome(id, target);
+                // A frame already handed to the kernel counts as sent even
+                // if the connection closed right after.
+                self.closed_outcome(id, target)?;
+                break;
             }
-            if self
+            let written = self
                 .reactor
                 .core()
                 .written_total(id)
-                .is_some_and(|w| w >= target)
-            {
-                return Ok(());
+                .is_some_and(|w| w >= target);
+            if how != Delivery::Complete || written {
+                break;
             }
             self.wait_turn(deadline, "the peer to accept the message")?;
         }
+        self.reactor.core_mut().count_sent(peer);
+        Ok(())
     }
 
+    /// The deadline of a blocking send ([`Options::send_timeout`]).
+    fn send_deadline(&self) -> Option<(Instant, Duration)> {
+        self.opts.send_timeout.map(|t| (Instant::now() + t, t))
+    }
+
+    /// One reactor turn of a wait for `what`, which ends at `deadline`
+    /// (the instant, and the timeout it came from, for the error);
+    /// busy polling spins instead of sleeping.
     pub(super) fn wait_turn(
         &mut self,
-        deadline: Option<Instant>,
+        deadline: Option<(Instant, Duration)>,
         what: &'static str,
     ) -> Result<()> {
         let mut wait = Duration::from_millis(500);
-        if let Some(d) = deadline {
+        if let Some((d, timeout)) = deadline {
             let now = Instant::now();
             if now >= d {
                 return Err(Error::Timeout {
                     what,
-                    secs: self.opts.send_timeout.map_or(0.0, |t| t.as_secs_f64()),
+                    secs: timeout.as_secs_f64(),
                 });
             }
             wait = wait.min(d - now);
@@ -209,18 +256,13 @@ impl Client {
         broadcast: bool,
     ) -> Result<()> {
         self.check_usable()?;
-        if peer.is_empty() {
-            return Err(Error::NoPeer);
-        }
-        if peer == self.id {
-            let frame = self.encode(&self.id.clone(), content, false)?;
-            return self.send_to_self(frame);
-        }
         let frame = self.encode(peer, content, broadcast)?;
-        let id = self.conn_for_send(peer)?;
-        self.deliver_frame(peer, id, frame, blocking)?;
-        self.reactor.core_mut().count_sent(peer);
-        Ok(())
+        let how = if blocking {
+            Delivery::Complete
+        } else {
+            Delivery::Start
+        };
+        self.send_frame(peer, frame, how)
     }
 
     /// Sends `content` to `peer` (PROTOCOL.md 9.1). In blocking mode (the
@@ -246,28 +288,14 @@ impl Client {
         };
         let from = self.id.clone();
         let frame = self.reactor.core_mut().build_frame(|ser, out| {
-            ser.encode_message::<()>(
-                &Outgoing {
-                    from: &from,
-                    to: &peer,
-                    content: Content::Raw(msg.content_json()),
-                    id: Some(msg.id()),
-                    stamp: Some(msg.stamp()),
-                    stamp_ord: Some(msg.stamp_ord()),
-                    broadcast: msg.is_broadcast(),
-                    extra: &msg.extra,
-                },
-                out,
-            )
+            ser.encode_message(&Outgoing::resend(msg, &from, &peer), out)
         })?;
-        if peer == self.id {
-            return self.send_to_self(frame);
-        }
-        let id = self.conn_for_send(&peer)?;
-        let blocking = self.send_blocking;
-        self.deliver_frame(&peer, id, frame, blocking)?;
-        self.reactor.core_mut().count_sent(&peer);
-        Ok(())
+        let how = if self.send_blocking {
+            Delivery::Complete
+        } else {
+            Delivery::Start
+        };
+        self.send_frame(&peer, frame, how)
     }
 
     /// `send_message`, reporting failure as `(false, error text)`.
@@ -299,10 +327,7 @@ impl Client {
         self.check_usable()?;
         let mut out = BytesMut::new();
         encode_frame(payload, &mut out)?;
-        let id = self.conn_for_send(peer)?;
-        self.deliver_frame(peer, id, out.freeze(), false)?;
-        self.reactor.core_mut().count_sent(peer);
-        Ok(())
+        self.send_frame(peer, out.freeze(), Delivery::Start)
     }
 
     /// Queues a message without writing anything; it goes out, batched with
@@ -324,28 +349,8 @@ impl Client {
         content: Content<'_, T>,
     ) -> Result<()> {
         self.check_usable()?;
-        if peer.is_empty() {
-            return Err(Error::NoPeer);
-        }
-        if peer == self.id {
-            let frame = self.encode(&self.id.clone(), content, false)?;
-            return self.send_to_self(frame);
-        }
-        let id = self.conn_for_send(peer)?;
-        let limit = self.opts.limits.outbox_limit;
         let frame = self.encode(peer, content, false)?;
-        match self.reactor.core_mut().enqueue(id, frame) {
-            Enqueue::Queued(_) => {
-                self.reactor.core_mut().count_sent(peer);
-                Ok(())
-            }
-            Enqueue::Full { queued } => Err(Error::WouldBlock {
-                peer: peer.to_string(),
-                queued,
-                limit,
-            }),
-            Enqueue::Gone => Err(self.closed_error(id)),
-        }
+        self.send_frame(peer, frame, Delivery::Queue)
     }
 
     /// Number of connections with queued bytes.
@@ -387,26 +392,10 @@ impl Client {
     /// `timeout` passes ([`Error::Timeout`]). Connections that fail are
     /// dropped with a warning, as in [`Client::drain_pending`].
     pub fn flush_pending(&mut self, timeout: Option<Duration>) -> Result<()> {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = timeout.map(|t| (Instant::now() + t, t));
         self.reactor.flush();
         while self.have_pending_sends() {
-            let mut wait = Duration::from_millis(500);
-            if let Some(d) = deadline {
-                let now = Instant::now();
-                if now >= d {
-                    return Err(Error::Timeout {
-                        what: "queued messages to be written",
-                        secs: timeout.map_or(0.0, |t| t.as_secs_f64()),
-                    });
-                }
-                wait = wait.min(d - now);
-            }
-            if self.opts.busy_poll {
-                wait = Duration::ZERO;
-            }
-            self.reactor
-                .turn(Some(wait))
-                .map_err(|e| Error::io("reactor wait failed", e))?;
+            self.wait_turn(deadline, "queued messages to be written")?;
             self.warn_failed_sends(" during flush");
         }
         Ok(())

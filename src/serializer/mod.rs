@@ -85,6 +85,40 @@ pub(crate) struct Outgoing<'a, T: ?Sized> {
     pub extra: &'a [(ByteStr, ByteStr)],
 }
 
+impl<'a, T: ?Sized> Outgoing<'a, T> {
+    /// A new message: id, stamp and ordinal assigned when it is encoded,
+    /// no extra keys.
+    pub(crate) fn new(from: &'a str, to: &'a str, content: Content<'a, T>) -> Self {
+        Outgoing {
+            from,
+            to,
+            content,
+            id: None,
+            stamp: None,
+            stamp_ord: None,
+            broadcast: false,
+            extra: &[],
+        }
+    }
+}
+
+impl<'a> Outgoing<'a, ()> {
+    /// `msg` as it travels again, from `from` to `to`: its content raw,
+    /// its id, stamp, ordinal, broadcast flag and extra keys kept.
+    pub(crate) fn resend(msg: &'a Message, from: &'a str, to: &'a str) -> Self {
+        Outgoing {
+            from,
+            to,
+            content: Content::Raw(msg.content_json()),
+            id: Some(msg.id()),
+            stamp: Some(msg.stamp()),
+            stamp_ord: Some(msg.stamp_ord()),
+            broadcast: msg.is_broadcast(),
+            extra: &msg.extra,
+        }
+    }
+}
+
 impl Serializer {
     /// The full class name, as written in the info string.
     pub fn class(&self) -> &'static str {
