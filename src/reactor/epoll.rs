@@ -7,6 +7,20 @@
 //! `MSG_NOSIGNAL`) until the kernel refuses more, and reported as finished;
 //! a write that could not start waits for the `OUT` edge and then completes
 //! with 0 bytes, which tells the core to try again.
+//!
+//! The [`Backend`] contract, point by point:
+//!
+//! 1. Receives: performed by a `read` at once when the socket is readable,
+//!    else at its next edge; a pool buffer is taken only when data is there.
+//! 2. Sends: performed synchronously (`sendmsg`, `MSG_NOSIGNAL`) until the
+//!    kernel refuses more, so no frame is referenced after `send` returns.
+//! 3. Closes: the socket leaves the epoll set and is closed at once.
+//! 4. Accepts: the edge-triggered listener is drained to `EAGAIN`; a failure
+//!    stops accepting until `resume_accept` drains it again.
+//! 5. Waits: `epoll_wait` with the timeout; the [`Waker`]'s eventfd is in
+//!    the set.
+//! 6. Threads: nothing is tied to a thread; `moved_to_this_thread` is the
+//!    default no-op.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -16,7 +30,8 @@ use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
-use super::{Backend, BackendKind, Completion, ConnTable, EventBuf, Waker};
+use super::sys::EventBuf;
+use super::{Backend, BackendKind, Completion, ConnTable, Waker};
 use crate::proto::{ConnId, Outbox, RecvBuf};
 use crate::wire::BufferPool;
 
@@ -51,7 +66,7 @@ pub struct EpollBackend {
     /// had data directly, and call `epoll_wait` only every
     /// [`BUSY_EPOLL_EVERY`]th time (or when there is none to read).
     busy: bool,
-    hot: super::HotConns,
+    hot: crate::reactor::sys::HotConns,
     spins: u32,
     /// Receives are held back (the core's inbox is full): readiness is
     /// remembered, the reads wait.
@@ -84,7 +99,7 @@ impl EpollBackend {
             events: EventBuf(Vec::with_capacity(EVENTS)),
             waker,
             busy: false,
-            hot: super::HotConns::default(),
+            hot: crate::reactor::sys::HotConns::default(),
             spins: 0,
             held: false,
             deferred: Vec::new(),
@@ -135,7 +150,7 @@ impl EpollBackend {
         };
         let len = buf.len();
         let spare = buf.capacity() - len;
-        match super::read_into(c.fd.as_fd(), &mut buf) {
+        match crate::reactor::sys::read_into(c.fd.as_fd(), &mut buf) {
             Ok(n) => {
                 if n < spare {
                     // A short read drained the socket; the next arrival
@@ -285,11 +300,11 @@ impl Backend for EpollBackend {
         let mut total = 0usize;
         let mut pos = (0, outbox.front_offset());
         let result = loop {
-            match super::write_frames(c.fd.as_fd(), outbox, pos.0, pos.1) {
+            match crate::reactor::sys::write_frames(c.fd.as_fd(), outbox, pos.0, pos.1) {
                 (Ok(0), 0) => break Ok(()),
                 (Ok(n), want) => {
                     total += n;
-                    super::advance_position(outbox, &mut pos, n);
+                    crate::reactor::sys::advance_position(outbox, &mut pos, n);
                     if n < want {
                         c.writable = false;
                         break Ok(());
@@ -321,7 +336,7 @@ impl Backend for EpollBackend {
         // the core applies the completion, so that a connection replacement
         // in between does not move (and resend) them.
         if total > 0 {
-            super::touched_frames(pos)
+            crate::reactor::sys::touched_frames(pos)
         } else {
             0
         }
@@ -388,7 +403,7 @@ impl Backend for EpollBackend {
             }
         }
         let (timeout, blocking) = self.waker.wait_timeout(!self.ready.is_empty(), timeout);
-        let ts = timeout.map(super::timespec);
+        let ts = timeout.map(crate::reactor::sys::timespec);
         self.events.0.clear();
         let res = epoll::wait(
             &self.ep,

@@ -7,11 +7,12 @@
 //! above this module knows which backend runs.
 
 pub mod epoll;
+pub(crate) mod sys;
 pub mod uring;
 
 use std::fmt;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -103,7 +104,7 @@ impl WakeFlags {
 ///
 /// Costs no syscall while the reactor is awake: the eventfd is written only
 /// when the reactor has announced that it is about to sleep (see
-/// [`WakeFlags`]).
+/// `WakeFlags`).
 #[derive(Clone, Debug)]
 pub struct Waker {
     inner: Arc<WakeState>,
@@ -266,12 +267,28 @@ pub enum Completion {
 
 /// An I/O backend, in completion style.
 ///
-/// Ownership rules (what makes a completion backend sound): a buffer given
-/// to [`Backend::recv`] (or taken from the pool for it) belongs to the
-/// backend until it comes back in a [`Completion::Recv`]; for [`Backend::send`] the backend keeps its own
-/// references to whatever frames the kernel may still read; after
-/// [`Backend::close`] no completion for that connection is delivered, and
-/// the backend frees its buffers only once the kernel is done with them.
+/// The contract every backend fulfils (each backend's module says how, in
+/// the same order):
+///
+/// 1. **Receives.** A receive started with [`Backend::recv`] completes
+///    once, as a [`Completion::Recv`] carrying its buffer (`Ok(0)` is end of
+///    stream; `WouldBlock` means start it again), unless its connection is
+///    closed first. The buffer belongs to the backend until then.
+/// 2. **Sends.** A send started with [`Backend::send`] completes once, as a
+///    [`Completion::Sent`] (0 bytes: start it again). The backend keeps its
+///    own references to whatever frames the kernel may still read.
+/// 3. **Closes.** After [`Backend::close`] no completion for that
+///    connection is delivered; its descriptor is closed before the next
+///    wait, never held across one; buffers are freed only once the kernel
+///    is done with them.
+/// 4. **Accepts.** Each accepted connection is a [`Completion::Accepted`].
+///    A failed accept is one [`Completion::AcceptFailed`], after which the
+///    backend accepts nothing until [`Backend::resume_accept`].
+/// 5. **Waits.** [`Backend::poll`] waits no longer than its timeout, and
+///    returns early when something completed or a [`Waker`] woke it;
+///    [`Backend::pollable_fd`] is readable while it has work.
+/// 6. **Threads.** The backend may move between threads; after a move the
+///    reactor calls [`Backend::moved_to_this_thread`].
 pub trait Backend: Send {
     /// Which backend this is.
     fn kind(&self) -> BackendKind;
@@ -411,20 +428,6 @@ pub fn make_backend(choice: BackendChoice) -> Result<Box<dyn Backend>, BackendUn
 /// Whether io_uring can be used here; `Err` carries the reason.
 pub fn io_uring_available() -> io::Result<()> {
     uring::UringBackend::new().map(drop)
-}
-
-/// The event array handed to `epoll_wait` (the epoll backend's, and the
-/// io_uring backend's wait on its hot connections).
-pub(crate) struct EventBuf(pub(crate) Vec<rustix::event::epoll::Event>);
-
-// SAFETY: the events carry only `u64` tokens (never pointers), so moving
-// the buffer to another thread shares nothing.
-unsafe impl Send for EventBuf {}
-
-impl fmt::Debug for EventBuf {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("EventBuf")
-    }
 }
 
 /// The core plus a backend: one single-threaded event loop.
@@ -731,222 +734,5 @@ impl Reactor {
         // socket only once its cancelled operations are done, and peers
         // must see EOF without waiting for our next turn.
         self.flush();
-    }
-}
-
-/// `d` as the kernel's timespec (saturating at `time_t`'s range).
-pub(crate) fn timespec(d: Duration) -> rustix::event::Timespec {
-    rustix::event::Timespec {
-        tv_sec: d.as_secs().min(i64::MAX as u64) as _,
-        tv_nsec: d.subsec_nanos() as _,
-    }
-}
-
-/// Whether `s` starts where `last` ends (frames built one after another in
-/// the send arena are adjacent, and one iovec can cover them). The kernel
-/// reads iovecs as plain address ranges, so adjacent ranges need not share
-/// an allocation.
-pub(crate) fn extends(last: &libc::iovec, s: &[u8]) -> bool {
-    (last.iov_base as usize).wrapping_add(last.iov_len) == s.as_ptr() as usize
-}
-
-/// Appends `s` to the first `count` entries of `iov`, extending the last
-/// entry when `s` [`extends`] it; returns the new count.
-pub(crate) fn push_iovec(
-    iov: &mut [std::mem::MaybeUninit<libc::iovec>],
-    count: usize,
-    s: &[u8],
-) -> usize {
-    if let Some(i) = count.checked_sub(1) {
-        // SAFETY: entries below `count` were written by earlier calls.
-        let last = unsafe { iov[i].assume_init_mut() };
-        if extends(last, s) {
-            last.iov_len += s.len();
-            return count;
-        }
-    }
-    iov[count].write(libc::iovec {
-        iov_base: s.as_ptr() as *mut libc::c_void,
-        iov_len: s.len(),
-    });
-    count + 1
-}
-
-/// Frames gathered by one [`write_frames`] call.
-pub(crate) const WRITE_BATCH: usize = 128;
-
-/// One non-blocking, gathering write of the queued frames from position
-/// `(skip_frames, skip_bytes)` (up to [`WRITE_BATCH`] frames; one range
-/// goes out with `send`, skipping the msghdr). Returns what the kernel
-/// took and how many bytes were offered; `EINTR` is retried.
-pub(crate) fn write_frames(
-    fd: BorrowedFd<'_>,
-    outbox: &Outbox,
-    skip_frames: usize,
-    skip_bytes: usize,
-) -> (Result<usize, rustix::io::Errno>, usize) {
-    // Uninitialised: only the entries `push_iovec` writes are used.
-    let mut iov = [std::mem::MaybeUninit::<libc::iovec>::uninit(); WRITE_BATCH];
-    let (mut count, mut want) = (0, 0);
-    for (i, f) in outbox
-        .frames()
-        .skip(skip_frames)
-        .take(WRITE_BATCH)
-        .enumerate()
-    {
-        let s = if i == 0 { &f[skip_bytes..] } else { &f[..] };
-        want += s.len();
-        count = push_iovec(&mut iov, count, s);
-    }
-    if count == 0 {
-        return (Ok(0), 0);
-    }
-    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
-    loop {
-        let rc = if count == 1 {
-            // SAFETY: `push_iovec` wrote entry 0; the range lies in frames
-            // the outbox keeps alive for this call; the kernel only reads.
-            unsafe {
-                let one = iov[0].assume_init_ref();
-                libc::send(fd.as_raw_fd(), one.iov_base, one.iov_len, flags)
-            }
-        } else {
-            // SAFETY: an all-zero msghdr is a valid empty header.
-            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            // `MaybeUninit<iovec>` has iovec's layout; `count` are written.
-            msg.msg_iov = iov.as_mut_ptr().cast();
-            msg.msg_iovlen = count as _;
-            // SAFETY: the iovecs point into frames the outbox keeps alive
-            // for this call; the kernel only reads them.
-            unsafe { libc::sendmsg(fd.as_raw_fd(), &msg, flags) }
-        };
-        if rc >= 0 {
-            return (Ok(rc as usize), want);
-        }
-        let e = rustix::io::Errno::from_io_error(&io::Error::last_os_error())
-            .unwrap_or(rustix::io::Errno::IO);
-        if e != rustix::io::Errno::INTR {
-            return (Err(e), want);
-        }
-    }
-}
-
-/// Moves the write position `(frames, bytes)` past `n` written bytes.
-pub(crate) fn advance_position(outbox: &Outbox, pos: &mut (usize, usize), mut n: usize) {
-    for f in outbox.frames().skip(pos.0) {
-        let rest = f.len() - pos.1;
-        if n >= rest {
-            n -= rest;
-            pos.0 += 1;
-            pos.1 = 0;
-        } else {
-            pos.1 += n;
-            return;
-        }
-    }
-}
-
-/// Frames a write that ended at `pos` touched (wholly or partly): they stay
-/// held until the core applies the completion.
-pub(crate) fn touched_frames(pos: (usize, usize)) -> usize {
-    pos.0 + usize::from(pos.1 > 0)
-}
-
-/// One non-blocking read into `buf`'s spare capacity (`EINTR` retried);
-/// the bytes read are appended to `buf`.
-pub(crate) fn read_into(
-    fd: BorrowedFd<'_>,
-    buf: &mut bytes::BytesMut,
-) -> Result<usize, rustix::io::Errno> {
-    let len = buf.len();
-    loop {
-        match rustix::io::read(fd, buf.spare_capacity_mut()) {
-            Ok((init, _)) => {
-                let n = init.len();
-                // SAFETY: `read` initialised the first `n` bytes of the
-                // spare capacity, directly after the `len` valid ones.
-                unsafe { buf.set_len(len + n) };
-                return Ok(n);
-            }
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// The connections that last received data, read (and written) directly
-/// while busy polling. Most recent first.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct HotConns([Option<ConnId>; 4]);
-
-impl HotConns {
-    /// Marks `id` hot (the oldest falls out).
-    pub(crate) fn note(&mut self, id: ConnId) {
-        if !self.contains(id) {
-            self.0.rotate_right(1);
-            self.0[0] = Some(id);
-        }
-    }
-
-    pub(crate) fn contains(&self, id: ConnId) -> bool {
-        self.0.contains(&Some(id))
-    }
-
-    /// The hot connections.
-    pub(crate) fn ids(&self) -> impl Iterator<Item = ConnId> + use<> {
-        self.0.into_iter().flatten()
-    }
-
-    /// Marks hot the connections whose receives in `completions` brought
-    /// data.
-    pub(crate) fn note_received(&mut self, completions: &[Completion]) {
-        for c in completions {
-            if let Completion::Recv {
-                conn,
-                result: Ok(n),
-                ..
-            } = c
-                && *n > 0
-            {
-                self.note(*conn);
-            }
-        }
-    }
-
-    /// Forgets a connection that went away.
-    pub(crate) fn forget(&mut self, id: ConnId) {
-        for slot in &mut self.0 {
-            if *slot == Some(id) {
-                *slot = None;
-            }
-        }
-    }
-
-    pub(crate) fn clear(&mut self) {
-        self.0 = [None; 4];
-    }
-}
-
-#[cfg(test)]
-mod iovec_tests {
-    #[test]
-    fn adjacent_slices_share_an_iovec() {
-        let buf = [1u8, 2, 3, 4, 5, 6];
-        let other = [9u8; 2];
-        let mut iov = [std::mem::MaybeUninit::<libc::iovec>::uninit(); 4];
-        let mut n = super::push_iovec(&mut iov, 0, &buf[..2]);
-        n = super::push_iovec(&mut iov, n, &buf[2..5]);
-        assert_eq!(n, 1);
-        n = super::push_iovec(&mut iov, n, &other);
-        n = super::push_iovec(&mut iov, n, &buf[5..]);
-        assert_eq!(n, 3);
-        // SAFETY: the calls above wrote the first `n` entries.
-        let iov: Vec<libc::iovec> = iov[..n]
-            .iter()
-            .map(|v| unsafe { v.assume_init() })
-            .collect();
-        assert_eq!(iov[0].iov_len, 5);
-        assert_eq!(iov[1].iov_len, 2);
-        assert_eq!(iov[2].iov_base as usize, buf[5..].as_ptr() as usize);
     }
 }

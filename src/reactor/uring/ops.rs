@@ -1,0 +1,418 @@
+//! Operations and their memory: the slab of in-flight operations, the
+//! submission queue, completions, and the receives and sends an SQE
+//! carries (see the ownership rules in `mod.rs`).
+
+use super::*;
+
+impl UringBackend {
+    /// Queues one SQE, submitting first if the queue is full.
+    ///
+    /// # Safety
+    /// Every pointer in `entry` must stay valid until its completion is
+    /// reaped: it must point into memory owned by an entry of `self.ops` or
+    /// `self.provided`.
+    pub(super) unsafe fn push(&mut self, entry: squeue::Entry) {
+        loop {
+            // SAFETY: upheld by the caller (see above).
+            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                return;
+            }
+            match self.submit(0, None) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.reap(),
+                Err(e) => {
+                    log::error!("io_uring submit failed: {e}");
+                    self.reap();
+                }
+            }
+        }
+    }
+
+    /// Stores an operation; returns its SQE user data: the slab key plus a
+    /// generation, so that a cancellation aimed at a finished operation can
+    /// never hit a newer one that reused the key.
+    pub(super) fn insert_op(&mut self, op: Op) -> u64 {
+        let generation = self.next_gen;
+        self.next_gen = self.next_gen.wrapping_add(1).max(1);
+        let key = self.ops.insert((generation, op));
+        (u64::from(generation) << 32) | key as u64
+    }
+
+    /// Submits queued SQEs (waiting for `want` completions, up to
+    /// `timeout`), then releases descriptors no queued SQE names any more.
+    pub(super) fn submit(&mut self, want: usize, timeout: Option<Duration>) -> io::Result<usize> {
+        let res = match timeout {
+            Some(d) if want > 0 => {
+                let ts = types::Timespec::from(d);
+                let args = types::SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+            _ => self.ring.submit_and_wait(want),
+        };
+        if self.ring.submission().is_empty() {
+            self.deferred_close.clear();
+        }
+        res
+    }
+
+    /// Closes `fd` as soon as no queued SQE can name it by number: at once
+    /// when the submission queue is empty, else at the next submit (which
+    /// every wait does first, see `release_deferred`), never after a wait.
+    pub(super) fn defer_close(&mut self, fd: OwnedFd) {
+        if self.ring.submission().is_empty() {
+            drop(fd);
+        } else {
+            self.deferred_close.push(fd);
+        }
+    }
+
+    /// Submits the queue if descriptors wait for it to be closed, so that
+    /// a wait never holds a closed connection's descriptor open (a peer's
+    /// EOF would otherwise keep it until the next completion).
+    pub(super) fn release_deferred(&mut self) {
+        if self.deferred_close.is_empty() {
+            return;
+        }
+        if let Err(e) = self.submit(0, None)
+            && e.raw_os_error() != Some(libc::EBUSY)
+        {
+            log::error!("io_uring submit failed: {e}");
+        }
+    }
+
+    pub(super) fn arm_accept(&mut self) {
+        let Some(l) = &self.listener else { return };
+        let fd = types::Fd(l.as_raw_fd());
+        let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+        let multishot = self.multishot_accept;
+        let key = self.insert_op(Op::Accept { multishot });
+        let entry = if multishot {
+            opcode::AcceptMulti::new(fd).flags(flags).build()
+        } else {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(flags)
+                .build()
+        };
+        self.accept_op = Some(key);
+        // SAFETY: accept passes no memory to the kernel.
+        unsafe { self.push(entry.user_data(key)) };
+    }
+
+    pub(super) fn arm_wake(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        let mut buf = Box::new([0u8; 8]);
+        let ptr = buf.as_mut_ptr();
+        let fd = types::Fd(self.waker.fd().as_raw_fd());
+        let key = self.insert_op(Op::Wake { _buf: buf });
+        self.wake_armed = true;
+        self.wake_op = Some(key);
+        // SAFETY: the 8-byte buffer is boxed inside `ops[key]` until the
+        // completion is reaped.
+        unsafe { self.push(opcode::Read::new(fd, ptr, 8).build().user_data(key)) };
+    }
+
+    /// Re-arms the wake-up read if a completion just consumed it, and
+    /// submits it now: a signal (see [`Waker::signal`]) must make the ring
+    /// readable before the next poll, for callers who poll its descriptor.
+    pub(super) fn rearm_wake(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        self.arm_wake();
+        if let Err(e) = self.submit(0, None)
+            && e.raw_os_error() != Some(libc::EBUSY)
+        {
+            log::error!("io_uring submit failed: {e}");
+        }
+    }
+
+    pub(super) fn cancel(&mut self, op: u64) {
+        let key = self.insert_op(Op::Cancel);
+        // SAFETY: cancellation passes no memory.
+        unsafe { self.push(opcode::AsyncCancel::new(op).build().user_data(key)) };
+    }
+
+    pub(super) fn result(res: i32) -> io::Result<usize> {
+        if res >= 0 {
+            Ok(res as usize)
+        } else {
+            Err(io::Error::from_raw_os_error(-res))
+        }
+    }
+
+    /// Moves finished completions into `ready`.
+    pub(super) fn reap(&mut self) {
+        self.cqes.clear();
+        // A bounded batch per turn (as epoll's event array bounds it): with
+        // many busy connections, the data and messages of one turn stay
+        // small enough to stay in cache; the rest waits in the ring.
+        for cqe in self.ring.completion().take(REAP_BATCH) {
+            self.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
+        }
+        let cqes = std::mem::take(&mut self.cqes);
+        let selecting = self.selecting;
+        for &(user_data, res, flags) in &cqes {
+            self.complete(user_data, res, flags);
+        }
+        // Every buffer-selecting receive that completed wanted a buffer.
+        let seen = selecting.saturating_sub(self.selecting);
+        self.demand = seen.max(self.demand - self.demand / 8);
+        self.cqes = cqes;
+    }
+
+    pub(super) fn complete(&mut self, user_data: u64, res: i32, flags: u32) {
+        let key = (user_data & 0xFFFF_FFFF) as usize;
+        let generation = (user_data >> 32) as u32;
+        let Some((_, op)) = self.ops.get(key).filter(|(g, _)| *g == generation) else {
+            log::error!("io_uring completion for unknown operation {user_data:#x}");
+            return;
+        };
+        if let Op::Accept { multishot } = *op {
+            let more = cqueue::more(flags);
+            if res >= 0 {
+                // SAFETY: a successful accept returns a new descriptor that
+                // nothing else owns.
+                let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                self.ready.push(Completion::Accepted(fd));
+            } else if res == -libc::EINVAL && multishot {
+                log::info!("io_uring: multishot accept unsupported; using single-shot accepts");
+                self.multishot_accept = false;
+            } else if ![
+                libc::ECANCELED,
+                libc::EINTR,
+                libc::ECONNABORTED,
+                libc::EAGAIN,
+            ]
+            .contains(&-res)
+            {
+                // EMFILE, ENFILE, ENOMEM, ENOBUFS...: stop accepting until
+                // the core's back-off says to try again (re-arming now
+                // would fail at once, forever: a busy loop).
+                self.accept_paused = true;
+                self.ready
+                    .push(Completion::AcceptFailed(io::Error::from_raw_os_error(-res)));
+                if more && self.accept_op == Some(user_data) {
+                    // A multishot accept that goes on after an error is
+                    // stopped too; its cancellation is no longer current.
+                    self.accept_op = None;
+                    self.cancel(user_data);
+                }
+            }
+            if !more {
+                self.ops.remove(key);
+                // Still current: not cancelled by us (we forget an accept
+                // before cancelling it), but ended by the kernel, which
+                // also cancels a thread's requests when it exits.
+                if self.accept_op == Some(user_data) {
+                    self.accept_op = None;
+                    if !self.accept_paused {
+                        self.arm_accept();
+                    }
+                }
+            }
+            return;
+        }
+        match self.ops.remove(key).1 {
+            Op::Accept { .. } => unreachable!("handled above"),
+            Op::Recv { conn, buf } => {
+                if buf.is_none() {
+                    self.selecting -= 1;
+                }
+                let mut buf = match buf {
+                    Some(b) => b,
+                    None => match cqueue::buffer_select(flags) {
+                        Some(bid) => {
+                            let b = self.provided.get_mut(bid as usize).and_then(Option::take);
+                            if b.is_some() {
+                                self.provided_count -= 1;
+                            }
+                            b.unwrap_or_default()
+                        }
+                        None => BytesMut::new(),
+                    },
+                };
+                if res > 0 {
+                    let len = buf.len() + res as usize;
+                    debug_assert!(len <= buf.capacity());
+                    // SAFETY: the kernel wrote `res` bytes right after the
+                    // buffer's `len` initialised bytes, within its capacity.
+                    unsafe { buf.set_len(len.min(buf.capacity())) };
+                }
+                let result = if res == -libc::ENOBUFS || res == -libc::ECANCELED {
+                    // The provided group ran dry; try again after refilling.
+                    // Or the receive was cancelled while its connection
+                    // is open (ours are cancelled only when it closes): by
+                    // `moved_to_this_thread`, or by the kernel because the
+                    // thread that submitted it exited. Armed again.
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Self::result(res)
+                };
+                if res > 0 {
+                    self.received(conn);
+                }
+                if let Some(c) = self.conn(conn) {
+                    if c.recv_op == Some(user_data) {
+                        c.recv_op = None;
+                    }
+                    self.ready.push(Completion::Recv { conn, buf, result });
+                }
+            }
+            Op::Send { conn, mut state } => {
+                state.frames.clear();
+                if let Some(c) = self.conn(conn) {
+                    if c.send_op == Some(user_data) {
+                        c.send_op = None;
+                    }
+                    c.spare_send = Some(state);
+                    // Cancelled with its connection open (its submitting
+                    // thread exited): nothing was written; write again.
+                    let result = if res == -libc::ECANCELED {
+                        Ok(0)
+                    } else {
+                        Self::result(res)
+                    };
+                    self.ready.push(Completion::Sent { conn, result });
+                }
+            }
+            Op::Provide { bid } => {
+                if res < 0 {
+                    log::error!(
+                        "io_uring: providing a receive buffer failed: {}",
+                        io::Error::from_raw_os_error(-res)
+                    );
+                    if self
+                        .provided
+                        .get_mut(bid as usize)
+                        .and_then(Option::take)
+                        .is_some()
+                    {
+                        self.provided_count -= 1;
+                    }
+                }
+            }
+            Op::Cancel => {}
+            Op::Wake { .. } => {
+                if self.wake_op == Some(user_data) {
+                    self.wake_op = None;
+                    self.wake_armed = false;
+                }
+            }
+        }
+    }
+
+    /// Arms a receive SQE (into `buf`, or a provided buffer for `Pooled`).
+    pub(super) fn issue_recv(&mut self, id: ConnId, buf: RecvBuf, pool: &mut BufferPool) {
+        let Some(c) = self.conn(id) else {
+            buf.give_back(pool);
+            return;
+        };
+        let fd = types::Fd(c.fd.as_raw_fd());
+        match buf {
+            RecvBuf::Partial(mut b) => {
+                let spare = b.spare_capacity_mut();
+                let (ptr, len) = (
+                    spare.as_mut_ptr().cast::<u8>(),
+                    spare.len().min(u32::MAX as usize) as u32,
+                );
+                let key = self.insert_op(Op::Recv {
+                    conn: id,
+                    buf: Some(b),
+                });
+                if let Some(c) = self.conn(id) {
+                    c.recv_op = Some(key);
+                }
+                let entry = opcode::Recv::new(fd, ptr, len).build();
+                // SAFETY: the buffer's heap memory is owned by `ops[key]`
+                // (moving the `BytesMut` does not move it) until reaped.
+                unsafe { self.push(entry.user_data(key)) };
+            }
+            RecvBuf::Pooled => {
+                self.selecting += 1;
+                self.replenish(pool);
+                let len = pool.buf_size().min(u32::MAX as usize) as u32;
+                let key = self.insert_op(Op::Recv {
+                    conn: id,
+                    buf: None,
+                });
+                if let Some(c) = self.conn(id) {
+                    c.recv_op = Some(key);
+                }
+                let entry = opcode::Recv::new(fd, std::ptr::null_mut(), len)
+                    .buf_group(BGID)
+                    .build()
+                    .flags(squeue::Flags::BUFFER_SELECT);
+                // SAFETY: the kernel picks a buffer from `self.provided`,
+                // which keeps it until the completion names it.
+                unsafe { self.push(entry.user_data(key)) };
+            }
+        }
+    }
+
+    pub(super) fn send_inner(&mut self, id: ConnId, outbox: &Outbox) -> usize {
+        let Some(c) = self.conn(id) else { return 0 };
+        if c.send_op.is_some() {
+            return 0;
+        }
+        if std::mem::take(&mut c.reads_since_send) > 0 {
+            // A connection read and then written, turn by turn (a request
+            // answered, a reply awaited): its receives are parked and
+            // waited on directly, for latency (see `wait_parked`).
+            self.hot.note(id);
+        }
+        if self.hot.contains(id)
+            && let Some(held) = self.send_direct(id, outbox)
+        {
+            return held;
+        }
+        let Some(c) = self.conn(id) else { return 0 };
+        let fd = types::Fd(c.fd.as_raw_fd());
+        let mut st = c.spare_send.take().unwrap_or_else(SendState::new);
+        st.frames.clear();
+        st.iov.clear();
+        st.frames.extend(outbox.frames().take(IOV_MAX).cloned());
+        let offset = outbox.front_offset();
+        for (i, f) in st.frames.iter().enumerate() {
+            let s = if i == 0 { &f[offset..] } else { &f[..] };
+            // Frames built one after another in the send arena are adjacent
+            // in memory: one iovec covers them all.
+            if let Some(v) = crate::reactor::sys::next_iovec(st.iov.last_mut(), s) {
+                st.iov.push(v);
+            }
+        }
+        st.msg.msg_iov = st.iov.as_mut_ptr();
+        st.msg.msg_iovlen = st.iov.len() as _;
+        let held = st.frames.len();
+        let msg: *const libc::msghdr = &st.msg;
+        // Ranges above 4 GiB go through SENDMSG (SEND takes a u32 length).
+        let single: &[libc::iovec] = match st.iov.as_slice() {
+            [one] if one.iov_len <= u32::MAX as usize => &[*one],
+            _ => &[],
+        };
+        let key = self.insert_op(Op::Send {
+            conn: id,
+            state: st,
+        });
+        if let Some(c) = self.conn(id) {
+            c.send_op = Some(key);
+        }
+        let entry = if let [one] = single {
+            // One range (adjacent frames merged): a plain SEND skips
+            // importing the msghdr and iovec array.
+            opcode::Send::new(fd, one.iov_base as *const u8, one.iov_len as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        } else {
+            opcode::SendMsg::new(fd, msg)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        }
+        .user_data(key);
+        // SAFETY: `msg`, the iovecs and the frame bytes they point to are
+        // owned by the boxed state in `ops[key]` until the completion.
+        unsafe { self.push(entry) };
+        held
+    }
+}
