@@ -20,6 +20,12 @@ pub(crate) struct EventBuf(pub(crate) Vec<rustix::event::epoll::Event>);
 // the buffer to another thread shares nothing.
 unsafe impl Send for EventBuf {}
 
+impl Default for EventBuf {
+    fn default() -> Self {
+        EventBuf(Vec::with_capacity(8))
+    }
+}
+
 impl fmt::Debug for EventBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("EventBuf")

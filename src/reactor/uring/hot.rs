@@ -4,16 +4,39 @@
 
 use super::*;
 
+/// The hot connections and their waits.
+#[derive(Debug, Default)]
+pub(super) struct HotSet {
+    /// Busy polling: the spinning polls read the hot connections directly
+    /// and write them with direct sends, entering the ring only every
+    /// [`BUSY_ENTER_EVERY`] spins.
+    pub(super) busy: bool,
+    /// When busy polling, the connections that last brought data;
+    /// otherwise the latest conversations (read, then written).
+    pub(super) recent: crate::reactor::sys::HotConns,
+    pub(super) spins: u32,
+    /// Receives on hot connections, performed by direct non-blocking reads
+    /// instead of SQEs: on each spinning poll, or after an epoll wait on
+    /// them and the ring (see `wait_parked`).
+    pub(super) parked: Vec<(ConnId, BytesMut)>,
+    /// Waits with parked receives: an edge-triggered epoll instance holding
+    /// the ring's descriptor and the hot sockets (created on first use).
+    pub(super) wait: Option<OwnedFd>,
+    pub(super) events: crate::reactor::sys::EventBuf,
+    /// Parked receives are held back (the core's inbox is full).
+    pub(super) held: bool,
+}
+
 impl UringBackend {
     /// Reads parked receives directly (non-blocking): all of them (busy
     /// polling), or those whose sockets may hold data. Those that find
     /// nothing stay parked. True if any was tried.
     pub(super) fn read_parked(&mut self, pool: &mut BufferPool, all: bool) -> bool {
         let mut tried = false;
-        if self.held {
+        if self.hot.held {
             return false;
         }
-        let mut parked = std::mem::take(&mut self.parked);
+        let mut parked = std::mem::take(&mut self.hot.parked);
         parked.retain_mut(|(id, buf)| {
             let Some(c) = self.conns.get_mut(*id) else {
                 pool.put(std::mem::take(buf));
@@ -44,8 +67,8 @@ impl UringBackend {
             });
             false
         });
-        parked.append(&mut self.parked);
-        self.parked = parked;
+        parked.append(&mut self.hot.parked);
+        self.hot.parked = parked;
         tried
     }
 
@@ -53,15 +76,15 @@ impl UringBackend {
     /// hot; otherwise a connection that receives twice without a send in
     /// between is a stream, not a conversation, and cools down.
     pub(super) fn received(&mut self, id: ConnId) {
-        if self.busy {
-            self.hot.note(id);
+        if self.hot.busy {
+            self.hot.recent.note(id);
         }
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
         c.reads_since_send = c.reads_since_send.saturating_add(1);
-        if !self.busy && c.reads_since_send >= 2 {
-            self.hot.forget(id);
+        if !self.hot.busy && c.reads_since_send >= 2 {
+            self.hot.recent.forget(id);
         }
     }
 
@@ -91,26 +114,31 @@ impl UringBackend {
     /// Turns the parked receives of connections no longer hot back into
     /// armed SQEs.
     pub(super) fn unpark_cold(&mut self, pool: &mut BufferPool) {
-        if self.parked.iter().all(|(id, _)| self.hot.contains(*id)) {
+        if self
+            .hot
+            .parked
+            .iter()
+            .all(|(id, _)| self.hot.recent.contains(*id))
+        {
             return;
         }
-        let mut parked = std::mem::take(&mut self.parked);
+        let mut parked = std::mem::take(&mut self.hot.parked);
         parked.retain_mut(|(id, buf)| {
-            if self.hot.contains(*id) {
+            if self.hot.recent.contains(*id) {
                 return true;
             }
             self.unwatch(*id);
             self.issue_recv(*id, RecvBuf::Partial(std::mem::take(buf)), pool);
             false
         });
-        parked.append(&mut self.parked);
-        self.parked = parked;
+        parked.append(&mut self.hot.parked);
+        self.hot.parked = parked;
     }
 
     /// Stops watching `id` in `hot_wait` (before its descriptor closes or
     /// when it cools down).
     pub(super) fn unwatch(&mut self, id: ConnId) {
-        let (Some(ep), Some(c)) = (&self.hot_wait, self.conns.get_mut(id)) else {
+        let (Some(ep), Some(c)) = (&self.hot.wait, self.conns.get_mut(id)) else {
             return;
         };
         if c.watched {
@@ -123,7 +151,7 @@ impl UringBackend {
     /// `hot_wait`. False if that failed: the caller waits on the ring.
     pub(super) fn watch_parked(&mut self) -> bool {
         use rustix::event::epoll;
-        if self.hot_wait.is_none() {
+        if self.hot.wait.is_none() {
             let ep = epoll::create(epoll::CreateFlags::CLOEXEC).and_then(|ep| {
                 epoll::add(
                     &ep,
@@ -134,17 +162,17 @@ impl UringBackend {
                 .map(|()| ep)
             });
             match ep {
-                Ok(ep) => self.hot_wait = Some(ep),
+                Ok(ep) => self.hot.wait = Some(ep),
                 Err(e) => {
                     log::warn!("io_uring: no epoll for hot connections ({e}); waiting on the ring");
                     return false;
                 }
             }
         }
-        let Some(ep) = &self.hot_wait else {
+        let Some(ep) = &self.hot.wait else {
             return false;
         };
-        for (id, _) in &self.parked {
+        for (id, _) in &self.hot.parked {
             let Some(c) = self.conns.get_mut(*id) else {
                 continue;
             };
@@ -202,13 +230,13 @@ impl UringBackend {
         let ready = !self.ready.is_empty() || !self.ring.completion().is_empty();
         let (timeout, blocking) = self.waker.wait_timeout(ready, timeout);
         let ts = timeout.map(crate::reactor::sys::timespec);
-        let Some(ep) = &self.hot_wait else {
+        let Some(ep) = &self.hot.wait else {
             return Ok(false);
         };
-        self.hot_events.0.clear();
+        self.hot.events.0.clear();
         let res = epoll::wait(
             ep,
-            rustix::buffer::spare_capacity(&mut self.hot_events.0),
+            rustix::buffer::spare_capacity(&mut self.hot.events.0),
             ts.as_ref(),
         );
         if blocking {
@@ -222,7 +250,7 @@ impl UringBackend {
             | epoll::EventFlags::RDHUP
             | epoll::EventFlags::HUP
             | epoll::EventFlags::ERR;
-        for ev in &self.hot_events.0 {
+        for ev in &self.hot.events.0 {
             let (token, flags) = (ev.data.u64(), ev.flags);
             if token != RING_TOKEN
                 && flags.intersects(readable)

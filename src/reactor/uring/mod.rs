@@ -160,25 +160,17 @@ struct UringConn {
 /// The io_uring backend.
 pub struct UringBackend {
     ring: IoUring,
+    /// In-flight operations; the key (with a generation) is the SQE's user
+    /// data.
     ops: Slab<(u32, Op)>,
     next_gen: u32,
     conns: ConnTable<UringConn>,
     listener: Option<OwnedFd>,
-    accept_op: Option<u64>,
-    multishot_accept: bool,
-    /// Accepting stopped after a failure, until `resume_accept`.
-    accept_paused: bool,
-    provided: Vec<Option<BytesMut>>,
-    provided_count: usize,
-    /// Armed receives that select a provided buffer.
-    selecting: usize,
-    /// Buffer-selecting receives that completed (with data or `ENOBUFS`)
-    /// in recent reaps: a decaying maximum.
-    demand: usize,
+    accept: AcceptState,
+    provided: provided::ProvidedBufs,
     waker: Waker,
-    wake_armed: bool,
-    /// The armed wake-up read.
-    wake_op: Option<u64>,
+    wake: WakeRead,
+    /// Completions ready for the reactor.
     ready: Vec<Completion>,
     cqes: Vec<(u64, i32, u32)>,
     /// Descriptors of closed connections, kept open until the SQEs that
@@ -186,27 +178,29 @@ pub struct UringBackend {
     /// could be reused by an unrelated socket before the kernel reads the
     /// SQE).
     deferred_close: Vec<OwnedFd>,
-    /// Busy polling: the spinning polls read the hot connections directly
-    /// and write them with direct sends, entering the ring only every
-    /// [`BUSY_ENTER_EVERY`] spins.
-    busy: bool,
-    /// Hot connections: when busy polling, those that last brought data;
-    /// otherwise the latest conversations (read, then written).
-    hot: crate::reactor::sys::HotConns,
-    spins: u32,
-    /// Receives on hot connections, performed by direct non-blocking reads
-    /// instead of SQEs: on each spinning poll, or after an epoll wait on them
-    /// and the ring (see `wait_parked`).
-    parked: Vec<(ConnId, BytesMut)>,
-    /// Waits with parked receives: an edge-triggered epoll instance holding
-    /// the ring's descriptor and the hot sockets (created on first use).
-    hot_wait: Option<OwnedFd>,
-    hot_events: crate::reactor::sys::EventBuf,
-    /// Parked receives are held back (the core's inbox is full).
-    held: bool,
+    hot: hot::HotSet,
 }
 
-/// The ring's token in `hot_wait`.
+/// The listening socket's accept.
+#[derive(Debug)]
+struct AcceptState {
+    /// The armed accept.
+    op: Option<u64>,
+    /// Multishot accepts work on this kernel (else single-shot ones).
+    multishot: bool,
+    /// Accepting stopped after a failure, until `resume_accept`.
+    paused: bool,
+}
+
+/// The `READ` of the [`Waker`]'s eventfd.
+#[derive(Debug, Default)]
+struct WakeRead {
+    armed: bool,
+    /// The armed read.
+    op: Option<u64>,
+}
+
+/// The ring's token in the hot set's epoll instance.
 const RING_TOKEN: u64 = u64::MAX;
 
 /// While busy polling, one spin in this many enters the ring.
@@ -216,7 +210,7 @@ impl std::fmt::Debug for UringBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UringBackend")
             .field("ops", &self.ops.len())
-            .field("provided", &self.provided_count)
+            .field("provided", &self.provided.count)
             .finish()
     }
 }
@@ -261,26 +255,18 @@ impl UringBackend {
             next_gen: 1,
             conns: ConnTable::default(),
             listener: None,
-            accept_op: None,
-            multishot_accept: true,
-            accept_paused: false,
-            provided: Vec::new(),
-            provided_count: 0,
-            selecting: 0,
-            demand: 0,
+            accept: AcceptState {
+                op: None,
+                multishot: true,
+                paused: false,
+            },
+            provided: provided::ProvidedBufs::default(),
             waker: Waker::new()?,
-            wake_armed: false,
-            wake_op: None,
+            wake: WakeRead::default(),
             ready: Vec::new(),
             cqes: Vec::new(),
             deferred_close: Vec::new(),
-            busy: false,
-            hot: crate::reactor::sys::HotConns::default(),
-            spins: 0,
-            parked: Vec::new(),
-            hot_wait: None,
-            hot_events: crate::reactor::sys::EventBuf(Vec::with_capacity(8)),
-            held: false,
+            hot: hot::HotSet::default(),
         })
     }
 
@@ -313,17 +299,17 @@ impl Backend for UringBackend {
     }
 
     fn close_listener(&mut self) {
-        if let Some(op) = self.accept_op.take() {
+        if let Some(op) = self.accept.op.take() {
             self.cancel(op);
         }
         if let Some(l) = self.listener.take() {
             self.defer_close(l);
         }
-        self.accept_paused = false;
+        self.accept.paused = false;
     }
 
     fn resume_accept(&mut self) {
-        if std::mem::take(&mut self.accept_paused) && self.accept_op.is_none() {
+        if std::mem::take(&mut self.accept.paused) && self.accept.op.is_none() {
             self.arm_accept();
         }
     }
@@ -335,13 +321,13 @@ impl Backend for UringBackend {
         // submitted again from here: the accept and the wake-up read at
         // once, the receives when their cancellations come back (see
         // `complete`).
-        if let Some(op) = self.accept_op.take() {
+        if let Some(op) = self.accept.op.take() {
             self.cancel(op);
             self.arm_accept();
         }
-        if let Some(op) = self.wake_op.take() {
+        if let Some(op) = self.wake.op.take() {
             self.cancel(op);
-            self.wake_armed = false;
+            self.wake.armed = false;
             self.arm_wake();
         }
         let armed: Vec<u64> = self.conns.values().filter_map(|c| c.recv_op).collect();
@@ -379,14 +365,14 @@ impl Backend for UringBackend {
         if c.recv_op.is_some() {
             return;
         }
-        if self.hot.contains(id) {
+        if self.hot.recent.contains(id) {
             // A hot connection: the polls read it directly (see
             // `read_parked` and `wait_parked`), into a buffer of our own.
             let buf = match buf {
                 RecvBuf::Pooled => pool.take_recv(),
                 RecvBuf::Partial(b) => b,
             };
-            self.parked.push((id, buf));
+            self.hot.parked.push((id, buf));
             return;
         }
         self.issue_recv(id, buf, pool);
@@ -397,7 +383,7 @@ impl Backend for UringBackend {
     }
     fn close(&mut self, id: ConnId) {
         self.unwatch(id);
-        self.hot.forget(id);
+        self.hot.recent.forget(id);
         let Some(c) = self.conns.remove(id) else {
             return;
         };
@@ -416,8 +402,8 @@ impl Backend for UringBackend {
             .iter()
             .filter(|(_, (_, op))| matches!(op, Op::Recv { buf: Some(_), .. } | Op::Send { .. }))
             .count()
-            + self.parked.len();
-        in_ops + self.provided_count
+            + self.hot.parked.len();
+        in_ops + self.provided.count
     }
 
     fn waker(&self) -> Waker {
@@ -449,13 +435,13 @@ impl Backend for UringBackend {
     fn hold_receives(&mut self, hold: bool, _pool: &mut BufferPool) {
         // Parked receives wait (their sockets' readiness is remembered);
         // the SQEs armed in the ring complete as the kernel performs them.
-        self.held = hold;
+        self.hot.held = hold;
     }
 
     fn set_busy_poll(&mut self, spin: bool) {
-        self.busy = spin;
+        self.hot.busy = spin;
         if !spin {
-            self.hot.clear();
+            self.hot.recent.clear();
         }
     }
 
@@ -465,12 +451,12 @@ impl Backend for UringBackend {
         out: &mut Vec<Completion>,
         pool: &mut BufferPool,
     ) -> io::Result<()> {
-        if self.busy && timeout == Some(Duration::ZERO) && self.ready.is_empty() {
-            self.spins = self.spins.wrapping_add(1);
+        if self.hot.busy && timeout == Some(Duration::ZERO) && self.ready.is_empty() {
+            self.hot.spins = self.hot.spins.wrapping_add(1);
             // Spinning: read the hot connections directly; enter the ring
             // only when there is something to submit, or every
             // BUSY_ENTER_EVERY spins for the rest.
-            if !self.spins.is_multiple_of(BUSY_ENTER_EVERY)
+            if !self.hot.spins.is_multiple_of(BUSY_ENTER_EVERY)
                 && self.ring.submission().is_empty()
                 && self.read_parked(pool, true)
             {
@@ -481,18 +467,18 @@ impl Backend for UringBackend {
         }
         self.unpark_cold(pool);
         self.arm_wake();
-        if !self.parked.is_empty() && timeout == Some(Duration::ZERO) {
+        if !self.hot.parked.is_empty() && timeout == Some(Duration::ZERO) {
             // Not waiting: the hot sockets are read as the spins read them
             // (when spinning, by the spins themselves).
-            if !self.busy {
+            if !self.hot.busy {
                 self.read_parked(pool, true);
             }
-        } else if !self.parked.is_empty() {
+        } else if !self.hot.parked.is_empty() {
             if self.wait_parked(timeout, out, pool)? {
                 return Ok(());
             }
             // No epoll for the hot connections: the ring performs them.
-            self.hot.clear();
+            self.hot.recent.clear();
             self.unpark_cold(pool);
         }
         self.release_deferred();
@@ -553,7 +539,7 @@ impl Drop for UringBackend {
         if busy(&self.ops) {
             log::error!("io_uring: operations still in flight at teardown; leaking their buffers");
             std::mem::forget(std::mem::take(&mut self.ops));
-            std::mem::forget(std::mem::take(&mut self.provided));
+            std::mem::forget(std::mem::take(&mut self.provided.bufs));
         }
     }
 }

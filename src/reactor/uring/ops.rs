@@ -10,7 +10,7 @@ impl UringBackend {
     /// # Safety
     /// Every pointer in `entry` must stay valid until its completion is
     /// reaped: it must point into memory owned by an entry of `self.ops` or
-    /// `self.provided`.
+    /// `self.provided.bufs`.
     pub(super) unsafe fn push(&mut self, entry: squeue::Entry) {
         loop {
             // SAFETY: upheld by the caller (see above).
@@ -84,7 +84,7 @@ impl UringBackend {
         let Some(l) = &self.listener else { return };
         let fd = types::Fd(l.as_raw_fd());
         let flags = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
-        let multishot = self.multishot_accept;
+        let multishot = self.accept.multishot;
         let key = self.insert_op(Op::Accept { multishot });
         let entry = if multishot {
             opcode::AcceptMulti::new(fd).flags(flags).build()
@@ -93,21 +93,21 @@ impl UringBackend {
                 .flags(flags)
                 .build()
         };
-        self.accept_op = Some(key);
+        self.accept.op = Some(key);
         // SAFETY: accept passes no memory to the kernel.
         unsafe { self.push(entry.user_data(key)) };
     }
 
     pub(super) fn arm_wake(&mut self) {
-        if self.wake_armed {
+        if self.wake.armed {
             return;
         }
         let mut buf = Box::new([0u8; 8]);
         let ptr = buf.as_mut_ptr();
         let fd = types::Fd(self.waker.fd().as_raw_fd());
         let key = self.insert_op(Op::Wake { _buf: buf });
-        self.wake_armed = true;
-        self.wake_op = Some(key);
+        self.wake.armed = true;
+        self.wake.op = Some(key);
         // SAFETY: the 8-byte buffer is boxed inside `ops[key]` until the
         // completion is reaped.
         unsafe { self.push(opcode::Read::new(fd, ptr, 8).build().user_data(key)) };
@@ -117,7 +117,7 @@ impl UringBackend {
     /// submits it now: a signal (see [`Waker::signal`]) must make the ring
     /// readable before the next poll, for callers who poll its descriptor.
     pub(super) fn rearm_wake(&mut self) {
-        if self.wake_armed {
+        if self.wake.armed {
             return;
         }
         self.arm_wake();
@@ -152,16 +152,17 @@ impl UringBackend {
             self.cqes.push((cqe.user_data(), cqe.result(), cqe.flags()));
         }
         let cqes = std::mem::take(&mut self.cqes);
-        let selecting = self.selecting;
+        let selecting = self.provided.selecting;
         for &(user_data, res, flags) in &cqes {
             self.complete(user_data, res, flags);
         }
         // Every buffer-selecting receive that completed wanted a buffer.
-        let seen = selecting.saturating_sub(self.selecting);
-        self.demand = seen.max(self.demand - self.demand / 8);
+        let seen = selecting.saturating_sub(self.provided.selecting);
+        self.provided.demand = seen.max(self.provided.demand - self.provided.demand / 8);
         self.cqes = cqes;
     }
 
+    /// Applies one completion to the operation it names.
     pub(super) fn complete(&mut self, user_data: u64, res: i32, flags: u32) {
         let key = (user_data & 0xFFFF_FFFF) as usize;
         let generation = (user_data >> 32) as u32;
@@ -170,137 +171,130 @@ impl UringBackend {
             return;
         };
         if let Op::Accept { multishot } = *op {
-            let more = cqueue::more(flags);
-            if res >= 0 {
-                // SAFETY: a successful accept returns a new descriptor that
-                // nothing else owns.
-                let fd = unsafe { OwnedFd::from_raw_fd(res) };
-                self.ready.push(Completion::Accepted(fd));
-            } else if res == -libc::EINVAL && multishot {
-                log::info!("io_uring: multishot accept unsupported; using single-shot accepts");
-                self.multishot_accept = false;
-            } else if ![
-                libc::ECANCELED,
-                libc::EINTR,
-                libc::ECONNABORTED,
-                libc::EAGAIN,
-            ]
-            .contains(&-res)
-            {
-                // EMFILE, ENFILE, ENOMEM, ENOBUFS...: stop accepting until
-                // the core's back-off says to try again (re-arming now
-                // would fail at once, forever: a busy loop).
-                self.accept_paused = true;
-                self.ready
-                    .push(Completion::AcceptFailed(io::Error::from_raw_os_error(-res)));
-                if more && self.accept_op == Some(user_data) {
-                    // A multishot accept that goes on after an error is
-                    // stopped too; its cancellation is no longer current.
-                    self.accept_op = None;
-                    self.cancel(user_data);
-                }
-            }
-            if !more {
+            // A multishot accept stays in flight while the kernel says more.
+            if !cqueue::more(flags) {
                 self.ops.remove(key);
-                // Still current: not cancelled by us (we forget an accept
-                // before cancelling it), but ended by the kernel, which
-                // also cancels a thread's requests when it exits.
-                if self.accept_op == Some(user_data) {
-                    self.accept_op = None;
-                    if !self.accept_paused {
-                        self.arm_accept();
-                    }
-                }
             }
-            return;
+            return self.accepted(user_data, multishot, res, flags);
         }
         match self.ops.remove(key).1 {
-            Op::Accept { .. } => unreachable!("handled above"),
-            Op::Recv { conn, buf } => {
-                if buf.is_none() {
-                    self.selecting -= 1;
-                }
-                let mut buf = match buf {
-                    Some(b) => b,
-                    None => match cqueue::buffer_select(flags) {
-                        Some(bid) => {
-                            let b = self.provided.get_mut(bid as usize).and_then(Option::take);
-                            if b.is_some() {
-                                self.provided_count -= 1;
-                            }
-                            b.unwrap_or_default()
-                        }
-                        None => BytesMut::new(),
-                    },
-                };
-                if res > 0 {
-                    let len = buf.len() + res as usize;
-                    debug_assert!(len <= buf.capacity());
-                    // SAFETY: the kernel wrote `res` bytes right after the
-                    // buffer's `len` initialised bytes, within its capacity.
-                    unsafe { buf.set_len(len.min(buf.capacity())) };
-                }
-                let result = if res == -libc::ENOBUFS || res == -libc::ECANCELED {
-                    // The provided group ran dry; try again after refilling.
-                    // Or the receive was cancelled while its connection
-                    // is open (ours are cancelled only when it closes): by
-                    // `moved_to_this_thread`, or by the kernel because the
-                    // thread that submitted it exited. Armed again.
-                    Err(io::ErrorKind::WouldBlock.into())
-                } else {
-                    Self::result(res)
-                };
-                if res > 0 {
-                    self.received(conn);
-                }
-                if let Some(c) = self.conn(conn) {
-                    if c.recv_op == Some(user_data) {
-                        c.recv_op = None;
-                    }
-                    self.ready.push(Completion::Recv { conn, buf, result });
-                }
-            }
-            Op::Send { conn, mut state } => {
-                state.frames.clear();
-                if let Some(c) = self.conn(conn) {
-                    if c.send_op == Some(user_data) {
-                        c.send_op = None;
-                    }
-                    c.spare_send = Some(state);
-                    // Cancelled with its connection open (its submitting
-                    // thread exited): nothing was written; write again.
-                    let result = if res == -libc::ECANCELED {
-                        Ok(0)
-                    } else {
-                        Self::result(res)
-                    };
-                    self.ready.push(Completion::Sent { conn, result });
-                }
-            }
-            Op::Provide { bid } => {
-                if res < 0 {
-                    log::error!(
-                        "io_uring: providing a receive buffer failed: {}",
-                        io::Error::from_raw_os_error(-res)
-                    );
-                    if self
-                        .provided
-                        .get_mut(bid as usize)
-                        .and_then(Option::take)
-                        .is_some()
-                    {
-                        self.provided_count -= 1;
-                    }
-                }
-            }
-            Op::Cancel => {}
+            Op::Accept { .. } | Op::Cancel => {}
+            Op::Recv { conn, buf } => self.received_into(user_data, conn, buf, res, flags),
+            Op::Send { conn, state } => self.sent(user_data, conn, state, res),
+            Op::Provide { bid } => self.provide_done(bid, res),
             Op::Wake { .. } => {
-                if self.wake_op == Some(user_data) {
-                    self.wake_op = None;
-                    self.wake_armed = false;
+                if self.wake.op == Some(user_data) {
+                    self.wake.op = None;
+                    self.wake.armed = false;
                 }
             }
         }
+    }
+
+    /// An accept's completion (one of a multishot accept's).
+    fn accepted(&mut self, user_data: u64, multishot: bool, res: i32, flags: u32) {
+        let more = cqueue::more(flags);
+        if res >= 0 {
+            // SAFETY: a successful accept returns a new descriptor that
+            // nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(res) };
+            self.ready.push(Completion::Accepted(fd));
+        } else if res == -libc::EINVAL && multishot {
+            log::info!("io_uring: multishot accept unsupported; using single-shot accepts");
+            self.accept.multishot = false;
+        } else if ![
+            libc::ECANCELED,
+            libc::EINTR,
+            libc::ECONNABORTED,
+            libc::EAGAIN,
+        ]
+        .contains(&-res)
+        {
+            // EMFILE, ENFILE, ENOMEM, ENOBUFS...: stop accepting until the
+            // core's back-off says to try again (re-arming now would fail
+            // at once, forever: a busy loop).
+            self.accept.paused = true;
+            self.ready
+                .push(Completion::AcceptFailed(io::Error::from_raw_os_error(-res)));
+            if more && self.accept.op == Some(user_data) {
+                // A multishot accept that goes on after an error is stopped
+                // too; its cancellation is no longer current.
+                self.accept.op = None;
+                self.cancel(user_data);
+            }
+        }
+        // Ended and still current: not cancelled by us (we forget an accept
+        // before cancelling it), but by the kernel, which also cancels a
+        // thread's requests when it exits.
+        if !more && self.accept.op == Some(user_data) {
+            self.accept.op = None;
+            if !self.accept.paused {
+                self.arm_accept();
+            }
+        }
+    }
+
+    /// A receive's completion: its own buffer or the provided one the
+    /// kernel picked, with `res` bytes appended.
+    fn received_into(
+        &mut self,
+        user_data: u64,
+        conn: ConnId,
+        buf: Option<BytesMut>,
+        res: i32,
+        flags: u32,
+    ) {
+        let mut buf = match buf {
+            Some(b) => b,
+            None => {
+                self.provided.selecting -= 1;
+                cqueue::buffer_select(flags)
+                    .and_then(|bid| self.take_provided(bid))
+                    .unwrap_or_default()
+            }
+        };
+        if res > 0 {
+            let len = buf.len() + res as usize;
+            debug_assert!(len <= buf.capacity());
+            // SAFETY: the kernel wrote `res` bytes right after the buffer's
+            // `len` initialised bytes, within its capacity.
+            unsafe { buf.set_len(len.min(buf.capacity())) };
+            self.received(conn);
+        }
+        let result = if res == -libc::ENOBUFS || res == -libc::ECANCELED {
+            // The provided group ran dry; try again after refilling. Or the
+            // receive was cancelled while its connection is open (ours are
+            // cancelled only when it closes): by `moved_to_this_thread`, or
+            // by the kernel because the thread that submitted it exited.
+            // Armed again.
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Self::result(res)
+        };
+        if let Some(c) = self.conn(conn) {
+            if c.recv_op == Some(user_data) {
+                c.recv_op = None;
+            }
+            self.ready.push(Completion::Recv { conn, buf, result });
+        }
+    }
+
+    /// A send's completion; its memory goes back to the connection.
+    fn sent(&mut self, user_data: u64, conn: ConnId, mut state: Box<SendState>, res: i32) {
+        state.frames.clear();
+        let Some(c) = self.conn(conn) else { return };
+        if c.send_op == Some(user_data) {
+            c.send_op = None;
+        }
+        c.spare_send = Some(state);
+        // Cancelled with its connection open (its submitting thread
+        // exited): nothing was written; write again.
+        let result = if res == -libc::ECANCELED {
+            Ok(0)
+        } else {
+            Self::result(res)
+        };
+        self.ready.push(Completion::Sent { conn, result });
     }
 
     /// Arms a receive SQE (into `buf`, or a provided buffer for `Pooled`).
@@ -330,7 +324,7 @@ impl UringBackend {
                 unsafe { self.push(entry.user_data(key)) };
             }
             RecvBuf::Pooled => {
-                self.selecting += 1;
+                self.provided.selecting += 1;
                 self.replenish(pool);
                 let len = pool.buf_size().min(u32::MAX as usize) as u32;
                 let key = self.insert_op(Op::Recv {
@@ -344,7 +338,7 @@ impl UringBackend {
                     .buf_group(BGID)
                     .build()
                     .flags(squeue::Flags::BUFFER_SELECT);
-                // SAFETY: the kernel picks a buffer from `self.provided`,
+                // SAFETY: the kernel picks a buffer from `self.provided.bufs`,
                 // which keeps it until the completion names it.
                 unsafe { self.push(entry.user_data(key)) };
             }
@@ -360,9 +354,9 @@ impl UringBackend {
             // A connection read and then written, turn by turn (a request
             // answered, a reply awaited): its receives are parked and
             // waited on directly, for latency (see `wait_parked`).
-            self.hot.note(id);
+            self.hot.recent.note(id);
         }
-        if self.hot.contains(id)
+        if self.hot.recent.contains(id)
             && let Some(held) = self.send_direct(id, outbox)
         {
             return held;
