@@ -7,7 +7,7 @@ use std::hint::black_box;
 use bytes::{Bytes, BytesMut};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ipcm::Serializer;
-use ipcm::wire::{BufferPool, FrameDecoder, encode_frame};
+use ipcm::internals::{BufferPool, FrameDecoder, encode_frame};
 
 mod support;
 use support::json_string as content;
@@ -93,9 +93,9 @@ fn per_message(c: &mut Criterion) {
         // SAFETY: writes the current time into a timespec we own.
         b.iter(|| unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, black_box(&mut t)) })
     });
-    g.bench_function("next_stamp", |b| b.iter(ipcm::message::next_stamp));
+    g.bench_function("next_stamp", |b| b.iter(ipcm::internals::next_stamp));
     g.bench_function("message_id", |b| {
-        b.iter(ipcm::message::new_message_id_bytes)
+        b.iter(ipcm::internals::new_message_id_bytes)
     });
     g.finish();
 }

@@ -302,7 +302,7 @@ fn uring_or_epoll() -> BackendChoice {
     use std::sync::OnceLock;
     static CHOICE: OnceLock<BackendChoice> = OnceLock::new();
     *CHOICE.get_or_init(
-        || match ipcm::reactor::make_backend(BackendChoice::IoUring) {
+        || match ipcm::internals::make_backend(BackendChoice::IoUring) {
             Ok(_) => BackendChoice::IoUring,
             Err(e) => {
                 eprintln!("note: io_uring refused here ({e:?}); the ipcm-uring rows use epoll");
@@ -482,7 +482,7 @@ fn fan_in_on(listener: Flavor, senders: usize, n: usize) -> f64 {
                 let mut hello = bytes::BytesMut::new();
                 Serializer::Binary.encode_hello(&name, &mut hello);
                 let mut batch = bytes::BytesMut::new();
-                ipcm::wire::encode_frame(&hello, &mut batch).unwrap();
+                ipcm::internals::encode_frame(&hello, &mut batch).unwrap();
                 s.write_all(&batch).unwrap();
                 batch.clear();
                 for _ in 0..64 {
@@ -490,7 +490,7 @@ fn fan_in_on(listener: Flavor, senders: usize, n: usize) -> f64 {
                     Serializer::Binary
                         .encode_payload(&name, "sink", &body, &mut p)
                         .unwrap();
-                    ipcm::wire::encode_frame(&p, &mut batch).unwrap();
+                    ipcm::internals::encode_frame(&p, &mut batch).unwrap();
                 }
                 (s, batch.to_vec())
             })

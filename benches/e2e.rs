@@ -16,7 +16,7 @@ use support::{WAIT, json_string as content, queue};
 
 fn backends() -> Vec<(&'static str, BackendChoice)> {
     let mut v = vec![("epoll", BackendChoice::Epoll)];
-    match ipcm::reactor::make_backend(BackendChoice::IoUring) {
+    match ipcm::internals::make_backend(BackendChoice::IoUring) {
         Ok(_) => v.push(("io_uring", BackendChoice::IoUring)),
         Err(e) => eprintln!("io_uring benches skipped: io_uring refused here ({e:?})"),
     }

@@ -29,30 +29,53 @@
 //! assert_eq!(reply[0].content::<String>().unwrap(), "done");
 //! ```
 //!
-//! Layers, bottom up: [`wire`] (framing, buffers), [`serializer`] and
-//! [`message`] (envelopes), [`proto`] (the sans-IO protocol core),
-//! [`reactor`] (the backends that drive it), [`route`] (the directory and
-//! its files), [`Client`] and [`Spawn`] (the API).
+//! The public API is what this page lists: [`Client`] and its
+//! [`Options`], the threaded mode ([`Client::into_threaded`]: [`Sender`],
+//! [`Receiver`], [`ReactorHandle`]), [`Spawn`] for creating a route,
+//! [`Message`], [`Route`] and [`Info`] for the directory and its info
+//! string, [`Serializer`], [`Stats`] and [`Error`].
+//!
+//! Inside, the layers run one way, bottom up: `wire` (framing, buffers),
+//! `message`, `serializer` (envelopes), `proto` (the sans-IO protocol core,
+//! fed bytes and time), `route` (the directory and its files), `reactor`
+//! (the io_uring and epoll backends that drive the core), `client`, and
+//! `threaded` and `spawn` on top. They are private; the benches, fuzz
+//! targets and tests reach what they need of them through the hidden
+//! `internals` module of the `unstable` feature, which makes no stability
+//! promise.
 
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod backend_kind;
-pub mod client;
-pub mod error;
+mod client;
+mod error;
 mod fork;
+#[cfg(feature = "unstable")]
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod message;
-pub mod proto;
-pub mod reactor;
-pub mod route;
-pub mod serializer;
-pub mod spawn;
+mod message;
+mod proto;
+mod reactor;
+mod route;
+mod serializer;
+mod spawn;
 mod sync;
-pub mod threaded;
-pub mod wire;
+mod threaded;
+mod wire;
+
+/// What the benches, fuzz targets and tests use of the internal layers
+/// (feature `unstable`; no stability promise, not part of the API).
+#[cfg(feature = "unstable")]
+#[doc(hidden)]
+pub mod internals {
+    pub use crate::message::{new_message_id_bytes, next_stamp, now_stamp};
+    pub use crate::proto::{Core, CoreConfig};
+    pub use crate::reactor::{Backend, Reactor, make_backend};
+    pub use crate::spawn::sanity_delta;
+    pub use crate::wire::{BufferPool, FrameDecoder, encode_frame};
+}
 
 #[cfg(all(test, ipcm_loom))]
 mod loom_models;
@@ -62,12 +85,12 @@ mod loom_models;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-pub use client::{BroadcastResult, Client, Options, Resources};
+pub use client::{BroadcastResult, Client, DisconnectHandler, Options, PATH_TYPE, Resources};
 pub use error::{Error, Result};
-pub use message::Message;
+pub use message::{Message, sort_messages};
 pub use proto::Stats;
-pub use reactor::{BackendChoice, BackendKind};
-pub use route::{Info, Route};
+pub use reactor::{BACKEND_ENV, BackendChoice, BackendKind, Waker, io_uring_available};
+pub use route::{EntryKind, Info, PidState, Route, max_on_disk_name_length, on_disk_name};
 pub use serializer::Serializer;
 pub use spawn::{Spawn, SpawnOptions};
 pub use threaded::{ReactorHandle, Receiver, Sender, ThreadedOptions};

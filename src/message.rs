@@ -474,6 +474,7 @@ fn compare(a: &Message, b: &Message) -> Ordering {
 
 /// The current time as Perl stamps it: epoch seconds with (at most) 15
 /// significant digits, i.e. 10-microsecond resolution today.
+#[cfg_attr(not(any(test, feature = "unstable")), allow(dead_code))]
 pub fn now_stamp() -> f64 {
     now_ticks() as f64 / 100_000.0
 }

@@ -238,11 +238,13 @@ impl FrameDecoder {
     }
 
     /// Bytes of an incomplete frame currently held.
+    #[cfg_attr(not(feature = "unstable"), allow(dead_code))]
     pub fn partial_len(&self) -> usize {
         self.buf.len()
     }
 
     /// Capacity currently held by this decoder.
+    #[cfg_attr(not(feature = "unstable"), allow(dead_code))]
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
     }
@@ -305,6 +307,7 @@ impl FrameDecoder {
 
     /// Appends bytes by copying them (tests and the fuzzer; the I/O path
     /// receives in place through [`FrameDecoder::recv_buf`]).
+    #[cfg_attr(not(feature = "unstable"), allow(dead_code))]
     pub fn push_slice(&mut self, data: &[u8], pool: &mut BufferPool) {
         let mut rest = data;
         while !rest.is_empty() {

@@ -6,7 +6,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{ROLE_ENV, TestRoute, drain_for, helper_command, poll};
-use ipcm::reactor::{BackendChoice, BackendKind, Reactor, io_uring_available, make_backend};
+use ipcm::internals::{Reactor, make_backend};
+use ipcm::{BackendChoice, BackendKind, io_uring_available};
 use ipcm::{Client, Error, Info, Options, Serializer};
 
 /// Makes `io_uring_setup` fail with EPERM for this thread (and anything it
@@ -414,7 +415,7 @@ fn a_conversing_peer_that_dies_mid_frame_loses_nothing_complete(backend: Backend
     p.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let frame = |payload: &[u8]| {
         let mut out = bytes::BytesMut::new();
-        ipcm::wire::encode_frame(payload, &mut out).unwrap();
+        ipcm::internals::encode_frame(payload, &mut out).unwrap();
         out
     };
     let mut hello = bytes::BytesMut::new();
@@ -508,7 +509,7 @@ per_backend_isolated!(
 );
 
 fn waker_interrupts_a_blocking_wait_and_is_free_when_awake(b: BackendChoice) {
-    let core = ipcm::proto::Core::new(Serializer::Json, Default::default());
+    let core = ipcm::internals::Core::new(Serializer::Json, Default::default());
     let mut reactor = Reactor::new(core, make_backend(b).map_err(|e| e.reason).unwrap());
     let waker = reactor.waker();
     assert!(!waker.wake(), "no syscall while the reactor is awake");

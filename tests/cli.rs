@@ -408,7 +408,7 @@ fn bench_reports_throughput_latency_and_backend() {
 fn recv_threaded_prints_in_order_and_follows_the_exit_codes_on_each_backend() {
     for backend in ["epoll", "io_uring"] {
         if backend == "io_uring"
-            && let Err(reason) = ipcm::reactor::io_uring_available()
+            && let Err(reason) = ipcm::io_uring_available()
         {
             eprintln!("skipped: io_uring unavailable ({reason})");
             continue;

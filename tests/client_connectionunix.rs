@@ -9,7 +9,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileTypeExt;
 
 use common::{TestRoute, contents, drain_for, poll};
-use ipcm::message::now_stamp;
+use ipcm::internals::now_stamp;
 use ipcm::{BackendChoice, Client};
 use serde_json::json;
 

@@ -527,7 +527,7 @@ fn run_soak(b: BackendChoice, secs: f64) {
     }
     let stats = t.route.all_stats(&ipcm::Serializer::Json).unwrap();
     assert_eq!(stats.len(), SOAK_PROCS);
-    let report = ipcm::spawn::sanity_delta(&stats);
+    let report = ipcm::internals::sanity_delta(&stats);
     assert!(report.is_empty(), "sent/read mismatch:\n{report}");
     let total: u64 = stats.values().map(|s| s.sent.values().sum::<u64>()).sum();
     assert!(total > 1000, "only {total} messages moved");
@@ -541,7 +541,7 @@ fn soak_8_processes_20_seconds(b: BackendChoice) {
 #[ignore = "soak: several minutes per backend (cargo test --test hostile -- --ignored soak_minutes)"]
 fn soak_minutes() {
     for b in [BackendChoice::Epoll, BackendChoice::IoUring] {
-        if b == BackendChoice::IoUring && ipcm::reactor::io_uring_available().is_err() {
+        if b == BackendChoice::IoUring && ipcm::io_uring_available().is_err() {
             eprintln!("skipped io_uring: unavailable");
             continue;
         }

@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 
 use common::{TestRoute, poll, read_jsonl, vectors_dir};
-use ipcm::route::on_disk_name;
+use ipcm::on_disk_name;
 use ipcm::{BackendChoice, Info, Serializer};
 use serde_json::{Value, json};
 
@@ -23,7 +23,7 @@ fn every_on_disk_name_matches_perl() {
         let id = row["id"].as_str().unwrap();
         let route = row["route"].as_str().unwrap();
         assert_eq!(
-            ipcm::route::max_on_disk_name_length(route),
+            ipcm::max_on_disk_name_length(route),
             row["max"].as_i64().unwrap(),
             "budget of {route}"
         );

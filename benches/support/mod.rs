@@ -107,7 +107,7 @@ pub fn hold_idle_clients() {
         let mut payload = bytes::BytesMut::new();
         Serializer::Binary.encode_hello(&format!("idle{i}"), &mut payload);
         let mut frame = bytes::BytesMut::new();
-        ipcm::wire::encode_frame(&payload, &mut frame).unwrap();
+        ipcm::internals::encode_frame(&payload, &mut frame).unwrap();
         s.write_all(&frame).unwrap();
         conns.push(s);
     }

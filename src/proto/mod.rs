@@ -255,11 +255,6 @@ impl Core {
         }
     }
 
-    /// The route serializer.
-    pub fn serializer(&self) -> &Serializer {
-        &self.serializer
-    }
-
     /// The limits in force.
     pub fn config(&self) -> &CoreConfig {
         &self.cfg
@@ -356,11 +351,6 @@ impl Core {
         self.get(id).is_some()
     }
 
-    /// The role of a connection.
-    pub fn role(&self, id: ConnId) -> Option<Role> {
-        self.get(id).map(|c| c.role)
-    }
-
     /// The peer of a connection, once known.
     pub fn peer_of(&self, id: ConnId) -> Option<&str> {
         self.get(id).and_then(|c| c.peer.as_deref())
@@ -382,6 +372,7 @@ impl Core {
     }
 
     /// Receive-buffer capacity held by all connections' decoders.
+    #[cfg_attr(not(feature = "unstable"), allow(dead_code))]
     pub fn receive_capacity(&self) -> usize {
         self.conns.iter().map(|(_, c)| c.decoder.capacity()).sum()
     }
@@ -532,6 +523,7 @@ impl Core {
     }
 
     /// Whether accepting is backed off after a failure.
+    #[cfg(test)]
     pub fn accept_backed_off(&self) -> bool {
         self.accept.episode.is_some()
     }

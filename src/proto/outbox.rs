@@ -5,7 +5,6 @@
 //! until its last byte is written.
 
 use std::collections::VecDeque;
-use std::io::IoSlice;
 
 use bytes::Bytes;
 
@@ -48,11 +47,6 @@ impl Outbox {
         self.queued
     }
 
-    /// Frames queued (the first may be partly written).
-    pub fn len(&self) -> usize {
-        self.frames.len()
-    }
-
     /// Bytes ever queued.
     pub fn enqueued_total(&self) -> u64 {
         self.enqueued_total
@@ -71,14 +65,6 @@ impl Outbox {
     /// The queued frames, first one whole (see [`Outbox::front_offset`]).
     pub fn frames(&self) -> impl Iterator<Item = &Bytes> {
         self.frames.iter()
-    }
-
-    /// Fills `out` with the unwritten bytes, at most `max` slices.
-    pub fn io_slices<'a>(&'a self, out: &mut Vec<IoSlice<'a>>, max: usize) {
-        for (i, f) in self.frames.iter().take(max).enumerate() {
-            let s = if i == 0 { &f[self.offset..] } else { &f[..] };
-            out.push(IoSlice::new(s));
-        }
     }
 
     pub(crate) fn set_held(&mut self, n: usize) {
@@ -135,10 +121,9 @@ mod tests {
         o.push(Bytes::from_static(b"ef"));
         o.advance(3);
         assert_eq!(o.front_offset(), 3);
-        let mut v = Vec::new();
-        o.io_slices(&mut v, 8);
-        assert_eq!(&*v[0], b"d");
-        assert_eq!(&*v[1], b"ef");
+        let v: Vec<&Bytes> = o.frames().collect();
+        assert_eq!(&v[0][o.front_offset()..], b"d");
+        assert_eq!(&v[1][..], b"ef");
         o.advance(3);
         assert!(o.is_empty());
         assert_eq!(o.written_total(), 6);
@@ -153,14 +138,14 @@ mod tests {
         }
         o.advance(1);
         let t = o.take_unstarted();
-        assert_eq!(t.len(), 2);
-        assert_eq!(o.len(), 1);
+        assert_eq!(t.frames().count(), 2);
+        assert_eq!(o.frames().count(), 1);
         assert_eq!(o.queued_bytes(), 1);
         let mut o = Outbox::default();
         for f in [&b"11"[..], b"22", b"33"] {
             o.push(Bytes::copy_from_slice(f));
         }
         o.set_held(2);
-        assert_eq!(o.take_unstarted().len(), 1);
+        assert_eq!(o.take_unstarted().frames().count(), 1);
     }
 }

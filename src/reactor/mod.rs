@@ -524,11 +524,6 @@ impl Reactor {
         self.backend.listen(fd)
     }
 
-    /// Stops accepting.
-    pub fn close_listener(&mut self) {
-        self.backend.close_listener();
-    }
-
     /// Hands a connected socket for `id` to the backend.
     pub fn attach(&mut self, id: ConnId, fd: OwnedFd) -> io::Result<()> {
         if let Err(e) = self.backend.add_conn(id, fd) {

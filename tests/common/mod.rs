@@ -24,7 +24,7 @@ macro_rules! per_backend {
             $(
                 #[test]
                 fn $name() {
-                    if let Err(reason) = ipcm::reactor::io_uring_available() {
+                    if let Err(reason) = ipcm::io_uring_available() {
                         eprintln!("skipped: io_uring unavailable ({reason})");
                         return;
                     }
@@ -58,7 +58,7 @@ macro_rules! per_backend_isolated {
                 $(
                     #[test]
                     fn $name() {
-                        if let Err(reason) = ipcm::reactor::io_uring_available() {
+                        if let Err(reason) = ipcm::io_uring_available() {
                             eprintln!("skipped: io_uring unavailable ({reason})");
                             return;
                         }

@@ -271,6 +271,7 @@ impl UringBackend {
     }
 
     /// Operations in flight (for tests of the ownership scheme).
+    #[cfg(test)]
     pub fn ops_in_flight(&self) -> usize {
         self.ops.len()
     }
