@@ -1,4 +1,5 @@
-//! The one error type of the crate, with the texts PROTOCOL.md fixes word for word.
+//! The one error type of the crate, with the Perl client's error texts
+//! word for word (Perl users match on them).
 //!
 //! Texts that Perl users match on are reproduced exactly (without Perl's
 //! ` at FILE line N.` suffix). Operating-system errors are rendered the way
@@ -56,7 +57,7 @@ pub fn strerror(e: &io::Error) -> String {
 
 /// Everything that can go wrong in ipcm.
 ///
-/// Variants whose text comes from PROTOCOL.md keep that text exactly; the
+/// Variants whose text comes from the Perl client keep that text exactly; the
 /// rest are ipcm's own and say what to do.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -67,7 +68,8 @@ pub enum Error {
     /// The client id starts with the reserved `_`.
     #[error("'id' may not begin with an underscore")]
     IdUnderscore,
-    /// An id that ipcm refuses for a local client (PROTOCOL.md Q24/Q25).
+    /// An id that ipcm refuses for a local client (docs/perl-differences.md,
+    /// odd-ids and non-ascii-ids).
     #[error("'id' {id:?} cannot be used by a local client: {reason}")]
     IdUnusable {
         /// The refused id.

@@ -137,7 +137,7 @@ pub fn decode_payloads(data: &[u8]) {
 }
 
 /// Info strings and on-disk names: parsing never panics, names always obey
-/// the rules of PROTOCOL.md section 3.
+/// the Perl client's on-disk naming rules.
 pub fn names_and_info(data: &[u8]) {
     let text = String::from_utf8_lossy(data);
     if let Ok(info) = Info::parse(&text) {

@@ -524,14 +524,14 @@ static STAMP_BASE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 /// Stamp and `stamp_ord` for a new message, taken together in one atomic
 /// step so that the pair strictly increases across the whole process.
 ///
-/// PROTOCOL.md 8.3 computes the two separately, which is enough for a
-/// single-threaded Perl process; with several threads a stamp read before
-/// another thread's could otherwise pair with a reset `stamp_ord` and sort
-/// before its own predecessor. The stamp never moves backwards here (it is
-/// held at the last one while the clock lags), so sorting by
-/// `(stamp, stamp_ord)` keeps every connection's send order. (A
-/// compare-and-swap, not a lock: the lock cost as much as the clock read,
-/// ~20 ns of the sender's ~140 ns per 64 B message.)
+/// The Perl client computes the two separately (the ordinal counts up while
+/// the stamp repeats), which is enough for a single-threaded process; with
+/// several threads a stamp read before another thread's could otherwise
+/// pair with a reset `stamp_ord` and sort before its own predecessor. The
+/// stamp never moves backwards here (it is held at the last one while the
+/// clock lags), so sorting by `(stamp, stamp_ord)` keeps every
+/// connection's send order. A compare-and-swap, not a lock: PERFORMANCE.md
+/// has what the lock cost.
 pub fn next_stamp() -> (f64, u64) {
     use std::sync::atomic::Ordering::Relaxed;
     let now = now_ticks();
@@ -561,7 +561,7 @@ pub fn next_stamp() -> (f64, u64) {
 static LAST_GIVEN_STAMP: Mutex<(f64, u64)> = Mutex::new((0.0, 0));
 
 /// The `stamp_ord` for a message that has a stamp but no `stamp_ord` (the
-/// rule of PROTOCOL.md 8.3: counts up while the stamp repeats). It keeps its
+/// Perl rule: it counts up while the stamp repeats). It keeps its
 /// own state, so that stamps from elsewhere never disturb the increasing
 /// sequence of [`next_stamp`].
 pub fn next_stamp_ord(stamp: f64) -> u64 {

@@ -1,6 +1,6 @@
 //! The spawn guard: creates a route, hands out its info string, and on
 //! shutdown (or drop) broadcasts `terminate`, waits for the clients to leave
-//! and removes the route (PROTOCOL.md 13).
+//! and removes the route.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -46,7 +46,8 @@ impl Default for SpawnOptions {
 
 /// Owner of a route: created with it, removes it when done.
 ///
-/// Non-listening clients cannot receive the terminate broadcast (Q23); stop
+/// Non-listening clients cannot receive the terminate broadcast
+/// (docs/perl-differences.md, terminate-non-listeners); stop
 /// them with [`SpawnOptions::signal`] or your own logic.
 #[derive(Debug)]
 pub struct Spawn {

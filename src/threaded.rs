@@ -15,7 +15,7 @@
 //!   sockets once the inbox limit is reached: senders feel backpressure,
 //!   memory stays bounded, nothing is dropped.
 //! * [`ReactorHandle::shutdown`] sends what is queued, disconnects
-//!   (PROTOCOL.md rules) and returns its result; messages that arrive while
+//!   (the inline client's rules) and returns its result; messages that arrive while
 //!   disconnecting still go to the ring.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -607,7 +607,7 @@ impl Worker {
 
     /// Moves received messages into the ring until it is full or nothing
     /// is left; true if it filled up.
-    fn deliver(&mut self) -> Result<bool> {
+    fn fill_ring(&mut self) -> Result<bool> {
         let mut pushed = false;
         loop {
             if self.spill.is_empty() {
@@ -666,7 +666,7 @@ impl Worker {
                 }));
             }
         }
-        let _ = self.deliver();
+        let _ = self.fill_ring();
         let mut spill = std::mem::take(&mut self.spill);
         let ring = &mut self.ring;
         let mut lost = 0usize;
@@ -702,7 +702,7 @@ impl Worker {
             self.take_commands();
             self.client.flush();
             self.settle_acks();
-            let full = self.deliver()?;
+            let full = self.fill_ring()?;
             let busy = !self.shared.cmds.is_empty();
             // Sleep until I/O or a wake; a full ring is woken by the reader.
             let wait = if busy {

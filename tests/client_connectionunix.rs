@@ -1,4 +1,4 @@
-//! PROTOCOL.md 14.1: the Perl `Client-ConnectionUnix` unit tests, ported.
+//! The Perl `Client-ConnectionUnix` unit tests, ported.
 //! Each runs once per backend.
 
 #[macro_use]

@@ -293,7 +293,7 @@ fn peer_killed_mid_frame_delivers_only_whole_messages(b: BackendChoice) {
     let got = drain_for(&mut srv, Duration::from_millis(300));
     assert_eq!(contents(&got), [json!("whole")], "no partial message");
     assert!(!srv.has_connection("victim"));
-    // Its leftovers go as PROTOCOL.md says.
+    // A SIGKILLed client leaves its socket and `.pid` behind.
     assert!(t.file("victim").exists() && t.file("victim.pid").exists());
     assert_eq!(srv.peer_left().unwrap(), 1);
     assert!(!t.file("victim").exists() && !t.file("victim.pid").exists());

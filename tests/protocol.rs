@@ -250,8 +250,8 @@ fn newer_hello_replaces_stale_connection(b: BackendChoice) {
     assert_eq!(v["to"], "p");
 }
 
-/// Two listeners connecting to each other at the same moment (PROTOCOL.md
-/// Q15): in Perl both connections break; here both stay usable and every
+/// Two listeners connecting to each other at the same moment
+/// (docs/perl-differences.md, replacement): in Perl both connections break; here both stay usable and every
 /// queued message arrives.
 fn simultaneous_connects_lose_nothing(b: BackendChoice) {
     let t = TestRoute::new(b);

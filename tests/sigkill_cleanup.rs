@@ -1,4 +1,4 @@
-//! PROTOCOL.md 14.2 and 6.7: clients killed with SIGKILL leave their socket
+//! Clients killed with SIGKILL leave their socket
 //! and `.pid`; others clean up after them.
 
 #[macro_use]

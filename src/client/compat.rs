@@ -1,5 +1,5 @@
 //! The Perl-named surface that is no more than a view: the client's ids,
-//! files and peers, and its cached connections (PROTOCOL.md's API table).
+//! files and peers, and its cached connections (the Perl client's API).
 
 use super::*;
 

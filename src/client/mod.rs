@@ -1,5 +1,5 @@
 //! The client: one named participant of a route, with the API of the Perl
-//! ConnectionUnix client (PROTOCOL.md's API table), running its reactor
+//! ConnectionUnix client under its names, running its reactor
 //! inline inside its own calls.
 
 use std::collections::BTreeMap;

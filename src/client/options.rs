@@ -3,7 +3,7 @@
 
 use super::*;
 
-/// How a client connects and behaves. Defaults follow PROTOCOL.md, with
+/// How a client connects and behaves. Defaults follow the Perl client, with
 /// bounded waits where Perl had none.
 #[derive(Debug, Clone)]
 pub struct Options {

@@ -1,5 +1,5 @@
 //! Receiving: `get_messages` and its waits, sorting, the resume file and
-//! requeueing (PROTOCOL.md 10).
+//! requeueing.
 
 use super::*;
 
@@ -7,7 +7,8 @@ impl Client {
     // ----- receiving --------------------------------------------------
 
     /// Every message available now, sorted by stamp then stamp_ord
-    /// (PROTOCOL.md 10.1). Never blocks.
+    /// (stamps from different clients compare as wall-clock times). Never
+    /// blocks.
     pub fn get_messages(&mut self) -> Result<Vec<Message>> {
         let mut out = Vec::new();
         self.get_messages_into(&mut out)?;
@@ -145,12 +146,14 @@ impl Client {
         self.pending_messages()
     }
 
-    /// Alias of [`Client::pending_messages`] (Q26).
+    /// Alias of [`Client::pending_messages`] (docs/perl-differences.md,
+    /// inherited-probes).
     pub fn have_pending_messages(&mut self) -> Result<bool> {
         self.pending_messages()
     }
 
-    /// Alias of [`Client::ready_messages`] (Q26).
+    /// Alias of [`Client::ready_messages`] (docs/perl-differences.md,
+    /// inherited-probes).
     pub fn have_ready_messages(&mut self) -> Result<bool> {
         self.ready_messages()
     }

@@ -1,10 +1,11 @@
-//! Joining a route and leaving it: registration (PROTOCOL.md 6.1, 6.2),
-//! the listening socket or marker file, and the orderly shutdown (6.3).
+//! Joining a route and leaving it: registration and reconnection, the
+//! listening socket or marker file, and the orderly shutdown.
 
 use super::*;
 
 impl Client {
-    /// Registers `id` on the route of `info` (PROTOCOL.md 6.1).
+    /// Registers `id` on the route of `info`: its socket (or marker file
+    /// when not listening), `.pid` and, for a hashed name, `.name`.
     pub fn connect(info: &Info, id: &str, opts: Options) -> Result<Client> {
         Client::register(info, id, opts, false)
     }
@@ -14,10 +15,11 @@ impl Client {
         Client::connect(&Info::parse(info)?, id, opts)
     }
 
-    /// Takes over the id of a client that died (PROTOCOL.md 6.2): its
+    /// Takes over the id of a client that died: its
     /// `.stats` are loaded and its leftovers replaced by a fresh entry.
     ///
-    /// Perl's reconnect leaves a dead socket behind (Q6); this one re-binds.
+    /// Perl's reconnect leaves a dead socket behind; this one re-binds
+    /// (docs/perl-differences.md, reconnect).
     pub fn reconnect(info: &Info, id: &str, opts: Options) -> Result<Client> {
         Client::register(info, id, opts, true)
     }
@@ -68,7 +70,8 @@ impl Client {
             reactor.set_allowed_peer_uids(Some(uids));
         }
 
-        // From here on, undo only what we created (Q2).
+        // From here on, undo only what we created (docs/perl-differences.md,
+        // failed-registration).
         if opts.listen {
             let fd = bind_listener(&path, opts.backlog)?;
             if let Err(e) = reactor.listen(fd) {
@@ -119,7 +122,7 @@ impl Client {
 
     // ----- shutdown ---------------------------------------------------
 
-    /// Orderly shutdown (PROTOCOL.md 6.3): removes the entry, drains
+    /// Orderly shutdown: removes the entry, drains
     /// in-flight messages (to `handler`, or fails with `Messages waiting at
     /// disconnect for <id>`), flushes queued sends within the drain timeout,
     /// closes everything and writes `.stats`.
@@ -140,7 +143,8 @@ impl Client {
             );
         }
         let deadline = Instant::now() + self.opts.drain_timeout;
-        // Flush queued sends (Q19) so peers get what was acknowledged.
+        // Flush queued sends so peers get what was acknowledged
+        // (docs/perl-differences.md, queued-bytes-at-disconnect).
         while self.have_pending_sends() && Instant::now() < deadline {
             let left = deadline.saturating_duration_since(Instant::now());
             let _ = self.reactor.turn(Some(left.min(Duration::from_millis(50))));

@@ -1,5 +1,5 @@
 //! Sending: blocking and non-blocking sends, the outbox, broadcasts and
-//! self-sends (PROTOCOL.md 9).
+//! self-sends.
 
 use super::*;
 
@@ -47,7 +47,7 @@ impl Client {
         Message::new(&self.id, to, content)
     }
 
-    /// The cached connection to `peer`, or a new one (PROTOCOL.md 9.1 step 4).
+    /// The cached connection to `peer`, or a new one to its socket.
     pub(super) fn conn_for_send(&mut self, peer: &str) -> Result<ConnId> {
         if peer.is_empty() {
             return Err(Error::NoPeer);
@@ -81,7 +81,7 @@ impl Client {
         broadcast: bool,
     ) -> Result<bytes::Bytes> {
         let from = self.id.as_str();
-        self.reactor.core_mut().build_frame(|ser, out| {
+        self.reactor.core_mut().new_frame(|ser, out| {
             let mut msg = Outgoing::new(from, to, content);
             msg.broadcast = broadcast;
             ser.encode_message(&msg, out)
@@ -265,7 +265,7 @@ impl Client {
         self.send_frame(peer, frame, how)
     }
 
-    /// Sends `content` to `peer` (PROTOCOL.md 9.1). In blocking mode (the
+    /// Sends `content` to `peer`. In blocking mode (the
     /// default) it returns once the kernel has the whole frame; in
     /// non-blocking mode it behaves as [`Client::try_send_message`].
     pub fn send_message<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<()> {
@@ -287,9 +287,10 @@ impl Client {
             return Err(Error::NoPeer);
         };
         let from = self.id.clone();
-        let frame = self.reactor.core_mut().build_frame(|ser, out| {
-            ser.encode_message(&Outgoing::resend(msg, &from, &peer), out)
-        })?;
+        let frame = self
+            .reactor
+            .core_mut()
+            .new_frame(|ser, out| ser.encode_message(&Outgoing::resend(msg, &from, &peer), out))?;
         let how = if self.send_blocking {
             Delivery::Complete
         } else {
@@ -310,10 +311,11 @@ impl Client {
         }
     }
 
-    /// Non-blocking send (PROTOCOL.md 9.3): queues the frame, writes what the
+    /// Non-blocking send: queues the frame, writes what the
     /// kernel takes now and leaves the rest for [`Client::drain_pending`].
     /// A full outbox is [`Error::WouldBlock`] (nothing queued); a hard write
-    /// error is returned, not counted as sent (Q13).
+    /// error is returned, not counted as sent (docs/perl-differences.md,
+    /// non-blocking-failure).
     pub fn try_send_message<T: Serialize + ?Sized>(
         &mut self,
         peer: &str,
@@ -322,7 +324,8 @@ impl Client {
         self.send_content(peer, Content::Value(content), false, false)
     }
 
-    /// Non-blocking send of an already-serialized payload (Q12's raw form).
+    /// Non-blocking send of an already-serialized payload
+    /// (docs/perl-differences.md, raw-payloads).
     pub fn try_send_raw(&mut self, peer: &str, payload: &[u8]) -> Result<()> {
         self.check_usable()?;
         let mut out = BytesMut::new();
@@ -417,7 +420,8 @@ impl Client {
     }
 
     /// Whether a connection to `peer` is cached with nothing queued
-    /// (false without a connection, as in Perl; Q11).
+    /// (false without a connection, as in Perl; docs/perl-differences.md,
+    /// can-send-to).
     pub fn can_send_to(&self, peer: &str) -> bool {
         self.reactor
             .core()

@@ -62,8 +62,8 @@ pub struct CoreConfig {
     /// stops receiving (backpressure to senders) until they are taken.
     /// This also bounds one `get_messages` batch, to the limit plus one
     /// receive buffer (or one larger frame): 4 MiB by default, which keeps
-    /// a batch cache-sized (measured: with 1,000 busy senders, 256 MiB
-    /// batches ran at half the speed, see PERFORMANCE.md). What is already
+    /// a batch cache-sized (PERFORMANCE.md has what larger batches cost).
+    /// What is already
     /// read beyond it waits in the reactor for the next call, and the
     /// client's `handles_for_select` descriptor turns readable for it.
     pub inbox_limit: usize,
@@ -356,7 +356,7 @@ impl Core {
         self.get(id).and_then(|c| c.peer.as_deref())
     }
 
-    /// Sorted ids of resolved connections (unresolved ones are hidden, Q10).
+    /// Sorted ids of resolved connections (unresolved ones are hidden: docs/perl-differences.md, unresolved-connections).
     pub fn connections(&self) -> Vec<String> {
         let mut v: Vec<String> = self.by_peer.keys().map(|k| k.to_string()).collect();
         v.sort();
@@ -764,7 +764,7 @@ impl Core {
                 }
                 continue;
             }
-            self.deliver(id, frame);
+            self.take_message(id, frame);
         }
     }
 
@@ -785,7 +785,7 @@ impl Core {
             }
         };
         // A newer connection from the same peer becomes the live one
-        // (PROTOCOL.md 7.4, Q15): replies go over it, and the old one's
+        // (docs/perl-differences.md, replacement): replies go over it, and the old one's
         // not-yet-started frames move to it. Unlike Perl, the old one is not
         // closed but *retired*: it finishes a partly written frame and stays
         // open for reading until the peer closes it, so nothing in flight on
@@ -819,7 +819,7 @@ impl Core {
         true
     }
 
-    fn deliver(&mut self, id: ConnId, frame: Bytes) {
+    fn take_message(&mut self, id: ConnId, frame: Bytes) {
         match self.serializer.decode_message(&frame) {
             Ok(Some(msg)) => {
                 match &mut self.read_run {
@@ -894,7 +894,7 @@ impl Core {
 
     /// Serializes a frame into the core's send arena (no per-message
     /// allocation once the arena has warmed up).
-    pub fn build_frame(
+    pub fn new_frame(
         &mut self,
         write: impl FnOnce(&Serializer, &mut BytesMut) -> crate::Result<()>,
     ) -> crate::Result<Bytes> {
@@ -1006,7 +1006,7 @@ impl Core {
     /// write covers (the kernel may still be reading them).
     pub fn sending(&mut self, id: ConnId, held_frames: usize) {
         if let Some(c) = self.get_mut(id) {
-            c.outbox.set_held(held_frames);
+            c.outbox.set_in_flight(held_frames);
         }
     }
 
@@ -1015,7 +1015,7 @@ impl Core {
     pub fn on_sent(&mut self, id: ConnId, result: io::Result<usize>) {
         let Some(conn) = self.get_mut(id) else { return };
         conn.send_in_flight = false;
-        conn.outbox.set_held(0);
+        conn.outbox.set_in_flight(0);
         match result {
             Ok(n) => {
                 conn.outbox.advance(n);

@@ -18,7 +18,7 @@ pub struct Outbox {
     enqueued_total: u64,
     written_total: u64,
     /// Frames an in-flight write may still be reading.
-    held: usize,
+    in_flight: usize,
 }
 
 impl Outbox {
@@ -67,8 +67,8 @@ impl Outbox {
         self.frames.iter()
     }
 
-    pub(crate) fn set_held(&mut self, n: usize) {
-        self.held = n;
+    pub(crate) fn set_in_flight(&mut self, n: usize) {
+        self.in_flight = n;
     }
 
     /// Marks `n` bytes written, dropping completed frames.
@@ -92,9 +92,9 @@ impl Outbox {
     }
 
     /// Removes and returns the frames no write has touched yet (neither
-    /// partly written nor held by an in-flight write).
+    /// partly written nor covered by an in-flight write).
     pub fn take_unstarted(&mut self) -> Outbox {
-        let keep = self.held.max(usize::from(self.offset > 0));
+        let keep = self.in_flight.max(usize::from(self.offset > 0));
         let mut out = Outbox::default();
         while self.frames.len() > keep {
             if let Some(f) = self.frames.pop_back() {
@@ -145,7 +145,7 @@ mod tests {
         for f in [&b"11"[..], b"22", b"33"] {
             o.push(Bytes::copy_from_slice(f));
         }
-        o.set_held(2);
+        o.set_in_flight(2);
         assert_eq!(o.take_unstarted().frames().count(), 1);
     }
 }

@@ -451,7 +451,7 @@ fn full_inbox_pauses_receiving_until_taken() {
     assert!(c.start_recv(id, &mut pool).is_some());
 }
 
-// PROTOCOL.md 14.3: the connection-role tests, on the core's table.
+// The connection-role tests (who connected, who answers), on the core's table.
 
 #[test]
 fn empty_table_answers_every_query() {

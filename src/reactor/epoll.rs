@@ -68,11 +68,11 @@ pub struct EpollBackend {
     busy: bool,
     hot: crate::reactor::sys::HotConns,
     spins: u32,
-    /// Receives are held back (the core's inbox is full): readiness is
+    /// Receives are paused (the core's inbox is full): readiness is
     /// remembered, the reads wait.
-    held: bool,
+    paused: bool,
     /// Connections that became readable with a receive started while
-    /// receives were held.
+    /// receives were paused.
     deferred: Vec<ConnId>,
 }
 
@@ -101,7 +101,7 @@ impl EpollBackend {
             busy: false,
             hot: crate::reactor::sys::HotConns::default(),
             spins: 0,
-            held: false,
+            paused: false,
             deferred: Vec::new(),
         })
     }
@@ -192,7 +192,7 @@ impl EpollBackend {
             conns, ready, hot, ..
         } = self;
         let mut tried = false;
-        if self.held {
+        if self.paused {
             return false;
         }
         for id in hot.ids() {
@@ -280,7 +280,7 @@ impl Backend for EpollBackend {
         };
         c.recv = Some(buf);
         if c.readable {
-            if self.held {
+            if self.paused {
                 self.deferred.push(id);
             } else {
                 Self::do_read(ready, c, pool);
@@ -332,7 +332,7 @@ impl Backend for EpollBackend {
                 result: Err(e.into()),
             }),
         }
-        // The frames this call wrote (wholly or partly) stay "held" until
+        // The frames this call wrote (wholly or partly) stay in flight until
         // the core applies the completion, so that a connection replacement
         // in between does not move (and resend) them.
         if total > 0 {
@@ -348,7 +348,7 @@ impl Backend for EpollBackend {
         }
     }
 
-    fn held_buffers(&self) -> usize {
+    fn lent_buffers(&self) -> usize {
         self.conns
             .values()
             .filter(|c| matches!(c.recv, Some(RecvBuf::Partial(_))))
@@ -365,9 +365,9 @@ impl Backend for EpollBackend {
         self.busy = spin;
     }
 
-    fn hold_receives(&mut self, hold: bool, pool: &mut BufferPool) {
-        self.held = hold;
-        if hold {
+    fn pause_receives(&mut self, pause: bool, pool: &mut BufferPool) {
+        self.paused = pause;
+        if pause {
             return;
         }
         let EpollBackend {
@@ -437,7 +437,7 @@ impl Backend for EpollBackend {
             let err_or_hup = epoll::EventFlags::ERR | epoll::EventFlags::HUP;
             if flags.intersects(epoll::EventFlags::IN | epoll::EventFlags::RDHUP | err_or_hup) {
                 c.readable = true;
-                if !self.held {
+                if !self.paused {
                     Self::do_read(ready, c, pool);
                 } else if c.recv.is_some() {
                     self.deferred.push(id);

@@ -333,7 +333,7 @@ pub trait Backend: Send {
 
     /// Receive and send buffers the backend holds right now (lent to the
     /// kernel or parked with an armed receive).
-    fn held_buffers(&self) -> usize;
+    fn lent_buffers(&self) -> usize;
 
     /// A handle that wakes [`Backend::poll`] from another thread.
     fn waker(&self) -> Waker;
@@ -356,11 +356,11 @@ pub trait Backend: Send {
     /// polling), so it may look for data in cheaper ways than a full poll.
     fn set_busy_poll(&mut self, _spin: bool) {}
 
-    /// While `hold` is set (the core's inbox is full), receives already
+    /// While `pause` is set (the core's inbox is full), receives already
     /// started but not yet performed wait instead of reading; they resume
     /// when it is cleared. Receives the kernel already performs on its own
-    /// (io_uring's armed SQEs) are not held back.
-    fn hold_receives(&mut self, _hold: bool, _pool: &mut BufferPool) {}
+    /// (io_uring's armed SQEs) are not paused.
+    fn pause_receives(&mut self, _pause: bool, _pool: &mut BufferPool) {}
 
     /// Collects finished operations, waiting up to `timeout` (`None`:
     /// forever) when there are none yet.
@@ -438,8 +438,8 @@ pub struct Reactor {
     allowed_uids: Option<Vec<u32>>,
     completions: Vec<Completion>,
     scratch: Vec<ConnId>,
-    /// Receives are held back (see [`Backend::hold_receives`]).
-    held: bool,
+    /// Receives are paused (see [`Backend::pause_receives`]).
+    receives_paused: bool,
     /// Receives that finished while the inbox was full, applied once the
     /// application has taken messages (each connection has at most one).
     stalled: std::collections::VecDeque<(ConnId, BytesMut, io::Result<usize>)>,
@@ -464,7 +464,7 @@ impl Reactor {
             backend,
             completions: Vec::new(),
             scratch: Vec::new(),
-            held: false,
+            receives_paused: false,
             stalled: std::collections::VecDeque::new(),
         }
     }
@@ -484,9 +484,9 @@ impl Reactor {
         self.backend.kind()
     }
 
-    /// Buffers held by the backend (see [`Backend::held_buffers`]).
+    /// Buffers lent to the backend (see [`Backend::lent_buffers`]).
     pub fn backend_buffers(&self) -> usize {
-        self.backend.held_buffers() + self.stalled.len()
+        self.backend.lent_buffers() + self.stalled.len()
     }
 
     /// After the application took the inbox: if receiving had paused (data
@@ -542,12 +542,12 @@ impl Reactor {
             self.core.on_recv(conn, buf, result, &mut self.pool);
         }
         let paused = self.core.is_paused();
-        if paused != self.held {
+        if paused != self.receives_paused {
             // A full inbox holds back the receives already started, so one
             // batch stays near the inbox limit instead of taking a buffer
             // from every readable connection.
-            self.held = paused;
-            self.backend.hold_receives(paused, &mut self.pool);
+            self.receives_paused = paused;
+            self.backend.pause_receives(paused, &mut self.pool);
         }
         if self.core.take_accept_resume() {
             self.backend.resume_accept();
@@ -574,8 +574,8 @@ impl Reactor {
                     }
                 }
                 if let Some(outbox) = self.core.start_send(id) {
-                    let held = self.backend.send(id, outbox);
-                    self.core.sending(id, held);
+                    let in_flight = self.backend.send(id, outbox);
+                    self.core.sending(id, in_flight);
                 }
             }
             // Keep the allocation for the next round.

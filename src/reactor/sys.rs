@@ -158,7 +158,7 @@ pub(crate) fn advance_position(outbox: &Outbox, pos: &mut (usize, usize), mut n:
 }
 
 /// Frames a write that ended at `pos` touched (wholly or partly): they stay
-/// held until the core applies the completion.
+/// in flight until the core applies the completion.
 pub(crate) fn touched_frames(pos: (usize, usize)) -> usize {
     pos.0 + usize::from(pos.1 > 0)
 }

@@ -1,5 +1,6 @@
 //! The info string: `["<protocol class>", <serializer spec>, "<route>"]`
-//! (PROTOCOL.md 2.2), produced and parsed.
+//! (a JSON array of client class, serializer and route directory), produced
+//! and parsed.
 
 use std::fmt;
 

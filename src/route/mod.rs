@@ -1,5 +1,5 @@
 //! The route directory: creation, on-disk names, sidecar files, peer
-//! discovery and stale-client cleanup (PROTOCOL.md sections 2-6).
+//! discovery and stale-client cleanup, laid out as the Perl client lays them.
 //!
 //! Everything here is plain file-system work; sockets live in the reactor.
 
@@ -169,7 +169,7 @@ impl Route {
     }
 
     /// What `path` is, if it is a socket or a regular file (following
-    /// symlinks): PROTOCOL.md's `check_path`.
+    /// symlinks): the Perl client's `check_path`.
     pub fn check_path(path: &str) -> Option<EntryKind> {
         let meta = fs::metadata(path).ok()?;
         let ft = meta.file_type();
@@ -362,7 +362,7 @@ impl Route {
     }
 
     /// Live peers' real ids, sorted, without the one whose on-disk name is
-    /// `own` (PROTOCOL.md section 5).
+    /// `own`.
     pub fn peers(&self, own: Option<&str>) -> Result<Vec<String>> {
         let mut ids = Vec::new();
         for name in self.list()? {
@@ -445,7 +445,7 @@ impl Route {
     }
 
     /// Reaps every entry whose `.pid` names a dead process; returns how many
-    /// (PROTOCOL.md 6.6). Entries without a valid pid are left alone.
+    /// (whose pid is gone). Entries without a valid pid are left alone.
     pub fn peer_left(&self, own: Option<&str>) -> Result<usize> {
         let mut n = 0;
         for name in self.list()? {
@@ -462,7 +462,7 @@ impl Route {
         Ok(n)
     }
 
-    /// Removes a stale client's entry and sidecars (PROTOCOL.md 4.7).
+    /// Removes a stale client's entry and sidecars.
     pub fn reap(&self, disk: &str) {
         let entry = self.file(disk);
         let _ = match fs::symlink_metadata(&entry) {

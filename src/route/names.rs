@@ -1,5 +1,6 @@
-//! On-disk names: how an id becomes a file name inside the route
-//! (PROTOCOL.md section 3). Every implementation on a route must compute
+//! On-disk names: how an id becomes a file name inside the route (the id
+//! itself while it fits the 104-byte socket-path budget, else a SHA-256
+//! name). Every implementation on a route must compute
 //! this identically, so it follows the Perl rules to the byte.
 
 use sha2::{Digest, Sha256};
@@ -47,7 +48,7 @@ pub fn on_disk_name(route: &str, id: &str) -> Result<String> {
 /// `h-` + the first 40 hex digits of SHA-256 over the id's bytes.
 ///
 /// Perl hashes characters U+0080..U+00FF as Latin-1 bytes; ids ipcm creates
-/// are ASCII (PROTOCOL.md Q25), where both agree.
+/// are ASCII (docs/perl-differences.md, non-ascii-ids), where both agree.
 pub fn hashed_name(id: &str) -> String {
     let latin1: Option<Vec<u8>> = id.chars().map(|c| u8::try_from(c as u32).ok()).collect();
     let digest = match latin1 {
@@ -62,8 +63,9 @@ pub fn hashed_name(id: &str) -> String {
     out
 }
 
-/// Whether a directory entry name can be a peer (PROTOCOL.md section 5,
-/// steps 3-4, plus the `.pend` recommendation of Q1).
+/// Whether a directory entry name can be a peer: not hidden (`.`), not
+/// reserved (`_`), not a sidecar and not a file being written (`.pend`,
+/// docs/perl-differences.md, pend-files).
 pub fn is_peer_candidate(name: &str) -> bool {
     !(name.starts_with('.')
         || name.starts_with('_')
@@ -71,7 +73,8 @@ pub fn is_peer_candidate(name: &str) -> bool {
         || SIDECAR_SUFFIXES.iter().any(|s| name.ends_with(s)))
 }
 
-/// Refuses ids a local client must not register (PROTOCOL.md 3.1, Q24, Q25).
+/// Refuses ids a local client must not register (docs/perl-differences.md,
+/// odd-ids and non-ascii-ids).
 pub fn check_local_id(id: &str) -> Result<()> {
     if id.is_empty() {
         return Err(Error::IdRequired);

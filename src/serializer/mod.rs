@@ -52,7 +52,8 @@ impl Serializer {
 pub(crate) enum DecodeError {
     /// Not decodable at all (warned as a malformed frame).
     Malformed(String),
-    /// Decodable, but not a valid message (PROTOCOL.md Q14: warned, skipped).
+    /// Decodable, but not a valid message: warned about and skipped
+    /// (docs/perl-differences.md, bad-message).
     Invalid(Error),
 }
 

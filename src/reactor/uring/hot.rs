@@ -23,8 +23,8 @@ pub(super) struct HotSet {
     /// the ring's descriptor and the hot sockets (created on first use).
     pub(super) wait: Option<OwnedFd>,
     pub(super) events: crate::reactor::sys::EventBuf,
-    /// Parked receives are held back (the core's inbox is full).
-    pub(super) held: bool,
+    /// Parked receives are paused (the core's inbox is full).
+    pub(super) paused: bool,
 }
 
 impl UringBackend {
@@ -33,7 +33,7 @@ impl UringBackend {
     /// nothing stay parked. True if any was tried.
     pub(super) fn read_parked(&mut self, pool: &mut BufferPool, all: bool) -> bool {
         let mut tried = false;
-        if self.hot.held {
+        if self.hot.paused {
             return false;
         }
         let mut parked = std::mem::take(&mut self.hot.parked);
@@ -102,13 +102,13 @@ impl UringBackend {
             }
             (Err(e), _) => Err(io::Error::from(e)),
         };
-        let held = if result.is_ok() {
+        let in_flight = if result.is_ok() {
             crate::reactor::sys::touched_frames(pos)
         } else {
             0
         };
         self.ready.push(Completion::Sent { conn: id, result });
-        Some(held)
+        Some(in_flight)
     }
 
     /// Turns the parked receives of connections no longer hot back into
@@ -205,9 +205,8 @@ impl UringBackend {
     /// A receive armed in the ring is woken through task work; a socket's
     /// own wait queue wakes its waiter directly, and with `OUT` registered
     /// also when the peer reads what we sent, which finds this thread's
-    /// CPU awake when the reply comes. On this 2-core VM a blocking
-    /// ping-pong costs ~57 µs per round trip waiting in the ring and ~48 µs
-    /// (as raw blocking sockets) waiting here.
+    /// CPU awake when the reply comes. PERFORMANCE.md has the blocking
+    /// ping-pong measured both ways.
     pub(super) fn wait_parked(
         &mut self,
         timeout: Option<Duration>,

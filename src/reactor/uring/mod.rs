@@ -37,8 +37,8 @@
 //!   an edge-triggered epoll instance holding the hot sockets and the ring's
 //!   descriptor, then reads the hot sockets that became readable with plain
 //!   `read`s. A receive armed in the ring is woken through task work, which
-//!   cost a blocking ping-pong ~19% over raw sockets here; waiting on the
-//!   socket itself costs what epoll does (about raw). A connection that
+//!   made a blocking ping-pong measurably slower than raw sockets
+//!   (PERFORMANCE.md); waiting on the socket itself costs what epoll does. A connection that
 //!   brings data twice without a send in between is a stream and goes back
 //!   to the ring, so streams and fan-in stay entirely on io_uring. Busy
 //!   polling reads (and writes) its hot connections directly on each spin.
@@ -397,7 +397,7 @@ impl Backend for UringBackend {
         self.defer_close(c.fd);
     }
 
-    fn held_buffers(&self) -> usize {
+    fn lent_buffers(&self) -> usize {
         let in_ops = self
             .ops
             .iter()
@@ -433,10 +433,10 @@ impl Backend for UringBackend {
         out.append(&mut self.ready);
     }
 
-    fn hold_receives(&mut self, hold: bool, _pool: &mut BufferPool) {
+    fn pause_receives(&mut self, pause: bool, _pool: &mut BufferPool) {
         // Parked receives wait (their sockets' readiness is remembered);
         // the SQEs armed in the ring complete as the kernel performs them.
-        self.hot.held = hold;
+        self.hot.paused = pause;
     }
 
     fn set_busy_poll(&mut self, spin: bool) {

@@ -357,9 +357,9 @@ impl UringBackend {
             self.hot.recent.note(id);
         }
         if self.hot.recent.contains(id)
-            && let Some(held) = self.send_direct(id, outbox)
+            && let Some(in_flight) = self.send_direct(id, outbox)
         {
-            return held;
+            return in_flight;
         }
         let Some(c) = self.conn(id) else { return 0 };
         let fd = types::Fd(c.fd.as_raw_fd());
@@ -378,7 +378,7 @@ impl UringBackend {
         }
         st.msg.msg_iov = st.iov.as_mut_ptr();
         st.msg.msg_iovlen = st.iov.len() as _;
-        let held = st.frames.len();
+        let in_flight = st.frames.len();
         let msg: *const libc::msghdr = &st.msg;
         // Ranges above 4 GiB go through SENDMSG (SEND takes a u32 length).
         let single: &[libc::iovec] = match st.iov.as_slice() {
@@ -407,6 +407,6 @@ impl UringBackend {
         // SAFETY: `msg`, the iovecs and the frame bytes they point to are
         // owned by the boxed state in `ops[key]` until the completion.
         unsafe { self.push(entry) };
-        held
+        in_flight
     }
 }
