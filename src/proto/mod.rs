@@ -155,10 +155,13 @@ pub enum Enqueue {
     /// Queued; the value is the connection's byte count after this frame
     /// (compare with [`Core::written_total`]).
     Queued(u64),
-    /// The outbox has no room; nothing was queued.
+    /// The outbox has no room; nothing was queued, and the frame comes
+    /// back.
     Full {
         /// Bytes already queued.
         queued: usize,
+        /// The frame, for a later try.
+        frame: Bytes,
     },
     /// No such connection.
     Gone,
@@ -436,6 +439,19 @@ impl Core {
         }
     }
 
+    /// Drops the connections at the front of the hello queue that resolved
+    /// or closed, so that its front is a connection still waiting and
+    /// [`Core::poll_timeout`] names no deadline that is not one (a driver
+    /// would read the clock on every turn for nothing).
+    fn prune_unresolved(&mut self) {
+        while let Some(&(_, id)) = self.unresolved.front() {
+            if self.get(id).is_some_and(|c| c.peer.is_none()) {
+                return;
+            }
+            self.unresolved.pop_front();
+        }
+    }
+
     /// Does what is due at `now`: closes accepted connections that sent no
     /// hello within the timeout, and makes a due accept retry known to the
     /// reactor ([`Core::take_accept_resume`]). Returns how many
@@ -540,6 +556,9 @@ impl Core {
             return;
         }
         let mut conn = self.conns.remove(id.slot());
+        if conn.peer.is_none() {
+            self.prune_unresolved();
+        }
         log::debug!(
             "ConnectionUnix: closing connection {:?} to '{}' ({:?}, {} bytes written){}",
             id,
@@ -816,6 +835,7 @@ impl Core {
         if moved {
             self.dirty.push(id);
         }
+        self.prune_unresolved();
         true
     }
 
@@ -894,6 +914,7 @@ impl Core {
 
     /// Serializes a frame into the core's send arena (no per-message
     /// allocation once the arena has warmed up).
+    #[inline]
     pub fn new_frame(
         &mut self,
         write: impl FnOnce(&Serializer, &mut BytesMut) -> crate::Result<()>,
@@ -922,7 +943,7 @@ impl Core {
         };
         let queued = conn.outbox.queued_bytes();
         if queued > 0 && queued + frame.len() > limit {
-            return Enqueue::Full { queued };
+            return Enqueue::Full { queued, frame };
         }
         conn.outbox.push(frame);
         let total = conn.outbox.enqueued_total();

@@ -376,7 +376,10 @@ fn outbox_is_bounded_but_always_takes_one_frame() {
     assert!(matches!(c.enqueue(id, big.clone()), Enqueue::Queued(150)));
     assert_eq!(
         c.enqueue(id, Bytes::from_static(b"x")),
-        Enqueue::Full { queued: 150 }
+        Enqueue::Full {
+            queued: 150,
+            frame: Bytes::from_static(b"x")
+        }
     );
     assert!(c.start_send(id).is_some());
     c.on_sent(id, Ok(150));

@@ -26,11 +26,10 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::Duration;
 
-use rustix::event::epoll;
 use rustix::io::Errno;
 use rustix::net::SocketFlags;
 
-use super::sys::EventBuf;
+use super::sys::{ReadySet, read_ready};
 use super::{Backend, BackendKind, Completion, ConnTable, Waker};
 use crate::proto::{ConnId, Outbox, RecvBuf};
 use crate::wire::BufferPool;
@@ -54,13 +53,12 @@ struct EpollConn {
 /// The epoll backend.
 #[derive(Debug)]
 pub struct EpollBackend {
-    ep: OwnedFd,
+    set: ReadySet,
     listener: Option<OwnedFd>,
     /// Accepting stopped after a failure, until `resume_accept`.
     accept_paused: bool,
     conns: ConnTable<EpollConn>,
     ready: Vec<Completion>,
-    events: EventBuf,
     waker: Waker,
     /// Busy polling: zero-timeout polls read the connections that last
     /// had data directly, and call `epoll_wait` only every
@@ -82,21 +80,15 @@ const BUSY_EPOLL_EVERY: u32 = 16;
 impl EpollBackend {
     /// A backend with its own epoll instance.
     pub fn new() -> io::Result<Self> {
-        let ep = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let set = ReadySet::new(EVENTS)?;
         let waker = Waker::new()?;
-        epoll::add(
-            &ep,
-            waker.fd(),
-            epoll::EventData::new_u64(WAKE),
-            epoll::EventFlags::IN | epoll::EventFlags::ET,
-        )?;
+        set.watch_readable(waker.fd(), WAKE, true)?;
         Ok(EpollBackend {
-            ep,
+            set,
             listener: None,
             accept_paused: false,
             conns: ConnTable::default(),
             ready: Vec::new(),
-            events: EventBuf(Vec::with_capacity(EVENTS)),
             waker,
             busy: false,
             hot: crate::reactor::sys::HotConns::default(),
@@ -149,21 +141,18 @@ impl EpollBackend {
             RecvBuf::Pooled => pool.take_recv(),
         };
         let len = buf.len();
-        let spare = buf.capacity() - len;
-        match crate::reactor::sys::read_into(c.fd.as_fd(), &mut buf) {
-            Ok(n) => {
-                if n < spare {
-                    // A short read drained the socket; the next arrival
-                    // raises a new edge.
-                    c.readable = false;
-                }
+        match read_ready(c.fd.as_fd(), &mut buf) {
+            Some((result, more)) => {
+                // A short read drained the socket; the next arrival raises
+                // a new edge.
+                c.readable = more;
                 ready.push(Completion::Recv {
                     conn: c.id,
                     buf,
-                    result: Ok(n),
+                    result,
                 });
             }
-            Err(Errno::AGAIN) => {
+            None => {
                 c.readable = false;
                 c.recv = Some(if len == 0 && !keep {
                     // Nothing arrived: the pool buffer goes back.
@@ -173,11 +162,6 @@ impl EpollBackend {
                     RecvBuf::Partial(buf)
                 });
             }
-            Err(e) => ready.push(Completion::Recv {
-                conn: c.id,
-                buf,
-                result: Err(e.into()),
-            }),
         }
     }
 }
@@ -215,23 +199,18 @@ impl Backend for EpollBackend {
     }
 
     fn pollable_fd(&self) -> BorrowedFd<'_> {
-        self.ep.as_fd()
+        self.set.fd()
     }
 
     fn listen(&mut self, fd: OwnedFd) -> io::Result<()> {
-        epoll::add(
-            &self.ep,
-            &fd,
-            epoll::EventData::new_u64(LISTENER),
-            epoll::EventFlags::IN | epoll::EventFlags::ET,
-        )?;
+        self.set.watch_readable(fd.as_fd(), LISTENER, true)?;
         self.listener = Some(fd);
         Ok(())
     }
 
     fn close_listener(&mut self) {
         if let Some(l) = self.listener.take() {
-            let _ = epoll::delete(&self.ep, &l);
+            self.set.unwatch(l.as_fd());
         }
         self.accept_paused = false;
     }
@@ -243,15 +222,7 @@ impl Backend for EpollBackend {
     }
 
     fn add_conn(&mut self, id: ConnId, fd: OwnedFd) -> io::Result<()> {
-        epoll::add(
-            &self.ep,
-            &fd,
-            epoll::EventData::new_u64(id.as_u64()),
-            epoll::EventFlags::IN
-                | epoll::EventFlags::OUT
-                | epoll::EventFlags::RDHUP
-                | epoll::EventFlags::ET,
-        )?;
+        self.set.watch_socket(fd.as_fd(), id.as_u64())?;
         self.conns.insert(
             id,
             EpollConn {
@@ -344,7 +315,7 @@ impl Backend for EpollBackend {
 
     fn close(&mut self, id: ConnId) {
         if let Some(c) = self.conns.remove(id) {
-            let _ = epoll::delete(&self.ep, &c.fd);
+            self.set.unwatch(c.fd.as_fd());
         }
     }
 
@@ -403,39 +374,27 @@ impl Backend for EpollBackend {
             }
         }
         let (timeout, blocking) = self.waker.wait_timeout(!self.ready.is_empty(), timeout);
-        let ts = timeout.map(crate::reactor::sys::timespec);
-        self.events.0.clear();
-        let res = epoll::wait(
-            &self.ep,
-            rustix::buffer::spare_capacity(&mut self.events.0),
-            ts.as_ref(),
-        );
+        let res = self.set.wait(timeout);
         if blocking {
             self.waker.finish_sleep();
         }
-        match res {
-            Ok(_) | Err(Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let events = std::mem::take(&mut self.events.0);
-        for ev in &events {
-            let token = ev.data.u64();
-            if token == LISTENER {
+        res?;
+        for i in 0..self.set.len() {
+            let ev = self.set.get(i);
+            if ev.token == LISTENER {
                 self.accept_all();
                 continue;
             }
-            if token == WAKE {
+            if ev.token == WAKE {
                 self.waker.drain();
                 continue;
             }
-            let flags = ev.flags;
             let EpollBackend { conns, ready, .. } = self;
-            let id = ConnId::from_u64(token);
+            let id = ConnId::from_u64(ev.token);
             let Some(c) = conns.get_mut(id) else {
                 continue;
             };
-            let err_or_hup = epoll::EventFlags::ERR | epoll::EventFlags::HUP;
-            if flags.intersects(epoll::EventFlags::IN | epoll::EventFlags::RDHUP | err_or_hup) {
+            if ev.readable {
                 c.readable = true;
                 if !self.paused {
                     Self::do_read(ready, c, pool);
@@ -443,7 +402,7 @@ impl Backend for EpollBackend {
                     self.deferred.push(id);
                 }
             }
-            if flags.intersects(epoll::EventFlags::OUT | err_or_hup) {
+            if ev.writable {
                 c.writable = true;
                 if c.want_write {
                     c.want_write = false;
@@ -454,7 +413,6 @@ impl Backend for EpollBackend {
                 }
             }
         }
-        self.events.0 = events;
         if self.busy {
             self.hot.note_received(&self.ready);
         }

@@ -9,8 +9,137 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::Duration;
 
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::event::epoll;
+
 use super::Completion;
 use crate::proto::{ConnId, Outbox};
+
+/// An epoll instance watching sockets edge-triggered: the epoll backend's
+/// readiness, and the wait of io_uring's hot connections. The one place
+/// that registers descriptors and reads events.
+#[derive(Debug)]
+pub(crate) struct ReadySet {
+    ep: OwnedFd,
+    events: EventBuf,
+}
+
+/// What one event says of its descriptor.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ready {
+    /// The token it was watched with.
+    pub(crate) token: u64,
+    /// Data, end of stream, or an error may be read.
+    pub(crate) readable: bool,
+    /// Room to write (or an error to learn by writing).
+    pub(crate) writable: bool,
+}
+
+impl ReadySet {
+    /// An empty set reporting up to `capacity` events per wait.
+    pub(crate) fn new(capacity: usize) -> io::Result<Self> {
+        Ok(ReadySet {
+            ep: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+            events: EventBuf(Vec::with_capacity(capacity)),
+        })
+    }
+
+    /// Watches a connection's socket: readable, writable and peer-closed,
+    /// edge-triggered (with `OUT`, the peer consuming what was sent wakes
+    /// the waiter too, shortly before its reply is due).
+    pub(crate) fn watch_socket(&self, fd: BorrowedFd<'_>, token: u64) -> io::Result<()> {
+        let flags = epoll::EventFlags::IN
+            | epoll::EventFlags::OUT
+            | epoll::EventFlags::RDHUP
+            | epoll::EventFlags::ET;
+        Ok(epoll::add(
+            &self.ep,
+            fd,
+            epoll::EventData::new_u64(token),
+            flags,
+        )?)
+    }
+
+    /// Watches `fd` for readability, edge- or level-triggered.
+    pub(crate) fn watch_readable(
+        &self,
+        fd: BorrowedFd<'_>,
+        token: u64,
+        edge: bool,
+    ) -> io::Result<()> {
+        let mut flags = epoll::EventFlags::IN;
+        if edge {
+            flags |= epoll::EventFlags::ET;
+        }
+        Ok(epoll::add(
+            &self.ep,
+            fd,
+            epoll::EventData::new_u64(token),
+            flags,
+        )?)
+    }
+
+    /// Stops watching `fd` (before it closes, or when it cools down).
+    pub(crate) fn unwatch(&self, fd: BorrowedFd<'_>) {
+        let _ = epoll::delete(&self.ep, fd);
+    }
+
+    /// The epoll instance's descriptor (readable while events wait).
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.ep.as_fd()
+    }
+
+    /// Waits up to `timeout` (`None`: forever) for events; an interrupted
+    /// wait is an empty one.
+    pub(crate) fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let ts = timeout.map(timespec);
+        self.events.0.clear();
+        match epoll::wait(
+            &self.ep,
+            rustix::buffer::spare_capacity(&mut self.events.0),
+            ts.as_ref(),
+        ) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Events of the last wait.
+    pub(crate) fn len(&self) -> usize {
+        self.events.0.len()
+    }
+
+    /// Event `i` of the last wait.
+    pub(crate) fn get(&self, i: usize) -> Ready {
+        let ev = &self.events.0[i];
+        // A copy: the kernel's event struct is packed.
+        let (flags, data) = (ev.flags, ev.data);
+        let err_or_hup = epoll::EventFlags::ERR | epoll::EventFlags::HUP;
+        Ready {
+            token: data.u64(),
+            readable: flags
+                .intersects(epoll::EventFlags::IN | epoll::EventFlags::RDHUP | err_or_hup),
+            writable: flags.intersects(epoll::EventFlags::OUT | err_or_hup),
+        }
+    }
+}
+
+/// One direct receive on a socket that may be readable, into `buf`:
+/// `None` if it had nothing (`EAGAIN`; `buf` unchanged), else the result
+/// and whether the socket may hold more (a read that filled the buffer
+/// drained nothing for sure, and no new edge will say so).
+pub(crate) fn read_ready(
+    fd: BorrowedFd<'_>,
+    buf: &mut bytes::BytesMut,
+) -> Option<(io::Result<usize>, bool)> {
+    let spare = buf.capacity() - buf.len();
+    match read_into(fd, buf) {
+        Err(rustix::io::Errno::AGAIN) => None,
+        Ok(n) => Some((Ok(n), n > 0 && n == spare)),
+        Err(e) => Some((Err(e.into()), false)),
+    }
+}
 
 /// The event array handed to `epoll_wait` (the epoll backend's, and the
 /// io_uring backend's wait on its hot connections).

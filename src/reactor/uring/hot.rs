@@ -19,10 +19,9 @@ pub(super) struct HotSet {
     /// instead of SQEs: on each spinning poll, or after an epoll wait on
     /// them and the ring (see `wait_parked`).
     pub(super) parked: Vec<(ConnId, BytesMut)>,
-    /// Waits with parked receives: an edge-triggered epoll instance holding
-    /// the ring's descriptor and the hot sockets (created on first use).
-    pub(super) wait: Option<OwnedFd>,
-    pub(super) events: crate::reactor::sys::EventBuf,
+    /// Waits with parked receives: the ring's descriptor and the hot
+    /// sockets (created on first use).
+    pub(super) set: Option<crate::reactor::sys::ReadySet>,
     /// Parked receives are paused (the core's inbox is full).
     pub(super) paused: bool,
 }
@@ -46,17 +45,13 @@ impl UringBackend {
                 return true;
             }
             tried = true;
-            let spare = buf.capacity() - buf.len();
-            let result = match crate::reactor::sys::read_into(c.fd.as_fd(), buf) {
-                Err(rustix::io::Errno::AGAIN) => {
-                    c.readable = false;
-                    return true;
-                }
-                r => r.map_err(io::Error::from),
+            let Some((result, more)) = crate::reactor::sys::read_ready(c.fd.as_fd(), buf) else {
+                c.readable = false;
+                return true;
             };
             // A short read drained the socket; a full one may have left
             // more behind (no new edge will say so).
-            c.readable = matches!(result, Ok(n) if n == spare && n > 0);
+            c.readable = more;
             if matches!(result, Ok(n) if n > 0) {
                 self.received(*id);
             }
@@ -138,38 +133,34 @@ impl UringBackend {
     /// Stops watching `id` in `hot_wait` (before its descriptor closes or
     /// when it cools down).
     pub(super) fn unwatch(&mut self, id: ConnId) {
-        let (Some(ep), Some(c)) = (&self.hot.wait, self.conns.get_mut(id)) else {
+        let (Some(set), Some(c)) = (&self.hot.set, self.conns.get_mut(id)) else {
             return;
         };
         if c.watched {
             c.watched = false;
-            let _ = rustix::event::epoll::delete(ep, &c.fd);
+            set.unwatch(c.fd.as_fd());
         }
     }
 
     /// Registers the parked connections (and, first, the ring) with
     /// `hot_wait`. False if that failed: the caller waits on the ring.
     pub(super) fn watch_parked(&mut self) -> bool {
-        use rustix::event::epoll;
-        if self.hot.wait.is_none() {
-            let ep = epoll::create(epoll::CreateFlags::CLOEXEC).and_then(|ep| {
-                epoll::add(
-                    &ep,
-                    self.pollable_fd(),
-                    epoll::EventData::new_u64(RING_TOKEN),
-                    epoll::EventFlags::IN,
-                )
-                .map(|()| ep)
+        if self.hot.set.is_none() {
+            // The ring's descriptor level-triggered: completions waiting in
+            // it keep the wait short.
+            let set = crate::reactor::sys::ReadySet::new(8).and_then(|set| {
+                set.watch_readable(self.pollable_fd(), RING_TOKEN, false)
+                    .map(|()| set)
             });
-            match ep {
-                Ok(ep) => self.hot.wait = Some(ep),
+            match set {
+                Ok(set) => self.hot.set = Some(set),
                 Err(e) => {
                     log::warn!("io_uring: no epoll for hot connections ({e}); waiting on the ring");
                     return false;
                 }
             }
         }
-        let Some(ep) = &self.hot.wait else {
+        let Some(set) = &self.hot.set else {
             return false;
         };
         for (id, _) in &self.hot.parked {
@@ -179,14 +170,7 @@ impl UringBackend {
             if c.watched {
                 continue;
             }
-            // Edge-triggered, and with OUT: the peer consuming what we sent
-            // wakes this thread too (as the epoll backend's registration
-            // does), shortly before its reply is due.
-            let flags = epoll::EventFlags::IN
-                | epoll::EventFlags::OUT
-                | epoll::EventFlags::RDHUP
-                | epoll::EventFlags::ET;
-            if let Err(e) = epoll::add(ep, &c.fd, epoll::EventData::new_u64(id.as_u64()), flags) {
+            if let Err(e) = set.watch_socket(c.fd.as_fd(), id.as_u64()) {
                 log::warn!("io_uring: cannot watch a hot connection ({e}); waiting on the ring");
                 return false;
             }
@@ -213,7 +197,6 @@ impl UringBackend {
         out: &mut Vec<Completion>,
         pool: &mut BufferPool,
     ) -> io::Result<bool> {
-        use rustix::event::epoll;
         if !self.watch_parked() {
             return Ok(false);
         }
@@ -228,32 +211,19 @@ impl UringBackend {
         self.read_parked(pool, false);
         let ready = !self.ready.is_empty() || !self.ring.completion().is_empty();
         let (timeout, blocking) = self.waker.wait_timeout(ready, timeout);
-        let ts = timeout.map(crate::reactor::sys::timespec);
-        let Some(ep) = &self.hot.wait else {
+        let Some(set) = &mut self.hot.set else {
             return Ok(false);
         };
-        self.hot.events.0.clear();
-        let res = epoll::wait(
-            ep,
-            rustix::buffer::spare_capacity(&mut self.hot.events.0),
-            ts.as_ref(),
-        );
+        let res = set.wait(timeout);
         if blocking {
             self.waker.finish_sleep();
         }
-        match res {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let readable = epoll::EventFlags::IN
-            | epoll::EventFlags::RDHUP
-            | epoll::EventFlags::HUP
-            | epoll::EventFlags::ERR;
-        for ev in &self.hot.events.0 {
-            let (token, flags) = (ev.data.u64(), ev.flags);
-            if token != RING_TOKEN
-                && flags.intersects(readable)
-                && let Some(c) = self.conns.get_mut(ConnId::from_u64(token))
+        res?;
+        for i in 0..set.len() {
+            let ev = set.get(i);
+            if ev.token != RING_TOKEN
+                && ev.readable
+                && let Some(c) = self.conns.get_mut(ConnId::from_u64(ev.token))
             {
                 c.readable = true;
             }
