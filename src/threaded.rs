@@ -419,14 +419,25 @@ impl Receiver {
     /// Moves up to `max` waiting messages into `out`; returns how many.
     pub fn recv_batch(&mut self, out: &mut Vec<Message>, max: usize) -> usize {
         let mut n = 0;
+        let mut drained = false;
         while n < max {
-            match self.try_recv() {
-                Some(m) => {
+            match self.ring.pop() {
+                Ok(m) => {
                     out.push(m);
                     n += 1;
                 }
-                None => break,
+                // Empty: clear readiness, then look once more (a push may
+                // have raced), as `try_recv` does.
+                Err(_) if !drained => {
+                    drained = true;
+                    self.shared.drain_ready();
+                }
+                Err(_) => break,
             }
+        }
+        // One look at the gate for the whole batch: any pop made room.
+        if n > 0 && self.shared.gate.consumer_popped() {
+            self.shared.waker.wake();
         }
         n
     }

@@ -640,6 +640,18 @@ fn flood_and_hold() {
     drop(held);
 }
 
+/// A listener `srv` that has served one client already, so the lazily
+/// opened descriptors (pools, eventfds) exist before anything is counted.
+fn warm_listener(t: &TestRoute) -> Client {
+    let mut srv = t.connect("srv");
+    let mut warm = t.connect_nl("warm");
+    warm.send_message("srv", "warm").unwrap();
+    warm.disconnect(None).unwrap();
+    poll(&mut srv, 1);
+    drain_for(&mut srv, Duration::from_millis(50));
+    srv
+}
+
 /// Waits up to `limit` for `cond`; whether it came true.
 fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -663,13 +675,7 @@ fn peers_closing_before_their_hello_release_descriptors_during_a_blocking_wait(b
     use std::sync::atomic::{AtomicBool, Ordering};
     const PEERS: usize = 300;
     let t = TestRoute::new(b);
-    let mut srv = t.connect("srv");
-    // Warm up lazily opened descriptors.
-    let mut warm = t.connect_nl("warm");
-    warm.send_message("srv", "warm").unwrap();
-    warm.disconnect(None).unwrap();
-    poll(&mut srv, 1);
-    drain_for(&mut srv, Duration::from_millis(50));
+    let mut srv = warm_listener(&t);
     let base = open_fds();
     let stop = Arc::new(AtomicBool::new(false));
     let server = {
@@ -751,12 +757,7 @@ fn descriptor_exhaustion_backs_off_and_recovers(b: BackendChoice) {
     let limit = open_fds() as u64 + 48;
     set_fd_limit(limit);
     let t = TestRoute::new(b);
-    let mut srv = t.connect("srv");
-    let mut warm = t.connect_nl("warm");
-    warm.send_message("srv", "warm").unwrap();
-    warm.disconnect(None).unwrap();
-    poll(&mut srv, 1);
-    drain_for(&mut srv, Duration::from_millis(50));
+    let mut srv = warm_listener(&t);
     let base = open_fds() as u64;
     let mut flood = helper_command("flood")
         .env("IPCM_FLOOD_PATH", t.file("srv"))

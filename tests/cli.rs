@@ -75,6 +75,15 @@ fn finish(child: Child) -> (i32, Vec<Value>) {
     (out.status.code().unwrap_or(-1), msgs)
 }
 
+/// `ipcm stats` of client `id`, parsed.
+fn stats_of(bus: &Bus, id: &str) -> Value {
+    let out = ipcm()
+        .args(["stats", &bus.info, "--id", id])
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn send(bus: &Bus, id: &str, to: &[&str], contents: &[&str]) -> Output {
     ipcm()
         .args(["send", &bus.info, "--id", id])
@@ -176,17 +185,9 @@ fn send_recv_round_trip_with_rich_content() {
     // Both sides disconnected cleanly: sockets gone, .stats written.
     let route = route_of(&bus.info);
     assert!(!std::path::Path::new(&format!("{route}/sink")).exists());
-    let stats = ipcm()
-        .args(["stats", &bus.info, "--id", "sink"])
-        .output()
-        .unwrap();
-    let stats: Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let stats = stats_of(&bus, "sink");
     assert_eq!(stats["read"]["src"], 3);
-    let stats = ipcm()
-        .args(["stats", &bus.info, "--id", "src"])
-        .output()
-        .unwrap();
-    let stats: Value = serde_json::from_slice(&stats.stdout).unwrap();
+    let stats = stats_of(&bus, "src");
     assert_eq!(stats["sent"]["sink"], 3);
 }
 
@@ -446,11 +447,7 @@ fn recv_threaded_prints_in_order_and_follows_the_exit_codes_on_each_backend() {
         // Disconnected cleanly: socket gone, .stats written.
         let route = route_of(&bus.info);
         assert!(!std::path::Path::new(&format!("{route}/sink")).exists());
-        let stats = ipcm()
-            .args(["stats", &bus.info, "--id", "sink"])
-            .output()
-            .unwrap();
-        let stats: Value = serde_json::from_slice(&stats.stdout).unwrap();
+        let stats = stats_of(&bus, "sink");
         assert_eq!(stats["read"]["src"], 3, "{backend}");
         let (code, msgs) = finish(start_recv(
             &bus,

@@ -385,14 +385,7 @@ fn recv(
     let mut late = 0usize;
     let mut keep = |_: &Client, msgs: Vec<Message>| late += msgs.len();
     c.disconnect(Some(&mut keep))?;
-    if late > 0 {
-        eprintln!("ipcm: {late} message(s) arrived during disconnect and were not printed");
-    }
-    Ok(if count.is_some() && n < want {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(recv_outcome(late, count, n))
 }
 
 /// `recv --threaded`: the same output and exit status, with the reactor on
@@ -423,14 +416,20 @@ fn recv_threaded(c: Client, out: &mut impl Write, deadline: Instant, count: Opti
     }
     handle.shutdown()?;
     let late = std::iter::from_fn(|| rx.try_recv()).count();
+    Ok(recv_outcome(late, count, n))
+}
+
+/// How `recv` ends: a note for messages that came during the disconnect,
+/// and exit status 1 when `--count` was not reached.
+fn recv_outcome(late: usize, count: Option<u64>, n: u64) -> ExitCode {
     if late > 0 {
         eprintln!("ipcm: {late} message(s) arrived during disconnect and were not printed");
     }
-    Ok(if count.is_some() && n < want {
+    if count.is_some_and(|want| n < want) {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
-    })
+    }
 }
 
 fn parse_content(text: &str) -> Result<serde_json::Value, Fail> {

@@ -107,7 +107,6 @@ struct Conn {
     recv_in_flight: bool,
     send_in_flight: bool,
     last_activity: f64,
-    created: Instant,
 }
 
 /// Why a connection went away, for the one who asked to send on it.
@@ -246,7 +245,7 @@ impl Core {
         &mut self.stats
     }
 
-    fn insert(&mut self, peer: Option<ByteStr>, role: Role, now: Instant) -> ConnId {
+    fn insert(&mut self, peer: Option<ByteStr>, role: Role) -> ConnId {
         let generation = self.next_generation;
         self.next_generation = self.next_generation.wrapping_add(1).max(1);
         let slot = self.conns.insert(Conn {
@@ -258,13 +257,9 @@ impl Core {
             recv_in_flight: false,
             send_in_flight: false,
             last_activity: coarse_stamp(),
-            created: now,
         });
         let id = ConnId::new(slot, generation);
         self.dirty.push(id);
-        if self.conns[slot].peer.is_none() {
-            self.unresolved.push_back((self.conns[slot].created, id));
-        }
         id
     }
 
@@ -293,9 +288,7 @@ impl Core {
             self.retired += 1;
         }
         let peer = ByteStr::copy_from(peer);
-        // An initiator's creation time is never looked at (it is not
-        // waiting for a hello), so no clock is read for it.
-        let id = self.insert(Some(peer.clone()), Role::Initiator, Instant::now());
+        let id = self.insert(Some(peer.clone()), Role::Initiator);
         self.by_peer.insert(peer, id.slot());
         let ser = self.serializer.clone();
         let hello = build_frame::<crate::Error>(&mut self.arena, |b| {
@@ -314,7 +307,9 @@ impl Core {
     /// ends an accept back-off episode.
     pub fn add_acceptor(&mut self, now: Instant) -> ConnId {
         self.on_accepted(now);
-        self.insert(None, Role::Acceptor, now)
+        let id = self.insert(None, Role::Acceptor);
+        self.unresolved.push_back((now, id));
+        id
     }
 
     /// The open connection to `peer`, if any.

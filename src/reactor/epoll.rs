@@ -109,8 +109,8 @@ impl EpollBackend {
         loop {
             match rustix::net::accept_with(l, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC) {
                 Ok(fd) => self.ready.push(Completion::Accepted(fd)),
-                Err(Errno::INTR) | Err(Errno::CONNABORTED) => continue,
                 Err(Errno::AGAIN) => return,
+                Err(e) if crate::reactor::sys::accept_retry_now(e.raw_os_error()) => continue,
                 Err(e) => {
                     // EMFILE, ENFILE, ENOMEM, ENOBUFS...: the queue still
                     // holds connections, and the edge is spent. Retrying

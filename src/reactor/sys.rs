@@ -53,12 +53,7 @@ impl ReadySet {
             | epoll::EventFlags::OUT
             | epoll::EventFlags::RDHUP
             | epoll::EventFlags::ET;
-        Ok(epoll::add(
-            &self.ep,
-            fd,
-            epoll::EventData::new_u64(token),
-            flags,
-        )?)
+        self.add(fd, token, flags)
     }
 
     /// Watches `fd` for readability, edge- or level-triggered.
@@ -72,6 +67,10 @@ impl ReadySet {
         if edge {
             flags |= epoll::EventFlags::ET;
         }
+        self.add(fd, token, flags)
+    }
+
+    fn add(&self, fd: BorrowedFd<'_>, token: u64, flags: epoll::EventFlags) -> io::Result<()> {
         Ok(epoll::add(
             &self.ep,
             fd,
@@ -125,6 +124,20 @@ impl ReadySet {
     }
 }
 
+/// Whether an `accept` error means "try again now" (a connection that went
+/// away while queued, a signal, an empty queue, or our own cancel) rather
+/// than a failure the core backs off from (`EMFILE`, `ENFILE`, `ENOMEM`,
+/// `ENOBUFS`, anything else). Both backends classify with it.
+pub(crate) fn accept_retry_now(errno: i32) -> bool {
+    [
+        libc::EINTR,
+        libc::ECONNABORTED,
+        libc::EAGAIN,
+        libc::ECANCELED,
+    ]
+    .contains(&errno)
+}
+
 /// One direct receive on a socket that may be readable, into `buf`:
 /// `None` if it had nothing (`EAGAIN`; `buf` unchanged), else the result
 /// and whether the socket may hold more (a read that filled the buffer
@@ -143,17 +156,11 @@ pub(crate) fn read_ready(
 
 /// The event array handed to `epoll_wait` (the epoll backend's, and the
 /// io_uring backend's wait on its hot connections).
-pub(crate) struct EventBuf(pub(crate) Vec<rustix::event::epoll::Event>);
+struct EventBuf(Vec<rustix::event::epoll::Event>);
 
 // SAFETY: the events carry only `u64` tokens (never pointers), so moving
 // the buffer to another thread shares nothing.
 unsafe impl Send for EventBuf {}
-
-impl Default for EventBuf {
-    fn default() -> Self {
-        EventBuf(Vec::with_capacity(8))
-    }
-}
 
 impl fmt::Debug for EventBuf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -24,8 +24,7 @@ macro_rules! per_backend {
             $(
                 #[test]
                 fn $name() {
-                    if let Err(reason) = ipcm::io_uring_available() {
-                        eprintln!("skipped: io_uring unavailable ({reason})");
+                    if $crate::common::io_uring_missing() {
                         return;
                     }
                     super::$name(ipcm::BackendChoice::IoUring)
@@ -58,8 +57,7 @@ macro_rules! per_backend_isolated {
                 $(
                     #[test]
                     fn $name() {
-                        if let Err(reason) = ipcm::io_uring_available() {
-                            eprintln!("skipped: io_uring unavailable ({reason})");
+                        if $crate::common::io_uring_missing() {
                             return;
                         }
                         $crate::common::isolated(
@@ -71,6 +69,18 @@ macro_rules! per_backend_isolated {
             }
         }
     };
+}
+
+/// True, after printing why, when io_uring cannot run here (the caller
+/// skips its io_uring test).
+pub fn io_uring_missing() -> bool {
+    match ipcm::io_uring_available() {
+        Ok(()) => false,
+        Err(reason) => {
+            eprintln!("skipped: io_uring unavailable ({reason})");
+            true
+        }
+    }
 }
 
 /// Names the one test an isolated child process runs (see [`isolated`]).

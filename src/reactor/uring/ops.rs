@@ -202,14 +202,7 @@ impl UringBackend {
         } else if res == -libc::EINVAL && multishot {
             log::info!("io_uring: multishot accept unsupported; using single-shot accepts");
             self.accept.multishot = false;
-        } else if ![
-            libc::ECANCELED,
-            libc::EINTR,
-            libc::ECONNABORTED,
-            libc::EAGAIN,
-        ]
-        .contains(&-res)
-        {
+        } else if !crate::reactor::sys::accept_retry_now(-res) {
             // EMFILE, ENFILE, ENOMEM, ENOBUFS...: stop accepting until the
             // core's back-off says to try again (re-arming now would fail
             // at once, forever: a busy loop).
