@@ -3,8 +3,11 @@
 //! `valgrind --tool=callgrind` at two message counts and divides the
 //! difference, which cancels setup and teardown.
 //!
-//! Arguments: `[binary|binary16k|json|pingpong] [MESSAGES]` (defaults:
-//! binary, 10000; `pingpong` moves one Binary message each way at a time).
+//! Arguments: `[binary|binary-owned|binary16k|json|json-owned|pingpong] [MESSAGES]`
+//! (defaults: binary, 10000; `pingpong` moves one Binary message each way
+//! at a time). The receiver reads with the borrowed view
+//! (`Client::receive`); the `-owned` variants take owned messages
+//! (`get_messages_timeout_into`, sorted by stamp) instead.
 //! Both clients live on this thread (epoll backend: valgrind does not model
 //! io_uring's shared rings); each round queues 64 messages of 64 B content
 //! (`binary16k`: 4 of 16 KiB), flushes them and receives them.
@@ -18,20 +21,23 @@ fn main() {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let ser = match args.first().map(String::as_str) {
-        Some("json") => Serializer::Json,
-        _ => Serializer::Binary,
+    let mode = args.first().map(String::as_str).unwrap_or("binary");
+    let ser = if mode.starts_with("json") {
+        Serializer::Json
+    } else {
+        Serializer::Binary
     };
+    let owned = mode.ends_with("-owned");
     // `pingpong`: one message at a time, blocking send, busy-polling
     // receive (what one hop of a ping-pong costs in user space).
-    let ping_pong = args.first().map(String::as_str) == Some("pingpong");
+    let ping_pong = mode == "pingpong";
     let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let route = Route::spawn(None).unwrap();
     let info = Info::new(ser, route.path());
     let opts = Options::new().backend(BackendChoice::Epoll);
     let mut rx = Client::connect(&info, "sink", opts.clone()).unwrap();
     let mut tx = Client::connect(&info, "src", opts.listen(false)).unwrap();
-    let large = args.first().map(String::as_str) == Some("binary16k");
+    let large = mode == "binary16k";
     let content = if large {
         format!("\"{}\"", "0123456789abcdef".repeat(1024).split_at(16382).0)
     } else {
@@ -79,11 +85,19 @@ fn main() {
         tx.flush_pending(Some(Duration::from_secs(30))).unwrap();
         let mut got = 0;
         while got < k {
-            inbox.clear();
-            got += rx
-                .get_messages_timeout_into(&mut inbox, Duration::from_secs(30))
-                .unwrap();
-            bytes += inbox.iter().map(|m| m.content_json().len()).sum::<usize>();
+            if owned {
+                inbox.clear();
+                got += rx
+                    .get_messages_timeout_into(&mut inbox, Duration::from_secs(30))
+                    .unwrap();
+                bytes += inbox.iter().map(|m| m.content_json().len()).sum::<usize>();
+            } else {
+                let batch = rx.receive(Duration::from_secs(30)).unwrap();
+                for m in &batch {
+                    bytes += m.content_json().len();
+                    got += 1;
+                }
+            }
         }
         sent += k;
     }

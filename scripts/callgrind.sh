@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instructions per message on the hot paths (send + receive, user space),
 # counted by callgrind: stable under machine load, unlike timings.
-# Usage: scripts/callgrind.sh [binary|binary16k|json|pingpong ...]   (default: binary json)
+# Usage: scripts/callgrind.sh [binary|binary-owned|binary16k|json|json-owned|pingpong ...]
+# (default: binary json; see benches/hot_path.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=$(cargo bench --bench hot_path --no-run 2>&1 | grep -o 'target/release/deps/hot_path-[0-9a-f]*' | head -1)

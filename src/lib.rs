@@ -32,7 +32,8 @@
 //! The public API is what this page lists: [`Client`] and its
 //! [`Options`], the threaded mode ([`Client::into_threaded`]: [`Sender`],
 //! [`Receiver`], [`ReactorHandle`]), [`Spawn`] for creating a route,
-//! [`Message`], [`Route`] and [`Info`] for the directory and its info
+//! [`Message`] (and the borrowed view of [`Client::receive`]:
+//! [`Received`], [`MessageRef`]), [`Route`] and [`Info`] for the directory and its info
 //! string, [`Serializer`], [`Stats`] and [`Error`].
 //!
 //! Inside, the layers run one way, bottom up: `wire` (framing, buffers),
@@ -85,10 +86,12 @@ mod loom_models;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-pub use client::{BroadcastResult, Client, DisconnectHandler, Options, PATH_TYPE, Resources};
+pub use client::{
+    BroadcastResult, Client, DisconnectHandler, Options, PATH_TYPE, Received, Resources,
+};
 pub use error::{Error, Result};
 pub use message::{Message, sort_messages};
-pub use proto::Stats;
+pub use proto::{IdText, Iter, MessageRef, Stats};
 pub use reactor::{BACKEND_ENV, BackendChoice, BackendKind, Waker, io_uring_available};
 pub use route::{EntryKind, Info, PidState, Route, max_on_disk_name_length, on_disk_name};
 pub use serializer::Serializer;

@@ -315,18 +315,7 @@ impl Message {
 
     /// Whether the content is an object with a truthy `terminate` key.
     pub fn is_terminate(&self) -> bool {
-        #[derive(serde::Deserialize)]
-        struct T<'a> {
-            #[serde(borrow)]
-            terminate: Option<&'a RawValue>,
-        }
-        if !self.content.starts_with('{') {
-            return false;
-        }
-        match serde_json::from_str::<T>(&self.content) {
-            Ok(T { terminate: Some(v) }) => is_truthy(v),
-            _ => false,
-        }
+        content_is_terminate(&self.content)
     }
 
     /// The whole envelope as a JSON value (for display and tools).
@@ -351,6 +340,22 @@ impl Message {
             m.insert(k.to_string(), v);
         }
         serde_json::Value::Object(m)
+    }
+}
+
+/// Whether JSON text `content` is an object with a truthy `terminate` key.
+pub(crate) fn content_is_terminate(content: &str) -> bool {
+    #[derive(serde::Deserialize)]
+    struct T<'a> {
+        #[serde(borrow)]
+        terminate: Option<&'a RawValue>,
+    }
+    if !content.starts_with('{') {
+        return false;
+    }
+    match serde_json::from_str::<T>(content) {
+        Ok(T { terminate: Some(v) }) => is_truthy(v),
+        _ => false,
     }
 }
 
@@ -415,38 +420,6 @@ pub(crate) fn sort_messages_with(msgs: &mut [Message], scratch: &mut SortScratch
         );
     }
     moved.clear();
-}
-
-/// Moves every message of `src` to the end of `dst`, in sorted order (the
-/// order of [`sort_messages`]), each message moved once: the fan-in path,
-/// where a batch interleaves many senders and must be sorted.
-pub(crate) fn append_sorted(
-    src: &mut Vec<Message>,
-    dst: &mut Vec<Message>,
-    scratch: &mut SortScratch,
-) {
-    if src.len() > u32::MAX as usize || src.is_sorted_by(|a, b| compare(a, b) != Ordering::Greater)
-    {
-        let start = dst.len();
-        dst.append(src);
-        sort_messages_with(&mut dst[start..], scratch);
-        return;
-    }
-    let keys = &mut scratch.keys;
-    sorted_keys(src, keys);
-    dst.reserve(src.len());
-    let from = src.as_ptr();
-    // SAFETY: `src` gives up ownership first (length 0: a panic below
-    // would leak, never double-drop); the third key fields are a
-    // permutation of its indices, so each message is read exactly once;
-    // `dst` has the capacity reserved, so `push` neither reallocates nor
-    // panics.
-    unsafe {
-        src.set_len(0);
-        for k in keys.iter() {
-            dst.push(std::ptr::read(from.add(k.2 as usize)));
-        }
-    }
 }
 
 /// Fills `keys` with `(stamp, stamp_ord, position)` of each message, in
@@ -555,6 +528,85 @@ pub fn next_stamp() -> (f64, u64) {
             }
             Err(actual) => cur = actual,
         }
+    }
+}
+
+/// One stamp and `count` consecutive ordinals (`1..=65,536`) for a batch
+/// of messages: one clock read and one compare-and-swap for all of them.
+/// Message `i` of the batch is `(stamp, first + i)`; the pairs strictly
+/// increase across the process together with those of [`next_stamp`]
+/// (the ordinals of one batch share a tick: when too few are left in the
+/// current one, the batch takes the next tick, as a 65,537th message of a
+/// tick does in [`next_stamp`]).
+pub fn reserve_stamps(count: u32) -> (f64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let count = u64::from(count.clamp(1, 1 << 16));
+    let now = now_ticks();
+    let base = *STAMP_BASE.get_or_init(|| now);
+    let rel = now.saturating_sub(base).min((1 << 48) - 1);
+    let mut cur = LAST_STAMP.load(Relaxed);
+    loop {
+        let mut first = if cur == u64::MAX || rel > cur >> 16 {
+            rel << 16
+        } else {
+            cur + 1
+        };
+        if (first & 0xFFFF) + count > 1 << 16 {
+            first = ((first >> 16) + 1) << 16;
+        }
+        let last = first + count - 1;
+        match LAST_STAMP.compare_exchange_weak(cur, last, Relaxed, Relaxed) {
+            Ok(_) => {
+                let stamp = ((first >> 16) + base) as f64 / 100_000.0;
+                return (stamp, first & 0xFFFF);
+            }
+            Err(actual) => cur = actual,
+        }
+    }
+}
+
+/// Message ids of one client: a random 74-bit prefix and a 48-bit counter,
+/// laid out as a UUID of version 8 (RFC 9562's custom layout), so that a
+/// batch of messages carries its first id only (the next ones count up).
+#[derive(Debug, Clone)]
+pub(crate) struct IdSeq {
+    prefix: [u8; 10],
+    next: u64,
+}
+
+impl IdSeq {
+    const COUNTER_END: u64 = 1 << 48;
+
+    pub(crate) fn new() -> Self {
+        let mut s = IdSeq {
+            prefix: [0; 10],
+            next: 0,
+        };
+        s.rekey();
+        s
+    }
+
+    fn rekey(&mut self) {
+        let (a, b) = id_random();
+        self.prefix[..8].copy_from_slice(&a.to_le_bytes());
+        self.prefix[8..].copy_from_slice(&b.to_le_bytes()[..2]);
+        // Version 8, variant 0b10.
+        self.prefix[6] = (self.prefix[6] & 0x0F) | 0x80;
+        self.prefix[8] = (self.prefix[8] & 0x3F) | 0x80;
+        self.next = 0;
+    }
+
+    /// The first of `count` consecutive ids (the counter never wraps
+    /// inside a batch: a fresh prefix starts before it would).
+    pub(crate) fn take(&mut self, count: u32) -> [u8; 16] {
+        if self.next + u64::from(count) > Self::COUNTER_END {
+            self.rekey();
+        }
+        let mut id = [0u8; 16];
+        id[..10].copy_from_slice(&self.prefix);
+        id[10..].copy_from_slice(&self.next.to_be_bytes()[2..]);
+        self.next += u64::from(count);
+        id
     }
 }
 
@@ -702,23 +754,34 @@ mod tests {
     }
 
     #[test]
-    fn append_sorted_is_append_then_stable_sort() {
-        let mut src = Vec::new();
-        for i in 0..300u64 {
-            let mut m = Message::new("a", "b", &i).unwrap();
-            m.set_stamp(((i * 7919) % 31) as f64, i % 4);
-            src.push(m);
+    fn reserved_stamps_strictly_increase_with_next_stamp() {
+        let mut last = next_stamp();
+        for count in [1u32, 7, 65_536, 3, 65_535, 1] {
+            let (stamp, first) = reserve_stamps(count);
+            let end = (stamp, first + u64::from(count) - 1);
+            assert!((stamp, first) > last, "{:?} after {last:?}", (stamp, first));
+            assert!(end.1 <= 0xFFFF, "one tick holds the batch");
+            let next = next_stamp();
+            assert!(next > end, "{next:?} after {end:?}");
+            last = next;
         }
-        let mut dst = vec![Message::new("x", "y", &"first").unwrap()];
-        let mut want = src.clone();
-        want.sort_by(compare);
-        let mut scratch = SortScratch::default();
-        append_sorted(&mut src, &mut dst, &mut scratch);
-        assert!(src.is_empty());
-        assert_eq!(dst[0].content_json(), "\"first\"");
-        let got: Vec<&str> = dst[1..].iter().map(|m| m.content_json()).collect();
-        let want: Vec<&str> = want.iter().map(|m| m.content_json()).collect();
-        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn id_sequence_is_uuid_v8_counting_up() {
+        let mut ids = IdSeq::new();
+        let a = ids.take(3);
+        let b = ids.take(1);
+        let u = uuid::Uuid::from_bytes(a);
+        assert_eq!(u.get_version_num(), 8);
+        assert_eq!(u.get_variant(), uuid::Variant::RFC4122);
+        assert_eq!(a[..10], b[..10], "one prefix per client");
+        assert_eq!(crate::serializer::binary::nth_id(&a, 3), b);
+        assert_ne!(IdSeq::new().take(1)[..10], a[..10], "clients differ");
+        ids.next = IdSeq::COUNTER_END - 2;
+        let c = ids.take(3);
+        assert_ne!(c[..10], a[..10], "a fresh prefix before the counter wraps");
+        assert_eq!(c[10..], [0; 6]);
     }
 
     #[test]

@@ -439,11 +439,13 @@ fn a_conversing_peer_that_dies_mid_frame_loses_nothing_complete(backend: Backend
         p.read_exact(&mut len).unwrap();
         let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
         p.read_exact(&mut body).unwrap();
-        let m = Serializer::Binary
-            .decode_payload(&bytes::Bytes::from(body))
-            .unwrap()
+        let mut ms = Vec::new();
+        Serializer::Binary
+            .decode_payloads(&bytes::Bytes::from(body), "a", "p", &mut ms)
             .unwrap();
-        assert_eq!(m.content_json(), (i + 100).to_string());
+        assert_eq!(ms.len(), 1, "one message in the batch");
+        assert_eq!(ms[0].content_json(), (i + 100).to_string());
+        assert_eq!((ms[0].from(), ms[0].to()), ("a", Some("p")));
     }
     // One complete message, then half of the next, then gone.
     let mut last = bytes::BytesMut::new();

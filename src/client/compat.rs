@@ -110,15 +110,17 @@ impl Client {
         format!("{}.name", self.path)
     }
 
-    /// The in-memory statistics.
-    pub fn stats(&self) -> &Stats {
+    /// The in-memory statistics (queued messages count as sent).
+    pub fn stats(&mut self) -> &Stats {
+        self.reactor.core_mut().count_queued();
         self.reactor.core().stats()
     }
 
     /// Writes `.stats` now.
-    pub fn write_stats(&self) -> Result<()> {
+    pub fn write_stats(&mut self) -> Result<()> {
+        self.reactor.core_mut().count_queued();
         self.route
-            .write_stats(&self.disk, &self.serializer, self.stats())
+            .write_stats(&self.disk, &self.serializer, self.reactor.core().stats())
     }
 
     /// Every client's `.stats` on the route.

@@ -18,7 +18,7 @@ impl Client {
         match self.enqueue_frame(peer, frame)? {
             send::Placed::Local => Ok(Ok(None)),
             send::Placed::Queued { id, target } => {
-                self.reactor.core_mut().count_sent(peer);
+                self.reactor.core_mut().count_sent_on(id, peer);
                 Ok(Ok(Some((id, target))))
             }
             send::Placed::Full { frame, .. } => Ok(Err(frame)),

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::message::{Message, sort_messages_with};
 use crate::proto::Stats;
-use crate::proto::{ConnId, Core, CoreConfig, Enqueue};
+use crate::proto::{Append, ConnId, Core, CoreConfig, Enqueue};
 use crate::reactor::{BackendChoice, BackendKind, Reactor, make_backend};
 use crate::route::{EntryKind, Info, Route, names::check_local_id, pid_is_running};
 use crate::serializer::{Content, Outgoing, Serializer};
@@ -34,6 +34,7 @@ mod registration;
 mod send;
 
 pub use options::{BroadcastResult, DisconnectHandler, Options, Resources};
+pub use receive::Received;
 use registration::connect_socket;
 
 /// A client of a route.
@@ -70,6 +71,28 @@ pub struct Client {
     resume_pending: bool,
     /// Scratch of the batch sort (kept to receive without allocating).
     sort_scratch: crate::message::SortScratch,
+    /// The entry vector [`Client::receive`] lends out, kept to receive
+    /// without allocating.
+    spare_entries: Vec<crate::proto::Entry>,
+    /// The connection of the last peer sent to.
+    send_cache: SendCache,
+}
+
+/// The last peer sent to and its connection, valid while the core's
+/// [`Core::peers_epoch`] stays what it was (a send to the same peer as the
+/// last one skips the hash lookup).
+#[derive(Debug, Default)]
+struct SendCache {
+    peer: String,
+    conn: Option<(ConnId, u64)>,
+}
+
+impl SendCache {
+    fn remember(&mut self, peer: &str, id: ConnId, epoch: u64) {
+        self.peer.clear();
+        self.peer.push_str(peer);
+        self.conn = Some((id, epoch));
+    }
 }
 
 fn since(t: Instant) -> f64 {

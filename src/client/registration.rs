@@ -61,6 +61,7 @@ impl Client {
         })?;
         let mut core = Core::new(serializer.clone(), opts.limits.clone());
         *core.stats_mut() = stats;
+        core.set_local_id(id);
         let mut reactor = Reactor::new(core, backend);
         reactor.set_busy_poll(opts.busy_poll);
         if !opts.allow_any_uid {
@@ -117,6 +118,8 @@ impl Client {
             fork_generation: crate::fork::generation(),
             resume_pending: route_has_resume,
             sort_scratch: Default::default(),
+            spare_entries: Vec::new(),
+            send_cache: SendCache::default(),
         })
     }
 

@@ -48,11 +48,26 @@ impl Client {
     }
 
     /// The cached connection to `peer`, or a new one to its socket.
+    #[inline(always)]
     pub(super) fn conn_for_send(&mut self, peer: &str) -> Result<ConnId> {
+        let epoch = self.reactor.core().peers_epoch();
+        if let Some((id, at)) = self.send_cache.conn
+            && at == epoch
+            && self.send_cache.peer == peer
+        {
+            return Ok(id);
+        }
+        self.conn_for_send_slow(peer, epoch)
+    }
+
+    /// [`Client::conn_for_send`] when the peer is not the last one sent to.
+    #[inline(never)]
+    fn conn_for_send_slow(&mut self, peer: &str, epoch: u64) -> Result<ConnId> {
         if peer.is_empty() {
             return Err(Error::NoPeer);
         }
         if let Some(id) = self.reactor.core().conn_for(peer) {
+            self.send_cache.remember(peer, id, epoch);
             return Ok(id);
         }
         let Some(path) = self.route.peer_exists(peer)? else {
@@ -179,6 +194,7 @@ impl Client {
                 }
             }
         };
+        let counted = id;
         match how {
             Delivery::Queue => {}
             Delivery::Start => {
@@ -195,8 +211,72 @@ impl Client {
                 self.wait_written(id, target, deadline)?;
             }
         }
-        self.reactor.core_mut().count_sent(peer);
+        self.reactor.core_mut().count_sent_on(counted, peer);
         Ok(())
+    }
+
+    /// Sends one message of this client's to `peer` on a Binary route: it
+    /// is appended to the open batch of the connection (no frame of its
+    /// own), and goes as far as `how` says. Hellos, broadcasts, resent
+    /// messages and self-sends are single frames ([`Client::send_frame`]).
+    #[inline(always)]
+    pub(super) fn send_batched<T: Serialize + ?Sized>(
+        &mut self,
+        peer: &str,
+        content: Content<'_, T>,
+        how: Delivery,
+    ) -> Result<()> {
+        self.check_usable()?;
+        if peer.is_empty() {
+            return Err(Error::NoPeer);
+        }
+        if peer == self.id {
+            let frame = self.encode(peer, content, false)?;
+            return self.send_to_self(frame);
+        }
+        let deadline = match how {
+            Delivery::Complete => self.send_deadline(),
+            _ => None,
+        };
+        let id = self.conn_for_send(peer)?;
+        loop {
+            let core = self.reactor.core_mut();
+            let appended = match content {
+                Content::Raw(r) => core.append_raw(id, trim_json(r).as_bytes())?,
+                Content::Value(v) => core.append(id, 0, |out| {
+                    serde_json::to_writer(bytes::BufMut::writer(out), v).map_err(Error::from)
+                })?,
+            };
+            match appended {
+                Append::Queued => break,
+                Append::Full { queued } if how != Delivery::Complete => {
+                    return Err(Error::WouldBlock {
+                        peer: peer.to_string(),
+                        queued,
+                        limit: self.opts.limits.outbox_limit,
+                    });
+                }
+                Append::Full { .. } => self.wait_turn(deadline, "room in the outbox")?,
+                Append::Gone => return Err(self.closed_error(id)),
+            }
+        }
+        if how == Delivery::Queue {
+            return Ok(());
+        }
+        let Some(target) = self.reactor.core_mut().seal(id) else {
+            return Err(self.closed_error(id));
+        };
+        self.reactor.flush();
+        match how {
+            Delivery::Start => {
+                let (id, target) = self.reactor.core().locate(id, target);
+                if !self.reactor.core().is_open(id) {
+                    self.closed_outcome(id, target)?;
+                }
+                Ok(())
+            }
+            _ => self.wait_written(id, target, deadline),
+        }
     }
 
     /// Waits until the frame ending at byte `target` of `id`'s stream is
@@ -284,12 +364,15 @@ impl Client {
         blocking: bool,
         broadcast: bool,
     ) -> Result<()> {
-        let frame = self.encode(peer, content, broadcast)?;
         let how = if blocking {
             Delivery::Complete
         } else {
             Delivery::Start
         };
+        if !broadcast && self.serializer == Serializer::Binary {
+            return self.send_batched(peer, content, how);
+        }
+        let frame = self.encode(peer, content, broadcast)?;
         self.send_frame(peer, frame, how)
     }
 
@@ -379,6 +462,9 @@ impl Client {
         peer: &str,
         content: Content<'_, T>,
     ) -> Result<()> {
+        if self.serializer == Serializer::Binary {
+            return self.send_batched(peer, content, Delivery::Queue);
+        }
         let frame = self.encode(peer, content, false)?;
         self.send_frame(peer, frame, Delivery::Queue)
     }
@@ -485,5 +571,14 @@ impl Client {
             out.insert(peer, r);
         }
         Ok(out)
+    }
+}
+
+/// `text` without surrounding whitespace (usually none: two byte tests).
+#[inline(always)]
+fn trim_json(text: &str) -> &str {
+    match text.as_bytes() {
+        [first, .., last] if first.is_ascii_graphic() && last.is_ascii_graphic() => text,
+        _ => text.trim(),
     }
 }

@@ -9,6 +9,7 @@
 //! which is what both epoll (emulated) and io_uring (native) provide.
 
 mod deadlines;
+mod inbox;
 mod outbox;
 mod stats;
 
@@ -18,13 +19,14 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use slab::Slab;
 
-use crate::message::{ByteStr, Message, coarse_stamp};
-use crate::serializer::{DecodeError, Serializer};
+use crate::message::{ByteStr, IdSeq, Message, Name, coarse_stamp};
+use crate::serializer::{DecodeError, Serializer, binary};
 use crate::wire::{BufferPool, FrameDecoder, build_frame};
 use deadlines::AcceptBackoff;
 #[cfg(test)]
 use deadlines::{ACCEPT_RETRY_MAX, ACCEPT_RETRY_MIN, ACCEPT_WARN_QUIET};
-pub use outbox::Outbox;
+pub use inbox::{Entry, IdText, Iter, MessageRef, RecvBatch};
+pub use outbox::{Appended, Outbox};
 pub use stats::Stats;
 
 /// Identifies one connection: a slab slot plus a generation, so a late
@@ -40,6 +42,10 @@ impl ConnId {
     /// The slab slot (stable while the connection is open).
     pub fn slot(self) -> usize {
         (self.0 & 0xFFFF_FFFF) as usize
+    }
+
+    fn generation(self) -> u32 {
+        (self.0 >> 32) as u32
     }
 
     /// The value stored in kernel user-data fields.
@@ -107,6 +113,9 @@ struct Conn {
     recv_in_flight: bool,
     send_in_flight: bool,
     last_activity: f64,
+    /// Messages queued on it and not yet added to the `sent` statistics
+    /// (added once per write started, not once per message).
+    uncounted: u64,
 }
 
 /// Why a connection went away, for the one who asked to send on it.
@@ -170,6 +179,20 @@ pub enum Enqueue {
     Gone,
 }
 
+/// Outcome of appending a message to a connection's batch.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Append {
+    /// In the connection's open batch.
+    Queued,
+    /// The outbox has no room; nothing was appended.
+    Full {
+        /// Bytes already queued.
+        queued: usize,
+    },
+    /// No such connection.
+    Gone,
+}
+
 /// The protocol state machine of one client.
 #[derive(Debug)]
 pub struct Core {
@@ -182,8 +205,14 @@ pub struct Core {
     /// Live connection per peer name (FxHash: the names come from this
     /// user's own processes, so no flooding to defend against).
     by_peer: rustc_hash::FxHashMap<ByteStr, usize>,
-    inbox: Vec<Message>,
+    /// Changes whenever `by_peer` does (see [`Core::peers_epoch`]).
+    peers_epoch: u64,
+    inbox: Vec<Entry>,
     inbox_bytes: usize,
+    /// This client's id: the `to` of the batches it receives.
+    local: Name,
+    /// Ids of the batches it sends.
+    ids: IdSeq,
     paused: bool,
     stats: Stats,
     dirty: Vec<ConnId>,
@@ -213,9 +242,12 @@ impl Core {
             conns: Slab::new(),
             next_generation: 1,
             by_peer: rustc_hash::FxHashMap::default(),
+            peers_epoch: 0,
             read_run: None,
             inbox: Vec::new(),
             inbox_bytes: 0,
+            local: Name::copy_from(""),
+            ids: IdSeq::new(),
             paused: false,
             stats: Stats::default(),
             dirty: Vec::new(),
@@ -230,14 +262,28 @@ impl Core {
         }
     }
 
+    /// Sets this client's id (the recipient of the batches it receives).
+    pub fn set_local_id(&mut self, id: &str) {
+        self.local = Name::copy_from(id);
+    }
+
     /// The limits in force.
     pub fn config(&self) -> &CoreConfig {
         &self.cfg
     }
 
-    /// Statistics so far.
+    /// Statistics so far (messages still in an open batch are counted by
+    /// [`Core::count_queued`]).
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// Adds every connection's queued messages to the `sent` statistics.
+    pub fn count_queued(&mut self) {
+        let Core { conns, stats, .. } = self;
+        for (_, c) in conns.iter_mut() {
+            fold_sent(stats, c);
+        }
     }
 
     /// Mutable statistics (reconnect loads them; disconnect adjusts them).
@@ -257,6 +303,7 @@ impl Core {
             recv_in_flight: false,
             send_in_flight: false,
             last_activity: coarse_stamp(),
+            uncounted: 0,
         });
         let id = ConnId::new(slot, generation);
         self.dirty.push(id);
@@ -290,6 +337,7 @@ impl Core {
         let peer = ByteStr::copy_from(peer);
         let id = self.insert(Some(peer.clone()), Role::Initiator);
         self.by_peer.insert(peer, id.slot());
+        self.peers_epoch += 1;
         let ser = self.serializer.clone();
         let hello = build_frame::<crate::Error>(&mut self.arena, |b| {
             ser.encode_hello(own_id, b);
@@ -310,6 +358,13 @@ impl Core {
         let id = self.insert(None, Role::Acceptor);
         self.unresolved.push_back((now, id));
         id
+    }
+
+    /// A count that changes whenever a peer's live connection does: an
+    /// answer of [`Core::conn_for`] holds while it stays the same.
+    #[inline]
+    pub fn peers_epoch(&self) -> u64 {
+        self.peers_epoch
     }
 
     /// The open connection to `peer`, if any.
@@ -398,6 +453,8 @@ impl Core {
         if conn.peer.is_none() {
             self.prune_unresolved();
         }
+        conn.outbox.seal(&mut self.ids);
+        fold_sent(&mut self.stats, &mut conn);
         log::debug!(
             "ConnectionUnix: closing connection {:?} to '{}' ({:?}, {} bytes written){}",
             id,
@@ -412,6 +469,7 @@ impl Core {
         if let Some(peer) = &conn.peer {
             if self.by_peer.get(peer) == Some(&id.slot()) {
                 self.by_peer.remove(peer);
+                self.peers_epoch += 1;
                 self.promote_retired(id, peer, &mut conn.outbox);
             } else {
                 self.retired -= 1;
@@ -443,12 +501,13 @@ impl Core {
         };
         self.retired -= 1;
         self.by_peer.insert(peer.clone(), slot);
+        self.peers_epoch += 1;
         let carried = outbox.take_unstarted();
         let id = self.id_of(slot);
         if !carried.is_empty() {
             let base = self.conns[slot].outbox.enqueued_total();
             self.record_move(from, outbox.enqueued_total(), id, base);
-            self.conns[slot].outbox.append(carried);
+            self.conns[slot].outbox.append_outbox(carried);
             self.dirty.push(id);
         }
         log::debug!("ConnectionUnix: connection {id:?} to '{peer}' is live again");
@@ -653,7 +712,9 @@ impl Core {
         let mut moved_from = None;
         if let Some(&old_slot) = self.by_peer.get(&peer) {
             let old = self.id_of(old_slot);
-            if let Some(c) = self.get_mut(old) {
+            let Core { conns, ids, .. } = self;
+            if let Some(c) = conns.get_mut(old.slot()) {
+                c.outbox.seal(ids);
                 carried = c.outbox.take_unstarted();
                 moved_from = Some((old, c.outbox.enqueued_total()));
             }
@@ -669,8 +730,9 @@ impl Core {
         conn.peer = Some(peer.clone());
         conn.last_activity = coarse_stamp();
         let moved = !carried.is_empty();
-        conn.outbox.append(carried);
+        conn.outbox.append_outbox(carried);
         self.by_peer.insert(peer, id.slot());
+        self.peers_epoch += 1;
         if moved {
             self.dirty.push(id);
         }
@@ -679,6 +741,10 @@ impl Core {
     }
 
     fn take_message(&mut self, id: ConnId, frame: Bytes) {
+        if matches!(self.serializer, Serializer::Binary) && binary::is_batch(&frame) {
+            self.take_batch(id, frame);
+            return;
+        }
         match self.serializer.decode_message(&frame) {
             Ok(Some(msg)) => {
                 match &mut self.read_run {
@@ -689,7 +755,7 @@ impl Core {
                     }
                 }
                 self.inbox_bytes += frame.len();
-                self.inbox.push(msg);
+                self.inbox.push(Entry::One(msg));
                 if self.inbox_bytes >= self.cfg.inbox_limit {
                     self.paused = true;
                 }
@@ -706,9 +772,64 @@ impl Core {
         }
     }
 
+    /// A Binary batch arrived on `id`: checked whole, then kept as one
+    /// entry (its messages are read in place when taken).
+    fn take_batch(&mut self, id: ConnId, frame: Bytes) {
+        let len = frame.len();
+        let checked = match binary::CheckedBatch::parse(frame) {
+            Ok(b) => b,
+            Err(e) => {
+                let peer = self.peer_of(id).unwrap_or("");
+                log::warn!("ConnectionUnix: malformed frame from '{peer}': {e}");
+                return;
+            }
+        };
+        let Some(from) = self.get(id).and_then(|c| c.peer.clone()) else {
+            return;
+        };
+        let from = Name::from_byte_str(from);
+        let count = u64::from(checked.info().count);
+        match &mut self.read_run {
+            Some((f, n)) if f.as_str() == from.as_str() => *n += count,
+            _ => {
+                self.flush_read_run();
+                self.read_run = Some((from.clone(), count));
+            }
+        }
+        let batch = RecvBatch {
+            from,
+            batch: checked,
+        };
+        if batch.batch.info().nulls > 0 {
+            // Rare (a broken sender): the batch is split, and the messages
+            // without content are skipped as any invalid message is.
+            let nulls = batch.batch.info().nulls;
+            log::warn!(
+                "ConnectionUnix: invalid message from '{}' skipped: 'content' is a required attribute ({nulls} in one batch)",
+                batch.from.as_str()
+            );
+            if let Some((_, n)) = &mut self.read_run {
+                *n -= u64::from(nulls);
+            }
+            let mut msgs = Vec::new();
+            inbox::expand_into(&mut vec![Entry::Batch(batch)], &self.local, &mut msgs);
+            self.inbox.extend(
+                msgs.into_iter()
+                    .filter(|m| m.content_json() != "null")
+                    .map(Entry::One),
+            );
+        } else {
+            self.inbox.push(Entry::Batch(batch));
+        }
+        self.inbox_bytes += len;
+        if self.inbox_bytes >= self.cfg.inbox_limit {
+            self.paused = true;
+        }
+    }
+
     /// Adds a message that did not come from a connection (self-sends).
     pub fn push_local(&mut self, msg: Message) {
-        self.inbox.push(msg);
+        self.inbox.push(Entry::One(msg));
     }
 
     /// Whether received messages are waiting.
@@ -719,7 +840,12 @@ impl Core {
     /// Takes every received message (unsorted, arrival order) and resumes
     /// receiving if the inbox had filled up.
     pub fn take_messages(&mut self, into: &mut Vec<Message>) {
-        into.append(&mut self.inbox);
+        inbox::expand_into(&mut self.inbox, &self.local, into);
+        self.emptied_inbox();
+    }
+
+    /// The inbox was emptied: receiving resumes if it had paused.
+    fn emptied_inbox(&mut self) {
         self.inbox_bytes = 0;
         if self.paused {
             self.paused = false;
@@ -735,10 +861,22 @@ impl Core {
         into: &mut Vec<Message>,
         scratch: &mut crate::message::SortScratch,
     ) {
-        if self.inbox.len() > 1 {
-            crate::message::append_sorted(&mut self.inbox, into, scratch);
-        }
+        let start = into.len();
         self.take_messages(into);
+        crate::message::sort_messages_with(&mut into[start..], scratch);
+    }
+
+    /// Swaps the inbox with `into` (which must be empty): every entry, in
+    /// arrival order, batches whole. Receiving resumes if it had paused.
+    pub fn take_entries(&mut self, into: &mut Vec<Entry>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut self.inbox, into);
+        self.emptied_inbox();
+    }
+
+    /// This client's id, as the `to` of the batches it receives.
+    pub(crate) fn local_id(&self) -> &Name {
+        &self.local
     }
 
     /// Changes the inbox limit (see [`CoreConfig::inbox_limit`]).
@@ -777,19 +915,104 @@ impl Core {
     /// outbox takes any frame, so a frame above the limit still goes out).
     pub fn enqueue(&mut self, id: ConnId, frame: Bytes) -> Enqueue {
         let limit = self.cfg.outbox_limit;
-        let Some(conn) = self.get_mut(id) else {
+        let Core { conns, ids, .. } = self;
+        let Some(conn) = conns
+            .get_mut(id.slot())
+            .filter(|c| c.generation == id.generation())
+        else {
             return Enqueue::Gone;
         };
         let queued = conn.outbox.queued_bytes();
         if queued > 0 && queued + frame.len() > limit {
             return Enqueue::Full { queued, frame };
         }
+        // Frames go out in the order they were queued: a batch queued
+        // before this frame is sealed ahead of it.
+        conn.outbox.seal(ids);
         conn.outbox.push(frame);
         let total = conn.outbox.enqueued_total();
         if !conn.send_in_flight {
             self.dirty.push(id);
         }
         Enqueue::Queued(total)
+    }
+
+    /// Appends one message to `id`'s open batch (Binary routes), within
+    /// the outbox limit as [`Core::enqueue`]; `write` puts its content
+    /// (`hint`: its size, if known). The message goes out when the batch is
+    /// sealed: at the next write started on the connection, or when it is
+    /// full ([`Core::seal`] seals it now).
+    #[inline(always)]
+    pub fn append(
+        &mut self,
+        id: ConnId,
+        hint: usize,
+        write: impl FnOnce(&mut BytesMut) -> crate::Result<()>,
+    ) -> crate::Result<Append> {
+        let limit = self.cfg.outbox_limit;
+        let Core {
+            conns,
+            ids,
+            arenas,
+            dirty,
+            ..
+        } = self;
+        let Some(conn) = conns
+            .get_mut(id.slot())
+            .filter(|c| c.generation == id.generation())
+        else {
+            return Ok(Append::Gone);
+        };
+        let queued = conn.outbox.queued_bytes();
+        if queued > 0 && queued + hint + binary::RECORD_LEN_SIZE > limit {
+            return Ok(Append::Full { queued });
+        }
+        if conn.outbox.append(hint, arenas, ids, write)? == Appended::Opened && !conn.send_in_flight
+        {
+            dirty.push(id);
+        }
+        conn.uncounted += 1;
+        Ok(Append::Queued)
+    }
+
+    /// [`Core::append`] of content given as JSON bytes.
+    #[inline(always)]
+    pub fn append_raw(&mut self, id: ConnId, content: &[u8]) -> crate::Result<Append> {
+        let limit = self.cfg.outbox_limit;
+        let Core {
+            conns,
+            ids,
+            arenas,
+            dirty,
+            ..
+        } = self;
+        let Some(conn) = conns
+            .get_mut(id.slot())
+            .filter(|c| c.generation == id.generation())
+        else {
+            return Ok(Append::Gone);
+        };
+        let queued = conn.outbox.queued_bytes();
+        if queued > 0 && queued + content.len() + binary::RECORD_LEN_SIZE > limit {
+            return Ok(Append::Full { queued });
+        }
+        if conn.outbox.append_raw(content, arenas, ids)? == Appended::Opened && !conn.send_in_flight
+        {
+            dirty.push(id);
+        }
+        conn.uncounted += 1;
+        Ok(Append::Queued)
+    }
+
+    /// Seals `id`'s open batch; returns the connection's byte count after
+    /// it (compare with [`Core::written_total`]).
+    pub fn seal(&mut self, id: ConnId) -> Option<u64> {
+        let Core { conns, ids, .. } = self;
+        let conn = conns
+            .get_mut(id.slot())
+            .filter(|c| c.generation == id.generation())?;
+        conn.outbox.seal(ids);
+        Some(conn.outbox.enqueued_total())
     }
 
     /// Where the frame that ends at byte `target` of `id`'s stream is now:
@@ -837,6 +1060,17 @@ impl Core {
         Stats::bump(&mut self.stats.sent, peer);
     }
 
+    /// Counts a message queued on `id` as sent to `peer` (added to the
+    /// statistics when the connection's next write starts, or now if it
+    /// has closed).
+    #[inline]
+    pub fn count_sent_on(&mut self, id: ConnId, peer: &str) {
+        match self.get_mut(id) {
+            Some(c) => c.uncounted += 1,
+            None => self.count_sent(peer),
+        }
+    }
+
     /// Counts a message as read from `peer` (self-sends).
     pub fn count_read(&mut self, peer: &str) {
         Stats::bump(&mut self.stats.read, peer);
@@ -854,10 +1088,17 @@ impl Core {
     /// If `id` has bytes to write and no write in flight, marks the write
     /// as started and returns the outbox to write from.
     pub fn start_send(&mut self, id: ConnId) -> Option<&Outbox> {
-        let conn = self.get_mut(id)?;
+        let Core {
+            conns, ids, stats, ..
+        } = self;
+        let conn = conns
+            .get_mut(id.slot())
+            .filter(|c| c.generation == id.generation())?;
         if conn.send_in_flight || conn.outbox.is_empty() {
             return None;
         }
+        conn.outbox.seal(ids);
+        fold_sent(stats, conn);
         conn.send_in_flight = true;
         Some(&conn.outbox)
     }
@@ -873,7 +1114,13 @@ impl Core {
     /// A write finished having written `result` bytes (0 means "retry",
     /// e.g. after the kernel buffer had no room).
     pub fn on_sent(&mut self, id: ConnId, result: io::Result<usize>) {
-        let Some(conn) = self.get_mut(id) else { return };
+        let Core { conns, arenas, .. } = self;
+        let Some(conn) = conns
+            .get_mut(id.slot())
+            .filter(|c| c.generation == id.generation())
+        else {
+            return;
+        };
         conn.send_in_flight = false;
         conn.outbox.set_in_flight(0);
         match result {
@@ -881,6 +1128,7 @@ impl Core {
                 conn.outbox.advance(n);
                 if n > 0 && conn.outbox.is_empty() {
                     conn.last_activity = coarse_stamp();
+                    conn.outbox.release(arenas);
                 }
                 if !conn.outbox.is_empty() {
                     self.dirty.push(id);
@@ -895,6 +1143,17 @@ impl Core {
             Err(e) => self.close(id, Some(e)),
         }
     }
+}
+
+/// Adds `conn`'s uncounted messages to the `sent` statistics.
+fn fold_sent(stats: &mut Stats, conn: &mut Conn) {
+    if conn.uncounted == 0 {
+        return;
+    }
+    if let Some(peer) = &conn.peer {
+        Stats::add(&mut stats.sent, peer, conn.uncounted);
+    }
+    conn.uncounted = 0;
 }
 
 #[cfg(test)]

@@ -1,12 +1,33 @@
 //! A connection's outbox: whole frames in order, the write position inside
-//! the first one, and byte counters.
+//! the first one, byte counters, and on Binary routes the batch being
+//! filled.
 //!
 //! Frames are never interleaved: a partly written frame stays at the front
-//! until its last byte is written.
+//! until its last byte is written. The open batch is one contiguous buffer
+//! (frame header, batch header, records) that messages are appended to; it
+//! is sealed into a frame, behind every frame queued before it, when the
+//! connection's write starts, when it is full, or when a frame of another
+//! kind is queued after it.
 
 use std::collections::VecDeque;
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::error::Error;
+use crate::message::{IdSeq, reserve_stamps};
+use crate::serializer::binary::{
+    BATCH_HEADER_SIZE, MAX_BATCH_COUNT, MAX_RECORD, RECORD_LEN_SIZE, batch_header, record_len_bytes,
+};
+use crate::wire::{BufferPool, FrameHeader, HEADER_LEN};
+use zerocopy::IntoBytes;
+
+/// Payload bytes after which a batch is sealed (a record that would take
+/// it past this starts the next batch; one larger record is a batch of
+/// its own).
+pub const BATCH_BYTES: usize = 64 * 1024;
+
+/// Bytes in front of the first record of a batch frame.
+const BATCH_PREFIX: usize = HEADER_LEN + BATCH_HEADER_SIZE;
 
 /// Frames waiting to be written on one connection.
 #[derive(Debug, Default)]
@@ -19,32 +40,198 @@ pub struct Outbox {
     written_total: u64,
     /// Frames an in-flight write may still be reading.
     in_flight: usize,
+    /// The open batch: frame header and batch header (both written when it
+    /// is sealed), then its records. Empty when `open_count` is 0.
+    open: BytesMut,
+    /// Messages in the open batch.
+    open_count: u32,
+}
+
+/// Outcome of [`Outbox::append`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// In the open batch.
+    Queued,
+    /// In a batch just opened (the connection needs a write started).
+    Opened,
 }
 
 impl Outbox {
-    /// Appends a frame.
+    /// Appends a frame (behind the open batch, which the caller seals
+    /// first).
     pub fn push(&mut self, frame: Bytes) {
+        debug_assert_eq!(self.open_count, 0, "an open batch is sealed first");
         self.queued += frame.len();
         self.enqueued_total += frame.len() as u64;
         self.frames.push_back(frame);
     }
 
     /// Appends every frame of `other`.
-    pub fn append(&mut self, other: Outbox) {
+    pub fn append_outbox(&mut self, other: Outbox) {
         debug_assert_eq!(other.offset, 0);
+        debug_assert_eq!(other.open_count, 0);
         for f in other.frames {
             self.push(f);
         }
     }
 
-    /// Whether nothing is queued.
+    /// Whether nothing is queued (no frame, no open batch).
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.frames.is_empty() && self.open_count == 0
     }
 
-    /// Bytes not yet written.
+    /// Bytes not yet written (the open batch included).
     pub fn queued_bytes(&self) -> usize {
-        self.queued
+        self.queued + self.open.len()
+    }
+
+    /// Appends one message whose content `write` puts into the buffer
+    /// (`hint`: its size, if known) to the open batch, opening one if
+    /// needed: a record of a batch from this connection's sender to its
+    /// receiver. Nothing is appended on error.
+    #[inline(always)]
+    pub(crate) fn append(
+        &mut self,
+        hint: usize,
+        pool: &mut BufferPool,
+        ids: &mut IdSeq,
+        write: impl FnOnce(&mut BytesMut) -> Result<(), Error>,
+    ) -> Result<Appended, Error> {
+        let need = RECORD_LEN_SIZE + hint;
+        let mut opened = false;
+        if self.open_count == 0
+            || self.open_count >= MAX_BATCH_COUNT
+            || self.open.len() + need > BATCH_PREFIX + BATCH_BYTES
+            || self.open.capacity() - self.open.len() < need
+        {
+            self.seal(ids);
+            self.start_batch(need, pool);
+            opened = true;
+        }
+        let at = self.open.len();
+        self.open.put_slice(&[0; RECORD_LEN_SIZE]);
+        if let Err(e) = write(&mut self.open) {
+            self.unappend(at);
+            return Err(e);
+        }
+        let content = &self.open[at + RECORD_LEN_SIZE..];
+        let len = content.len();
+        if len == 0 || content == b"null" {
+            self.unappend(at);
+            return Err(Error::ContentRequired);
+        }
+        if len > MAX_RECORD {
+            self.unappend(at);
+            return Err(Error::FrameTooLarge {
+                len,
+                max: MAX_RECORD,
+            });
+        }
+        self.open[at..at + RECORD_LEN_SIZE].copy_from_slice(&record_len_bytes(len));
+        self.open_count += 1;
+        Ok(if opened {
+            Appended::Opened
+        } else {
+            Appended::Queued
+        })
+    }
+
+    /// [`Outbox::append`] of content given as bytes (the hot path: one
+    /// capacity check, two copies).
+    #[inline(always)]
+    pub(crate) fn append_raw(
+        &mut self,
+        content: &[u8],
+        pool: &mut BufferPool,
+        ids: &mut IdSeq,
+    ) -> Result<Appended, Error> {
+        let len = content.len();
+        if len == 0 || content == b"null" {
+            return Err(Error::ContentRequired);
+        }
+        if len > MAX_RECORD {
+            return Err(Error::FrameTooLarge {
+                len,
+                max: MAX_RECORD,
+            });
+        }
+        let need = RECORD_LEN_SIZE + len;
+        let opened = self.open_count == 0
+            || self.open_count >= MAX_BATCH_COUNT
+            || self.open.len() + need > BATCH_PREFIX + BATCH_BYTES
+            || self.open.capacity() - self.open.len() < need;
+        if opened {
+            self.seal(ids);
+            self.start_batch(need, pool);
+        }
+        self.open.put_slice(&record_len_bytes(len));
+        self.open.put_slice(content);
+        self.open_count += 1;
+        Ok(if opened {
+            Appended::Opened
+        } else {
+            Appended::Queued
+        })
+    }
+
+    /// Takes back a record started at `at` (and the batch, if it was its
+    /// first).
+    #[cold]
+    fn unappend(&mut self, at: usize) {
+        let keep = if self.open_count == 0 { 0 } else { at };
+        self.open.truncate(keep);
+    }
+
+    /// Starts a batch in the open buffer, with room for `need` bytes after
+    /// its headers.
+    #[cold]
+    #[inline(never)]
+    fn start_batch(&mut self, need: usize, pool: &mut BufferPool) {
+        debug_assert!(self.open.is_empty());
+        if self.open.capacity() < BATCH_PREFIX + need {
+            let old = std::mem::replace(&mut self.open, pool.take());
+            if old.capacity() > 0 {
+                pool.put(old);
+            }
+            self.open.reserve(BATCH_PREFIX + need);
+        }
+        self.open.put_slice(&[0; BATCH_PREFIX]);
+    }
+
+    /// Seals the open batch into a frame behind the queued ones: its stamp
+    /// (one clock read), ordinals and ids are given now. Returns the
+    /// number of messages it held.
+    #[inline]
+    pub(crate) fn seal(&mut self, ids: &mut IdSeq) -> u32 {
+        if self.open_count == 0 {
+            return 0;
+        }
+        self.seal_open(ids)
+    }
+
+    #[inline(never)]
+    fn seal_open(&mut self, ids: &mut IdSeq) -> u32 {
+        let count = self.open_count;
+        let (stamp, first_ord) = reserve_stamps(count);
+        let first_id = ids.take(count);
+        let payload = self.open.len() - HEADER_LEN;
+        // A batch holds at most BATCH_BYTES plus one record of at most
+        // MAX_RECORD bytes: far below 4 GiB.
+        self.open[..HEADER_LEN].copy_from_slice(FrameHeader::new(payload as u32).as_bytes());
+        self.open[HEADER_LEN..BATCH_PREFIX]
+            .copy_from_slice(batch_header(count, stamp, first_ord, first_id).as_bytes());
+        self.open_count = 0;
+        let frame = self.open.split().freeze();
+        self.push(frame);
+        count
+    }
+
+    /// Gives the open buffer's allocation back to `pool` when no batch is
+    /// open (an idle connection holds no buffer).
+    pub fn release(&mut self, pool: &mut BufferPool) {
+        if self.open_count == 0 && self.open.capacity() > 0 {
+            pool.put(std::mem::take(&mut self.open));
+        }
     }
 
     /// Bytes ever queued.
@@ -92,8 +279,10 @@ impl Outbox {
     }
 
     /// Removes and returns the frames no write has touched yet (neither
-    /// partly written nor covered by an in-flight write).
+    /// partly written nor covered by an in-flight write); the caller seals
+    /// the open batch first.
     pub fn take_unstarted(&mut self) -> Outbox {
+        debug_assert_eq!(self.open_count, 0, "an open batch is sealed first");
         let keep = self.in_flight.max(usize::from(self.offset > 0));
         let mut out = Outbox::default();
         while self.frames.len() > keep {

@@ -18,10 +18,14 @@ pub struct Stats {
 
 impl Stats {
     pub(crate) fn bump(map: &mut BTreeMap<String, u64>, peer: &str) {
+        Stats::add(map, peer, 1);
+    }
+
+    pub(crate) fn add(map: &mut BTreeMap<String, u64>, peer: &str, n: u64) {
         match map.get_mut(peer) {
-            Some(n) => *n += 1,
+            Some(c) => *c += n,
             None => {
-                map.insert(peer.to_string(), 1);
+                map.insert(peer.to_string(), n);
             }
         }
     }

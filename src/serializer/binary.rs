@@ -1,11 +1,19 @@
-//! The `Binary` serializer for Rust-only routes: a fixed header read in
-//! place (zerocopy), then `from`, `to`, extra keys and the content.
+//! The `Binary` serializer for Rust-only routes (docs/binary-format.md has
+//! the layout byte by byte). Two payload kinds share the first six bytes
+//! (magic, version, flags):
+//!
+//! * a **single message** (hellos, broadcasts, resent messages with their
+//!   own id, stamp or extra keys): a fixed header read in place
+//!   (zerocopy), then `from`, `to`, extra keys and the content;
+//! * a **batch** (what `send_message`, `send_json` and the `queue_*`
+//!   calls write): many messages from the connection's sender to its
+//!   receiver in one frame, their shared stamp and first id written once.
 //!
 //! ```text
 //! offset  size  field
 //!      0     4  magic "IPCB"
-//!      4     1  version (1)
-//!      5     1  flags: 1 = hello, 2 = broadcast
+//!      4     1  version (2)
+//!      5     1  flags: 1 = hello, 2 = broadcast, 4 = batch (see [`BatchHeader`])
 //!      6     2  from length (u16 LE)
 //!      8     2  to length (u16 LE)
 //!     10     2  reserved (0)
@@ -36,10 +44,13 @@ use crate::message::{ByteStr, Message, MsgId, Name, new_message_id_bytes};
 
 /// Magic bytes that start every binary payload.
 pub const MAGIC: [u8; 4] = *b"IPCB";
-/// Format version.
-pub const VERSION: u8 = 1;
+/// Format version. Version 1 (no batches) is refused with an error that
+/// names both versions: a peer of another version is detected at its
+/// hello, never misread.
+pub const VERSION: u8 = 2;
 const FLAG_HELLO: u8 = 1;
 const FLAG_BROADCAST: u8 = 2;
+const FLAG_BATCH: u8 = 4;
 
 /// The fixed header of a binary payload.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
@@ -185,7 +196,8 @@ fn split(payload: &[u8]) -> Result<Parts<'_>, String> {
     }
     if header.version != VERSION {
         return Err(format!(
-            "binary payload version {} is not supported",
+            "binary payload version {} is not supported (this ipcm speaks version {VERSION}): \
+             every client of a Binary route must run the same ipcm format",
             header.version
         ));
     }
@@ -230,6 +242,11 @@ pub(crate) fn decode_hello(payload: &Bytes) -> Result<Option<ByteStr>, String> {
 
 /// Decodes one message, borrowing from the payload.
 pub(crate) fn decode_message(payload: &Bytes) -> Result<Option<Message>, DecodeError> {
+    if is_batch(payload) {
+        return Err(DecodeError::Malformed(
+            "a binary batch holds many messages (Serializer::decode_payloads reads it)".into(),
+        ));
+    }
     let p = split(payload).map_err(DecodeError::Malformed)?;
     if p.header.flags & FLAG_HELLO != 0 {
         return Ok(None);
@@ -273,6 +290,291 @@ pub(crate) fn decode_message(payload: &Bytes) -> Result<Option<Message>, DecodeE
         broadcast,
         extra,
     }))
+}
+
+// ----- batches ------------------------------------------------------------
+
+/// The fixed header of a batch payload; the records follow it.
+///
+/// ```text
+/// offset  size  field
+///      0     4  magic "IPCB"
+///      4     1  version (2)
+///      5     1  flags: 4 (batch)
+///      6     2  reserved (0)
+///      8     4  count (u32 LE): messages in the batch, at least 1
+///     12     4  reserved (0)
+///     16     8  stamp (f64 LE, epoch seconds): every message's stamp
+///     24     8  first stamp_ord (u64 LE): message i has first + i
+///     32    16  first message id (UUID bytes): message i adds i to the
+///               last 6 bytes, read as a 48-bit big-endian counter
+///     48     …  count records: a 4-byte length, then that many bytes of
+///               content (UTF-8 JSON text)
+/// ```
+///
+/// A record's length is 28 bits in four bytes of seven bits each, least
+/// significant first, every byte below 0x80. The length bytes are thus
+/// ASCII, and the whole record area is valid UTF-8 exactly when every
+/// content is: the receiver checks it in one pass, and each content is a
+/// `str` slice of the frame with no further check. `from` is the
+/// connection's sender (its hello) and `to` its receiver: neither is
+/// written.
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+#[repr(C)]
+pub struct BatchHeader {
+    magic: [u8; 4],
+    version: u8,
+    flags: u8,
+    reserved: [u8; 2],
+    count: U32<LittleEndian>,
+    reserved2: [u8; 4],
+    stamp: F64<LittleEndian>,
+    first_ord: U64<LittleEndian>,
+    first_id: [u8; 16],
+}
+
+/// Size of [`BatchHeader`].
+pub const BATCH_HEADER_SIZE: usize = std::mem::size_of::<BatchHeader>();
+
+/// Size of a record's length.
+pub const RECORD_LEN_SIZE: usize = 4;
+
+/// Largest content a batch record holds (2^28 - 1 bytes); a larger one
+/// travels as a single message.
+pub const MAX_RECORD: usize = (1 << 28) - 1;
+
+/// Most messages in one batch (their stamp ordinals must fit one clock
+/// tick's 65,536).
+pub const MAX_BATCH_COUNT: u32 = 65_535;
+
+/// The four length bytes of a record of `len` bytes (`len <= MAX_RECORD`).
+#[inline(always)]
+pub fn record_len_bytes(len: usize) -> [u8; 4] {
+    debug_assert!(len <= MAX_RECORD);
+    let l = len as u32;
+    [
+        (l & 0x7F) as u8,
+        ((l >> 7) & 0x7F) as u8,
+        ((l >> 14) & 0x7F) as u8,
+        ((l >> 21) & 0x7F) as u8,
+    ]
+}
+
+/// A record length read back: `None` if a byte has its high bit set.
+#[inline(always)]
+pub fn record_len(bytes: [u8; 4]) -> Option<usize> {
+    let x = u32::from_le_bytes(bytes);
+    if x & 0x8080_8080 != 0 {
+        return None;
+    }
+    Some(
+        ((x & 0x7F) | ((x >> 1) & 0x3F80) | ((x >> 2) & 0x1F_C000) | ((x >> 3) & 0x0FE0_0000))
+            as usize,
+    )
+}
+
+/// The header of a batch of `count` messages.
+pub fn batch_header(count: u32, stamp: f64, first_ord: u64, first_id: [u8; 16]) -> BatchHeader {
+    BatchHeader {
+        magic: MAGIC,
+        version: VERSION,
+        flags: FLAG_BATCH,
+        reserved: [0; 2],
+        count: U32::new(count),
+        reserved2: [0; 4],
+        stamp: F64::new(stamp),
+        first_ord: U64::new(first_ord),
+        first_id,
+    }
+}
+
+/// Whether `payload` claims to be a batch (checked by [`parse_batch`]).
+#[inline(always)]
+pub fn is_batch(payload: &[u8]) -> bool {
+    payload.len() >= 6 && payload[5] & FLAG_BATCH != 0 && payload[..4] == MAGIC
+}
+
+/// What a checked batch holds.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchInfo {
+    /// Messages in it.
+    pub count: u32,
+    /// Their stamp.
+    pub stamp: f64,
+    /// The first one's `stamp_ord`.
+    pub first_ord: u64,
+    /// The first one's id.
+    pub first_id: [u8; 16],
+    /// Records whose content is `null` (invalid messages, skipped).
+    pub nulls: u32,
+}
+
+/// Checks a batch payload whole: header, every record's length, the
+/// count, and that every content is UTF-8. A batch that fails is refused
+/// whole (its frame is malformed); one that passes can be walked with
+/// [`BatchRecords`] with no further check.
+pub fn parse_batch(payload: &[u8]) -> Result<BatchInfo, String> {
+    let (h, body) = BatchHeader::read_from_prefix(payload).map_err(|_| {
+        format!(
+            "binary batch of {} bytes is shorter than its {BATCH_HEADER_SIZE}-byte header",
+            payload.len()
+        )
+    })?;
+    if h.magic != MAGIC {
+        return Err(
+            "not a binary ipcm payload (bad magic): is the route's serializer Binary?".into(),
+        );
+    }
+    if h.version != VERSION {
+        return Err(format!(
+            "binary payload version {} is not supported (this ipcm speaks version {VERSION}): \
+             every client of a Binary route must run the same ipcm format",
+            h.version
+        ));
+    }
+    if h.flags != FLAG_BATCH {
+        return Err(format!(
+            "binary batch with flags {:#x} (only 0x4 is defined)",
+            h.flags
+        ));
+    }
+    let count = h.count.get();
+    if count == 0 {
+        return Err("binary batch of 0 messages".into());
+    }
+    if simdutf8::basic::from_utf8(body).is_err() {
+        return Err("binary batch: a content is not UTF-8, or a record length is malformed".into());
+    }
+    let (mut pos, mut n, mut nulls) = (0usize, 0u32, 0u32);
+    while pos < body.len() {
+        let Some(len_bytes) = body.get(pos..pos + RECORD_LEN_SIZE) else {
+            return Err(format!("binary batch: record {n} is cut inside its length"));
+        };
+        let len = record_len(len_bytes.try_into().expect("four bytes"))
+            .ok_or_else(|| format!("binary batch: record {n} has a malformed length"))?;
+        let start = pos + RECORD_LEN_SIZE;
+        let end = start + len;
+        if end > body.len() {
+            return Err(format!(
+                "binary batch: record {n} announces {len} bytes, {} remain",
+                body.len() - start
+            ));
+        }
+        match &body[start..end] {
+            b"" => return Err(format!("binary batch: record {n} has no content")),
+            b"null" => nulls += 1,
+            _ => {}
+        }
+        n = n.saturating_add(1);
+        pos = end;
+    }
+    if n != count {
+        return Err(format!(
+            "binary batch announces {count} messages but holds {n}"
+        ));
+    }
+    Ok(BatchInfo {
+        count,
+        stamp: h.stamp.get(),
+        first_ord: h.first_ord.get(),
+        first_id: h.first_id,
+        nulls,
+    })
+}
+
+/// The id of message `index` of a batch whose first id is `first`.
+#[inline]
+pub fn nth_id(first: &[u8; 16], index: u32) -> [u8; 16] {
+    let mut id = *first;
+    let mut c = [0u8; 8];
+    c[2..].copy_from_slice(&id[10..]);
+    let n = u64::from_be_bytes(c).wrapping_add(u64::from(index)) & ((1 << 48) - 1);
+    id[10..].copy_from_slice(&n.to_be_bytes()[2..]);
+    id
+}
+
+/// A received batch payload that [`parse_batch`] accepted.
+///
+/// Its fields are private and [`CheckedBatch::parse`] is the only way to
+/// make one, so its record area is known to be valid UTF-8.
+#[derive(Debug, Clone)]
+pub struct CheckedBatch {
+    payload: Bytes,
+    info: BatchInfo,
+}
+
+impl CheckedBatch {
+    /// Checks `payload` ([`parse_batch`]).
+    pub fn parse(payload: Bytes) -> Result<Self, String> {
+        let info = parse_batch(&payload)?;
+        Ok(CheckedBatch { payload, info })
+    }
+
+    /// What the header says.
+    pub fn info(&self) -> &BatchInfo {
+        &self.info
+    }
+
+    /// The whole payload.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// The contents, in order.
+    #[inline]
+    pub fn records(&self) -> BatchRecords<'_> {
+        let body = &self.payload[BATCH_HEADER_SIZE..];
+        // SAFETY: `parse` accepted this payload, which checked
+        // `payload[BATCH_HEADER_SIZE..]` as UTF-8; `Bytes` is immutable,
+        // and the field is private, so it is still that payload.
+        let body = unsafe { std::str::from_utf8_unchecked(body) };
+        BatchRecords { body }
+    }
+}
+
+/// Appends every message of `batch` to `out`, owned (each shares the
+/// frame), from `from` to `to`.
+pub(crate) fn expand(batch: &CheckedBatch, from: &Name, to: &Name, out: &mut Vec<Message>) {
+    let info = *batch.info();
+    let payload = batch.payload();
+    out.reserve(info.count as usize);
+    for (i, content) in batch.records().enumerate() {
+        let i = i as u32;
+        out.push(Message {
+            from: from.clone(),
+            to: to.clone(),
+            content: ByteStr::slice_of(payload, content),
+            id: MsgId::Raw(nth_id(&info.first_id, i), std::sync::OnceLock::new()),
+            stamp: info.stamp,
+            stamp_ord: info.first_ord.wrapping_add(u64::from(i)),
+            broadcast: false,
+            extra: Vec::new(),
+        });
+    }
+}
+
+/// The contents of a [`CheckedBatch`], in order, each a slice of the frame.
+#[derive(Debug, Clone)]
+pub struct BatchRecords<'a> {
+    body: &'a str,
+}
+
+impl<'a> Iterator for BatchRecords<'a> {
+    type Item = &'a str;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<&'a str> {
+        let (len_bytes, _) = self
+            .body
+            .as_bytes()
+            .split_first_chunk::<RECORD_LEN_SIZE>()?;
+        let len = record_len(*len_bytes)?;
+        // The length bytes are ASCII, so both ends are character
+        // boundaries and `get` always succeeds on a checked batch.
+        let content = self.body.get(RECORD_LEN_SIZE..RECORD_LEN_SIZE + len)?;
+        self.body = self.body.get(RECORD_LEN_SIZE + len..)?;
+        Some(content)
+    }
 }
 
 #[cfg(test)]

@@ -322,6 +322,33 @@ impl Serializer {
         })
     }
 
+    /// Decodes a payload that may be a Binary batch, appending its
+    /// messages to `out`: a batch does not carry its sender and recipient
+    /// (they are the connection's), so `from` and `to` supply them. Any
+    /// other payload is decoded as [`Serializer::decode_payload`] does (and
+    /// keeps its own `from` and `to`). Returns how many were appended.
+    pub fn decode_payloads(
+        &self,
+        payload: &Bytes,
+        from: &str,
+        to: &str,
+        out: &mut Vec<Message>,
+    ) -> Result<usize> {
+        if matches!(self, Serializer::Binary) && binary::is_batch(payload) {
+            let batch = binary::CheckedBatch::parse(payload.clone()).map_err(Error::Serialize)?;
+            let start = out.len();
+            binary::expand(&batch, &Name::copy_from(from), &Name::copy_from(to), out);
+            return Ok(out.len() - start);
+        }
+        Ok(match self.decode_payload(payload)? {
+            Some(m) => {
+                out.push(m);
+                1
+            }
+            None => 0,
+        })
+    }
+
     /// Serializes any value (stats files).
     pub fn encode_value<T: Serialize + ?Sized>(&self, value: &T, out: &mut BytesMut) -> Result<()> {
         match self {
