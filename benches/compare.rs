@@ -33,7 +33,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use ipcm::{BackendChoice, Client, Info, Message, Options, Route, Serializer};
+use ipcm::{BackendChoice, Client, Info, Options, Route, Serializer};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 mod support;
@@ -314,33 +314,28 @@ fn uring_or_epoll() -> BackendChoice {
 
 /// Receives `n` messages, returning the content bytes seen.
 fn ipcm_receive(rx: &mut Client, n: usize) -> usize {
-    let mut batch: Vec<Message> = Vec::with_capacity(4096);
     let (mut got, mut bytes) = (0, 0);
     while got < n {
-        batch.clear();
-        rx.get_messages_timeout_into(&mut batch, WAIT).unwrap();
+        let batch = rx.receive(WAIT).unwrap();
         assert!(!batch.is_empty(), "ipcm receiver starved");
         for m in &batch {
-            bytes += m.content_bytes().len();
+            bytes += m.content_json().len();
+            got += 1;
         }
-        got += batch.len();
     }
     bytes
 }
 
 /// Messages from the threaded receiver's ring, in batches.
 fn threaded_receive(rx: &mut ipcm::Receiver, n: usize) -> usize {
-    let mut batch: Vec<Message> = Vec::with_capacity(4096);
     let (mut got, mut bytes) = (0, 0);
     while got < n {
-        batch.clear();
-        if rx.recv_batch(&mut batch, 4096) == 0 {
-            batch.push(rx.recv_timeout(WAIT).expect("threaded receiver starved"));
-        }
+        let batch = rx.receive(WAIT);
+        assert!(!batch.is_empty(), "threaded receiver starved");
         for m in &batch {
-            bytes += m.content_bytes().len();
+            bytes += m.content_json().len();
+            got += 1;
         }
-        got += batch.len();
     }
     bytes
 }
@@ -436,14 +431,10 @@ fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, spin: bool) -> Vec<f64>
     let mut ping = Client::connect(&info, "ping", opts).unwrap();
     let body = payload(size);
     let mut lat = Vec::with_capacity(n);
-    let mut batch = Vec::with_capacity(64);
     for i in 0..n + n / 10 {
         let t = Instant::now();
         ping.send_json("echo", &body).unwrap();
-        batch.clear();
-        while batch.is_empty() {
-            ping.get_messages_timeout_into(&mut batch, WAIT).unwrap();
-        }
+        while ping.receive(WAIT).unwrap().is_empty() {}
         if i >= n / 10 {
             lat.push(t.elapsed().as_secs_f64() * 1e6);
         }

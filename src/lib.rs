@@ -86,12 +86,10 @@ mod loom_models;
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
 
-pub use client::{
-    BroadcastResult, Client, DisconnectHandler, Options, PATH_TYPE, Received, Resources,
-};
+pub use client::{BroadcastResult, Client, DisconnectHandler, Options, PATH_TYPE, Resources};
 pub use error::{Error, Result};
 pub use message::{Message, sort_messages};
-pub use proto::{IdText, Iter, MessageRef, Stats};
+pub use proto::{IdText, Iter, MessageRef, Received, Stats};
 pub use reactor::{BACKEND_ENV, BackendChoice, BackendKind, Waker, io_uring_available};
 pub use route::{EntryKind, Info, PidState, Route, max_on_disk_name_length, on_disk_name};
 pub use serializer::Serializer;

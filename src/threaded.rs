@@ -10,17 +10,20 @@
 //!   connection errors come back with the inline texts; later
 //!   [`Sender::try_send`]s to that peer return at once, and a later failure
 //!   is reported by the next call for that peer.
-//! * The ring is [`rtrb`]'s single-producer single-consumer queue. When it
-//!   is full the reactor keeps the rest of the batch, then stops reading
-//!   sockets once the inbox limit is reached: senders feel backpressure,
-//!   memory stays bounded, nothing is dropped.
+//! * The ring is [`rtrb`]'s single-producer single-consumer queue of inbox
+//!   entries: single messages, and on Binary routes whole batches (one
+//!   hand-over per batch, not per message; the reader takes them one by
+//!   one with [`Receiver::recv`] or in place with [`Receiver::receive`]).
+//!   When it is full (in entries or in bytes) the reactor keeps the rest,
+//!   then stops reading sockets once the inbox limit is reached: senders
+//!   feel backpressure, memory stays bounded, nothing is dropped.
 //! * [`ReactorHandle::shutdown`] sends what is queued, disconnects
 //!   (the inline client's rules) and returns its result; messages that arrive while
 //!   disconnecting still go to the ring.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -31,8 +34,8 @@ use serde::Serialize;
 
 use crate::client::{BroadcastResult, Client};
 use crate::error::{Error, Result};
-use crate::message::Message;
-use crate::proto::ConnId;
+use crate::message::{Message, Name};
+use crate::proto::{ConnId, Cursor, Entry, Received};
 use crate::reactor::Waker;
 use crate::serializer::{Content, Outgoing, Serializer};
 use crate::wire::build_frame;
@@ -40,8 +43,12 @@ use crate::wire::build_frame;
 /// Sizes of the threaded mode's queues.
 #[derive(Debug, Clone)]
 pub struct ThreadedOptions {
-    /// Messages the receive ring holds.
+    /// Entries the receive ring holds: messages, or on Binary routes whole
+    /// batches of messages.
     pub ring_capacity: usize,
+    /// Payload bytes the receive ring holds at most (an entry larger than
+    /// this still passes, alone).
+    pub ring_bytes: usize,
     /// Frames the send queue holds before `try_send` reports `WouldBlock`.
     pub send_queue: usize,
     /// Payload bytes the reactor keeps beyond a full ring before it stops
@@ -53,6 +60,7 @@ impl Default for ThreadedOptions {
     fn default() -> Self {
         ThreadedOptions {
             ring_capacity: 64 * 1024,
+            ring_bytes: 32 * 1024 * 1024,
             send_queue: 64 * 1024,
             inbox_limit: 8 * 1024 * 1024,
         }
@@ -141,6 +149,10 @@ struct Shared {
     stop: AtomicBool,
     /// The reactor waits for ring space.
     gate: RingGate,
+    /// Payload bytes in the ring (added by the reactor, taken off by the
+    /// reader before it looks at the gate), and their limit.
+    ring_bytes: AtomicUsize,
+    ring_bytes_limit: usize,
     /// The reactor thread has ended.
     finished: AtomicBool,
     /// Readable while messages wait in the ring.
@@ -342,8 +354,14 @@ impl Sender {
 
 /// The receiving side: a lock-free ring filled by the reactor thread.
 pub struct Receiver {
-    ring: rtrb::Consumer<Message>,
+    ring: rtrb::Consumer<Entry>,
     shared: Arc<Shared>,
+    /// A batch being read one message at a time.
+    cursor: Option<Cursor>,
+    /// This client's id: the `to` of batches.
+    local: Name,
+    /// The entry vector [`Receiver::receive`] lends out.
+    spare: Vec<Entry>,
 }
 
 impl std::fmt::Debug for Receiver {
@@ -355,12 +373,104 @@ impl std::fmt::Debug for Receiver {
 }
 
 impl Receiver {
-    fn pop(&mut self) -> Option<Message> {
-        let m = self.ring.pop().ok()?;
+    /// The next entry off the ring (waking the reactor if it waits for
+    /// room).
+    fn pop_entry(&mut self) -> Option<Entry> {
+        let e = self.ring.pop().ok()?;
+        self.popped(e.bytes());
+        Some(e)
+    }
+
+    /// `bytes` left the ring: the byte count goes down before the gate is
+    /// looked at, so a reactor that announces its wait after this sees
+    /// the room (the gate's argument, for bytes as for slots).
+    fn popped(&self, bytes: usize) {
+        self.shared.ring_bytes.fetch_sub(bytes, Ordering::AcqRel);
         if self.shared.gate.consumer_popped() {
             self.shared.waker.wake();
         }
-        Some(m)
+    }
+
+    fn pop(&mut self) -> Option<Message> {
+        loop {
+            if let Some(c) = &mut self.cursor {
+                if let Some(m) = c.next_message(&self.local) {
+                    if c.is_done() {
+                        self.cursor = None;
+                    }
+                    return Some(m);
+                }
+                self.cursor = None;
+            }
+            match self.pop_entry()? {
+                Entry::One(m) => return Some(m),
+                batch => self.cursor = Some(Cursor::new(batch)),
+            }
+        }
+    }
+
+    /// Waits up to `timeout` (zero: not at all) for messages, then lends
+    /// out every message waiting, in arrival order, borrowed from the
+    /// receive buffers (as [`Client::receive`] does inline: no allocation,
+    /// reference count or copy per message).
+    pub fn receive(&mut self, timeout: Duration) -> Received<'_> {
+        let mut entries = std::mem::take(&mut self.spare);
+        if let Some(mut c) = self.cursor.take() {
+            c.drain_into(&self.local, &mut entries);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut bytes = 0;
+            let mut drained = false;
+            loop {
+                match self.ring.pop() {
+                    Ok(e) => {
+                        bytes += e.bytes();
+                        entries.push(e);
+                    }
+                    Err(_) if !drained && entries.is_empty() => {
+                        drained = true;
+                        self.shared.drain_ready();
+                    }
+                    Err(_) => break,
+                }
+            }
+            if bytes > 0 {
+                self.popped(bytes);
+            }
+            if !entries.is_empty() || !self.wait_ready(Some(deadline)) {
+                break;
+            }
+        }
+        Received::new(entries, &mut self.spare, &self.local)
+    }
+
+    /// Waits for the ring's readiness until `deadline`; false when the
+    /// time ran out or the reactor has ended.
+    fn wait_ready(&self, deadline: Option<Instant>) -> bool {
+        if self.shared.finished.load(Ordering::Acquire) {
+            return !self.ring.is_empty();
+        }
+        let wait = match deadline {
+            Some(d) => {
+                let now = Instant::now();
+                if now >= d {
+                    return false;
+                }
+                (d - now).min(Duration::from_millis(100))
+            }
+            None => Duration::from_millis(100),
+        };
+        let ts = rustix::event::Timespec {
+            tv_sec: wait.as_secs() as _,
+            tv_nsec: wait.subsec_nanos() as _,
+        };
+        let mut fds = [rustix::event::PollFd::new(
+            &self.shared.ready,
+            rustix::event::PollFlags::IN,
+        )];
+        let _ = rustix::event::poll(&mut fds, Some(&ts));
+        true
     }
 
     /// A waiting message, if any; never blocks.
@@ -391,28 +501,9 @@ impl Receiver {
             if let Some(m) = self.try_recv() {
                 return Some(m);
             }
-            if self.shared.finished.load(Ordering::Acquire) {
+            if !self.wait_ready(deadline) {
                 return self.pop();
             }
-            let wait = match deadline {
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return None;
-                    }
-                    (d - now).min(Duration::from_millis(100))
-                }
-                None => Duration::from_millis(100),
-            };
-            let ts = rustix::event::Timespec {
-                tv_sec: wait.as_secs() as _,
-                tv_nsec: wait.subsec_nanos() as _,
-            };
-            let mut fds = [rustix::event::PollFd::new(
-                &self.shared.ready,
-                rustix::event::PollFlags::IN,
-            )];
-            let _ = rustix::event::poll(&mut fds, Some(&ts));
         }
     }
 
@@ -421,35 +512,32 @@ impl Receiver {
         let mut n = 0;
         let mut drained = false;
         while n < max {
-            match self.ring.pop() {
-                Ok(m) => {
+            match self.pop() {
+                Some(m) => {
                     out.push(m);
                     n += 1;
                 }
                 // Empty: clear readiness, then look once more (a push may
                 // have raced), as `try_recv` does.
-                Err(_) if !drained => {
+                None if !drained => {
                     drained = true;
                     self.shared.drain_ready();
                 }
-                Err(_) => break,
+                None => break,
             }
-        }
-        // One look at the gate for the whole batch: any pop made room.
-        if n > 0 && self.shared.gate.consumer_popped() {
-            self.shared.waker.wake();
         }
         n
     }
 
-    /// Messages waiting in the ring.
+    /// Entries waiting in the ring (messages, or on Binary routes batches
+    /// of messages).
     pub fn len(&self) -> usize {
         self.ring.slots()
     }
 
     /// Whether no message waits.
     pub fn is_empty(&self) -> bool {
-        self.ring.is_empty()
+        self.ring.is_empty() && self.cursor.is_none()
     }
 }
 
@@ -524,10 +612,10 @@ struct Pending {
 struct Worker {
     client: Client,
     shared: Arc<Shared>,
-    ring: rtrb::Producer<Message>,
-    /// Received messages the ring had no room for yet.
-    spill: VecDeque<Message>,
-    batch: Vec<Message>,
+    ring: rtrb::Producer<Entry>,
+    /// Received entries the ring had no room for yet.
+    spill: VecDeque<Entry>,
+    batch: Vec<Entry>,
     /// Frames in order: stalled on a full outbox, or written but awaiting
     /// their acknowledgement.
     pending: VecDeque<Pending>,
@@ -616,6 +704,26 @@ impl Worker {
         }
     }
 
+    /// One entry into the ring, within its slots and its byte budget (an
+    /// empty ring takes any entry); the entry comes back if it does not
+    /// fit.
+    fn push(&mut self, e: Entry) -> Option<Entry> {
+        let bytes = e.bytes();
+        let held = self.shared.ring_bytes.load(Ordering::Acquire);
+        if held > 0 && held + bytes > self.shared.ring_bytes_limit {
+            return Some(e);
+        }
+        // Counted before it is visible to the reader, which subtracts it.
+        self.shared.ring_bytes.fetch_add(bytes, Ordering::AcqRel);
+        match self.ring.push(e) {
+            Ok(()) => None,
+            Err(rtrb::PushError::Full(e)) => {
+                self.shared.ring_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                Some(e)
+            }
+        }
+    }
+
     /// Moves received messages into the ring until it is full or nothing
     /// is left; true if it filled up.
     fn fill_ring(&mut self) -> Result<bool> {
@@ -630,15 +738,15 @@ impl Worker {
                 }
             }
             while let Some(m) = self.spill.pop_front() {
-                match self.ring.push(m) {
-                    Ok(()) => pushed = true,
-                    Err(rtrb::PushError::Full(m)) => {
+                match self.push(m) {
+                    None => pushed = true,
+                    Some(m) => {
                         // Announce the wait, then look again: the reader
                         // may have made room before it could see the flag.
                         self.shared.gate.producer_blocked();
-                        match self.ring.push(m) {
-                            Ok(()) => pushed = true,
-                            Err(rtrb::PushError::Full(m)) => {
+                        match self.push(m) {
+                            None => pushed = true,
+                            Some(m) => {
                                 self.spill.push_front(m);
                                 break;
                             }
@@ -681,21 +789,31 @@ impl Worker {
         let mut spill = std::mem::take(&mut self.spill);
         let ring = &mut self.ring;
         let mut lost = 0usize;
+        let shared = self.shared.clone();
+        // Past the byte budget now (the reactor is ending): only the
+        // ring's slots limit these, and the byte count stays exact.
+        let last_push = move |ring: &mut rtrb::Producer<Entry>, e: Entry| -> usize {
+            let bytes = e.bytes();
+            shared.ring_bytes.fetch_add(bytes, Ordering::AcqRel);
+            match ring.push(e) {
+                Ok(()) => 0,
+                Err(rtrb::PushError::Full(e)) => {
+                    shared.ring_bytes.fetch_sub(bytes, Ordering::AcqRel);
+                    e.count()
+                }
+            }
+        };
         let mut late = |_: &Client, msgs: Vec<Message>| {
             for m in msgs {
-                spill.push_back(m);
+                spill.push_back(Entry::One(m));
             }
             while let Some(m) = spill.pop_front() {
-                if let Err(rtrb::PushError::Full(_)) = ring.push(m) {
-                    lost += 1;
-                }
+                lost += last_push(ring, m);
             }
         };
         let closed = self.client.disconnect(Some(&mut late));
         while let Some(m) = spill.pop_front() {
-            if self.ring.push(m).is_err() {
-                lost += 1;
-            }
+            lost += last_push(&mut self.ring, m);
         }
         self.shared.signal_ready();
         result?;
@@ -752,6 +870,8 @@ impl Client {
             waker: self.waker(),
             stop: AtomicBool::new(false),
             gate: RingGate::default(),
+            ring_bytes: AtomicUsize::new(0),
+            ring_bytes_limit: opts.ring_bytes.max(1),
             finished: AtomicBool::new(false),
             ready,
             failures: Mutex::new(HashMap::new()),
@@ -759,6 +879,7 @@ impl Client {
             serializer: self.serializer().clone(),
         });
         let (producer, consumer) = rtrb::RingBuffer::new(opts.ring_capacity.max(1));
+        let local = self.local_name();
         let worker = Worker {
             client: self,
             shared: shared.clone(),
@@ -787,6 +908,9 @@ impl Client {
             Receiver {
                 ring: consumer,
                 shared: shared.clone(),
+                cursor: None,
+                local,
+                spare: Vec::new(),
             },
             ReactorHandle {
                 shared,

@@ -203,6 +203,7 @@ fn full_ring_applies_backpressure_with_bounded_memory(b: BackendChoice) {
         ring_capacity: 16,
         send_queue: 64,
         inbox_limit: 64 * 1024,
+        ..ThreadedOptions::default()
     };
     let (_tx, mut rx, handle) = t.connect("sink").into_threaded_with(opts).unwrap();
     let src = Client::connect(

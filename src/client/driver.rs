@@ -52,13 +52,29 @@ impl Client {
         self.reactor.flush();
     }
 
-    /// Moves received messages (sorted per batch) into `out`.
-    pub(crate) fn take_received(&mut self, out: &mut Vec<Message>) -> Result<()> {
-        let start = out.len();
-        let mut resumed = self.take_resumed()?;
-        out.append(&mut resumed);
-        self.collect_into(out, start);
+    /// Appends what was received to `out`, in arrival order (resumed
+    /// messages first), batches whole.
+    pub(crate) fn take_received(&mut self, out: &mut Vec<crate::proto::Entry>) -> Result<()> {
+        for m in self.take_resumed()? {
+            out.push(crate::proto::Entry::One(m));
+        }
+        let core = self.reactor.core_mut();
+        if !core.has_messages() {
+            return Ok(());
+        }
+        let was_paused = core.is_paused();
+        let mut taken = std::mem::take(&mut self.spare_entries);
+        core.take_entries(&mut taken);
+        out.append(&mut taken);
+        self.spare_entries = taken;
+        self.reactor.took_messages(was_paused);
+        self.warn_failed_sends("");
         Ok(())
+    }
+
+    /// This client's id as the `to` of the batches it receives.
+    pub(crate) fn local_name(&self) -> crate::message::Name {
+        self.reactor.core().local_id().clone()
     }
 
     /// `broadcast` with content that is already JSON text.

@@ -34,7 +34,6 @@ mod registration;
 mod send;
 
 pub use options::{BroadcastResult, DisconnectHandler, Options, Resources};
-pub use receive::Received;
 use registration::connect_socket;
 
 /// A client of a route.

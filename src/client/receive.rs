@@ -83,7 +83,7 @@ impl Client {
     /// them; unlike [`Client::get_messages`], messages of different
     /// senders are not sorted by stamp. Messages not kept
     /// ([`MessageRef::to_message`]) are gone when the view is dropped.
-    pub fn receive(&mut self, timeout: Duration) -> Result<Received<'_>> {
+    pub fn receive(&mut self, timeout: Duration) -> Result<crate::proto::Received<'_>> {
         if self.resume_pending {
             for m in self.take_resumed()? {
                 self.reactor.core_mut().push_local(m);
@@ -121,10 +121,16 @@ impl Client {
         core.take_entries(&mut entries);
         self.reactor.took_messages(was_paused);
         self.warn_failed_sends("");
-        Ok(Received {
-            client: self,
+        let Client {
+            reactor,
+            spare_entries,
+            ..
+        } = self;
+        Ok(crate::proto::Received::new(
             entries,
-        })
+            spare_entries,
+            reactor.core().local_id(),
+        ))
     }
 
     pub(super) fn collect_into(&mut self, out: &mut Vec<Message>, start: usize) {
@@ -226,75 +232,5 @@ impl Client {
         self.route.append_resume(&self.disk, &records)?;
         self.resume_pending = true;
         Ok(())
-    }
-}
-
-/// The messages [`Client::receive`] lends out, in arrival order.
-///
-/// ```
-/// use std::time::Duration;
-/// use ipcm::{Client, Info, Options, Route, Serializer};
-/// # let dir = tempfile::tempdir().unwrap();
-/// let route = Route::spawn(Some(dir.path())).unwrap();
-/// let info = Info::new(Serializer::Binary, route.path());
-/// let mut a = Client::connect(&info, "a", Options::new()).unwrap();
-/// let mut b = Client::connect(&info, "b", Options::new()).unwrap();
-/// for i in 0..3 {
-///     a.queue_message("b", &i).unwrap();
-/// }
-/// a.flush_pending(None).unwrap();
-/// let mut sum = 0;
-/// while sum < 3 {
-///     let got = b.receive(Duration::from_secs(5)).unwrap();
-///     for m in &got {
-///         assert_eq!((m.from(), m.to()), ("a", Some("b")));
-///         sum += m.content::<i32>().unwrap();
-///     }
-/// }
-/// assert_eq!(sum, 3);
-/// ```
-pub struct Received<'c> {
-    client: &'c mut Client,
-    entries: Vec<crate::proto::Entry>,
-}
-
-impl Received<'_> {
-    /// The messages, in arrival order.
-    #[inline]
-    pub fn iter(&self) -> crate::proto::Iter<'_> {
-        crate::proto::Iter::new(&self.entries, self.client.reactor.core().local_id())
-    }
-
-    /// How many messages there are.
-    pub fn len(&self) -> usize {
-        self.entries.iter().map(crate::proto::Entry::count).sum()
-    }
-
-    /// Whether there are none (the wait timed out).
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-}
-
-impl<'a> IntoIterator for &'a Received<'_> {
-    type Item = crate::proto::MessageRef<'a>;
-    type IntoIter = crate::proto::Iter<'a>;
-    fn into_iter(self) -> Self::IntoIter {
-        self.iter()
-    }
-}
-
-impl std::fmt::Debug for Received<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Received")
-            .field("messages", &self.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Drop for Received<'_> {
-    fn drop(&mut self) {
-        self.entries.clear();
-        self.client.spare_entries = std::mem::take(&mut self.entries);
     }
 }

@@ -30,6 +30,14 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// Payload bytes it holds (what the receive ring's byte budget counts).
+    pub fn bytes(&self) -> usize {
+        match self {
+            Entry::One(m) => m.content_json().len() + 64,
+            Entry::Batch(b) => b.batch.payload().len(),
+        }
+    }
+
     /// Messages in this entry (at least one).
     pub fn count(&self) -> usize {
         match self {
@@ -287,5 +295,151 @@ impl<'a> Iterator for Iter<'a> {
 impl fmt::Debug for Iter<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Iter").finish_non_exhaustive()
+    }
+}
+
+/// Reads an entry's messages one at a time, owned (the threaded
+/// receiver's `recv`).
+#[derive(Debug)]
+pub struct Cursor {
+    entry: Option<Entry>,
+    /// Record bytes of the batch already read, and messages read.
+    read: usize,
+    index: u32,
+}
+
+impl Cursor {
+    /// A cursor at the start of `entry`.
+    pub fn new(entry: Entry) -> Self {
+        Cursor {
+            entry: Some(entry),
+            read: 0,
+            index: 0,
+        }
+    }
+
+    /// The next message, owned; `to` for batches is `local`.
+    pub fn next_message(&mut self, local: &Name) -> Option<Message> {
+        match self.entry.take()? {
+            Entry::One(m) => Some(m),
+            Entry::Batch(b) => {
+                let mut records = b.batch.records_from(self.read);
+                let content = records.next()?;
+                self.read = b.batch.records_len() - records.remaining();
+                let info = b.batch.info();
+                let m = Message {
+                    from: b.from.clone(),
+                    to: local.clone(),
+                    content: ByteStr::slice_of(b.batch.payload(), content),
+                    id: MsgId::Raw(
+                        nth_id(&info.first_id, self.index),
+                        std::sync::OnceLock::new(),
+                    ),
+                    stamp: info.stamp,
+                    stamp_ord: info.first_ord.wrapping_add(u64::from(self.index)),
+                    broadcast: false,
+                    extra: Vec::new(),
+                };
+                self.index += 1;
+                if records.remaining() > 0 {
+                    self.entry = Some(Entry::Batch(b));
+                }
+                Some(m)
+            }
+        }
+    }
+
+    /// What is left, as owned messages.
+    pub fn drain_into(&mut self, local: &Name, out: &mut Vec<Entry>) {
+        while let Some(m) = self.next_message(local) {
+            out.push(Entry::One(m));
+        }
+    }
+
+    /// Whether every message was read.
+    pub fn is_done(&self) -> bool {
+        self.entry.is_none()
+    }
+}
+
+/// The messages [`crate::Client::receive`] (or the threaded
+/// [`crate::Receiver::receive`]) lends out, in arrival order.
+///
+/// ```
+/// use std::time::Duration;
+/// use ipcm::{Client, Info, Options, Route, Serializer};
+/// # let dir = tempfile::tempdir().unwrap();
+/// let route = Route::spawn(Some(dir.path())).unwrap();
+/// let info = Info::new(Serializer::Binary, route.path());
+/// let mut a = Client::connect(&info, "a", Options::new()).unwrap();
+/// let mut b = Client::connect(&info, "b", Options::new()).unwrap();
+/// for i in 0..3 {
+///     a.queue_message("b", &i).unwrap();
+/// }
+/// a.flush_pending(None).unwrap();
+/// let mut sum = 0;
+/// while sum < 3 {
+///     let got = b.receive(Duration::from_secs(5)).unwrap();
+///     for m in &got {
+///         assert_eq!((m.from(), m.to()), ("a", Some("b")));
+///         sum += m.content::<i32>().unwrap();
+///     }
+/// }
+/// assert_eq!(sum, 3);
+/// ```
+pub struct Received<'c> {
+    entries: Vec<Entry>,
+    /// Where the vector goes back to (kept to receive without allocating).
+    spare: &'c mut Vec<Entry>,
+    /// The receiver's id: the `to` of batches.
+    local: &'c Name,
+}
+
+impl<'c> Received<'c> {
+    pub(crate) fn new(entries: Vec<Entry>, spare: &'c mut Vec<Entry>, local: &'c Name) -> Self {
+        Received {
+            entries,
+            spare,
+            local,
+        }
+    }
+
+    /// The messages, in arrival order.
+    #[inline]
+    pub fn iter(&self) -> Iter<'_> {
+        Iter::new(&self.entries, self.local)
+    }
+
+    /// How many messages there are.
+    pub fn len(&self) -> usize {
+        self.entries.iter().map(Entry::count).sum()
+    }
+
+    /// Whether there are none (the wait timed out).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl<'a> IntoIterator for &'a Received<'_> {
+    type Item = MessageRef<'a>;
+    type IntoIter = Iter<'a>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl std::fmt::Debug for Received<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Received")
+            .field("messages", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for Received<'_> {
+    fn drop(&mut self) {
+        self.entries.clear();
+        *self.spare = std::mem::take(&mut self.entries);
     }
 }

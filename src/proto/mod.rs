@@ -25,7 +25,7 @@ use crate::wire::{BufferPool, FrameDecoder, build_frame};
 use deadlines::AcceptBackoff;
 #[cfg(test)]
 use deadlines::{ACCEPT_RETRY_MAX, ACCEPT_RETRY_MIN, ACCEPT_WARN_QUIET};
-pub use inbox::{Entry, IdText, Iter, MessageRef, RecvBatch};
+pub use inbox::{Cursor, Entry, IdText, Iter, MessageRef, Received, RecvBatch};
 pub use outbox::{Appended, Outbox};
 pub use stats::Stats;
 

@@ -559,6 +559,29 @@ pub struct BatchRecords<'a> {
     body: &'a str,
 }
 
+impl BatchRecords<'_> {
+    /// Bytes of records not yet read.
+    pub fn remaining(&self) -> usize {
+        self.body.len()
+    }
+}
+
+impl CheckedBatch {
+    /// The records after the first `read` bytes of the record area (a
+    /// position from [`BatchRecords::remaining`]: the area's length minus
+    /// what remained).
+    pub fn records_from(&self, read: usize) -> BatchRecords<'_> {
+        let mut r = self.records();
+        r.body = r.body.get(read..).unwrap_or_default();
+        r
+    }
+
+    /// Bytes in the record area.
+    pub fn records_len(&self) -> usize {
+        self.payload.len() - BATCH_HEADER_SIZE
+    }
+}
+
 impl<'a> Iterator for BatchRecords<'a> {
     type Item = &'a str;
 
