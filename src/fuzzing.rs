@@ -136,6 +136,55 @@ pub fn decode_payloads(data: &[u8]) {
     }
 }
 
+/// The Json envelope scanner against serde_json, its oracle: on every
+/// input both accept with the same envelope, or both refuse.
+pub fn scan_envelope(data: &[u8]) {
+    crate::serializer::scan_check_against_serde(data);
+}
+
+/// Binary batches from a hostile peer: checking never panics; a batch that
+/// passes yields exactly its announced count of non-empty UTF-8 contents,
+/// and the same contents appended by a sender's outbox check and read back
+/// the same.
+pub fn binary_batch(data: &[u8]) {
+    use crate::serializer::binary::CheckedBatch;
+    let Ok(batch) = CheckedBatch::parse(Bytes::copy_from_slice(data)) else {
+        return;
+    };
+    let contents: Vec<&str> = batch.records().collect();
+    assert_eq!(contents.len(), batch.info().count as usize);
+    assert!(contents.iter().all(|c| !c.is_empty()));
+    let mut out = Vec::new();
+    crate::serializer::binary::expand(
+        &batch,
+        &crate::message::Name::copy_from("p"),
+        &crate::message::Name::copy_from("q"),
+        &mut out,
+    );
+    assert_eq!(out.len(), contents.len());
+    for (i, m) in out.iter().enumerate() {
+        assert_eq!(m.content_json(), contents[i]);
+        assert_eq!(m.id().len(), 36);
+    }
+    // A sender writes the same contents: they read back the same.
+    let mut outbox = crate::proto::Outbox::default();
+    let mut pool = BufferPool::new(BUF, 4);
+    let mut ids = crate::message::IdSeq::new();
+    let mut kept = Vec::new();
+    for c in &contents {
+        if outbox.append_raw(c.as_bytes(), &mut pool, &mut ids).is_ok() {
+            kept.push(*c);
+        }
+    }
+    outbox.seal(&mut ids);
+    let mut again = Vec::new();
+    for frame in outbox.frames() {
+        let b = CheckedBatch::parse(frame.slice(HEADER_LEN..)).expect("our own batch checks");
+        again.extend(b.records().map(str::to_string));
+    }
+    assert_eq!(again, kept);
+}
+
 /// Info strings and on-disk names: parsing never panics, names always obey
 /// the Perl client's on-disk naming rules.
 pub fn names_and_info(data: &[u8]) {

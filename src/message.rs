@@ -354,7 +354,7 @@ pub(crate) fn content_is_terminate(content: &str) -> bool {
         return false;
     }
     match serde_json::from_str::<T>(content) {
-        Ok(T { terminate: Some(v) }) => is_truthy(v),
+        Ok(T { terminate: Some(v) }) => is_truthy(v.get()),
         _ => false,
     }
 }
@@ -703,8 +703,8 @@ fn id_random() -> (u64, u64) {
 
 /// Perl truthiness of a JSON value: everything but `null`, `false`, `0`,
 /// `""` and `"0"` is true.
-pub(crate) fn is_truthy(raw: &serde_json::value::RawValue) -> bool {
-    let t = raw.get().trim();
+pub(crate) fn is_truthy(raw: &str) -> bool {
+    let t = raw.trim();
     !matches!(t, "null" | "false" | "0" | "\"\"" | "\"0\"" | "0.0")
 }
 

@@ -5,6 +5,9 @@
 
 pub mod binary;
 pub mod json;
+mod scan;
+#[cfg(feature = "unstable")]
+pub(crate) use scan::check_against_serde as scan_check_against_serde;
 pub mod zstd;
 
 use std::sync::Arc;
@@ -237,11 +240,11 @@ impl Serializer {
             Serializer::JsonZstd(c) => c.decompress(payload)?,
             Serializer::Binary => return binary::decode_hello(payload),
         };
-        let env: RawEnvelope = serde_json::from_slice(payload).map_err(|e| describe(e, payload))?;
+        let env = scan::scan_envelope(payload).map_err(|e| describe_scan(e, payload))?;
         let Some(raw) = env.hello else {
             return Ok(None);
         };
-        let id = match serde_json::from_str::<json::CowStr>(raw.get()) {
+        let id = match serde_json::from_str::<json::CowStr>(raw) {
             Ok(s) => s.0,
             Err(_) => return Ok(None),
         };
@@ -277,8 +280,8 @@ impl Serializer {
             Serializer::JsonZstd(c) => c.decompress(payload).map_err(DecodeError::Malformed)?,
             Serializer::Binary => return binary::decode_message(payload),
         };
-        let env: RawEnvelope = serde_json::from_slice(payload)
-            .map_err(|e| DecodeError::Malformed(describe(e, payload)))?;
+        let env = scan::scan_envelope(payload)
+            .map_err(|e| DecodeError::Malformed(describe_scan(e, payload)))?;
         if !env.is_object || (env.keys == 1 && env.hello.is_some()) {
             return Ok(None);
         }
@@ -385,7 +388,7 @@ pub(crate) fn expand_class(class: &str, prefix: &str) -> String {
     }
 }
 
-fn describe(e: serde_json::Error, payload: &[u8]) -> String {
+fn describe_scan(e: scan::ScanError, payload: &[u8]) -> String {
     if payload.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
         format!(
             "{e} (the payload starts with the zstd magic: is the route's serializer JSON::Zstd?)"
@@ -434,17 +437,12 @@ fn envelope_to_message(payload: &Bytes, env: RawEnvelope<'_>) -> Result<Message>
     let extra = env
         .extra
         .into_iter()
-        .map(|(k, v)| {
-            (
-                owned_or_slice(payload, k),
-                ByteStr::slice_of(payload, v.get()),
-            )
-        })
+        .map(|(k, v)| (owned_or_slice(payload, k), ByteStr::slice_of(payload, v)))
         .collect();
     Ok(Message {
         from,
         to,
-        content: ByteStr::slice_of(payload, content.get()),
+        content: ByteStr::slice_of(payload, content),
         id,
         stamp,
         stamp_ord,
