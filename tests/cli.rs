@@ -365,17 +365,20 @@ fn every_subcommand_has_help() {
 }
 
 #[test]
-fn bench_reports_throughput_latency_and_backend() {
+fn bench_reports_throughput_and_round_trips_labelled_with_backend_and_serializer() {
     let out = ipcm()
         .args([
             "bench",
             "--messages",
             "3000",
+            "--round-trips",
+            "200",
             "--size",
             "64",
             "--backend",
             "epoll",
             "--json",
+            "--queueing-latency",
         ])
         .output()
         .unwrap();
@@ -387,18 +390,51 @@ fn bench_reports_throughput_latency_and_backend() {
     let text = String::from_utf8(out.stdout).unwrap();
     let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(first["backend"], "epoll");
+    assert_eq!(first["serializer"], "Binary");
     assert_eq!(first["messages"], 3000);
-    assert!(first["msgs_per_sec"].as_f64().unwrap() > 0.0);
-    assert!(
-        first["latency_us"]["p99"].as_f64().unwrap()
-            >= first["latency_us"]["p50"].as_f64().unwrap()
-    );
+    assert!(first["throughput"]["msgs_per_sec"].as_f64().unwrap() > 0.0);
+    for mode in ["blocking", "busy_poll"] {
+        let rt = &first["round_trip_us"][mode];
+        assert_eq!(
+            rt["samples"], 200,
+            "{mode}: the warm-up tenth is not sampled"
+        );
+        let p50 = rt["p50"].as_f64().unwrap();
+        assert!(p50 > 0.0, "{mode}");
+        assert!(rt["p99"].as_f64().unwrap() >= p50, "{mode}");
+        assert!(rt["p999"].as_f64().unwrap() >= rt["p99"].as_f64().unwrap());
+    }
+    let q = &first["queueing_latency_under_load_us"];
+    assert_eq!(q["samples"], 3000);
     let out = ipcm()
-        .args(["bench", "--messages", "2000"])
+        .args([
+            "bench",
+            "--messages",
+            "2000",
+            "--round-trips",
+            "100",
+            "--serializer",
+            "json",
+        ])
         .output()
         .unwrap();
+    assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
-    assert!(text.contains("msgs/s") && text.contains("p99"), "{text}");
+    assert!(text.contains("JSON serializer"), "{text}");
+    assert!(
+        text.contains("throughput") && text.contains("msgs/s"),
+        "{text}"
+    );
+    assert!(
+        text.contains("round trip, unloaded ping-pong, blocking waits: p50")
+            && text.contains("round trip, unloaded ping-pong, busy polling:")
+            && text.contains("p99.9"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("queueing"),
+        "queueing latency only when asked for"
+    );
     assert!(
         !text.contains('\r'),
         "no progress bar when stdout is not a terminal"

@@ -121,11 +121,14 @@ enum Command {
         #[arg(long)]
         id: String,
     },
-    /// Measure: a private route, senders and a listener; prints throughput
-    /// and latency percentiles with the backend used.
+    /// Measure on a private route: throughput (senders into a listener)
+    /// and the unloaded round trip (a ping-pong, with blocking waits and
+    /// with busy polling), labelled with the backend and serializer.
     ///
     /// With --backend both, the two backends alternate round by round (see
-    /// --rounds) and their medians and ratio are printed.
+    /// --rounds) and their medians and ratios are printed.
+    /// --queueing-latency adds the time messages wait in queues while the
+    /// senders saturate the listener (that is not a round trip).
     Bench(BenchArgs),
 }
 
@@ -141,9 +144,18 @@ struct BenchArgs {
     /// Content bytes per message.
     #[arg(long, default_value_t = 64)]
     size: usize,
-    /// Messages in total per round.
-    #[arg(long, default_value_t = 200_000)]
-    messages: u64,
+    /// Messages in total per round, for throughput (default: 512 MiB of
+    /// content, at most 10 million messages).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Round trips per ping-pong (each mode; the first tenth warms up).
+    #[arg(long, default_value_t = 20_000)]
+    round_trips: u64,
+    /// Also measure queueing latency under load: each message carries its
+    /// send time, and the listener reports how long it waited (senders
+    /// saturating the listener: this is queueing, not a round trip).
+    #[arg(long)]
+    queueing_latency: bool,
     /// Backend of the listener ("both" compares epoll and io_uring).
     #[arg(long, value_enum, default_value_t = BenchBackend::Auto)]
     backend: BenchBackend,
@@ -153,14 +165,16 @@ struct BenchArgs {
     /// Concurrent senders (threads, one client each).
     #[arg(long, default_value_t = 1)]
     senders: usize,
-    /// Queue this many messages per flush (0: each send is written at once).
-    #[arg(long, default_value_t = 64)]
-    batch: u64,
+    /// Queue this many messages per flush (default: what fills 64 KiB;
+    /// 1: each send is written at once).
+    #[arg(long)]
+    batch: Option<u64>,
     /// Use blocking sends (implies --batch 0).
     #[arg(long)]
     blocking: bool,
-    /// Serializer of the route.
-    #[arg(long, value_enum, default_value_t = SerializerArg::Json)]
+    /// Serializer of the route (binary: ipcm's own batch wire; json: the
+    /// Perl-compatible one).
+    #[arg(long, value_enum, default_value_t = SerializerArg::Binary)]
     serializer: SerializerArg,
     /// Rounds per backend (medians are reported).
     #[arg(long, default_value_t = 1)]
@@ -168,6 +182,23 @@ struct BenchArgs {
     /// Print one JSON object per round and a summary object instead of text.
     #[arg(long)]
     json: bool,
+}
+
+impl BenchArgs {
+    fn messages(&self) -> u64 {
+        self.messages
+            .unwrap_or(((512u64 << 20) / self.size.max(1) as u64).clamp(20_000, 10_000_000))
+    }
+
+    /// Messages queued per flush; 0 for blocking sends.
+    fn flush_every(&self) -> u64 {
+        if self.blocking {
+            return 0;
+        }
+        self.batch
+            .unwrap_or((64 * 1024 / (self.size as u64 + 4)).max(1))
+            .max(1)
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -516,30 +547,60 @@ fn stats(info: &str, id: &str) -> Out {
 
 // ----- bench ------------------------------------------------------------
 
+/// Sorted samples, in microseconds.
+struct Samples(Vec<f64>);
+
+impl Samples {
+    fn new(mut v: Vec<f64>) -> Self {
+        v.sort_by(f64::total_cmp);
+        Samples(v)
+    }
+
+    fn pct(&self, p: f64) -> f64 {
+        if self.0.is_empty() {
+            return 0.0;
+        }
+        let i = ((self.0.len() as f64 - 1.0) * p).round() as usize;
+        self.0[i]
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({"p50": self.pct(0.5), "p90": self.pct(0.9), "p99": self.pct(0.99),
+                           "p999": self.pct(0.999), "max": self.pct(1.0), "samples": self.0.len()})
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us",
+            self.pct(0.5),
+            self.pct(0.99),
+            self.pct(0.999)
+        )
+    }
+}
+
 struct Round {
     backend: String,
     messages: u64,
     secs: f64,
-    latency_us: Vec<f64>,
+    /// Ping-pong round trips: blocking waits, busy polling.
+    blocking: Samples,
+    busy: Samples,
+    /// Time in queues under load (--queueing-latency).
+    queueing: Option<Samples>,
 }
 
 impl Round {
     fn rate(&self) -> f64 {
         self.messages as f64 / self.secs
     }
-
-    fn pct(&self, p: f64) -> f64 {
-        if self.latency_us.is_empty() {
-            return 0.0;
-        }
-        let i = ((self.latency_us.len() as f64 - 1.0) * p).round() as usize;
-        self.latency_us[i]
-    }
 }
 
 fn bench(args: &BenchArgs) -> Out {
-    if args.senders == 0 || args.messages == 0 {
-        return Err(Fail("--senders and --messages must be at least 1".into()));
+    if args.senders == 0 || args.messages() == 0 || args.round_trips == 0 {
+        return Err(Fail(
+            "--senders, --messages and --round-trips must be at least 1".into(),
+        ));
     }
     let backends: Vec<BackendChoice> = match args.backend {
         BenchBackend::Auto => vec![BackendChoice::Auto],
@@ -547,64 +608,99 @@ fn bench(args: &BenchArgs) -> Out {
         BenchBackend::Epoll => vec![BackendChoice::Epoll],
         BenchBackend::Both => vec![BackendChoice::Epoll, BackendChoice::IoUring],
     };
+    let ser = args.serializer.make()?;
+    let ser_name = ser.class().rsplit("::").next().unwrap_or("?").to_string();
+    if !args.json {
+        println!(
+            "ipcm bench: {} serializer, {} B content, {} sender(s), {} messages per round, \
+             {} round trips per ping-pong",
+            ser_name,
+            args.size,
+            args.senders,
+            args.messages(),
+            args.round_trips
+        );
+    }
     let mut per_backend: Vec<Vec<Round>> = backends.iter().map(|_| Vec::new()).collect();
     for _ in 0..args.rounds.max(1) {
         for (i, b) in backends.iter().enumerate() {
             let r = bench_round(args, *b)?;
             if args.json {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "backend": r.backend, "messages": r.messages, "size": args.size,
-                        "senders": args.senders, "seconds": r.secs, "msgs_per_sec": r.rate(),
-                        "mb_per_sec": r.rate() * args.size as f64 / 1e6,
-                        "latency_us": {"p50": r.pct(0.5), "p90": r.pct(0.9), "p99": r.pct(0.99),
-                                       "p999": r.pct(0.999), "max": r.pct(1.0)},
-                    })
-                );
+                let mut v = serde_json::json!({
+                    "backend": r.backend, "serializer": ser_name, "messages": r.messages,
+                    "size": args.size, "senders": args.senders,
+                    "throughput": {"seconds": r.secs, "msgs_per_sec": r.rate(),
+                                   "mb_per_sec": r.rate() * args.size as f64 / 1e6},
+                    "round_trip_us": {"blocking": r.blocking.json(), "busy_poll": r.busy.json()},
+                });
+                if let Some(q) = &r.queueing {
+                    v["queueing_latency_under_load_us"] = q.json();
+                }
+                println!("{v}");
             } else {
                 println!(
-                    "{:>8}: {} msgs x {} B from {} sender(s) in {:.3}s: {:.0} msgs/s, {:.1} MB/s; \
-                     latency us p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} max {:.1}",
+                    "{:>8}: throughput {:.2} M msgs/s, {:.1} MB/s ({} messages in {:.3} s)",
                     r.backend,
-                    r.messages,
-                    args.size,
-                    args.senders,
-                    r.secs,
-                    r.rate(),
+                    r.rate() / 1e6,
                     r.rate() * args.size as f64 / 1e6,
-                    r.pct(0.5),
-                    r.pct(0.9),
-                    r.pct(0.99),
-                    r.pct(0.999),
-                    r.pct(1.0)
+                    r.messages,
+                    r.secs
                 );
+                println!(
+                    "{:>8}: round trip, unloaded ping-pong, blocking waits: {}",
+                    r.backend,
+                    r.blocking.text()
+                );
+                println!(
+                    "{:>8}: round trip, unloaded ping-pong, busy polling:  {}",
+                    r.backend,
+                    r.busy.text()
+                );
+                if let Some(q) = &r.queueing {
+                    println!(
+                        "{:>8}: queueing latency under load (time in queues, not a round trip): {}",
+                        r.backend,
+                        q.text()
+                    );
+                }
             }
             per_backend[i].push(r);
         }
     }
-    let medians: Vec<(String, f64)> = per_backend
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let medians: Vec<(String, f64, f64)> = per_backend
         .iter()
         .map(|rs| {
             let mut rates: Vec<f64> = rs.iter().map(Round::rate).collect();
-            rates.sort_by(f64::total_cmp);
-            (rs[0].backend.clone(), rates[rates.len() / 2])
+            let mut p50: Vec<f64> = rs.iter().map(|r| r.blocking.pct(0.5)).collect();
+            (rs[0].backend.clone(), median(&mut rates), median(&mut p50))
         })
         .collect();
     if args.json {
         let ratio = (medians.len() == 2).then(|| medians[1].1 / medians[0].1);
         println!(
             "{}",
-            serde_json::json!({"summary": medians.iter().map(|(b, r)| (b.clone(), serde_json::json!(r))).collect::<serde_json::Map<_, _>>(), "ratio": ratio})
+            serde_json::json!({"summary": medians.iter().map(|(b, r, _)| (b.clone(), serde_json::json!(r))).collect::<serde_json::Map<_, _>>(), "ratio": ratio})
         );
     } else {
         if args.rounds > 1 {
-            for (b, r) in &medians {
-                println!("{b:>8}: median {r:.0} msgs/s over {} rounds", args.rounds);
+            for (b, r, p) in &medians {
+                println!(
+                    "{b:>8}: median over {} rounds: throughput {:.2} M msgs/s, blocking round trip p50 {p:.1} us",
+                    args.rounds,
+                    r / 1e6
+                );
             }
         }
-        if let [(a, ra), (b, rb)] = medians.as_slice() {
-            println!("ratio {b}/{a}: {:.2}", rb / ra);
+        if let [(a, ra, pa), (b, rb, pb)] = medians.as_slice() {
+            println!(
+                "ratio {b}/{a}: throughput {:.2}, blocking round trip p50 {:.2}",
+                rb / ra,
+                pb / pa
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -614,19 +710,173 @@ fn bench_round(args: &BenchArgs, backend: BackendChoice) -> Result<Round, Fail> 
     let route = Route::spawn(None)?;
     let guard = RouteGuard(route.clone());
     let info = Info::new(args.serializer.make()?, route.path());
-    let mut rx = Client::connect(&info, "sink", Options::new().backend(backend))?;
+    let (secs, total, kind) = throughput(args, &info, backend)?;
+    let blocking = ping_pong(args, &info, backend, false)?;
+    let busy = ping_pong(args, &info, backend, true)?;
+    let queueing = if args.queueing_latency {
+        Some(queueing_latency(args, &info, backend)?)
+    } else {
+        None
+    };
+    drop(guard);
+    Ok(Round {
+        backend: kind,
+        messages: total,
+        secs,
+        blocking,
+        busy,
+        queueing,
+    })
+}
+
+/// A JSON string of `size` bytes (quotes included).
+fn content_of(size: usize) -> String {
+    format!("\"{}\"", "x".repeat(size.saturating_sub(2)))
+}
+
+/// Senders queue pre-serialized content as fast as they can; the
+/// listener reads it in place. Returns seconds, messages and the backend.
+fn throughput(
+    args: &BenchArgs,
+    info: &Info,
+    backend: BackendChoice,
+) -> Result<(f64, u64, String), Fail> {
+    let mut rx = Client::connect(info, "sink", Options::new().backend(backend))?;
     let kind = rx.backend().to_string();
-    let per_sender = args.messages.div_ceil(args.senders as u64);
+    let per_sender = args.messages().div_ceil(args.senders as u64);
     let total = per_sender * args.senders as u64;
-    let epoch = Instant::now();
-    let pad = "x".repeat(args.size.saturating_sub(24));
+    let body = content_of(args.size);
     let bar = indicatif::ProgressBar::new(total);
     if !std::io::stdout().is_terminal() || args.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let sender_backend = args.sender_backend.map_or(backend, BackendChoice::from);
-    let batch = if args.blocking { 0 } else { args.batch };
+    let batch = args.flush_every();
     let start = Instant::now();
+    let mut threads = Vec::new();
+    for s in 0..args.senders {
+        let info = info.clone();
+        let body = body.clone();
+        let blocking = args.blocking;
+        threads.push(std::thread::spawn(move || -> ipcm::Result<()> {
+            // A bounded outbox: back-pressure as a socket buffer gives it.
+            let opts = Options::new()
+                .listen(false)
+                .backend(sender_backend)
+                .outbox_limit(256 * 1024);
+            let mut tx = Client::connect(&info, &format!("source-{s}"), opts)?;
+            tx.set_send_blocking(blocking);
+            for n in 0..per_sender {
+                if batch > 0 && n % batch == 0 {
+                    tx.drain_pending();
+                }
+                loop {
+                    let sent = if batch > 0 {
+                        tx.queue_json("sink", &body)
+                    } else {
+                        tx.send_json("sink", &body)
+                    };
+                    match sent {
+                        Ok(()) => break,
+                        // The outbox is full: wait until it is written.
+                        Err(ipcm::Error::WouldBlock { .. }) => {
+                            tx.flush_pending(Some(Duration::from_secs(30)))?
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            tx.flush_pending(Some(Duration::from_secs(30)))?;
+            tx.disconnect(None)
+        }));
+    }
+    let mut got = 0u64;
+    let mut bytes = 0usize;
+    while got < total {
+        let batch = rx.receive(Duration::from_secs(10))?;
+        if batch.is_empty() {
+            return Err(Fail(format!(
+                "only {got} of {total} messages arrived (no progress for 10 s)"
+            )));
+        }
+        let before = got;
+        for m in &batch {
+            bytes += m.content_json().len();
+            got += 1;
+        }
+        drop(batch);
+        bar.inc(got - before);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    std::hint::black_box(bytes);
+    bar.finish_and_clear();
+    for t in threads {
+        t.join()
+            .map_err(|_| Fail("a sender thread panicked".into()))??;
+    }
+    rx.disconnect(None)?;
+    Ok((secs, total, kind))
+}
+
+/// One message at a time, there and back: an echo client answers each
+/// one; the round trips after the first tenth are the samples.
+fn ping_pong(
+    args: &BenchArgs,
+    info: &Info,
+    backend: BackendChoice,
+    busy: bool,
+) -> Result<Samples, Fail> {
+    let opts = Options::new().backend(backend).busy_poll(busy);
+    let mut echo = Client::connect(info, "echo", opts.clone())?;
+    let echo_thread = std::thread::spawn(move || -> ipcm::Result<()> {
+        loop {
+            for m in echo.get_messages_timeout(Duration::from_secs(10))? {
+                if m.content_json() == "0" {
+                    return echo.disconnect(None);
+                }
+                echo.send_json(m.from(), m.content_json())?;
+            }
+        }
+    });
+    let mut ping = Client::connect(info, "ping", opts.listen(false))?;
+    let body = content_of(args.size);
+    let warm = args.round_trips / 10;
+    let mut lat = Vec::with_capacity(args.round_trips as usize);
+    for i in 0..warm + args.round_trips {
+        let t = Instant::now();
+        ping.send_json("echo", &body)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ping.receive(Duration::from_secs(10))?.is_empty() {
+            if Instant::now() >= deadline {
+                return Err(Fail("no echo for 10 s".into()));
+            }
+        }
+        if i >= warm {
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    ping.send_json("echo", "0")?;
+    echo_thread
+        .join()
+        .map_err(|_| Fail("the echo thread panicked".into()))??;
+    ping.disconnect(None)?;
+    Ok(Samples::new(lat))
+}
+
+/// Senders saturate the listener with messages that carry their send
+/// time; the samples are how long each waited in queues on the way.
+fn queueing_latency(
+    args: &BenchArgs,
+    info: &Info,
+    backend: BackendChoice,
+) -> Result<Samples, Fail> {
+    let mut rx = Client::connect(info, "sink", Options::new().backend(backend))?;
+    let per_sender = args.messages().div_ceil(args.senders as u64);
+    let total = per_sender * args.senders as u64;
+    let epoch = Instant::now();
+    let pad = "x".repeat(args.size.saturating_sub(24));
+    let sender_backend = args.sender_backend.map_or(backend, BackendChoice::from);
+    let batch = args.flush_every();
     let mut threads = Vec::new();
     for s in 0..args.senders {
         let info = info.clone();
@@ -657,6 +907,7 @@ fn bench_round(args: &BenchArgs, backend: BackendChoice) -> Result<Round, Fail> 
                     }
                 }
             }
+            tx.flush_pending(Some(Duration::from_secs(30)))?;
             tx.disconnect(None)
         }));
     }
@@ -678,23 +929,13 @@ fn bench_round(args: &BenchArgs, backend: BackendChoice) -> Result<Round, Fail> 
             let s: Stamp = m.content()?;
             latency_us.push(now.saturating_sub(s.t) as f64 / 1000.0);
         }
-        bar.inc(batch.len() as u64);
     }
-    let secs = start.elapsed().as_secs_f64();
-    bar.finish_and_clear();
     for t in threads {
         t.join()
             .map_err(|_| Fail("a sender thread panicked".into()))??;
     }
     rx.disconnect(None)?;
-    drop(guard);
-    latency_us.sort_by(f64::total_cmp);
-    Ok(Round {
-        backend: kind,
-        messages: total,
-        secs,
-        latency_us,
-    })
+    Ok(Samples::new(latency_us))
 }
 
 /// Removes a bench route however the round ends.
