@@ -50,14 +50,25 @@ impl Client {
     /// The cached connection to `peer`, or a new one to its socket.
     #[inline(always)]
     pub(super) fn conn_for_send(&mut self, peer: &str) -> Result<ConnId> {
-        let epoch = self.reactor.core().peers_epoch();
-        if let Some((id, at)) = self.send_cache.conn
-            && at == epoch
-            && self.send_cache.peer == peer
-        {
-            return Ok(id);
+        match self.cached_conn(peer) {
+            Some(id) => Ok(id),
+            None => self.conn_for_send_slow(peer, self.reactor.core().peers_epoch()),
         }
-        self.conn_for_send_slow(peer, epoch)
+    }
+
+    /// The connection of `peer` if it is the last peer sent to and its
+    /// connection is still the live one.
+    #[inline(always)]
+    fn cached_conn(&self, peer: &str) -> Option<ConnId> {
+        match self.send_cache.conn {
+            Some((id, at))
+                if at == self.reactor.core().peers_epoch()
+                    && same_name(self.send_cache.peer.as_bytes(), peer.as_bytes()) =>
+            {
+                Some(id)
+            }
+            _ => None,
+        }
     }
 
     /// [`Client::conn_for_send`] when the peer is not the last one sent to.
@@ -227,18 +238,25 @@ impl Client {
         how: Delivery,
     ) -> Result<()> {
         self.check_usable()?;
-        if peer.is_empty() {
-            return Err(Error::NoPeer);
-        }
-        if peer == self.id {
-            let frame = self.encode(peer, content, false)?;
-            return self.send_to_self(frame);
-        }
+        // The last peer sent to (never this client itself, never empty);
+        // anyone else is looked at first.
+        let id = match self.cached_conn(peer) {
+            Some(id) => id,
+            None => {
+                if peer.is_empty() {
+                    return Err(Error::NoPeer);
+                }
+                if peer == self.id {
+                    let frame = self.encode(peer, content, false)?;
+                    return self.send_to_self(frame);
+                }
+                self.conn_for_send(peer)?
+            }
+        };
         let deadline = match how {
             Delivery::Complete => self.send_deadline(),
             _ => None,
         };
-        let id = self.conn_for_send(peer)?;
         loop {
             let core = self.reactor.core_mut();
             let appended = match content {
@@ -369,7 +387,7 @@ impl Client {
         } else {
             Delivery::Start
         };
-        if !broadcast && self.serializer == Serializer::Binary {
+        if !broadcast && matches!(self.serializer, Serializer::Binary) {
             return self.send_batched(peer, content, how);
         }
         let frame = self.encode(peer, content, broadcast)?;
@@ -462,7 +480,7 @@ impl Client {
         peer: &str,
         content: Content<'_, T>,
     ) -> Result<()> {
-        if self.serializer == Serializer::Binary {
+        if matches!(self.serializer, Serializer::Binary) {
             return self.send_batched(peer, content, Delivery::Queue);
         }
         let frame = self.encode(peer, content, false)?;
@@ -575,10 +593,69 @@ impl Client {
 }
 
 /// `text` without surrounding whitespace (usually none: two byte tests).
+/// JSON whitespace is below `!`; a text that starts or ends with any other
+/// byte at or below it is trimmed as `str::trim` does (a non-ASCII first or
+/// last byte is no valid JSON text either way, and is left as it is).
 #[inline(always)]
 fn trim_json(text: &str) -> &str {
     match text.as_bytes() {
-        [first, .., last] if first.is_ascii_graphic() && last.is_ascii_graphic() => text,
+        [first, .., last] if *first > b' ' && *last > b' ' => text,
         _ => text.trim(),
+    }
+}
+
+/// Whether two peer names are equal: names of 4 to 16 bytes (the usual)
+/// are compared as two overlapping words each, with no call to `memcmp`.
+#[inline(always)]
+fn same_name(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    if a.len() > 8 && a.len() <= 16 {
+        if let (Some(a0), Some(b0), Some(a1), Some(b1)) = (
+            a.first_chunk::<8>(),
+            b.first_chunk::<8>(),
+            a.last_chunk::<8>(),
+            b.last_chunk::<8>(),
+        ) {
+            return a0 == b0 && a1 == b1;
+        }
+    } else if a.len() >= 4
+        && a.len() <= 8
+        && let (Some(a0), Some(b0), Some(a1), Some(b1)) = (
+            a.first_chunk::<4>(),
+            b.first_chunk::<4>(),
+            a.last_chunk::<4>(),
+            b.last_chunk::<4>(),
+        )
+    {
+        return a0 == b0 && a1 == b1;
+    }
+    a == b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_name;
+
+    #[test]
+    fn names_compare_as_slices_do() {
+        let names: Vec<Vec<u8>> = (0..40)
+            .flat_map(|len| {
+                let base: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+                let mut variants = vec![base.clone()];
+                for i in 0..len {
+                    let mut v = base.clone();
+                    v[i] ^= 1;
+                    variants.push(v);
+                }
+                variants
+            })
+            .collect();
+        for a in &names {
+            for b in &names {
+                assert_eq!(same_name(a, b), a == b, "{a:?} {b:?}");
+            }
+        }
     }
 }

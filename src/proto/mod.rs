@@ -967,9 +967,11 @@ impl Core {
         if queued > 0 && queued + hint + binary::RECORD_LEN_SIZE > limit {
             return Ok(Append::Full { queued });
         }
-        if conn.outbox.append(hint, arenas, ids, write)? == Appended::Opened && !conn.send_in_flight
-        {
-            dirty.push(id);
+        if conn.outbox.append(hint, arenas, ids, write)? == Appended::Opened {
+            conn.outbox.cap_room(limit);
+            if !conn.send_in_flight {
+                dirty.push(id);
+            }
         }
         conn.uncounted += 1;
         Ok(Append::Queued)
@@ -992,13 +994,20 @@ impl Core {
         else {
             return Ok(Append::Gone);
         };
-        let queued = conn.outbox.queued_bytes();
-        if queued > 0 && queued + content.len() + binary::RECORD_LEN_SIZE > limit {
-            return Ok(Append::Full { queued });
+        // Within the open batch's room the outbox limit holds already (see
+        // `Outbox::cap_room`); only past it is the limit looked at.
+        let need = content.len() + binary::RECORD_LEN_SIZE;
+        if need > conn.outbox.room() {
+            let queued = conn.outbox.queued_bytes();
+            if queued > 0 && queued + need > limit {
+                return Ok(Append::Full { queued });
+            }
         }
-        if conn.outbox.append_raw(content, arenas, ids)? == Appended::Opened && !conn.send_in_flight
-        {
-            dirty.push(id);
+        if conn.outbox.append_raw(content, arenas, ids)? == Appended::Opened {
+            conn.outbox.cap_room(limit);
+            if !conn.send_in_flight {
+                dirty.push(id);
+            }
         }
         conn.uncounted += 1;
         Ok(Append::Queued)

@@ -45,7 +45,16 @@ pub struct Outbox {
     open: BytesMut,
     /// Messages in the open batch.
     open_count: u32,
+    /// Record bytes the open batch still takes without being sealed
+    /// (within [`BATCH_BYTES`] and the buffer's capacity); 0 when none is
+    /// open.
+    room: usize,
 }
+
+// The byte limit keeps a batch below the count limit (a record takes at
+// least five bytes), so appending checks bytes only.
+const _: () = assert!(BATCH_BYTES / (RECORD_LEN_SIZE + 1) < MAX_BATCH_COUNT as usize);
+const _: () = assert!(BATCH_BYTES < MAX_RECORD);
 
 /// Outcome of [`Outbox::append`].
 #[derive(Debug, PartialEq, Eq)]
@@ -98,15 +107,10 @@ impl Outbox {
         write: impl FnOnce(&mut BytesMut) -> Result<(), Error>,
     ) -> Result<Appended, Error> {
         let need = RECORD_LEN_SIZE + hint;
-        let mut opened = false;
-        if self.open_count == 0
-            || self.open_count >= MAX_BATCH_COUNT
-            || self.open.len() + need > BATCH_PREFIX + BATCH_BYTES
-            || self.open.capacity() - self.open.len() < need
-        {
+        let opened = need > self.room;
+        if opened {
             self.seal(ids);
             self.start_batch(need, pool);
-            opened = true;
         }
         let at = self.open.len();
         self.open.put_slice(&[0; RECORD_LEN_SIZE]);
@@ -129,6 +133,7 @@ impl Outbox {
         }
         self.open[at..at + RECORD_LEN_SIZE].copy_from_slice(&record_len_bytes(len));
         self.open_count += 1;
+        self.update_room();
         Ok(if opened {
             Appended::Opened
         } else {
@@ -146,32 +151,69 @@ impl Outbox {
         ids: &mut IdSeq,
     ) -> Result<Appended, Error> {
         let len = content.len();
-        if len == 0 || content == b"null" {
+        if len == 0 || (len == 4 && content[..4] == *b"null") {
             return Err(Error::ContentRequired);
         }
-        if len > MAX_RECORD {
-            return Err(Error::FrameTooLarge {
-                len,
-                max: MAX_RECORD,
-            });
-        }
         let need = RECORD_LEN_SIZE + len;
-        let opened = self.open_count == 0
-            || self.open_count >= MAX_BATCH_COUNT
-            || self.open.len() + need > BATCH_PREFIX + BATCH_BYTES
-            || self.open.capacity() - self.open.len() < need;
+        let opened = need > self.room;
         if opened {
+            // (Within the room a record is below BATCH_BYTES.)
+            if len > MAX_RECORD {
+                return Err(Error::FrameTooLarge {
+                    len,
+                    max: MAX_RECORD,
+                });
+            }
             self.seal(ids);
             self.start_batch(need, pool);
         }
-        self.open.put_slice(&record_len_bytes(len));
-        self.open.put_slice(content);
+        let at = self.open.len();
+        debug_assert!(self.open.capacity() - at >= need);
+        // SAFETY: the room (or the batch just started for this record)
+        // guarantees `need` bytes of spare capacity after `at`: both copies
+        // stay inside the allocation, write initialised bytes over spare
+        // ones, and `set_len` covers exactly what they wrote.
+        unsafe {
+            let dst = self.open.as_mut_ptr().add(at);
+            std::ptr::copy_nonoverlapping(record_len_bytes(len).as_ptr(), dst, RECORD_LEN_SIZE);
+            std::ptr::copy_nonoverlapping(content.as_ptr(), dst.add(RECORD_LEN_SIZE), len);
+            self.open.set_len(at + need);
+        }
         self.open_count += 1;
+        if opened {
+            self.update_room();
+        } else {
+            self.room -= need;
+        }
         Ok(if opened {
             Appended::Opened
         } else {
             Appended::Queued
         })
+    }
+
+    /// Record bytes the open batch takes now without a check of the
+    /// outbox limit or a seal (see [`Outbox::cap_room`]).
+    #[inline(always)]
+    pub fn room(&self) -> usize {
+        self.room
+    }
+
+    /// Lowers [`Outbox::room`] to what `limit` leaves: appends within it
+    /// keep the outbox within its limit without looking at it again (what
+    /// written bytes free up is seen when the room runs out).
+    #[inline]
+    pub fn cap_room(&mut self, limit: usize) {
+        self.room = self.room.min(limit.saturating_sub(self.queued_bytes()));
+    }
+
+    /// Recomputes [`Outbox::room`] after the open batch grew.
+    #[inline]
+    fn update_room(&mut self) {
+        let len = self.open.len();
+        self.room = (BATCH_PREFIX + BATCH_BYTES)
+            .saturating_sub(len)
+            .min(self.open.capacity() - len);
     }
 
     /// Takes back a record started at `at` (and the batch, if it was its
@@ -221,6 +263,7 @@ impl Outbox {
         self.open[HEADER_LEN..BATCH_PREFIX]
             .copy_from_slice(batch_header(count, stamp, first_ord, first_id).as_bytes());
         self.open_count = 0;
+        self.room = 0;
         let frame = self.open.split().freeze();
         self.push(frame);
         count

@@ -352,6 +352,9 @@ pub const MAX_BATCH_COUNT: u32 = 65_535;
 pub fn record_len_bytes(len: usize) -> [u8; 4] {
     debug_assert!(len <= MAX_RECORD);
     let l = len as u32;
+    if l < 0x80 {
+        return l.to_le_bytes();
+    }
     [
         (l & 0x7F) as u8,
         ((l >> 7) & 0x7F) as u8,
@@ -364,13 +367,15 @@ pub fn record_len_bytes(len: usize) -> [u8; 4] {
 #[inline(always)]
 pub fn record_len(bytes: [u8; 4]) -> Option<usize> {
     let x = u32::from_le_bytes(bytes);
+    if x < 0x80 {
+        return Some(x as usize);
+    }
     if x & 0x8080_8080 != 0 {
         return None;
     }
-    Some(
-        ((x & 0x7F) | ((x >> 1) & 0x3F80) | ((x >> 2) & 0x1F_C000) | ((x >> 3) & 0x0FE0_0000))
-            as usize,
-    )
+    // Seven-bit pairs into 14-bit halves, then the halves together.
+    let x = (x & 0x007F_007F) | ((x >> 1) & 0x3F80_3F80);
+    Some(((x & 0x3FFF) | ((x >> 2) & 0x0FFF_C000)) as usize)
 }
 
 /// The header of a batch of `count` messages.
@@ -409,6 +414,42 @@ pub struct BatchInfo {
     pub nulls: u32,
 }
 
+/// What is wrong with a record (the walk reports it with the record's
+/// index; the text is made only then, off the hot loop).
+enum RecordFault {
+    CutLength,
+    BadLength,
+    Overrun { len: usize, left: usize },
+    Empty,
+}
+
+/// Walks the records of a batch: their count and how many are `null`.
+#[inline]
+fn walk_records(body: &[u8]) -> Result<(u32, u32), (u32, RecordFault)> {
+    let (mut rest, mut n, mut nulls) = (body, 0u32, 0u32);
+    while !rest.is_empty() {
+        let Some((len_bytes, after)) = rest.split_first_chunk::<RECORD_LEN_SIZE>() else {
+            return Err((n, RecordFault::CutLength));
+        };
+        let Some(len) = record_len(*len_bytes) else {
+            return Err((n, RecordFault::BadLength));
+        };
+        let Some((content, after)) = after.split_at_checked(len) else {
+            let left = after.len();
+            return Err((n, RecordFault::Overrun { len, left }));
+        };
+        match len {
+            0 => return Err((n, RecordFault::Empty)),
+            4 if *content == *b"null" => nulls += 1,
+            _ => {}
+        }
+        // At most a fifth of the payload's length: no overflow.
+        n = n.wrapping_add(1);
+        rest = after;
+    }
+    Ok((n, nulls))
+}
+
 /// Checks a batch payload whole: header, every record's length, the
 /// count, and that every content is UTF-8. A batch that fails is refused
 /// whole (its frame is malformed); one that passes can be walked with
@@ -445,29 +486,14 @@ pub fn parse_batch(payload: &[u8]) -> Result<BatchInfo, String> {
     if simdutf8::basic::from_utf8(body).is_err() {
         return Err("binary batch: a content is not UTF-8, or a record length is malformed".into());
     }
-    let (mut pos, mut n, mut nulls) = (0usize, 0u32, 0u32);
-    while pos < body.len() {
-        let Some(len_bytes) = body.get(pos..pos + RECORD_LEN_SIZE) else {
-            return Err(format!("binary batch: record {n} is cut inside its length"));
-        };
-        let len = record_len(len_bytes.try_into().expect("four bytes"))
-            .ok_or_else(|| format!("binary batch: record {n} has a malformed length"))?;
-        let start = pos + RECORD_LEN_SIZE;
-        let end = start + len;
-        if end > body.len() {
-            return Err(format!(
-                "binary batch: record {n} announces {len} bytes, {} remain",
-                body.len() - start
-            ));
+    let (n, nulls) = walk_records(body).map_err(|(n, fault)| match fault {
+        RecordFault::CutLength => format!("binary batch: record {n} is cut inside its length"),
+        RecordFault::BadLength => format!("binary batch: record {n} has a malformed length"),
+        RecordFault::Overrun { len, left } => {
+            format!("binary batch: record {n} announces {len} bytes, {left} remain")
         }
-        match &body[start..end] {
-            b"" => return Err(format!("binary batch: record {n} has no content")),
-            b"null" => nulls += 1,
-            _ => {}
-        }
-        n = n.saturating_add(1);
-        pos = end;
-    }
+        RecordFault::Empty => format!("binary batch: record {n} has no content"),
+    })?;
     if n != count {
         return Err(format!(
             "binary batch announces {count} messages but holds {n}"
@@ -587,15 +613,24 @@ impl<'a> Iterator for BatchRecords<'a> {
 
     #[inline(always)]
     fn next(&mut self) -> Option<&'a str> {
-        let (len_bytes, _) = self
+        let (len_bytes, rest) = self
             .body
             .as_bytes()
             .split_first_chunk::<RECORD_LEN_SIZE>()?;
         let len = record_len(*len_bytes)?;
-        // The length bytes are ASCII, so both ends are character
-        // boundaries and `get` always succeeds on a checked batch.
-        let content = self.body.get(RECORD_LEN_SIZE..RECORD_LEN_SIZE + len)?;
-        self.body = self.body.get(RECORD_LEN_SIZE + len..)?;
+        let (content, rest) = rest.split_at_checked(len)?;
+        // SAFETY: `body` is valid UTF-8 and every record length byte is
+        // ASCII (`record_len` refused any other): `content` and `rest` both
+        // start right after an ASCII byte and end right before one (or at
+        // the end), so each starts and ends on a character boundary of
+        // valid UTF-8 and is itself valid UTF-8.
+        let (content, rest) = unsafe {
+            (
+                std::str::from_utf8_unchecked(content),
+                std::str::from_utf8_unchecked(rest),
+            )
+        };
+        self.body = rest;
         Some(content)
     }
 }
@@ -603,6 +638,20 @@ impl<'a> Iterator for BatchRecords<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_lengths_round_trip_and_stay_ascii() {
+        for len in (0..=MAX_RECORD)
+            .step_by(997)
+            .chain([MAX_RECORD, 127, 128, 16383, 16384])
+        {
+            let b = record_len_bytes(len);
+            assert!(b.iter().all(u8::is_ascii), "{len}: {b:?}");
+            assert_eq!(record_len(b), Some(len));
+        }
+        assert_eq!(record_len([0x80, 0, 0, 0]), None);
+        assert_eq!(record_len([0, 0, 0, 0xFF]), None);
+    }
 
     #[test]
     fn header_is_52_bytes() {
