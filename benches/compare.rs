@@ -877,7 +877,9 @@ fn main() {
     let (u, e) = (System::Ipcm(Flavor::Uring), System::Ipcm(Flavor::Epoll));
     let ratio = |size| (vs(u, System::Raw, size), vs(e, System::Raw, size));
     let (u64r, e64r) = ratio(64);
+    let (u1kr, e1kr) = ratio(1024);
     let (u16r, e16r) = ratio(16384);
+    let threaded = vs(System::Ipcm(Flavor::Threaded), u, 64);
     let rtt = |sys| paired(&get(sys, 64).p50, &get(System::Raw, 64).p50);
     let busy_of = |sys| {
         busy.iter()
@@ -895,7 +897,7 @@ fn main() {
         .collect::<Vec<_>>()
         .join(" ");
     println!(
-        "summary (io_uring/epoll): 64B x raw {u64r:.2}/{e64r:.2} (target >=0.5), x tokio {:.2}/{:.2} (>=2); 16KiB x raw {u16r:.2}/{e16r:.2} (>=0.9); json 64B {:.2}M msgs/s (>=1.5M); ping-pong p50 x raw blocking {:.2}/{:.2} (<=1.1), busy {:.2}/{:.2} (<=1.2); fan-in 1000/1 {fan_txt} (>=0.7); idle conn {idle_txt} (<4096B)",
+        "summary (io_uring/epoll): 64B x raw {u64r:.2}/{e64r:.2} (target >=0.5), x tokio {:.2}/{:.2} (>=2); 1KiB x raw {u1kr:.2}/{e1kr:.2} (>=0.9); 16KiB x raw {u16r:.2}/{e16r:.2} (>=1.0); json 64B {:.2}M msgs/s (>=4M); threaded 64B x inline io_uring {threaded:.2} (>=0.8); ping-pong p50 x raw blocking {:.2}/{:.2} (<=1.1), busy {:.2}/{:.2} (<=1.2); fan-in 1000/1 {fan_txt} (>=0.7); idle conn {idle_txt} (<4096B)",
         vs(u, System::Tokio, 64),
         vs(e, System::Tokio, 64),
         r(System::Ipcm(Flavor::Json), 64) / 1e6,

@@ -654,6 +654,18 @@ mod tests {
     }
 
     #[test]
+    fn ids_of_a_batch_count_up_from_the_first() {
+        let mut ids = crate::message::IdSeq::new();
+        let first = ids.take(3);
+        assert_eq!(nth_id(&first, 3), ids.take(1));
+        let mut top = first;
+        top[10..].copy_from_slice(&[0xFF; 6]);
+        let wrapped = nth_id(&top, 1);
+        assert_eq!(wrapped[..10], first[..10], "the prefix stays");
+        assert_eq!(wrapped[10..], [0; 6], "the counter wraps modulo 2^48");
+    }
+
+    #[test]
     fn header_is_52_bytes() {
         assert_eq!(HEADER_SIZE, 52);
     }
