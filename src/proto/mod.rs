@@ -317,9 +317,7 @@ impl Core {
     }
 
     fn get_mut(&mut self, id: ConnId) -> Option<&mut Conn> {
-        self.conns
-            .get_mut(id.slot())
-            .filter(|c| ConnId::new(id.slot(), c.generation) == id)
+        conn_mut(&mut self.conns, id)
     }
 
     fn id_of(&self, slot: usize) -> ConnId {
@@ -916,10 +914,7 @@ impl Core {
     pub fn enqueue(&mut self, id: ConnId, frame: Bytes) -> Enqueue {
         let limit = self.cfg.outbox_limit;
         let Core { conns, ids, .. } = self;
-        let Some(conn) = conns
-            .get_mut(id.slot())
-            .filter(|c| c.generation == id.generation())
-        else {
+        let Some(conn) = conn_mut(conns, id) else {
             return Enqueue::Gone;
         };
         let queued = conn.outbox.queued_bytes();
@@ -949,37 +944,29 @@ impl Core {
         hint: usize,
         write: impl FnOnce(&mut BytesMut) -> crate::Result<()>,
     ) -> crate::Result<Append> {
-        let limit = self.cfg.outbox_limit;
-        let Core {
-            conns,
-            ids,
-            arenas,
-            dirty,
-            ..
-        } = self;
-        let Some(conn) = conns
-            .get_mut(id.slot())
-            .filter(|c| c.generation == id.generation())
-        else {
-            return Ok(Append::Gone);
-        };
-        let queued = conn.outbox.queued_bytes();
-        if queued > 0 && queued + hint + binary::RECORD_LEN_SIZE > limit {
-            return Ok(Append::Full { queued });
-        }
-        if conn.outbox.append(hint, arenas, ids, write)? == Appended::Opened {
-            conn.outbox.cap_room(limit);
-            if !conn.send_in_flight {
-                dirty.push(id);
-            }
-        }
-        conn.uncounted += 1;
-        Ok(Append::Queued)
+        self.append_with(id, hint, |outbox, pool, ids| {
+            outbox.append(hint, pool, ids, write)
+        })
     }
 
     /// [`Core::append`] of content given as JSON bytes.
     #[inline(always)]
     pub fn append_raw(&mut self, id: ConnId, content: &[u8]) -> crate::Result<Append> {
+        self.append_with(id, content.len(), |outbox, pool, ids| {
+            outbox.append_raw(content, pool, ids)
+        })
+    }
+
+    /// The one body of [`Core::append`] and [`Core::append_raw`]: the
+    /// connection, the outbox limit, the append `put` makes, and the
+    /// bookkeeping of a batch just opened.
+    #[inline(always)]
+    fn append_with(
+        &mut self,
+        id: ConnId,
+        len: usize,
+        put: impl FnOnce(&mut Outbox, &mut BufferPool, &mut IdSeq) -> crate::Result<Appended>,
+    ) -> crate::Result<Append> {
         let limit = self.cfg.outbox_limit;
         let Core {
             conns,
@@ -988,22 +975,19 @@ impl Core {
             dirty,
             ..
         } = self;
-        let Some(conn) = conns
-            .get_mut(id.slot())
-            .filter(|c| c.generation == id.generation())
-        else {
+        let Some(conn) = conn_mut(conns, id) else {
             return Ok(Append::Gone);
         };
         // Within the open batch's room the outbox limit holds already (see
         // `Outbox::cap_room`); only past it is the limit looked at.
-        let need = content.len() + binary::RECORD_LEN_SIZE;
+        let need = len + binary::RECORD_LEN_SIZE;
         if need > conn.outbox.room() {
             let queued = conn.outbox.queued_bytes();
             if queued > 0 && queued + need > limit {
                 return Ok(Append::Full { queued });
             }
         }
-        if conn.outbox.append_raw(content, arenas, ids)? == Appended::Opened {
+        if put(&mut conn.outbox, arenas, ids)? == Appended::Opened {
             conn.outbox.cap_room(limit);
             if !conn.send_in_flight {
                 dirty.push(id);
@@ -1017,9 +1001,7 @@ impl Core {
     /// it (compare with [`Core::written_total`]).
     pub fn seal(&mut self, id: ConnId) -> Option<u64> {
         let Core { conns, ids, .. } = self;
-        let conn = conns
-            .get_mut(id.slot())
-            .filter(|c| c.generation == id.generation())?;
+        let conn = conn_mut(conns, id)?;
         conn.outbox.seal(ids);
         Some(conn.outbox.enqueued_total())
     }
@@ -1100,9 +1082,7 @@ impl Core {
         let Core {
             conns, ids, stats, ..
         } = self;
-        let conn = conns
-            .get_mut(id.slot())
-            .filter(|c| c.generation == id.generation())?;
+        let conn = conn_mut(conns, id)?;
         if conn.send_in_flight || conn.outbox.is_empty() {
             return None;
         }
@@ -1124,10 +1104,7 @@ impl Core {
     /// e.g. after the kernel buffer had no room).
     pub fn on_sent(&mut self, id: ConnId, result: io::Result<usize>) {
         let Core { conns, arenas, .. } = self;
-        let Some(conn) = conns
-            .get_mut(id.slot())
-            .filter(|c| c.generation == id.generation())
-        else {
+        let Some(conn) = conn_mut(conns, id) else {
             return;
         };
         conn.send_in_flight = false;
@@ -1152,6 +1129,14 @@ impl Core {
             Err(e) => self.close(id, Some(e)),
         }
     }
+}
+
+/// The open connection `id` (its slot holds it, in its generation).
+#[inline(always)]
+fn conn_mut(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
+    conns
+        .get_mut(id.slot())
+        .filter(|c| c.generation == id.generation())
 }
 
 /// Adds `conn`'s uncounted messages to the `sent` statistics.

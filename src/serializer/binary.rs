@@ -173,6 +173,23 @@ pub(crate) fn encode_message<T: Serialize + ?Sized>(
     Ok(())
 }
 
+/// Refuses a payload that is not ipcm's binary format of this version
+/// (both payload kinds start with the magic and the version).
+fn check_kind(magic: [u8; 4], version: u8) -> Result<(), String> {
+    if magic != MAGIC {
+        return Err(
+            "not a binary ipcm payload (bad magic): is the route's serializer Binary?".into(),
+        );
+    }
+    if version != VERSION {
+        return Err(format!(
+            "binary payload version {version} is not supported (this ipcm speaks version \
+             {VERSION}): every client of a Binary route must run the same ipcm format"
+        ));
+    }
+    Ok(())
+}
+
 /// The parts of a binary payload, borrowed.
 struct Parts<'a> {
     header: BinaryHeader,
@@ -189,18 +206,7 @@ fn split(payload: &[u8]) -> Result<Parts<'_>, String> {
             payload.len()
         )
     })?;
-    if header.magic != MAGIC {
-        return Err(
-            "not a binary ipcm payload (bad magic): is the route's serializer Binary?".into(),
-        );
-    }
-    if header.version != VERSION {
-        return Err(format!(
-            "binary payload version {} is not supported (this ipcm speaks version {VERSION}): \
-             every client of a Binary route must run the same ipcm format",
-            header.version
-        ));
-    }
+    check_kind(header.magic, header.version)?;
     let lens = [
         header.from_len.get() as usize,
         header.to_len.get() as usize,
@@ -461,18 +467,7 @@ pub fn parse_batch(payload: &[u8]) -> Result<BatchInfo, String> {
             payload.len()
         )
     })?;
-    if h.magic != MAGIC {
-        return Err(
-            "not a binary ipcm payload (bad magic): is the route's serializer Binary?".into(),
-        );
-    }
-    if h.version != VERSION {
-        return Err(format!(
-            "binary payload version {} is not supported (this ipcm speaks version {VERSION}): \
-             every client of a Binary route must run the same ipcm format",
-            h.version
-        ));
-    }
+    check_kind(h.magic, h.version)?;
     if h.flags != FLAG_BATCH {
         return Err(format!(
             "binary batch with flags {:#x} (only 0x4 is defined)",
