@@ -150,17 +150,66 @@ fn opt_str(raw: &str) -> Option<Cow<'_, str>> {
     serde_json::from_str::<CowStr<'_>>(raw).ok().map(|c| c.0)
 }
 
+/// The envelope's keys, as the decoders tell them apart (the scanner
+/// matches them as literals, so the hot path compares no key text).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Field {
+    From,
+    To,
+    Content,
+    Id,
+    Stamp,
+    StampOrd,
+    Broadcast,
+    Hello,
+}
+
+impl Field {
+    /// The field a decoded key names, if any.
+    #[inline]
+    pub(crate) fn of(key: &str) -> Option<Field> {
+        Some(match key {
+            "from" => Field::From,
+            "to" => Field::To,
+            "content" => Field::Content,
+            "id" => Field::Id,
+            "stamp" => Field::Stamp,
+            "stamp_ord" => Field::StampOrd,
+            "broadcast" => Field::Broadcast,
+            "hello" => Field::Hello,
+            _ => return None,
+        })
+    }
+}
+
+/// A key of a received envelope: one of the envelope's own, or another.
+#[derive(Debug)]
+pub(crate) enum Key<'a> {
+    Known(Field),
+    Other(Cow<'a, str>),
+}
+
+impl<'a> Key<'a> {
+    /// The key a decoded key text is.
+    pub(crate) fn of(key: Cow<'a, str>) -> Key<'a> {
+        match Field::of(&key) {
+            Some(f) => Key::Known(f),
+            None => Key::Other(key),
+        }
+    }
+}
+
 impl<'a> RawEnvelope<'a> {
     /// Takes one key and its raw value (both decoders share this, so they
     /// agree on what every key means, repeated keys included).
     pub(crate) fn take(&mut self, key: Cow<'a, str>, raw: &'a str) {
-        self.take_value(key, raw, false);
+        self.take_value(Key::of(key), raw, false);
     }
 
     /// [`RawEnvelope::take`], told whether `raw` is known to be a string
     /// without escapes (its text is then what is between the quotes).
     #[inline]
-    pub(crate) fn take_value(&mut self, key: Cow<'a, str>, raw: &'a str, plain: bool) {
+    pub(crate) fn take_value(&mut self, key: Key<'a>, raw: &'a str, plain: bool) {
         let text = |raw: &'a str| {
             if plain {
                 Some(Cow::Borrowed(&raw[1..raw.len() - 1]))
@@ -169,23 +218,29 @@ impl<'a> RawEnvelope<'a> {
             }
         };
         self.keys += 1;
-        match &*key {
-            "from" => {
+        let field = match key {
+            Key::Known(f) => f,
+            Key::Other(key) => {
+                self.extra.push((key, raw));
+                return;
+            }
+        };
+        match field {
+            Field::From => {
                 self.from = text(raw);
                 if self.from.is_none() && raw != "null" {
                     self.bad_field = Some("from");
                 }
             }
-            "to" => self.to = text(raw),
-            "content" => self.content = (raw != "null").then_some(raw),
-            "id" => self.id = text(raw),
-            "stamp" => self.stamp = parse_number(raw),
-            "stamp_ord" => {
+            Field::To => self.to = text(raw),
+            Field::Content => self.content = (raw != "null").then_some(raw),
+            Field::Id => self.id = text(raw),
+            Field::Stamp => self.stamp = parse_number(raw),
+            Field::StampOrd => {
                 self.stamp_ord = parse_number(raw).filter(|v| *v >= 0.0).map(|v| v as u64)
             }
-            "broadcast" => self.broadcast = Some(raw),
-            "hello" => self.hello = Some(raw),
-            _ => self.extra.push((key, raw)),
+            Field::Broadcast => self.broadcast = Some(raw),
+            Field::Hello => self.hello = Some(raw),
         }
     }
 }

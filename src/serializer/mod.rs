@@ -17,7 +17,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::{Error, Result};
-use crate::message::{ByteStr, Message, MsgId, Name, new_message_id, next_stamp, next_stamp_ord};
+use crate::message::{
+    ByteStr, Message, MessageId, MsgId, Name, new_message_id, next_stamp, next_stamp_ord,
+};
 use json::{RawEnvelope, is_truthy, push_raw_ascii, push_str, to_ascii_json};
 pub use zstd::ZstdCodec;
 
@@ -275,9 +277,13 @@ impl Serializer {
     ///
     /// `Ok(None)`: skip silently (not an object, or a stray hello).
     pub(crate) fn decode_message(&self, payload: &Bytes) -> Result<Option<Message>, DecodeError> {
-        let payload = &match self {
-            Serializer::Json => payload.clone(),
-            Serializer::JsonZstd(c) => c.decompress(payload).map_err(DecodeError::Malformed)?,
+        let inflated;
+        let payload = match self {
+            Serializer::Json => payload,
+            Serializer::JsonZstd(c) => {
+                inflated = c.decompress(payload).map_err(DecodeError::Malformed)?;
+                &inflated
+            }
             Serializer::Binary => return binary::decode_message(payload),
         };
         let env = scan::scan_envelope(payload)
@@ -430,7 +436,12 @@ fn envelope_to_message(payload: &Bytes, env: RawEnvelope<'_>) -> Result<Message>
         return Err(Error::ToOrBroadcast);
     };
     let id = match env.id {
-        Some(id) => MsgId::Text(owned_or_slice(payload, id)),
+        // A UUID-length id is copied inline (cheaper than sharing the
+        // frame's buffer: no reference count to take and drop).
+        Some(id) => match MessageId::from_text(&id) {
+            Some(inline) => MsgId::Uuid(inline),
+            None => MsgId::Text(owned_or_slice(payload, id)),
+        },
         None => MsgId::Uuid(new_message_id()),
     };
     let (stamp, stamp_ord) = stamp_pair(env.stamp, env.stamp_ord);
@@ -640,6 +651,37 @@ mod tests {
             .unwrap();
         assert!(m.stamp() > 1.0e9);
         assert_eq!(m.id().len(), 36);
+    }
+
+    /// Ids are kept exactly as received, whether copied inline (36 bytes,
+    /// a UUID's length, any UTF-8) or shared with the frame (other lengths,
+    /// escaped text).
+    #[test]
+    fn received_ids_are_kept_exactly() {
+        let ids = [
+            "3F2504E0-4F89-41D3-9A0C-0305E82C3301",
+            "3f2504e0-4f89-41d3-9a0c-0305e82c3301",
+            "ÄÖÜäöü-not-a-uuid-but-36-bytes",
+            "short",
+            "a-long-id-of-more-than-thirty-six-bytes-0123456789",
+            "",
+        ];
+        for id in ids {
+            let payload = format!(r#"{{"from":"a","to":"b","content":1,"id":"{id}"}}"#);
+            let m = Serializer::Json
+                .decode_message(&Bytes::from(payload))
+                .unwrap()
+                .unwrap();
+            assert_eq!(m.id(), id);
+        }
+        // An escaped id is decoded (and then copied, being 36 bytes).
+        let m = Serializer::Json
+            .decode_message(&Bytes::from_static(
+                br#"{"from":"a","to":"b","content":1,"id":"\u00c4\u00d6\u00dc\u00e4\u00f6\u00fc-not-a-uuid-but-36-bytes"}"#,
+            ))
+            .unwrap()
+            .unwrap();
+        assert_eq!(m.id(), "ÄÖÜäöü-not-a-uuid-but-36-bytes");
     }
 
     /// Re-encodes every captured Perl message: the bytes are ASCII-only and

@@ -21,7 +21,7 @@
 
 use std::borrow::Cow;
 
-use super::json::{CowStr, RawEnvelope};
+use super::json::{CowStr, Field, Key, RawEnvelope};
 
 /// Why a payload is no JSON envelope (the text says where).
 pub(crate) type ScanError = String;
@@ -151,15 +151,16 @@ impl<'a> Scanner<'a> {
 
     /// A key: borrowed when it has no escape, else decoded by serde_json
     /// (which refuses what its own key parser refuses).
-    fn key(&mut self) -> Result<Cow<'a, str>, ScanError> {
+    fn key(&mut self) -> Result<Key<'a>, ScanError> {
         // The envelope's own keys, matched as literals (they have no
         // escape, so there is nothing to check inside them).
-        let known: Option<&'static str> = match &self.bytes[self.pos..] {
-            [b'"', b'f', b'r', b'o', b'm', b'"', ..] => Some("from"),
-            [b'"', b't', b'o', b'"', ..] => Some("to"),
-            [b'"', b'i', b'd', b'"', ..] => Some("id"),
-            [b'"', b'c', b'o', b'n', b't', b'e', b'n', b't', b'"', ..] => Some("content"),
-            [b'"', b's', b't', b'a', b'm', b'p', b'"', ..] => Some("stamp"),
+        let b = &self.bytes[self.pos..];
+        let known = match b {
+            [b'"', b'f', b'r', b'o', b'm', b'"', ..] => Some((Field::From, 6)),
+            [b'"', b't', b'o', b'"', ..] => Some((Field::To, 4)),
+            [b'"', b'i', b'd', b'"', ..] => Some((Field::Id, 4)),
+            [b'"', b'c', b'o', b'n', b't', b'e', b'n', b't', b'"', ..] => Some((Field::Content, 9)),
+            [b'"', b's', b't', b'a', b'm', b'p', b'"', ..] => Some((Field::Stamp, 7)),
             [
                 b'"',
                 b's',
@@ -173,22 +174,22 @@ impl<'a> Scanner<'a> {
                 b'd',
                 b'"',
                 ..,
-            ] => Some("stamp_ord"),
-            [b'"', b'h', b'e', b'l', b'l', b'o', b'"', ..] => Some("hello"),
+            ] => Some((Field::StampOrd, 11)),
+            [b'"', b'h', b'e', b'l', b'l', b'o', b'"', ..] => Some((Field::Hello, 7)),
             _ => None,
         };
-        if let Some(k) = known {
-            self.pos += k.len() + 2;
-            return Ok(Cow::Borrowed(k));
+        if let Some((field, len)) = known {
+            self.pos += len;
+            return Ok(Key::Known(field));
         }
         let from = self.pos;
         let escaped = self.string()?;
         let raw = &self.text[from..self.pos];
         if !escaped {
-            return Ok(Cow::Borrowed(&raw[1..raw.len() - 1]));
+            return Ok(Key::of(Cow::Borrowed(&raw[1..raw.len() - 1])));
         }
         serde_json::from_str::<CowStr<'a>>(raw)
-            .map(|c| c.0)
+            .map(|c| Key::of(c.0))
             .map_err(|e| format!("{e} in a key at byte {from}"))
     }
 
