@@ -297,7 +297,7 @@ pub(crate) use crate::message::is_truthy;
 /// serde_json's fast path, which can miss by an ulp on long inputs and
 /// would then change a stamp that is passed on); `None` for anything else
 /// or a value out of range.
-fn parse_number(text: &str) -> Option<f64> {
+pub(crate) fn parse_number(text: &str) -> Option<f64> {
     let t = text.as_bytes();
     if !matches!(t.first(), Some(b'-' | b'0'..=b'9')) {
         return None;

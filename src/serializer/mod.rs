@@ -279,7 +279,12 @@ impl Serializer {
     pub(crate) fn decode_message(&self, payload: &Bytes) -> Result<Option<Message>, DecodeError> {
         let inflated;
         let payload = match self {
-            Serializer::Json => payload,
+            Serializer::Json => {
+                if let Some(m) = ipcm_layout_message(payload) {
+                    return Ok(Some(m));
+                }
+                payload
+            }
             Serializer::JsonZstd(c) => {
                 inflated = c.decompress(payload).map_err(DecodeError::Malformed)?;
                 &inflated
@@ -416,6 +421,35 @@ fn owned_or_slice_name(payload: &Bytes, s: std::borrow::Cow<'_, str>) -> Name {
         std::borrow::Cow::Borrowed(b) => Name::slice_of(payload, b),
         std::borrow::Cow::Owned(o) => Name::from_byte_str(ByteStr::from_string(o)),
     }
+}
+
+/// A payload in ipcm's own layout that needs none of the envelope rules'
+/// repairs (a sender and a recipient, content, a stamp and an ordinal, an
+/// id of a UUID's length) as its message, built straight from the
+/// layout's values; `None` for anything else, which takes the general
+/// path (and gets the same message, or its error, there).
+#[inline]
+fn ipcm_layout_message(payload: &Bytes) -> Option<Message> {
+    let text = simdutf8::basic::from_utf8(payload).ok()?;
+    let l = scan::ipcm_layout(text)?;
+    if l.from.is_empty() || l.from == "0" || l.to.is_empty() || l.content == "null" {
+        return None;
+    }
+    let (Some(stamp), Some(stamp_ord), Some(id)) =
+        (l.stamp, l.stamp_ord, MessageId::from_text(l.id))
+    else {
+        return None;
+    };
+    Some(Message {
+        from: Name::slice_of(payload, l.from),
+        to: Name::slice_of(payload, l.to),
+        content: ByteStr::slice_of(payload, l.content),
+        id: MsgId::Uuid(id),
+        stamp,
+        stamp_ord,
+        broadcast: l.broadcast,
+        extra: Vec::new(),
+    })
 }
 
 fn envelope_to_message(payload: &Bytes, env: RawEnvelope<'_>) -> Result<Message> {
@@ -656,6 +690,66 @@ mod tests {
     /// Ids are kept exactly as received, whether copied inline (36 bytes,
     /// a UUID's length, any UTF-8) or shared with the frame (other lengths,
     /// escaped text).
+    #[test]
+    fn layout_fast_path_builds_the_general_paths_message() {
+        let uuid = "\"3F2504E0-4F89-41D3-9A0C-0305E82C3301\"";
+        let summary = |m: &Message| {
+            format!(
+                "{}|{:?}|{}|{}|{}|{}|{}|{:?}",
+                m.from(),
+                m.to(),
+                m.content_json(),
+                m.id(),
+                m.stamp().to_bits(),
+                m.stamp_ord(),
+                m.is_broadcast(),
+                m.extra
+            )
+        };
+        let mut fast = 0;
+        for from in [
+            "\"a\"",
+            "\"0\"",
+            "\"\"",
+            "\"a-much-longer-sender-name-than-inline-names\"",
+        ] {
+            for to in ["\"sink\"", "\"\""] {
+                for content in ["1", "null", "\"x\"", "{\"terminate\":1}"] {
+                    for id in [uuid, "\"short\""] {
+                        for (stamp, ord) in [("1795565113.71625", "3"), ("1e400", "0"), ("2", "-1")]
+                        {
+                            for tail in ["}", ",\"broadcast\":1}"] {
+                                let p = Bytes::from(format!(
+                                    "{{\"from\":{from},\"to\":{to},\"content\":{content},\
+                                     \"id\":{id},\"stamp\":{stamp},\"stamp_ord\":{ord}{tail}"
+                                ));
+                                // The reference: serde_json's envelope and the
+                                // general rules.
+                                let env: RawEnvelope<'_> = serde_json::from_slice(&p).unwrap();
+                                let want = envelope_to_message(&p, env);
+                                match ipcm_layout_message(&p) {
+                                    Some(m) => {
+                                        fast += 1;
+                                        let want = want.expect("the fast path took an invalid one");
+                                        // A missing stamp is filled with the time:
+                                        // the fast path never takes those.
+                                        assert_eq!(summary(&m), summary(&want), "{p:?}");
+                                    }
+                                    None => {
+                                        // Taken by the general path: same result.
+                                        let got = Serializer::Json.decode_message(&p);
+                                        assert_eq!(got.is_ok(), want.is_ok(), "{p:?}");
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(fast >= 8, "the fast path took {fast} payloads");
+    }
+
     #[test]
     fn received_ids_are_kept_exactly() {
         let ids = [

@@ -34,6 +34,11 @@ pub(crate) fn scan_envelope(payload: &[u8]) -> Result<RawEnvelope<'_>, ScanError
     }
     let text = simdutf8::basic::from_utf8(payload)
         .map_err(|_| "invalid UTF-8 in a JSON object payload".to_string())?;
+    if start == 0
+        && let Some(env) = scan_ipcm_layout(text)
+    {
+        return Ok(env);
+    }
     let mut s = Scanner {
         text,
         bytes: payload,
@@ -89,13 +94,123 @@ pub(crate) fn scan_envelope(payload: &[u8]) -> Result<RawEnvelope<'_>, ScanError
     Ok(env)
 }
 
+/// The envelope exactly as ipcm's encoder lays it out (compact, its keys
+/// in its order, strings without escapes): its values, found by matching
+/// the layout literal by literal, with the general scanner's own checks
+/// for each value, so that it accepts only what the general scan accepts,
+/// with the same envelope. `None` at the first difference (then the
+/// general scan runs: Perl peers order their keys at random, and their
+/// payloads take it).
+#[derive(Debug)]
+pub(crate) struct Layout<'a> {
+    pub from: &'a str,
+    pub to: &'a str,
+    /// Raw JSON (possibly `null`).
+    pub content: &'a str,
+    pub id: &'a str,
+    pub stamp: Option<f64>,
+    pub stamp_ord: Option<u64>,
+    pub broadcast: bool,
+}
+
+/// See [`Layout`].
+#[inline]
+pub(crate) fn ipcm_layout(text: &str) -> Option<Layout<'_>> {
+    let mut s = Scanner {
+        text,
+        bytes: text.as_bytes(),
+        pos: 0,
+    };
+    s.literal(b"{\"from\":")?;
+    let from = s.plain_string()?;
+    s.literal(b",\"to\":")?;
+    let to = s.plain_string()?;
+    s.literal(b",\"content\":")?;
+    let at = s.pos;
+    // The general value scan (any JSON value); a hostile one errs here as
+    // it would there, and the general scan then reports it.
+    s.value().ok()?;
+    let content = &text[at..s.pos];
+    s.literal(b",\"id\":")?;
+    let id = s.plain_string()?;
+    s.literal(b",\"stamp\":")?;
+    let stamp = s.number_value()?;
+    s.literal(b",\"stamp_ord\":")?;
+    let stamp_ord = s.number_value()?.filter(|v| *v >= 0.0).map(|v| v as u64);
+    let broadcast = s.literal(b",\"broadcast\":1").is_some();
+    s.literal(b"}")?;
+    (s.pos == text.len()).then_some(Layout {
+        from,
+        to,
+        content,
+        id,
+        stamp,
+        stamp_ord,
+        broadcast,
+    })
+}
+
+/// [`ipcm_layout`] as a [`RawEnvelope`].
+#[inline]
+fn scan_ipcm_layout(text: &str) -> Option<RawEnvelope<'_>> {
+    let l = ipcm_layout(text)?;
+    Some(RawEnvelope {
+        is_object: true,
+        keys: 6 + usize::from(l.broadcast),
+        from: Some(Cow::Borrowed(l.from)),
+        to: Some(Cow::Borrowed(l.to)),
+        content: (l.content != "null").then_some(l.content),
+        id: Some(Cow::Borrowed(l.id)),
+        stamp: l.stamp,
+        stamp_ord: l.stamp_ord,
+        broadcast: l.broadcast.then_some("1"),
+        ..RawEnvelope::default()
+    })
+}
+
 /// The first byte of `b` that ends or interrupts a string's plain text: a
-/// quote, a backslash or a control character. Eight bytes at a time.
+/// quote, a backslash or a control character. Sixteen bytes at a time
+/// (SSE2, part of every x86-64), then eight (one `u64`).
 #[inline]
 fn find_special(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_min_epu8, _mm_movemask_epi8,
+            _mm_or_si128, _mm_set1_epi8,
+        };
+        // SAFETY: SSE2 is in the x86-64 baseline, so these intrinsics are
+        // always available; each unaligned 16-byte load reads
+        // `b[i..i + 16]`, which the loop condition keeps inside `b`.
+        unsafe {
+            let quote = _mm_set1_epi8(b'"' as i8);
+            let slash = _mm_set1_epi8(b'\\' as i8);
+            let below = _mm_set1_epi8(0x1f);
+            while i + 16 <= b.len() {
+                let x = _mm_loadu_si128(b.as_ptr().add(i).cast::<__m128i>());
+                // A control character is one equal to its minimum with
+                // 0x1f (unsigned).
+                let hit = _mm_or_si128(
+                    _mm_or_si128(_mm_cmpeq_epi8(x, quote), _mm_cmpeq_epi8(x, slash)),
+                    _mm_cmpeq_epi8(_mm_min_epu8(x, below), x),
+                );
+                let mask = _mm_movemask_epi8(hit) as u32;
+                if mask != 0 {
+                    return Some(i + mask.trailing_zeros() as usize);
+                }
+                i += 16;
+            }
+        }
+    }
+    find_special_swar(b, i)
+}
+
+/// [`find_special`] from `i`, eight bytes at a time.
+#[inline]
+fn find_special_swar(b: &[u8], mut i: usize) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
-    let mut i = 0;
     while let Some(chunk) = b.get(i..i + 8) {
         let x = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
         let quote = x ^ (ONES * u64::from(b'"'));
@@ -147,6 +262,91 @@ impl<'a> Scanner<'a> {
     #[cold]
     fn err(&self, what: &str) -> ScanError {
         format!("{what} at byte {}", self.pos)
+    }
+
+    /// Steps over `lit` if it comes next (a fixed-size compare, no
+    /// `memcmp` call).
+    #[inline]
+    fn literal<const N: usize>(&mut self, lit: &[u8; N]) -> Option<()> {
+        if self.bytes[self.pos..].first_chunk::<N>() == Some(lit) {
+            self.pos += lit.len();
+            Some(())
+        } else {
+            None
+        }
+    }
+
+    /// A string value without escapes (checked as [`Scanner::string`]
+    /// checks one): its text. `None` if it is not one.
+    #[inline]
+    fn plain_string(&mut self) -> Option<&'a str> {
+        if self.peek() != Some(b'"') {
+            return None;
+        }
+        let from = self.pos + 1;
+        let at = find_special(&self.bytes[from..])?;
+        if self.bytes[from + at] != b'"' {
+            return None;
+        }
+        self.pos = from + at + 1;
+        Some(&self.text[from..from + at])
+    }
+
+    /// A number value (checked as [`Scanner::value`] checks one), parsed
+    /// as the envelope's decoders parse it. `None` if it is not one.
+    ///
+    /// Stamps and ordinals (`-?(0|[1-9][0-9]*)(.[0-9]+)?`, at most 16
+    /// digits, below 2^53 as an integer) are checked and converted in one
+    /// pass, exactly as `parse_number`'s exact path converts them; any
+    /// other number takes the general check and `parse_number`.
+    #[inline]
+    fn number_value(&mut self) -> Option<Option<f64>> {
+        const POW10: [f64; 17] = [
+            1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+            1e16,
+        ];
+        let b = self.bytes;
+        let from = self.pos;
+        let mut i = from;
+        let neg = b.get(i) == Some(&b'-');
+        if neg {
+            i += 1;
+        }
+        let digits = |i: &mut usize, m: &mut u64| {
+            let start = *i;
+            while let Some(&c) = b.get(*i) {
+                let d = c.wrapping_sub(b'0');
+                if d > 9 {
+                    break;
+                }
+                // Wrapping: more than 16 digits are refused below.
+                *m = m.wrapping_mul(10).wrapping_add(u64::from(d));
+                *i += 1;
+            }
+            *i - start
+        };
+        let mut m = 0u64;
+        let int_start = i;
+        let int_len = digits(&mut i, &mut m);
+        let mut scale = 0;
+        let mut simple = int_len > 0 && (int_len == 1 || b[int_start] != b'0');
+        if simple && b.get(i) == Some(&b'.') {
+            i += 1;
+            scale = digits(&mut i, &mut m);
+            simple = scale > 0;
+        }
+        if simple && !matches!(b.get(i), Some(b'e' | b'E')) && int_len + scale <= 16 && m < 1 << 53
+        {
+            self.pos = i;
+            let v = m as f64 / POW10[scale];
+            return Some(Some(if neg { -v } else { v }));
+        }
+        if !matches!(b.get(from), Some(b'-' | b'0'..=b'9')) {
+            return None;
+        }
+        self.pos = from;
+        self.number().ok()?;
+        Some(super::json::parse_number(&self.text[from..self.pos]))
     }
 
     /// A key: borrowed when it has no escape, else decoded by serde_json
@@ -463,10 +663,112 @@ mod tests {
         }
     }
 
+    /// The layout fast path accepts only what serde_json accepts, with
+    /// the same envelope, and hands everything else to the general scan:
+    /// every value position of ipcm's layout, filled with edge cases.
+    #[test]
+    fn the_ipcm_layout_path_agrees_with_serde_json() {
+        let numbers = [
+            "0",
+            "-0",
+            "1",
+            "01",
+            "-01",
+            "00",
+            "1.",
+            "1.5",
+            "-1.5",
+            ".5",
+            "1e5",
+            "1E+2",
+            "1.5e-3",
+            "9007199254740991",
+            "9007199254740992",
+            "9007199254740993",
+            "12345678901234567",
+            "1795565113.71625",
+            "17955651177777777737.1625",
+            "-",
+            "--1",
+            "1.2.3",
+            "1x",
+            "0.0000000000000001",
+            "123456789012345.6",
+            "1e400",
+            "\"1\"",
+            "null",
+            "",
+        ];
+        let strings = [
+            "\"src\"",
+            "\"\"",
+            "\"a\\\"b\"",
+            "\"a\\u00e9\"",
+            "\"a\nb\"",
+            "\"a",
+            "1",
+            "null",
+            "\"é\"",
+            "\"0123456789abcdef0123\"",
+        ];
+        let contents = [
+            "\"x\"",
+            "1",
+            "null",
+            "{\"a\":[1,2]}",
+            "[",
+            "\"a\\x\"",
+            "{}",
+            "[1,]",
+            "tru",
+        ];
+        let layout = |from: &str, content: &str, id: &str, stamp: &str, ord: &str, tail: &str| {
+            format!(
+                "{{\"from\":{from},\"to\":\"sink\",\"content\":{content},\"id\":{id},\
+                 \"stamp\":{stamp},\"stamp_ord\":{ord}{tail}"
+            )
+        };
+        let mut fast = 0;
+        let mut check = |p: String| {
+            if scan_ipcm_layout(&p).is_some() {
+                fast += 1;
+            }
+            check_against_serde(p.as_bytes());
+        };
+        for n in numbers {
+            check(layout("\"a\"", "1", "\"I\"", n, "0", "}"));
+            check(layout("\"a\"", "1", "\"I\"", "1.5", n, "}"));
+        }
+        for st in strings {
+            check(layout(st, "1", "\"I\"", "1.5", "0", "}"));
+            check(layout("\"a\"", "1", st, "1.5", "0", "}"));
+        }
+        for c in contents {
+            check(layout("\"a\"", c, "\"I\"", "1.5", "0", "}"));
+        }
+        for tail in [
+            "}",
+            "} ",
+            "}x",
+            "",
+            ",\"broadcast\":1}",
+            ",\"broadcast\":0}",
+            ",\"broadcast\":1",
+            ",\"x\":1}",
+            ",\"stamp\":2}",
+        ] {
+            check(layout("\"a\"", "1", "\"I\"", "1.5", "0", tail));
+        }
+        assert!(fast > 20, "the fast path took only {fast} payloads");
+    }
+
     #[test]
     fn the_word_scan_finds_the_first_special_byte() {
-        let plain = |i: usize| b"abcdefghijklmnop\x7f\xc3\xa9xyz"[i % 20];
-        for len in 0..40 {
+        // Neighbours of the special bytes included: 0x20, 0x21, 0x5b, 0x5d,
+        // 0x7f, and bytes above 0x7f (0x80, 0x9f, 0xa2, 0xdc, 0xff).
+        let plain =
+            |i: usize| b"abcdefghijklmnop\x7f\xc3\xa9xyz \x21\x5b\x5d\x80\x9f\xa2\xdc\xff"[i % 29];
+        for len in 0..70 {
             for at in 0..=len {
                 for special in [b'"', b'\\', 0x00, 0x1F] {
                     let mut v: Vec<u8> = (0..len).map(plain).collect();
@@ -475,6 +777,7 @@ mod tests {
                     }
                     let want = v.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20);
                     assert_eq!(find_special(&v), want, "{v:?}");
+                    assert_eq!(find_special_swar(&v, 0), want, "{v:?}");
                 }
             }
         }
