@@ -39,6 +39,7 @@ per_backend!(
     many_threads_many_messages_nothing_lost,
     shutdown_while_traffic_flows_loses_nothing_silently,
     a_threaded_reactor_reaps_a_silent_connection_on_time,
+    connections_arriving_while_the_reactor_moves_are_accepted,
 );
 
 // Measures the whole process's RSS: in a process of its own.
@@ -325,4 +326,33 @@ fn a_threaded_reactor_reaps_a_silent_connection_on_time(b: BackendChoice) {
         "closed {after:?} after connecting, hello timeout {timeout:?}"
     );
     handle.shutdown().unwrap();
+}
+
+/// A peer that connects while a listener's reactor is moving to its thread
+/// (the first thing the new thread does) is accepted, every time. On
+/// io_uring the move hands the accept to the new thread: a connection that
+/// came in between the old accept's cancellation and the new one's arming
+/// once sat unaccepted in the backlog for good (a threaded ping-pong
+/// stalled at its first message).
+fn connections_arriving_while_the_reactor_moves_are_accepted(b: BackendChoice) {
+    let _g = serial();
+    let t = TestRoute::new(b);
+    for round in 0..200 {
+        let name = format!("srv{round}");
+        let srv = t.connect(&name);
+        let mut cli = t.connect_nl(&format!("cli{round}"));
+        // Connect and send from another thread while the reactor starts.
+        let sender = std::thread::spawn(move || {
+            cli.send_message(&name, &round).unwrap();
+            cli
+        });
+        let (_tx, mut rx, handle) = srv.into_threaded().unwrap();
+        let m = rx
+            .recv_timeout(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("round {round}: the message never arrived"));
+        assert_eq!(m.content::<u64>().unwrap(), round);
+        let mut cli = sender.join().unwrap();
+        handle.shutdown().unwrap();
+        cli.disconnect(None).unwrap();
+    }
 }

@@ -153,6 +153,8 @@ struct UringConn {
     /// Receives that brought data since the last send (saturating).
     reads_since_send: u8,
     recv_op: Option<u64>,
+    /// The armed receive's place in the order of pushed SQEs.
+    recv_seq: u64,
     send_op: Option<u64>,
     spare_send: Option<Box<SendState>>,
 }
@@ -179,6 +181,9 @@ pub struct UringBackend {
     /// SQE).
     deferred_close: Vec<OwnedFd>,
     hot: hot::HotSet,
+    /// SQEs pushed so far: the ones still in the submission queue are the
+    /// last of them, and all the others have been submitted.
+    pushed: u64,
 }
 
 /// The listening socket's accept.
@@ -190,6 +195,11 @@ struct AcceptState {
     multishot: bool,
     /// Accepting stopped after a failure, until `resume_accept`.
     paused: bool,
+    /// Its place in the order of pushed SQEs (see `UringBackend::pushed`).
+    seq: u64,
+    /// An accept cancelled by `moved_to_this_thread`: the next one is armed
+    /// when its last completion arrives, not before (see there).
+    rearm_after: Option<u64>,
 }
 
 /// The `READ` of the [`Waker`]'s eventfd.
@@ -198,6 +208,8 @@ struct WakeRead {
     armed: bool,
     /// The armed read.
     op: Option<u64>,
+    /// Its place in the order of pushed SQEs (see `UringBackend::pushed`).
+    seq: u64,
 }
 
 /// The ring's token in the hot set's epoll instance.
@@ -259,6 +271,8 @@ impl UringBackend {
                 op: None,
                 multishot: true,
                 paused: false,
+                seq: 0,
+                rearm_after: None,
             },
             provided: provided::ProvidedBufs::default(),
             waker: Waker::new()?,
@@ -267,6 +281,7 @@ impl UringBackend {
             cqes: Vec::new(),
             deferred_close: Vec::new(),
             hot: hot::HotSet::default(),
+            pushed: 0,
         })
     }
 
@@ -316,22 +331,39 @@ impl Backend for UringBackend {
     }
 
     fn moved_to_this_thread(&mut self) {
-        // The kernel runs a request's completion work on the thread that
-        // submitted it (interrupting its system calls) and cancels the
-        // request when that thread exits. Long-lived operations are
-        // submitted again from here: the accept and the wake-up read at
-        // once, the receives when their cancellations come back (see
-        // `complete`).
-        if let Some(op) = self.accept.op.take() {
+        // The kernel ties a request to the thread that submitted it (it
+        // runs the request's completion work there, interrupting that
+        // thread's system calls, and cancels the request when the thread
+        // exits). Requests the old thread submitted are submitted again
+        // from here; those it only queued are submitted by this thread,
+        // hence already its own, and stay as they are.
+        let submitted = self.pushed - self.ring.submission().len() as u64;
+        if let Some(op) = self.accept.op
+            && self.accept.seq <= submitted
+        {
+            // The new accept is armed once the old one's last completion
+            // is in: the kernel wakes one accept waiter per connection, and
+            // a connection arriving while both were armed could wake the
+            // dying one, leaving the new one asleep and the connection in
+            // the backlog for good.
+            self.accept.op = None;
+            self.accept.rearm_after = Some(op);
             self.cancel(op);
-            self.arm_accept();
         }
-        if let Some(op) = self.wake.op.take() {
+        if let Some(op) = self.wake.op
+            && self.wake.seq <= submitted
+        {
+            self.wake.op = None;
             self.cancel(op);
             self.wake.armed = false;
             self.arm_wake();
         }
-        let armed: Vec<u64> = self.conns.values().filter_map(|c| c.recv_op).collect();
+        let armed: Vec<u64> = self
+            .conns
+            .values()
+            .filter(|c| c.recv_seq <= submitted)
+            .filter_map(|c| c.recv_op)
+            .collect();
         for op in armed {
             self.cancel(op);
         }
@@ -347,6 +379,7 @@ impl Backend for UringBackend {
                 watched: false,
                 reads_since_send: 0,
                 recv_op: None,
+                recv_seq: 0,
                 send_op: None,
                 spare_send: None,
             },

@@ -15,6 +15,7 @@ impl UringBackend {
         loop {
             // SAFETY: upheld by the caller (see above).
             if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                self.pushed += 1;
                 return;
             }
             match self.submit(0, None) {
@@ -96,6 +97,7 @@ impl UringBackend {
         self.accept.op = Some(key);
         // SAFETY: accept passes no memory to the kernel.
         unsafe { self.push(entry.user_data(key)) };
+        self.accept.seq = self.pushed;
     }
 
     pub(super) fn arm_wake(&mut self) {
@@ -111,6 +113,7 @@ impl UringBackend {
         // SAFETY: the 8-byte buffer is boxed inside `ops[key]` until the
         // completion is reaped.
         unsafe { self.push(opcode::Read::new(fd, ptr, 8).build().user_data(key)) };
+        self.wake.seq = self.pushed;
     }
 
     /// Re-arms the wake-up read if a completion just consumed it, and
@@ -225,6 +228,14 @@ impl UringBackend {
                 self.arm_accept();
             }
         }
+        // The accept `moved_to_this_thread` cancelled has ended: its
+        // successor may wait now.
+        if !more && self.accept.rearm_after == Some(user_data) {
+            self.accept.rearm_after = None;
+            if self.accept.op.is_none() && !self.accept.paused {
+                self.arm_accept();
+            }
+        }
     }
 
     /// A receive's completion: its own buffer or the provided one the
@@ -335,6 +346,10 @@ impl UringBackend {
                 // which keeps it until the completion names it.
                 unsafe { self.push(entry.user_data(key)) };
             }
+        }
+        let seq = self.pushed;
+        if let Some(c) = self.conn(id) {
+            c.recv_seq = seq;
         }
     }
 

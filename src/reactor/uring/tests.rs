@@ -109,3 +109,84 @@ fn provided_buffers_receive_for_idle_connections() {
         other => panic!("{other:?}"),
     }
 }
+
+fn listener(dir: &std::path::Path) -> (OwnedFd, std::path::PathBuf) {
+    let path = dir.join("l.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    l.set_nonblocking(true).unwrap();
+    (l.into(), path)
+}
+
+fn accept_one(be: &mut UringBackend, pool: &mut BufferPool) -> OwnedFd {
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        be.poll(Some(Duration::from_millis(20)), &mut out, pool)
+            .unwrap();
+        if let Some(i) = out
+            .iter()
+            .position(|c| matches!(c, Completion::Accepted(_)))
+        {
+            let Completion::Accepted(fd) = out.swap_remove(i) else {
+                unreachable!()
+            };
+            return fd;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the connection was never accepted"
+        );
+    }
+}
+
+/// Requests only queued (never submitted) when the reactor moves are
+/// submitted by the new thread: nothing to cancel, one accept armed.
+#[test]
+fn a_move_keeps_requests_the_old_thread_only_queued() {
+    let Some(mut be) = backend() else { return };
+    let mut pool = BufferPool::new(4096, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listener(dir.path());
+    be.listen(l).unwrap();
+    let before = be.accept.op;
+    assert!(before.is_some());
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            be.moved_to_this_thread();
+            assert_eq!(be.accept.op, before, "the queued accept stays");
+            assert_eq!(be.accept.rearm_after, None);
+            let _peer = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            accept_one(&mut be, &mut pool);
+        });
+    });
+}
+
+/// An accept the old thread submitted is cancelled, and its successor is
+/// armed only once the cancelled one has ended (never two accept waiters:
+/// the kernel wakes one per connection). Connections that arrive in
+/// between wait in the backlog and are accepted.
+#[test]
+fn a_move_rearms_a_submitted_accept_after_its_cancellation() {
+    let Some(mut be) = backend() else { return };
+    let mut pool = BufferPool::new(4096, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let (l, path) = listener(dir.path());
+    be.listen(l).unwrap();
+    let mut out = Vec::new();
+    be.poll(Some(Duration::ZERO), &mut out, &mut pool).unwrap();
+    let old = be.accept.op.expect("armed");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            be.moved_to_this_thread();
+            assert_eq!(be.accept.op, None, "no successor while it is cancelled");
+            assert_eq!(be.accept.rearm_after, Some(old));
+            // Arrives while the old accept is being cancelled.
+            let _peer = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            accept_one(&mut be, &mut pool);
+            assert!(be.accept.op.is_some_and(|op| op != old), "re-armed");
+            assert_eq!(be.accept.rearm_after, None);
+            let _second = std::os::unix::net::UnixStream::connect(&path).unwrap();
+            accept_one(&mut be, &mut pool);
+        });
+    });
+}
