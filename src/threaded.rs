@@ -162,6 +162,9 @@ struct Shared {
     failures: Mutex<HashMap<String, String>>,
     id: String,
     serializer: Serializer,
+    /// The route and this client's entry in it (for peer events).
+    route: crate::route::Route,
+    disk: String,
 }
 
 impl Shared {
@@ -352,6 +355,28 @@ impl Sender {
     }
 }
 
+/// Peer events delivered on a channel ([`Receiver::peer_events`]):
+/// derefs to the [`std::sync::mpsc::Receiver`]; dropping it stops the
+/// watching thread (within 200 ms).
+#[derive(Debug)]
+pub struct PeerEvents {
+    rx: std::sync::mpsc::Receiver<crate::route::watch::PeerEvent>,
+    closed: Arc<AtomicBool>,
+}
+
+impl std::ops::Deref for PeerEvents {
+    type Target = std::sync::mpsc::Receiver<crate::route::watch::PeerEvent>;
+    fn deref(&self) -> &Self::Target {
+        &self.rx
+    }
+}
+
+impl Drop for PeerEvents {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+    }
+}
+
 /// The receiving side: a lock-free ring filled by the reactor thread.
 pub struct Receiver {
     ring: rtrb::Consumer<Entry>,
@@ -527,6 +552,44 @@ impl Receiver {
             }
         }
         n
+    }
+
+    /// Peer events of this client's route on a channel, fed by a thread of
+    /// their own (a [`crate::route::watch::PeerWatch`] waiting on inotify and the peers'
+    /// pidfds); the thread ends when the channel's receiver is dropped or
+    /// the route is removed (after reporting every peer as left).
+    pub fn peer_events(&self) -> Result<PeerEvents> {
+        let mut watch =
+            crate::route::watch::PeerWatch::new(&self.shared.route, Some(&self.shared.disk))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let closed = Arc::new(AtomicBool::new(false));
+        let dropped = closed.clone();
+        std::thread::Builder::new()
+            .name(format!("ipcm-peers-{}", self.shared.id))
+            .spawn(move || {
+                loop {
+                    // Wakes now and then to notice a dropped receiver.
+                    match watch.next_event(Some(Duration::from_millis(200))) {
+                        Ok(Some(e)) => {
+                            if tx.send(e).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) if watch.is_ended() => return,
+                        Ok(None) => {
+                            if dropped.load(Ordering::Acquire) {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!("ConnectionUnix: peer watch ended: {e}");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("Cannot start the peer watch thread", e))?;
+        Ok(PeerEvents { rx, closed })
     }
 
     /// Entries waiting in the ring (messages, or on Binary routes batches
@@ -877,6 +940,8 @@ impl Client {
             failures: Mutex::new(HashMap::new()),
             id: self.id().to_string(),
             serializer: self.serializer().clone(),
+            route: self.route().clone(),
+            disk: self.on_disk().to_string(),
         });
         let (producer, consumer) = rtrb::RingBuffer::new(opts.ring_capacity.max(1));
         let local = self.local_name();

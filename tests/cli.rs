@@ -327,6 +327,46 @@ fn peers_lists_live_clients_sorted() {
 }
 
 #[test]
+fn peers_watch_prints_a_json_line_per_join_and_leave() {
+    let bus = spawn_bus("json");
+    let a = start_recv(&bus, "a", &["--timeout", "20", "--count", "1"]);
+    let mut watch = ipcm()
+        .args(["peers", &bus.info, "--watch"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    // The sender "src" comes and goes too (seen or not, depending on the
+    // rescans' timing): only a and b are followed.
+    let mut next = || -> Value {
+        loop {
+            let v: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+            if v["id"] != "src" {
+                return v;
+            }
+        }
+    };
+    assert_eq!(
+        next(),
+        json!({"event": "joined", "id": "a"}),
+        "present first"
+    );
+    let b = start_recv(&bus, "b", &["--timeout", "20", "--count", "1"]);
+    assert_eq!(next(), json!({"event": "joined", "id": "b"}));
+    assert!(send(&bus, "src", &["--to", "a"], &["0"]).status.success());
+    finish(a);
+    assert_eq!(next(), json!({"event": "left", "id": "a"}));
+    assert!(send(&bus, "src", &["--to", "b"], &["0"]).status.success());
+    finish(b);
+    assert_eq!(next(), json!({"event": "left", "id": "b"}));
+    // The route removed: the watch ends by itself.
+    let out = ipcm().args(["unspawn", &bus.info]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let status = watch.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
 fn unspawn_force_and_missing_route() {
     let bus = spawn_bus("json");
     let child = start_recv(&bus, "stay", &["--timeout", "1"]);

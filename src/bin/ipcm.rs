@@ -105,13 +105,19 @@ enum Command {
         #[command(flatten)]
         backend: BackendArg,
     },
-    /// Print the live peers of a route, one per line, sorted.
+    /// Print the live peers of a route, one per line, sorted. With
+    /// --watch, print one JSON line per peer joining or leaving instead
+    /// ({"event":"joined","id":...}; the peers present come first, as
+    /// joined) until interrupted or the route is removed.
     Peers {
         /// Info string or route directory.
         info: String,
         /// Leave this id out.
         #[arg(long)]
         id: Option<String>,
+        /// Keep watching: a JSON line per join or leave.
+        #[arg(long)]
+        watch: bool,
     },
     /// Print a client's .stats (written when it disconnects) as JSON.
     Stats {
@@ -315,7 +321,7 @@ fn main() -> ExitCode {
             content,
             backend,
         } => send(&info, &id, to.as_deref(), &content, backend.backend.into()),
-        Command::Peers { info, id } => peers(&info, id.as_deref()),
+        Command::Peers { info, id, watch } => peers(&info, id.as_deref(), watch),
         Command::Stats { info, id } => stats(&info, &id),
         Command::Bench(args) => bench(&args),
     };
@@ -526,12 +532,34 @@ fn send_all(client: &mut Client, to: Option<&str>, contents: &[String]) -> Resul
     Ok(())
 }
 
-fn peers(info: &str, id: Option<&str>) -> Out {
+fn peers(info: &str, id: Option<&str>, watch: bool) -> Out {
+    use std::io::Write;
     let info = parse_info(info)?;
     let route = Route::new(info.route);
     let own = id.map(|i| route.on_disk_name(i)).transpose()?;
-    for p in route.peers(own.as_deref())? {
-        println!("{p}");
+    if !watch {
+        for p in route.peers(own.as_deref())? {
+            println!("{p}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The peers present count as joined (every line is a change from an
+    // empty route), then the changes as they come.
+    let mut w = ipcm::PeerWatch::new(&route, own.as_deref())?;
+    let mut out = std::io::stdout().lock();
+    let present: Vec<ipcm::PeerEvent> =
+        w.peers().into_iter().map(ipcm::PeerEvent::Joined).collect();
+    let mut events = present
+        .into_iter()
+        .map(Ok)
+        .chain(std::iter::from_fn(|| w.next_event(None).transpose()));
+    while let Some(e) = events.next().transpose()? {
+        let line = match e {
+            ipcm::PeerEvent::Joined(id) => serde_json::json!({"event": "joined", "id": id}),
+            ipcm::PeerEvent::Left(id) => serde_json::json!({"event": "left", "id": id}),
+        };
+        writeln!(out, "{line}")?;
+        out.flush()?;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -123,6 +123,23 @@ impl Client {
             .write_stats(&self.disk, &self.serializer, self.reactor.core().stats())
     }
 
+    /// This client's `.stats` file as last written (by
+    /// [`Client::write_stats`] or a disconnect).
+    pub fn read_stats(&self) -> Result<Stats> {
+        self.route.read_stats(&self.disk, &self.serializer)
+    }
+
+    /// Perl's `pid_is_running` (1 running, 0 gone, -1 running but not
+    /// signalable).
+    pub fn pid_is_running(pid: u32) -> PidState {
+        pid_is_running(pid)
+    }
+
+    /// Perl's `check_path`: whether `path` is a socket or a regular file.
+    pub fn check_path(path: &str) -> Option<EntryKind> {
+        Route::check_path(path)
+    }
+
     /// Every client's `.stats` on the route.
     pub fn all_stats(&self) -> Result<BTreeMap<String, Stats>> {
         self.route.all_stats(&self.serializer)
@@ -147,6 +164,46 @@ impl Client {
     }
 
     // ----- peers ------------------------------------------------------
+
+    /// Watches this client's route for peers joining and leaving (inotify
+    /// and a pidfd per peer; see [`crate::route::watch::PeerWatch`]). The peers present now are
+    /// the starting point.
+    pub fn peer_watch(&self) -> Result<crate::route::watch::PeerWatch> {
+        crate::route::watch::PeerWatch::new(&self.route, Some(&self.disk))
+    }
+
+    /// Whether [`Client::handles_for_peer_change`] has a handle: true where
+    /// inotify is available (as in Perl; see [`crate::route::watch::PEER_WATCH_ENV`]).
+    pub fn have_handles_for_peer_change(&mut self) -> bool {
+        !self.handles_for_peer_change().is_empty()
+    }
+
+    /// The peer-change handle, as Perl's: an inotify descriptor watching
+    /// the route for created entries, readable when one appeared (drain it
+    /// with [`Client::reset_handles_for_peer_change`]). Empty where
+    /// inotify is unavailable. [`Client::peer_watch`] reports joins and
+    /// leaves themselves.
+    pub fn handles_for_peer_change(&mut self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        if self.peer_change.is_none()
+            && std::env::var(crate::route::watch::PEER_WATCH_ENV).as_deref() != Ok("rescan")
+        {
+            self.peer_change = crate::route::watch::watch_route(
+                &self.route,
+                rustix::fs::inotify::WatchFlags::CREATE,
+            )
+            .ok();
+        }
+        self.peer_change.iter().map(|fd| fd.as_fd()).collect()
+    }
+
+    /// Discards the events waiting on the peer-change handle.
+    pub fn reset_handles_for_peer_change(&mut self) {
+        use std::os::fd::AsFd;
+        if let Some(fd) = &self.peer_change {
+            crate::route::watch::drain(fd.as_fd());
+        }
+    }
 
     /// Live peers, sorted, without this client.
     pub fn peers(&self) -> Result<Vec<String>> {
@@ -241,5 +298,63 @@ impl Client {
     /// Always true.
     pub fn have_handles_for_select(&self) -> bool {
         true
+    }
+
+    /// Always true, as in Perl: the handles change as connections come
+    /// and go, so a poll set is built afresh before every wait. (ipcm's
+    /// [`Client::handles_for_select`] is one descriptor whose readiness
+    /// covers them all, so a set built once also stays right.)
+    pub fn have_dynamic_handles_for_select(&self) -> bool {
+        true
+    }
+
+    /// Perl's `listen` setter, which has no effect after construction:
+    /// neither has this one ([`Client::listen`] keeps reporting how the
+    /// client registered; choose with [`Options::listen`]).
+    pub fn set_listen(&mut self, listen: bool) {
+        let _ = listen;
+    }
+
+    /// Whether this client's `.resume` file exists (messages handed back
+    /// with [`Client::requeue_message`] wait in it).
+    pub fn have_resume_file(&self) -> bool {
+        std::path::Path::new(&self.resume_file()).exists()
+    }
+
+    /// Takes the messages of this client's `.resume` file (it is removed),
+    /// as the next receive would.
+    pub fn read_resume_file(&mut self) -> Result<Vec<Message>> {
+        self.resume_pending = self.have_resume_file();
+        self.take_resumed()
+    }
+
+    /// `<route>/<on-disk name of id>.pid`.
+    pub fn peer_pid_file(&self, id: &str) -> Result<String> {
+        Ok(self
+            .route
+            .file(&format!("{}.pid", self.route.on_disk_name(id)?)))
+    }
+
+    /// `<route>/<on-disk name of id>.suspend`.
+    pub fn peer_suspend_file(&self, id: &str) -> Result<String> {
+        Ok(self
+            .route
+            .file(&format!("{}.suspend", self.route.on_disk_name(id)?)))
+    }
+
+    /// Writes this client's `.pid` file (its pid), as registration does.
+    pub fn write_pid(&self) -> Result<()> {
+        self.route.write_pid(&self.disk, self.pid)
+    }
+
+    /// Removes this client's `.pid` file (Perl's `clear_pid`). Peers then
+    /// see it with pid 0 (not active); [`Client::write_pid`] writes it
+    /// again.
+    pub fn clear_pid(&self) -> Result<()> {
+        match std::fs::remove_file(self.pidfile()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("Cannot remove {}", self.pidfile()), e)),
+        }
     }
 }

@@ -19,7 +19,7 @@ use crate::message::{Message, sort_messages_with};
 use crate::proto::Stats;
 use crate::proto::{Append, ConnId, Core, CoreConfig, Enqueue};
 use crate::reactor::{BackendChoice, BackendKind, Reactor, make_backend};
-use crate::route::{EntryKind, Info, Route, names::check_local_id, pid_is_running};
+use crate::route::{EntryKind, Info, PidState, Route, names::check_local_id, pid_is_running};
 use crate::serializer::{Content, Outgoing, Serializer};
 use crate::wire::encode_frame;
 
@@ -75,6 +75,9 @@ pub struct Client {
     spare_entries: Vec<crate::proto::Entry>,
     /// The connection of the last peer sent to.
     send_cache: SendCache,
+    /// The Perl-named peer-change handle (an inotify watch of the route
+    /// for created entries), made on first use.
+    peer_change: Option<std::os::fd::OwnedFd>,
 }
 
 /// The last peer sent to and its connection, valid while the core's
@@ -101,6 +104,64 @@ fn since(t: Instant) -> f64 {
 impl AsFd for Client {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.reactor.pollable_fd()
+    }
+}
+
+/// The clients created in this process, by route path (Perl's
+/// `local_clients`), with the fork generation they belong to: a forked
+/// child starts with none.
+static LOCAL_CLIENTS: std::sync::Mutex<(
+    u64,
+    BTreeMap<String, std::collections::BTreeSet<String>>,
+)> = std::sync::Mutex::new((0, BTreeMap::new()));
+
+fn local_clients_table<R>(
+    f: impl FnOnce(&mut BTreeMap<String, std::collections::BTreeSet<String>>) -> R,
+) -> R {
+    let mut g = LOCAL_CLIENTS.lock().unwrap_or_else(|p| p.into_inner());
+    let generation = crate::fork::generation();
+    if g.0 != generation {
+        *g = (generation, BTreeMap::new());
+    }
+    f(&mut g.1)
+}
+
+pub(crate) fn local_client_added(route: &str, id: &str) {
+    local_clients_table(|t| {
+        t.entry(route.to_string())
+            .or_default()
+            .insert(id.to_string());
+    });
+}
+
+pub(crate) fn local_client_gone(route: &str, id: &str) {
+    local_clients_table(|t| {
+        if let Some(ids) = t.get_mut(route) {
+            ids.remove(id);
+            if ids.is_empty() {
+                t.remove(route);
+            }
+        }
+    });
+}
+
+impl Client {
+    /// The ids of the clients of `route` created in this process and not
+    /// yet disconnected, sorted (reset in a forked child), as Perl's
+    /// `local_clients`.
+    pub fn local_clients(route: &str) -> Vec<String> {
+        local_clients_table(|t| {
+            t.get(route)
+                .map(|ids| ids.iter().cloned().collect())
+                .unwrap_or_default()
+        })
+    }
+
+    /// Whether this transport can be used here (UNIX stream sockets):
+    /// always true on Linux, the only platform ipcm builds for. Never
+    /// fails.
+    pub fn viable() -> bool {
+        cfg!(target_os = "linux")
     }
 }
 

@@ -77,12 +77,12 @@ impl Client {
 
     /// Waits up to `timeout` (zero: not at all) for messages, then lends
     /// out every message received, in arrival order, borrowed from the
-    /// receive buffers: iterate the [`Received`] view, with no allocation,
+    /// receive buffers: iterate the [`crate::Received`] view, with no allocation,
     /// reference count or copy per message (on Binary routes a whole batch
     /// is read in place). Each sender's messages come in the order it sent
     /// them; unlike [`Client::get_messages`], messages of different
     /// senders are not sorted by stamp. Messages not kept
-    /// ([`MessageRef::to_message`]) are gone when the view is dropped.
+    /// ([`crate::MessageRef::to_message`]) are gone when the view is dropped.
     pub fn receive(&mut self, timeout: Duration) -> Result<crate::proto::Received<'_>> {
         if self.resume_pending {
             for m in self.take_resumed()? {

@@ -103,6 +103,7 @@ impl Client {
         route.write_pid(&disk, pid).map_err(undo)?;
         let _ = fs::remove_file(route.file(&format!("{disk}.suspend")));
 
+        super::local_client_added(route.path(), id);
         Ok(Client {
             id: id.to_string(),
             disk,
@@ -120,6 +121,7 @@ impl Client {
             sort_scratch: Default::default(),
             spare_entries: Vec::new(),
             send_cache: SendCache::default(),
+            peer_change: None,
         })
     }
 
@@ -184,6 +186,7 @@ impl Client {
             }
         }
         self.disconnected = true;
+        super::local_client_gone(self.route.path(), &self.id);
         self.reactor.shutdown();
         if Path::new(&self.path).exists() {
             let _ = fs::remove_file(&self.path);

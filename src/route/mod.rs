@@ -5,6 +5,7 @@
 
 pub mod info;
 pub mod names;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -21,6 +22,17 @@ use crate::serializer::Serializer;
 use crate::wire::{FrameHeader, HEADER_LEN};
 pub use info::Info;
 pub use names::{max_on_disk_name_length, on_disk_name};
+
+/// A live peer's entry (see [`Route::live_entries`]).
+#[derive(Debug, Clone)]
+pub(crate) struct LiveEntry {
+    /// The peer's id.
+    pub id: String,
+    /// Its on-disk name.
+    pub disk: String,
+    /// Its pid, if it wrote one.
+    pub pid: Option<u32>,
+}
 
 /// What kind of entry a client has in the route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,7 +376,15 @@ impl Route {
     /// Live peers' real ids, sorted, without the one whose on-disk name is
     /// `own`.
     pub fn peers(&self, own: Option<&str>) -> Result<Vec<String>> {
-        let mut ids = Vec::new();
+        let mut ids: Vec<String> = self.live_entries(own)?.into_iter().map(|e| e.id).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// The entries [`Route::peers`] reports, with their on-disk names and
+    /// pids.
+    pub(crate) fn live_entries(&self, own: Option<&str>) -> Result<Vec<LiveEntry>> {
+        let mut out = Vec::new();
         for name in self.list()? {
             if Some(name.as_str()) == own || !names::is_peer_candidate(&name) {
                 continue;
@@ -372,15 +392,17 @@ impl Route {
             if Route::check_path(&self.file(&name)).is_none() {
                 continue;
             }
-            if let Some(pid) = self.read_pid(&name)
-                && !pid_is_running(pid).is_alive()
-            {
+            let pid = self.read_pid(&name);
+            if pid.is_some_and(|pid| !pid_is_running(pid).is_alive()) {
                 continue;
             }
-            ids.push(self.real_id(&name));
+            out.push(LiveEntry {
+                id: self.real_id(&name),
+                disk: name,
+                pid,
+            });
         }
-        ids.sort();
-        Ok(ids)
+        Ok(out)
     }
 
     /// Peers whose entry is a listening socket.
@@ -421,8 +443,11 @@ impl Route {
         Ok(Some(self.read_pid(&self.on_disk_name(id)?).unwrap_or(0)))
     }
 
-    /// Whether `id` has a running pid. With a timeout, polls (every 50 ms)
-    /// until true or the deadline; `Some(Duration::ZERO)` waits forever.
+    /// Whether `id` has a running pid. With a timeout, waits until true or
+    /// the deadline (`Some(Duration::ZERO)` waits forever): on an inotify
+    /// watch of the route, so it wakes as soon as the peer's entry or pid
+    /// file is written; where inotify is unavailable, by checking every
+    /// 50 ms.
     pub fn peer_active(&self, id: &str, timeout: Option<Duration>) -> Result<bool> {
         let check = || -> Result<bool> {
             Ok(
@@ -433,14 +458,39 @@ impl Route {
             return check();
         };
         let deadline = (!timeout.is_zero()).then(|| Instant::now() + timeout);
+        // Watch first, then check: a change between the two is not missed.
+        let watch = if std::env::var(watch::PEER_WATCH_ENV).as_deref() == Ok("rescan") {
+            None
+        } else {
+            use rustix::fs::inotify::WatchFlags as W;
+            watch::watch_route(self, W::CREATE | W::MOVED_TO | W::CLOSE_WRITE | W::ATTRIB).ok()
+        };
         loop {
             if check()? {
                 return Ok(true);
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left.is_some_and(|l| l.is_zero()) {
                 return Ok(false);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            match &watch {
+                Some(fd) => {
+                    // Woken by the route's changes; a peer that dies
+                    // (which changes no file) is noticed within a second.
+                    let wait =
+                        left.map_or(Duration::from_secs(1), |l| l.min(Duration::from_secs(1)));
+                    let ts = rustix::event::Timespec {
+                        tv_sec: wait.as_secs() as _,
+                        tv_nsec: wait.subsec_nanos() as _,
+                    };
+                    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+                    let _ = rustix::event::poll(&mut fds, Some(&ts));
+                    watch::drain(std::os::fd::AsFd::as_fd(fd));
+                }
+                None => std::thread::sleep(left.map_or(Duration::from_millis(50), |l| {
+                    l.min(Duration::from_millis(50))
+                })),
+            }
         }
     }
 
