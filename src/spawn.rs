@@ -132,9 +132,20 @@ impl Spawn {
         let mut con = self.connect("spawn")?;
         let _ = self.terminate_with(&mut con);
         let deadline = Instant::now() + self.opts.peer_timeout;
+        // Woken by the peers leaving (the route's changes, and their pidfds
+        // for those that die), not by a poll tick.
+        let mut watch = con.peer_watch().ok();
         let mut left = con.peers()?;
         while !left.is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(250));
+            match &mut watch {
+                Some(w) => {
+                    let _ = w.next_event(Some(wait));
+                }
+                None => std::thread::sleep(wait.min(Duration::from_millis(50))),
+            }
             let _ = con.get_messages();
             left = con.peers()?;
         }
