@@ -419,6 +419,16 @@ impl PeerWatch {
     }
 }
 
+impl Iterator for PeerWatch {
+    type Item = Result<PeerEvent>;
+
+    /// The next event, waiting as long as it takes; `None` once the route
+    /// is gone and every peer was reported as left.
+    fn next(&mut self) -> Option<Result<PeerEvent>> {
+        self.next_event(None).transpose()
+    }
+}
+
 impl AsFd for PeerWatch {
     /// Readable when a change may be waiting (register it with a poller,
     /// then call [`PeerWatch::ready_events`]). In [`WatchMode::Rescan`]
