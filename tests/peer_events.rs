@@ -185,6 +185,7 @@ fn peer_active_wakes_on_the_route_change(b: BackendChoice) {
     assert!(watcher.peer_active("late", Some(WAIT)).unwrap());
     let waited = start.elapsed();
     let _late = late.join().unwrap();
+    eprintln!("peer_active returned {waited:?} after the start (the peer connects at 100 ms)");
     // Without a change to wake it, the wait looks again only after a
     // second: returning well before that means the change woke it.
     assert!(
