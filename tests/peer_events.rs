@@ -213,9 +213,9 @@ fn threaded_receivers_get_peer_events_on_a_channel(b: BackendChoice) {
 
 fn the_perl_peer_change_handle_signals_new_entries(b: BackendChoice) {
     let t = TestRoute::new(b);
-    let mut watcher = t.connect("watcher");
+    let watcher = t.connect("watcher");
     assert!(watcher.have_handles_for_peer_change());
-    let readable = |c: &mut Client, ms: i32| {
+    let readable = |c: &Client, ms: i32| {
         let handles = c.handles_for_peer_change();
         assert_eq!(handles.len(), 1);
         let ts = rustix::event::Timespec {
@@ -229,9 +229,9 @@ fn the_perl_peer_change_handle_signals_new_entries(b: BackendChoice) {
         )];
         rustix::event::poll(&mut fds, Some(&ts)).unwrap() > 0
     };
-    assert!(!readable(&mut watcher, 0), "nothing created yet");
+    assert!(!readable(&watcher, 0), "nothing created yet");
     let _a = t.connect("a");
-    assert!(readable(&mut watcher, 2000), "a created entry signals");
+    assert!(readable(&watcher, 2000), "a created entry signals");
     watcher.reset_handles_for_peer_change();
-    assert!(!readable(&mut watcher, 0), "drained by the reset");
+    assert!(!readable(&watcher, 0), "drained by the reset");
 }

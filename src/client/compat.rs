@@ -173,34 +173,40 @@ impl Client {
     }
 
     /// Whether [`Client::handles_for_peer_change`] has a handle: true where
-    /// inotify is available (as in Perl; see [`crate::route::watch::PEER_WATCH_ENV`]).
-    pub fn have_handles_for_peer_change(&mut self) -> bool {
+    /// inotify is available (as in Perl; see
+    /// [`crate::route::watch::PEER_WATCH_ENV`]).
+    pub fn have_handles_for_peer_change(&self) -> bool {
         !self.handles_for_peer_change().is_empty()
     }
 
     /// The peer-change handle, as Perl's: an inotify descriptor watching
-    /// the route for created entries, readable when one appeared (drain it
-    /// with [`Client::reset_handles_for_peer_change`]). Empty where
-    /// inotify is unavailable. [`Client::peer_watch`] reports joins and
-    /// leaves themselves.
-    pub fn handles_for_peer_change(&mut self) -> Vec<std::os::fd::BorrowedFd<'_>> {
+    /// the route for created entries (made on first use), readable when
+    /// one appeared (drain it with
+    /// [`Client::reset_handles_for_peer_change`]). Empty where inotify is
+    /// unavailable. [`Client::peer_watch`] reports joins and leaves
+    /// themselves.
+    pub fn handles_for_peer_change(&self) -> Vec<std::os::fd::BorrowedFd<'_>> {
         use std::os::fd::AsFd;
-        if self.peer_change.is_none()
-            && std::env::var(crate::route::watch::PEER_WATCH_ENV).as_deref() != Ok("rescan")
-        {
-            self.peer_change = crate::route::watch::watch_route(
-                &self.route,
-                rustix::fs::inotify::WatchFlags::CREATE,
-            )
-            .ok();
-        }
-        self.peer_change.iter().map(|fd| fd.as_fd()).collect()
+        self.peer_change
+            .get_or_init(|| {
+                if std::env::var(crate::route::watch::PEER_WATCH_ENV).as_deref() == Ok("rescan") {
+                    return None;
+                }
+                crate::route::watch::watch_route(
+                    &self.route,
+                    rustix::fs::inotify::WatchFlags::CREATE,
+                )
+                .ok()
+            })
+            .iter()
+            .map(|fd| fd.as_fd())
+            .collect()
     }
 
     /// Discards the events waiting on the peer-change handle.
-    pub fn reset_handles_for_peer_change(&mut self) {
+    pub fn reset_handles_for_peer_change(&self) {
         use std::os::fd::AsFd;
-        if let Some(fd) = &self.peer_change {
+        if let Some(Some(fd)) = self.peer_change.get() {
             crate::route::watch::drain(fd.as_fd());
         }
     }

@@ -77,7 +77,7 @@ pub struct Client {
     send_cache: SendCache,
     /// The Perl-named peer-change handle (an inotify watch of the route
     /// for created entries), made on first use.
-    peer_change: Option<std::os::fd::OwnedFd>,
+    peer_change: std::cell::OnceCell<Option<std::os::fd::OwnedFd>>,
 }
 
 /// The last peer sent to and its connection, valid while the core's

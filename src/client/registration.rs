@@ -121,7 +121,7 @@ impl Client {
             sort_scratch: Default::default(),
             spare_entries: Vec::new(),
             send_cache: SendCache::default(),
-            peer_change: None,
+            peer_change: std::cell::OnceCell::new(),
         })
     }
 
