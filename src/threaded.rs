@@ -486,10 +486,7 @@ impl Receiver {
             }
             None => Duration::from_millis(100),
         };
-        let ts = rustix::event::Timespec {
-            tv_sec: wait.as_secs() as _,
-            tv_nsec: wait.subsec_nanos() as _,
-        };
+        let ts = crate::wire::timespec(wait);
         let mut fds = [rustix::event::PollFd::new(
             &self.shared.ready,
             rustix::event::PollFlags::IN,

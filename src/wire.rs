@@ -359,6 +359,15 @@ impl FrameDecoder {
     }
 }
 
+/// `d` as the kernel's timespec (saturating at `time_t`'s range), for the
+/// waits of every layer (poll, epoll, io_uring).
+pub(crate) fn timespec(d: std::time::Duration) -> rustix::event::Timespec {
+    rustix::event::Timespec {
+        tv_sec: d.as_secs().min(i64::MAX as u64) as _,
+        tv_nsec: d.subsec_nanos() as _,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -189,7 +189,7 @@ impl Client {
         use std::os::fd::AsFd;
         self.peer_change
             .get_or_init(|| {
-                if std::env::var(crate::route::watch::PEER_WATCH_ENV).as_deref() == Ok("rescan") {
+                if crate::route::watch::rescan_forced() {
                     return None;
                 }
                 crate::route::watch::watch_route(

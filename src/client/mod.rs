@@ -110,14 +110,13 @@ impl AsFd for Client {
 /// The clients created in this process, by route path (Perl's
 /// `local_clients`), with the fork generation they belong to: a forked
 /// child starts with none.
-static LOCAL_CLIENTS: std::sync::Mutex<(
-    u64,
-    BTreeMap<String, std::collections::BTreeSet<String>>,
-)> = std::sync::Mutex::new((0, BTreeMap::new()));
+static LOCAL_CLIENTS: std::sync::Mutex<(u64, LocalClients)> =
+    std::sync::Mutex::new((0, BTreeMap::new()));
 
-fn local_clients_table<R>(
-    f: impl FnOnce(&mut BTreeMap<String, std::collections::BTreeSet<String>>) -> R,
-) -> R {
+/// Client ids by route path.
+type LocalClients = BTreeMap<String, std::collections::BTreeSet<String>>;
+
+fn local_clients_table<R>(f: impl FnOnce(&mut LocalClients) -> R) -> R {
     let mut g = LOCAL_CLIENTS.lock().unwrap_or_else(|p| p.into_inner());
     let generation = crate::fork::generation();
     if g.0 != generation {

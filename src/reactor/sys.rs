@@ -168,13 +168,7 @@ impl fmt::Debug for EventBuf {
     }
 }
 
-/// `d` as the kernel's timespec (saturating at `time_t`'s range).
-pub(crate) fn timespec(d: Duration) -> rustix::event::Timespec {
-    rustix::event::Timespec {
-        tv_sec: d.as_secs().min(i64::MAX as u64) as _,
-        tv_nsec: d.subsec_nanos() as _,
-    }
-}
+pub(crate) use crate::wire::timespec;
 
 /// Whether `s` starts where `last` ends (frames built one after another in
 /// the send arena are adjacent, and one iovec can cover them). The kernel

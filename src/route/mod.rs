@@ -459,7 +459,7 @@ impl Route {
         };
         let deadline = (!timeout.is_zero()).then(|| Instant::now() + timeout);
         // Watch first, then check: a change between the two is not missed.
-        let watch = if std::env::var(watch::PEER_WATCH_ENV).as_deref() == Ok("rescan") {
+        let watch = if watch::rescan_forced() {
             None
         } else {
             use rustix::fs::inotify::WatchFlags as W;
@@ -479,10 +479,7 @@ impl Route {
                     // (which changes no file) is noticed within a second.
                     let wait =
                         left.map_or(Duration::from_secs(1), |l| l.min(Duration::from_secs(1)));
-                    let ts = rustix::event::Timespec {
-                        tv_sec: wait.as_secs() as _,
-                        tv_nsec: wait.subsec_nanos() as _,
-                    };
+                    let ts = crate::wire::timespec(wait);
                     let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
                     let _ = rustix::event::poll(&mut fds, Some(&ts));
                     watch::drain(std::os::fd::AsFd::as_fd(fd));

@@ -51,6 +51,12 @@ pub enum WatchMode {
 /// `rescan`).
 pub const PEER_WATCH_ENV: &str = "IPCM_PEER_WATCH";
 
+/// Whether [`PEER_WATCH_ENV`] forces the rescan fallback (for every
+/// wait on the route: watches, `peer_active`, the Perl handle).
+pub(crate) fn rescan_forced() -> bool {
+    std::env::var(PEER_WATCH_ENV).is_ok_and(|v| v == "rescan")
+}
+
 /// How often the fallback rescans.
 pub const RESCAN_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -105,8 +111,7 @@ impl PeerWatch {
     /// peers present now are the starting point: events report changes
     /// from here on (see [`PeerWatch::peers`]).
     pub fn new(route: &Route, own: Option<&str>) -> Result<Self> {
-        let forced = std::env::var(PEER_WATCH_ENV).is_ok_and(|v| v == "rescan");
-        PeerWatch::with_mode(route, own, forced)
+        PeerWatch::with_mode(route, own, rescan_forced())
     }
 
     /// [`PeerWatch::new`] in [`WatchMode::Rescan`], whatever inotify offers
@@ -254,10 +259,7 @@ impl PeerWatch {
 
     /// One epoll wait and what it reports; true if anything did.
     fn wait_once(&mut self, wait: Option<Duration>) -> Result<bool> {
-        let ts = wait.map(|d| rustix::event::Timespec {
-            tv_sec: d.as_secs() as _,
-            tv_nsec: d.subsec_nanos() as _,
-        });
+        let ts = wait.map(crate::wire::timespec);
         let mut events = Vec::with_capacity(16);
         match epoll::wait(
             &self.epoll,
@@ -292,16 +294,9 @@ impl PeerWatch {
     }
 
     /// Reads every queued inotify event (a storm is one rescan).
-    fn drain_inotify(&mut self) {
-        let Some(fd) = &self.inotify else { return };
-        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
-        let mut reader = inotify::Reader::new(fd, &mut buf);
-        loop {
-            match reader.next() {
-                Ok(_) => {}
-                Err(rustix::io::Errno::INTR) => {}
-                Err(_) => break,
-            }
+    fn drain_inotify(&self) {
+        if let Some(fd) = &self.inotify {
+            drain(fd.as_fd());
         }
     }
 
@@ -454,5 +449,10 @@ pub(crate) fn watch_route(
 pub(crate) fn drain(fd: BorrowedFd<'_>) {
     let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
     let mut reader = inotify::Reader::new(fd, &mut buf);
-    while reader.next().is_ok() {}
+    loop {
+        match reader.next() {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(_) => return,
+        }
+    }
 }

@@ -308,6 +308,13 @@ pub(crate) fn parse_number(text: &str) -> Option<f64> {
     text.parse::<f64>().ok().filter(|v| v.is_finite())
 }
 
+/// The powers of ten that are exact doubles (Clinger's fast path, here
+/// and in the scanner's one-pass stamp numbers).
+pub(crate) const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
 /// A decimal `-?digits[.digits]` whose digits, read as one integer, are
 /// below 2^53 and whose fraction has at most 22 digits: both that integer
 /// and the power of ten are exact doubles, so one division is correctly
@@ -315,10 +322,6 @@ pub(crate) fn parse_number(text: &str) -> Option<f64> {
 /// such numbers. `None` for anything else.
 #[inline]
 fn exact_decimal(t: &[u8]) -> Option<f64> {
-    const POW10: [f64; 23] = [
-        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
-        1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
-    ];
     let (neg, digits) = match t {
         [b'-', rest @ ..] => (true, rest),
         _ => (false, t),

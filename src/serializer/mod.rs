@@ -279,20 +279,26 @@ impl Serializer {
     pub(crate) fn decode_message(&self, payload: &Bytes) -> Result<Option<Message>, DecodeError> {
         let inflated;
         let payload = match self {
-            Serializer::Json => {
-                if let Some(m) = ipcm_layout_message(payload) {
-                    return Ok(Some(m));
-                }
-                payload
-            }
+            Serializer::Json => payload,
             Serializer::JsonZstd(c) => {
                 inflated = c.decompress(payload).map_err(DecodeError::Malformed)?;
                 &inflated
             }
             Serializer::Binary => return binary::decode_message(payload),
         };
-        let env = scan::scan_envelope(payload)
-            .map_err(|e| DecodeError::Malformed(describe_scan(e, payload)))?;
+        // One UTF-8 check, then ipcm's own layout straight into a message,
+        // else the general scan (see `scan::scan_envelope`).
+        let env = match simdutf8::basic::from_utf8(payload) {
+            Ok(text) => match scan::ipcm_layout(text) {
+                Some(l) => match layout_message(payload, &l) {
+                    Some(m) => return Ok(Some(m)),
+                    None => Ok(l.into_envelope()),
+                },
+                None => scan::scan_text(text),
+            },
+            Err(_) => scan::scan_envelope(payload),
+        }
+        .map_err(|e| DecodeError::Malformed(describe_scan(e, payload)))?;
         if !env.is_object || (env.keys == 1 && env.hello.is_some()) {
             return Ok(None);
         }
@@ -423,15 +429,13 @@ fn owned_or_slice_name(payload: &Bytes, s: std::borrow::Cow<'_, str>) -> Name {
     }
 }
 
-/// A payload in ipcm's own layout that needs none of the envelope rules'
-/// repairs (a sender and a recipient, content, a stamp and an ordinal, an
-/// id of a UUID's length) as its message, built straight from the
-/// layout's values; `None` for anything else, which takes the general
-/// path (and gets the same message, or its error, there).
+/// A payload in ipcm's own layout (`l`, its values) that needs none of the
+/// envelope rules' repairs (a sender and a recipient, content, a stamp and
+/// an ordinal, an id of a UUID's length) as its message, built straight
+/// from the layout's values; `None` otherwise, and the layout's envelope
+/// then goes through the general rules (the same message, or its error).
 #[inline]
-fn ipcm_layout_message(payload: &Bytes) -> Option<Message> {
-    let text = simdutf8::basic::from_utf8(payload).ok()?;
-    let l = scan::ipcm_layout(text)?;
+fn layout_message(payload: &Bytes, l: &scan::Layout<'_>) -> Option<Message> {
     if l.from.is_empty() || l.from == "0" || l.to.is_empty() || l.content == "null" {
         return None;
     }
@@ -727,7 +731,8 @@ mod tests {
                                 // general rules.
                                 let env: RawEnvelope<'_> = serde_json::from_slice(&p).unwrap();
                                 let want = envelope_to_message(&p, env);
-                                match ipcm_layout_message(&p) {
+                                let layout = scan::ipcm_layout(std::str::from_utf8(&p).unwrap());
+                                match layout.and_then(|l| layout_message(&p, &l)) {
                                     Some(m) => {
                                         fast += 1;
                                         let want = want.expect("the fast path took an invalid one");

@@ -28,17 +28,38 @@ pub(crate) type ScanError = String;
 
 /// Decodes a payload's envelope (see the module documentation).
 pub(crate) fn scan_envelope(payload: &[u8]) -> Result<RawEnvelope<'_>, ScanError> {
+    match simdutf8::basic::from_utf8(payload) {
+        Ok(text) => match ipcm_layout(text) {
+            Some(l) => Ok(l.into_envelope()),
+            None => scan_text(text),
+        },
+        Err(_) => scan_bytes(payload),
+    }
+}
+
+/// [`scan_envelope`] of a payload already checked as UTF-8, past ipcm's
+/// layout (the caller tried [`ipcm_layout`] first).
+pub(crate) fn scan_text(text: &str) -> Result<RawEnvelope<'_>, ScanError> {
+    let start = skip_ws(text.as_bytes(), 0);
+    if text.as_bytes().get(start) != Some(&b'{') {
+        return serde_json::from_str(text).map_err(|e| e.to_string());
+    }
+    scan_object(text, start)
+}
+
+/// [`scan_envelope`] of a payload that is not UTF-8: serde_json decides
+/// for a non-object (as for any), an object is refused.
+fn scan_bytes(payload: &[u8]) -> Result<RawEnvelope<'_>, ScanError> {
     let start = skip_ws(payload, 0);
     if payload.get(start) != Some(&b'{') {
         return serde_json::from_slice(payload).map_err(|e| e.to_string());
     }
-    let text = simdutf8::basic::from_utf8(payload)
-        .map_err(|_| "invalid UTF-8 in a JSON object payload".to_string())?;
-    if start == 0
-        && let Some(env) = scan_ipcm_layout(text)
-    {
-        return Ok(env);
-    }
+    Err("invalid UTF-8 in a JSON object payload".to_string())
+}
+
+/// The general scan of an object payload starting at `start`.
+fn scan_object(text: &str, start: usize) -> Result<RawEnvelope<'_>, ScanError> {
+    let payload = text.as_bytes();
     let mut s = Scanner {
         text,
         bytes: payload,
@@ -150,22 +171,22 @@ pub(crate) fn ipcm_layout(text: &str) -> Option<Layout<'_>> {
     })
 }
 
-/// [`ipcm_layout`] as a [`RawEnvelope`].
-#[inline]
-fn scan_ipcm_layout(text: &str) -> Option<RawEnvelope<'_>> {
-    let l = ipcm_layout(text)?;
-    Some(RawEnvelope {
-        is_object: true,
-        keys: 6 + usize::from(l.broadcast),
-        from: Some(Cow::Borrowed(l.from)),
-        to: Some(Cow::Borrowed(l.to)),
-        content: (l.content != "null").then_some(l.content),
-        id: Some(Cow::Borrowed(l.id)),
-        stamp: l.stamp,
-        stamp_ord: l.stamp_ord,
-        broadcast: l.broadcast.then_some("1"),
-        ..RawEnvelope::default()
-    })
+impl<'a> Layout<'a> {
+    /// The layout's values as the envelope the general scan finds.
+    pub(crate) fn into_envelope(self) -> RawEnvelope<'a> {
+        RawEnvelope {
+            is_object: true,
+            keys: 6 + usize::from(self.broadcast),
+            from: Some(Cow::Borrowed(self.from)),
+            to: Some(Cow::Borrowed(self.to)),
+            content: (self.content != "null").then_some(self.content),
+            id: Some(Cow::Borrowed(self.id)),
+            stamp: self.stamp,
+            stamp_ord: self.stamp_ord,
+            broadcast: self.broadcast.then_some("1"),
+            ..RawEnvelope::default()
+        }
+    }
 }
 
 /// The first byte of `b` that ends or interrupts a string's plain text: a
@@ -301,10 +322,6 @@ impl<'a> Scanner<'a> {
     /// other number takes the general check and `parse_number`.
     #[inline]
     fn number_value(&mut self) -> Option<Option<f64>> {
-        const POW10: [f64; 17] = [
-            1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
-            1e16,
-        ];
         let b = self.bytes;
         let from = self.pos;
         let mut i = from;
@@ -338,7 +355,7 @@ impl<'a> Scanner<'a> {
         if simple && !matches!(b.get(i), Some(b'e' | b'E')) && int_len + scale <= 16 && m < 1 << 53
         {
             self.pos = i;
-            let v = m as f64 / POW10[scale];
+            let v = m as f64 / super::json::POW10[scale];
             return Some(Some(if neg { -v } else { v }));
         }
         if !matches!(b.get(from), Some(b'-' | b'0'..=b'9')) {
@@ -730,7 +747,7 @@ mod tests {
         };
         let mut fast = 0;
         let mut check = |p: String| {
-            if scan_ipcm_layout(&p).is_some() {
+            if ipcm_layout(&p).is_some() {
                 fast += 1;
             }
             check_against_serde(p.as_bytes());

@@ -110,11 +110,16 @@ fn provided_buffers_receive_for_idle_connections() {
     }
 }
 
-fn listener(dir: &std::path::Path) -> (OwnedFd, std::path::PathBuf) {
-    let path = dir.join("l.sock");
+/// A backend listening on a socket in a fresh directory (kept alive by
+/// the returned guard), and the socket's path.
+fn listening() -> Option<(UringBackend, tempfile::TempDir, std::path::PathBuf)> {
+    let mut be = backend()?;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("l.sock");
     let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
     l.set_nonblocking(true).unwrap();
-    (l.into(), path)
+    be.listen(l.into()).unwrap();
+    Some((be, dir, path))
 }
 
 fn accept_one(be: &mut UringBackend, pool: &mut BufferPool) -> OwnedFd {
@@ -143,11 +148,10 @@ fn accept_one(be: &mut UringBackend, pool: &mut BufferPool) -> OwnedFd {
 /// submitted by the new thread: nothing to cancel, one accept armed.
 #[test]
 fn a_move_keeps_requests_the_old_thread_only_queued() {
-    let Some(mut be) = backend() else { return };
+    let Some((mut be, _dir, path)) = listening() else {
+        return;
+    };
     let mut pool = BufferPool::new(4096, 4);
-    let dir = tempfile::tempdir().unwrap();
-    let (l, path) = listener(dir.path());
-    be.listen(l).unwrap();
     let before = be.accept.op;
     assert!(before.is_some());
     std::thread::scope(|s| {
@@ -167,11 +171,10 @@ fn a_move_keeps_requests_the_old_thread_only_queued() {
 /// between wait in the backlog and are accepted.
 #[test]
 fn a_move_rearms_a_submitted_accept_after_its_cancellation() {
-    let Some(mut be) = backend() else { return };
+    let Some((mut be, _dir, path)) = listening() else {
+        return;
+    };
     let mut pool = BufferPool::new(4096, 4);
-    let dir = tempfile::tempdir().unwrap();
-    let (l, path) = listener(dir.path());
-    be.listen(l).unwrap();
     let mut out = Vec::new();
     be.poll(Some(Duration::ZERO), &mut out, &mut pool).unwrap();
     let old = be.accept.op.expect("armed");
