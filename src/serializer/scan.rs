@@ -147,6 +147,11 @@ pub(crate) fn ipcm_layout(text: &str) -> Option<Layout<'_>> {
     s.literal(b",\"to\":")?;
     let to = s.plain_string()?;
     s.literal(b",\"content\":")?;
+    // Compact: the value starts right here (the general value scan would
+    // skip whitespace first, and the content would keep it).
+    if matches!(s.peek(), Some(b' ' | b'\n' | b'\t' | b'\r')) {
+        return None;
+    }
     let at = s.pos;
     // The general value scan (any JSON value); a hostile one errs here as
     // it would there, and the general scan then reports it.
@@ -738,6 +743,12 @@ mod tests {
             "{}",
             "[1,]",
             "tru",
+            // Whitespace before the content (found by fuzzing: the content
+            // kept it) and inside it.
+            " 1",
+            "\r\n{\"x\":[1,2]}",
+            "\t\"s\"",
+            "[ 1 , 2 ]",
         ];
         let layout = |from: &str, content: &str, id: &str, stamp: &str, ord: &str, tail: &str| {
             format!(
