@@ -13,6 +13,10 @@
 //! * `ipcm-thread`: the threaded mode (Binary, io_uring where available):
 //!   the receiver's reactor on its own thread, handing messages over
 //!   through the lock-free receive ring; in ping-pong both ends threaded.
+//! * `ipcm-async`: the async face (`ipcm::aio`, Binary, io_uring where
+//!   available) at both ends, each on a current-thread tokio runtime, as
+//!   the `tokio` row: `send().await` per message, batches read with
+//!   `receive().await`; in ping-pong `send().await` and `recv().await`.
 //!
 //! Every round runs every system once per payload size (side by side, so
 //! machine noise hits them alike); tables give medians over the rounds,
@@ -40,13 +44,14 @@ mod support;
 use support::{WAIT, json_string as payload, queue};
 
 const SIZES: [usize; 3] = [64, 1024, 16384];
-const SYSTEMS: [System; 6] = [
+const SYSTEMS: [System; 7] = [
     System::Raw,
     System::Tokio,
     System::Ipcm(Flavor::Uring),
     System::Ipcm(Flavor::Epoll),
     System::Ipcm(Flavor::Json),
     System::Ipcm(Flavor::Threaded),
+    System::Ipcm(Flavor::Async),
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -56,6 +61,8 @@ enum Flavor {
     Json,
     /// Binary, io_uring where available, the reactor on its own thread.
     Threaded,
+    /// The threaded reactor awaited from tokio (`ipcm::aio`).
+    Async,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -74,6 +81,7 @@ impl System {
             System::Ipcm(Flavor::Epoll) => "ipcm-epoll",
             System::Ipcm(Flavor::Json) => "ipcm-json",
             System::Ipcm(Flavor::Threaded) => "ipcm-thread",
+            System::Ipcm(Flavor::Async) => "ipcm-async",
         }
     }
 }
@@ -289,7 +297,7 @@ fn ipcm_route(flavor: Flavor) -> (Route, Info, Options) {
     let info = Info::new(ser, route.path());
     let backend = match flavor {
         Flavor::Epoll => BackendChoice::Epoll,
-        Flavor::Uring | Flavor::Json | Flavor::Threaded => uring_or_epoll(),
+        Flavor::Uring | Flavor::Json | Flavor::Threaded | Flavor::Async => uring_or_epoll(),
     };
     // A bounded outbox gives the sender back-pressure, as the socket buffer
     // gives the raw sender and the codec's 8 KiB boundary gives tokio;
@@ -340,7 +348,98 @@ fn threaded_receive(rx: &mut ipcm::Receiver, n: usize) -> usize {
     bytes
 }
 
+/// Throughput with both ends on the async face, each on a current-thread
+/// runtime of its own thread.
+fn async_throughput(size: usize, n: usize) -> f64 {
+    use serde_json::value::RawValue;
+    let (route, info, opts) = ipcm_route(Flavor::Async);
+    let rt = runtime();
+    let (_stx, mut rx, sink) = rt
+        .block_on(async { Client::connect(&info, "sink", opts.clone())?.into_async() })
+        .unwrap();
+    let body = RawValue::from_string(payload(size)).unwrap();
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let c = Client::connect(&info, "src", opts.listen(false)).unwrap();
+            let (mut tx, _rx, handle) = c.into_async().unwrap();
+            for _ in 0..n {
+                tx.send("sink", &*body).await.unwrap();
+            }
+            tx.flush().await.unwrap();
+            handle.shutdown().await.unwrap();
+        })
+    });
+    let bytes = rt.block_on(async {
+        let (mut got, mut bytes) = (0, 0);
+        while got < n {
+            let batch = rx.receive().await;
+            assert!(!batch.is_empty(), "async receiver starved");
+            for m in &batch {
+                bytes += m.content_json().len();
+                got += 1;
+            }
+        }
+        bytes
+    });
+    let secs = start.elapsed().as_secs_f64();
+    sender.join().unwrap();
+    std::hint::black_box(bytes);
+    rt.block_on(sink.shutdown()).unwrap();
+    route.unspawn().unwrap();
+    n as f64 / secs
+}
+
+/// Ping-pong with both ends on the async face, each on a current-thread
+/// runtime: `send().await` and `recv().await`.
+fn async_ping_pong(size: usize, n: usize) -> Vec<f64> {
+    use serde_json::value::RawValue;
+    let (route, info, opts) = ipcm_route(Flavor::Async);
+    let (einfo, eopts) = (info.clone(), opts.clone());
+    let (up_tx, up_rx) = std::sync::mpsc::channel();
+    let echo = std::thread::spawn(move || {
+        runtime().block_on(async move {
+            let c = Client::connect(&einfo, "echo", eopts).unwrap();
+            let (mut tx, mut rx, handle) = c.into_async().unwrap();
+            up_tx.send(()).unwrap();
+            while let Some(m) = rx.recv().await {
+                if m.content_json() == "0" {
+                    break;
+                }
+                let raw = RawValue::from_string(m.content_json().to_string()).unwrap();
+                tx.send(m.from(), &*raw).await.unwrap();
+            }
+            handle.shutdown().await.unwrap();
+        })
+    });
+    up_rx.recv().unwrap();
+    let body = RawValue::from_string(payload(size)).unwrap();
+    let lat = runtime().block_on(async move {
+        let c = Client::connect(&info, "ping", opts).unwrap();
+        let (mut tx, mut rx, handle) = c.into_async().unwrap();
+        let mut lat = Vec::with_capacity(n);
+        for i in 0..n + n / 10 {
+            let t = Instant::now();
+            tx.send("echo", &*body).await.unwrap();
+            rx.recv().await.expect("ping starved");
+            if i >= n / 10 {
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        tx.send("echo", &0).await.unwrap();
+        tx.flush().await.unwrap();
+        handle.shutdown().await.unwrap();
+        lat
+    });
+    echo.join().unwrap();
+    route.unspawn().unwrap();
+    lat
+}
+
 fn ipcm_throughput(flavor: Flavor, size: usize, n: usize) -> f64 {
+    if flavor == Flavor::Async {
+        return async_throughput(size, n);
+    }
     let (route, info, opts) = ipcm_route(flavor);
     let rx = Client::connect(&info, "sink", opts.clone()).unwrap();
     let mut threaded = None;
@@ -423,6 +522,9 @@ fn threaded_ping_pong(size: usize, n: usize) -> Vec<f64> {
 fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, spin: bool) -> Vec<f64> {
     if flavor == Flavor::Threaded {
         return threaded_ping_pong(size, n);
+    }
+    if flavor == Flavor::Async {
+        return async_ping_pong(size, n);
     }
     let (route, info, opts) = ipcm_route(flavor);
     let opts = opts.busy_poll(spin);
@@ -725,7 +827,12 @@ fn main() {
     // Busy polling is an inline-mode option.
     let mut busy: Vec<(System, Vec<f64>, Vec<f64>)> = SYSTEMS
         .iter()
-        .filter(|s| !matches!(s, System::Tokio | System::Ipcm(Flavor::Threaded)))
+        .filter(|s| {
+            !matches!(
+                s,
+                System::Tokio | System::Ipcm(Flavor::Threaded | Flavor::Async)
+            )
+        })
         .map(|s| (*s, Vec::new(), Vec::new()))
         .collect();
     for round in 0..rounds {
@@ -880,6 +987,9 @@ fn main() {
     let (u1kr, e1kr) = ratio(1024);
     let (u16r, e16r) = ratio(16384);
     let threaded = vs(System::Ipcm(Flavor::Threaded), u, 64);
+    let a = System::Ipcm(Flavor::Async);
+    let async_tput = vs(a, System::Tokio, 64);
+    let async_rtt = paired(&get(a, 64).p50, &get(System::Tokio, 64).p50);
     let rtt = |sys| paired(&get(sys, 64).p50, &get(System::Raw, 64).p50);
     let busy_of = |sys| {
         busy.iter()
@@ -897,7 +1007,7 @@ fn main() {
         .collect::<Vec<_>>()
         .join(" ");
     println!(
-        "summary (io_uring/epoll): 64B x raw {u64r:.2}/{e64r:.2} (target >=0.5), x tokio {:.2}/{:.2} (>=2); 1KiB x raw {u1kr:.2}/{e1kr:.2} (>=0.9); 16KiB x raw {u16r:.2}/{e16r:.2} (>=1.0); json 64B {:.2}M msgs/s (>=4M); threaded 64B x inline io_uring {threaded:.2} (>=0.8); ping-pong p50 x raw blocking {:.2}/{:.2} (<=1.1), busy {:.2}/{:.2} (<=1.2); fan-in 1000/1 {fan_txt} (>=0.7); idle conn {idle_txt} (<4096B)",
+        "summary (io_uring/epoll): 64B x raw {u64r:.2}/{e64r:.2} (target >=0.5), x tokio {:.2}/{:.2} (>=2); 1KiB x raw {u1kr:.2}/{e1kr:.2} (>=0.9); 16KiB x raw {u16r:.2}/{e16r:.2} (>=1.0); json 64B {:.2}M msgs/s (>=4M); threaded 64B x inline io_uring {threaded:.2} (>=0.8); async 64B x tokio {async_tput:.2} (>=1), ping-pong p50 x tokio {async_rtt:.2} (<=1.2); ping-pong p50 x raw blocking {:.2}/{:.2} (<=1.1), busy {:.2}/{:.2} (<=1.2); fan-in 1000/1 {fan_txt} (>=0.7); idle conn {idle_txt} (<4096B)",
         vs(u, System::Tokio, 64),
         vs(e, System::Tokio, 64),
         r(System::Ipcm(Flavor::Json), 64) / 1e6,

@@ -1,59 +1,61 @@
-//! A tokio program awaiting ipcm messages: the receive ring's descriptor is
-//! registered with tokio through `AsyncFd`, so the task sleeps until
-//! messages wait.
+//! A tokio program on ipcm's async face (feature `tokio`): a service task
+//! awaiting messages as a `Stream`, producer tasks awaiting their sends,
+//! and a `select!` over ipcm and a timer.
 //!
-//! `cargo run --example tokio [MESSAGES]`
+//! `cargo run --example tokio --features tokio [MESSAGES]`
 
-use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::time::Duration;
 
-use ipcm::{Client, Options, Receiver, Spawn};
-use tokio::io::unix::AsyncFd;
+use futures_util::StreamExt;
+use ipcm::{Client, Options, Spawn};
 
-/// `AsyncFd` wants `AsRawFd`; the receiver's descriptor lives as long as it.
-struct Ring(Receiver);
-
-impl AsRawFd for Ring {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_fd().as_raw_fd()
-    }
-}
-
-/// Receives `count` messages in a tokio task; returns how many arrived.
+/// Receives `count` messages from four producer tasks; returns how many
+/// arrived.
 pub async fn run(count: u64) -> ipcm::Result<u64> {
     let spawn = Spawn::new()?;
     let info = spawn.info_string();
     let service = Client::connect_info(&info, "async-sink", Options::new())?;
-    let (_tx, rx, reactor) = service.into_threaded()?;
-    // SAFETY: the descriptor belongs to the receiver inside `Ring`, which the
-    // `AsyncFd` owns; it stays open and the same for the `AsyncFd`'s life.
-    let mut ring =
-        unsafe { AsyncFd::register_with_interest(Ring(rx), tokio::io::Interest::READABLE) }
-            .map_err(|e| ipcm::Error::io("AsyncFd", std::io::Error::from(e)))?;
+    let (_service_tx, mut inbox, service_handle) = service.into_async()?;
 
-    // A producer on a plain thread.
-    let producer_info = info.clone();
-    let producer = std::thread::spawn(move || -> ipcm::Result<()> {
-        let mut c = Client::connect_info(&producer_info, "producer", Options::new().listen(false))?;
-        for i in 0..count {
-            c.send_message("async-sink", &i)?;
-        }
-        c.disconnect(None)
-    });
+    let producer = Client::connect_info(&info, "producer", Options::new().listen(false))?;
+    let (tx, _producer_rx, producer_handle) = producer.into_async()?;
+    let producers: Vec<tokio::task::JoinHandle<ipcm::Result<()>>> = (0..4u64)
+        .map(|p| {
+            // One clone per task, as with tokio's channels.
+            let mut tx = tx.clone();
+            tokio::spawn(async move {
+                for i in (p..count).step_by(4) {
+                    // Waits for room in the send queue, never blocking the runtime.
+                    tx.send("async-sink", &i).await?;
+                }
+                Ok(())
+            })
+        })
+        .collect();
 
     let mut got = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
     while got < count {
-        let mut guard = ring
-            .readable_mut()
-            .await
-            .map_err(|e| ipcm::Error::io("readable", e))?;
-        while let Some(m) = guard.get_inner_mut().0.try_recv() {
-            assert_eq!(m.content::<u64>()?, got, "in order");
-            got += 1;
+        tokio::select! {
+            m = inbox.next() => {
+                let m = m.expect("the service's reactor ended early");
+                let _: u64 = m.content()?;
+                got += 1;
+            }
+            // Other work of the service, interleaved with its messages.
+            _ = tick.tick() => {}
         }
-        guard.clear_ready();
     }
-    producer.join().expect("producer panicked")?;
-    reactor.shutdown()?;
+    for p in producers {
+        p.await.expect("producer task panicked")?;
+    }
+    let stats = producer_handle.stats().await?;
+    assert_eq!(
+        stats.sent["async-sink"], count,
+        "every message counted as sent"
+    );
+    producer_handle.shutdown().await?;
+    service_handle.shutdown().await?;
     Ok(got)
 }
 
@@ -64,10 +66,10 @@ fn main() -> ipcm::Result<()> {
         .and_then(|a| a.parse().ok())
         .unwrap_or(10_000);
     let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
+        .enable_all()
         .build()
         .map_err(|e| ipcm::Error::io("tokio runtime", e))?;
     let got = rt.block_on(run(n))?;
-    println!("{got} messages awaited through AsyncFd");
+    println!("{got} messages awaited on ipcm's async face");
     Ok(())
 }

@@ -49,6 +49,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+#[cfg(feature = "tokio")]
+pub mod aio;
 mod backend_kind;
 mod client;
 mod error;

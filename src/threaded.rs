@@ -97,56 +97,191 @@ impl RingGate {
     }
 }
 
-/// A one-shot reply slot.
-struct Ack<T> {
-    slot: Mutex<Option<T>>,
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A one-shot reply slot, waited on by a blocked thread or polled by a
+/// task.
+pub(crate) struct Ack<T> {
+    slot: Mutex<AckSlot<T>>,
     cv: Condvar,
+}
+
+struct AckSlot<T> {
+    value: Option<T>,
+    waker: Option<std::task::Waker>,
 }
 
 impl<T> Ack<T> {
     fn new() -> Arc<Self> {
         Arc::new(Ack {
-            slot: Mutex::new(None),
+            slot: Mutex::new(AckSlot {
+                value: None,
+                waker: None,
+            }),
             cv: Condvar::new(),
         })
     }
 
     fn set(&self, v: T) {
-        *self.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+        let waker = {
+            let mut g = lock(&self.slot);
+            g.value = Some(v);
+            g.waker.take()
+        };
         self.cv.notify_all();
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     fn wait(&self) -> T {
-        let mut g = self.slot.lock().unwrap_or_else(|p| p.into_inner());
+        let mut g = lock(&self.slot);
         loop {
-            if let Some(v) = g.take() {
+            if let Some(v) = g.value.take() {
                 return v;
             }
             g = self.cv.wait(g).unwrap_or_else(|p| p.into_inner());
         }
     }
+
+    /// The reply if it came; otherwise the task is woken when it comes.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        let mut g = lock(&self.slot);
+        match g.value.take() {
+            Some(v) => std::task::Poll::Ready(v),
+            None => {
+                if !g.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                    g.waker = Some(cx.waker().clone());
+                }
+                std::task::Poll::Pending
+            }
+        }
+    }
 }
 
-enum Cmd {
+/// The reactor's end of an [`Ack`]: dropped unanswered (the reactor
+/// thread unwinding), it answers [`Error::ReactorPanicked`], so no waiter
+/// waits forever.
+pub(crate) struct Reply<T>(Option<Arc<Ack<Result<T>>>>);
+
+impl<T> Reply<T> {
+    pub(crate) fn pair() -> (Reply<T>, Arc<Ack<Result<T>>>) {
+        let ack = Ack::new();
+        (Reply(Some(ack.clone())), ack)
+    }
+
+    fn set(mut self, v: Result<T>) {
+        if let Some(a) = self.0.take() {
+            a.set(v);
+        }
+    }
+}
+
+impl<T> Drop for Reply<T> {
+    fn drop(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.set(Err(Error::ReactorPanicked));
+        }
+    }
+}
+
+/// Who waits for room in the send queue: tasks (their wakers) and blocked
+/// threads (a waker that unparks them). The reactor wakes them all after
+/// it took commands off the queue.
+///
+/// A waiter registers, then tries its push again; the reactor pops, then
+/// looks for waiters. A sequentially consistent fence on each side puts
+/// the two in one order, so either the waiter's second try sees the room
+/// or the reactor sees the waiter: no wake-up is lost.
+#[derive(Default)]
+struct Room {
+    waiting: AtomicUsize,
+    wakers: Mutex<Vec<std::task::Waker>>,
+}
+
+impl Room {
+    fn register(&self, w: &std::task::Waker) {
+        {
+            let mut ws = lock(&self.wakers);
+            if !ws.iter().any(|x| x.will_wake(w)) {
+                ws.push(w.clone());
+            }
+            self.waiting.store(ws.len(), Ordering::Relaxed);
+        }
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    fn notify(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::Relaxed) == 0 {
+            return;
+        }
+        let ws = {
+            let mut ws = lock(&self.wakers);
+            self.waiting.store(0, Ordering::Relaxed);
+            std::mem::take(&mut *ws)
+        };
+        for w in ws {
+            w.wake();
+        }
+    }
+}
+
+/// Wakes a thread parked in [`Sender::push`].
+struct Unpark(std::thread::Thread);
+
+impl std::task::Wake for Unpark {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+pub(crate) enum Cmd {
     Frame {
         peer: Arc<str>,
         frame: Bytes,
-        ack: Option<Arc<Ack<Result<()>>>>,
+        ack: Option<Reply<()>>,
+    },
+    /// Connect to the peer if need be, queueing nothing: the verdict a
+    /// first frame would get.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    Connect {
+        peer: Arc<str>,
+        ack: Reply<()>,
+    },
+    /// Answered once every frame queued before it is written.
+    Flush {
+        ack: Reply<()>,
+    },
+    Stats {
+        ack: Reply<crate::proto::Stats>,
     },
     Broadcast {
         content: String,
-        ack: Arc<Ack<Result<BTreeMap<String, BroadcastResult>>>>,
+        ack: Reply<BTreeMap<String, BroadcastResult>>,
     },
     Requeue {
         msgs: Vec<Message>,
-        ack: Arc<Ack<Result<()>>>,
+        ack: Reply<()>,
     },
 }
 
-struct Shared {
+pub(crate) struct Shared {
     cmds: ArrayQueue<Cmd>,
     waker: Waker,
     stop: AtomicBool,
+    /// The reactor takes no more commands: set before its last look at
+    /// the queue (see [`Shared::hand_over`]).
+    closed: AtomicBool,
+    /// Senders between their look at `closed` and the end of their push.
+    inflight: AtomicUsize,
+    /// Waiters for room in `cmds`.
+    room: Room,
+    /// The reactor thread's result, once it has ended.
+    outcome: Arc<Ack<Result<()>>>,
     /// The reactor waits for ring space.
     gate: RingGate,
     /// Payload bytes in the ring (added by the reactor, taken off by the
@@ -172,9 +307,158 @@ impl Shared {
         let _ = rustix::io::write(&self.ready, &1u64.to_ne_bytes());
     }
 
-    fn drain_ready(&self) {
+    pub(crate) fn drain_ready(&self) {
         let mut b = [0u8; 8];
         let _ = rustix::io::read(&self.ready, &mut b);
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn ready_fd(&self) -> BorrowedFd<'_> {
+        self.ready.as_fd()
+    }
+
+    /// Whether the reactor thread has ended.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn id(&self) -> &str {
+        &self.id
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn route(&self) -> &crate::route::Route {
+        &self.route
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn disk(&self) -> &str {
+        &self.disk
+    }
+
+    fn disconnected(&self) -> Error {
+        Error::Disconnected {
+            id: self.id.clone(),
+        }
+    }
+
+    /// Pushes `cmd` unless the reactor has closed; a full queue hands it
+    /// back (`Ok(Err(cmd))`), registering `waiter` first when given (then
+    /// trying once more, so the room the reactor makes meanwhile is not
+    /// missed).
+    ///
+    /// The closing handshake: a sender counts itself in `inflight`, then
+    /// looks at `closed`; the reactor sets `closed`, then waits for
+    /// `inflight` to reach zero before its last look at the queue. So a
+    /// command is either refused here or seen by the reactor; none is
+    /// stranded in the queue.
+    pub(crate) fn hand_over(
+        &self,
+        cmd: Cmd,
+        waiter: Option<&std::task::Waker>,
+    ) -> Result<std::result::Result<(), Cmd>> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        let r = if self.closed.load(Ordering::SeqCst) {
+            Err(self.disconnected())
+        } else {
+            match self.cmds.push(cmd) {
+                Ok(()) => Ok(Ok(())),
+                Err(back) => match waiter {
+                    None => Ok(Err(back)),
+                    Some(w) => {
+                        self.room.register(w);
+                        Ok(self.cmds.push(back))
+                    }
+                },
+            }
+        };
+        self.inflight.fetch_sub(1, Ordering::SeqCst);
+        if matches!(r, Ok(Ok(()))) {
+            self.waker.wake();
+        }
+        r
+    }
+
+    /// Answers every command left in the queue with [`Error::Disconnected`]
+    /// (the reactor has ended or is ending and takes no more).
+    fn refuse_queued(&self) {
+        while let Some(cmd) = self.cmds.pop() {
+            let gone = self.disconnected();
+            match cmd {
+                Cmd::Frame { peer, ack, .. } => match ack {
+                    Some(a) => a.set(Err(gone)),
+                    None => {
+                        lock(&self.failures).insert(peer.to_string(), gone.to_string());
+                    }
+                },
+                Cmd::Connect { ack, .. } | Cmd::Flush { ack } | Cmd::Requeue { ack, .. } => {
+                    ack.set(Err(gone))
+                }
+                Cmd::Stats { ack } => ack.set(Err(gone)),
+                Cmd::Broadcast { ack, .. } => ack.set(Err(gone)),
+            }
+        }
+    }
+
+    /// Takes the failure of an earlier fire-and-forget frame to `peer`.
+    pub(crate) fn take_failure(&self, peer: &str) -> Option<String> {
+        lock(&self.failures).remove(peer)
+    }
+
+    pub(crate) fn would_block(&self) -> Error {
+        Error::WouldBlock {
+            peer: self.id.clone(),
+            queued: self.cmds.len(),
+            limit: self.cmds.capacity(),
+        }
+    }
+
+    /// Builds the frame of one message from this client.
+    pub(crate) fn frame<T: Serialize + ?Sized>(
+        &self,
+        arena: &mut BytesMut,
+        peer: &str,
+        content: &T,
+    ) -> Result<Bytes> {
+        if arena.capacity() < 4096 {
+            arena.reserve(64 * 1024);
+        }
+        let from = self.id.as_str();
+        let ser = &self.serializer;
+        build_frame(arena, |b| {
+            ser.encode_message(&Outgoing::new(from, peer, Content::Value(content)), b)
+        })
+    }
+}
+
+/// Builds a command needing an answer, hands it over (waiting for room)
+/// and waits for the answer: the blocking form of the async face's
+/// requests.
+fn request<T>(shared: &Shared, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T> {
+    let (reply, ack) = Reply::pair();
+    push_blocking(shared, make(reply))?;
+    ack.wait()
+}
+
+/// Hands `cmd` over, parking while the queue is full.
+fn push_blocking(shared: &Shared, mut cmd: Cmd) -> Result<()> {
+    let mut waker = None;
+    loop {
+        let w = waker.get_or_insert_with(|| {
+            std::task::Waker::from(Arc::new(Unpark(std::thread::current())))
+        });
+        match shared.hand_over(cmd, Some(w))? {
+            Ok(()) => return Ok(()),
+            Err(back) => {
+                cmd = back;
+                shared.waker.wake();
+                // The wake comes from the reactor; the timeout is a safety
+                // net, not a poll.
+                std::thread::park_timeout(Duration::from_millis(100));
+            }
+        }
     }
 }
 
@@ -204,34 +488,17 @@ impl Clone for Sender {
 }
 
 impl Sender {
-    fn frame<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<Bytes> {
-        if self.arena.capacity() < 4096 {
-            self.arena.reserve(64 * 1024);
-        }
-        let from = self.shared.id.as_str();
-        let ser = &self.shared.serializer;
-        build_frame(&mut self.arena, |b| {
-            ser.encode_message(&Outgoing::new(from, peer, Content::Value(content)), b)
-        })
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 
-    fn check_alive(&self) -> Result<()> {
-        if self.shared.finished.load(Ordering::Acquire) || self.shared.stop.load(Ordering::Acquire)
-        {
-            return Err(Error::Disconnected {
-                id: self.shared.id.clone(),
-            });
-        }
-        Ok(())
+    fn frame<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<Bytes> {
+        self.shared.frame(&mut self.arena, peer, content)
     }
 
     fn take_failure(&mut self, peer: &str) -> Result<()> {
-        let mut f = self
-            .shared
-            .failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(text) = f.remove(peer) {
+        if let Some(text) = self.shared.take_failure(peer) {
             self.known.remove(peer);
             return Err(Error::DeferredSend {
                 peer: peer.to_string(),
@@ -241,42 +508,13 @@ impl Sender {
         Ok(())
     }
 
-    fn push(&self, mut cmd: Cmd, wait: bool) -> Result<()> {
-        loop {
-            match self.shared.cmds.push(cmd) {
-                Ok(()) => {
-                    self.shared.waker.wake();
-                    return Ok(());
-                }
-                Err(back) if wait => {
-                    cmd = back;
-                    self.check_alive()?;
-                    self.shared.waker.wake();
-                    std::thread::yield_now();
-                }
-                Err(_) => {
-                    return Err(Error::WouldBlock {
-                        peer: self.shared.id.clone(),
-                        queued: self.shared.cmds.len(),
-                        limit: self.shared.cmds.capacity(),
-                    });
-                }
-            }
-        }
-    }
-
     fn send_acked(&mut self, peer: &str, frame: Bytes) -> Result<()> {
-        let ack = Ack::new();
         let peer: Arc<str> = Arc::from(peer);
-        self.push(
-            Cmd::Frame {
-                peer: peer.clone(),
-                frame,
-                ack: Some(ack.clone()),
-            },
-            true,
-        )?;
-        let r = ack.wait();
+        let r = request(&self.shared, |ack| Cmd::Frame {
+            peer: peer.clone(),
+            frame,
+            ack: Some(ack),
+        });
         if r.is_ok() {
             self.known.insert(peer);
         }
@@ -286,7 +524,6 @@ impl Sender {
     /// Sends and waits until the kernel has the whole frame (as a blocking
     /// inline send). Errors carry the inline texts.
     pub fn send<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<()> {
-        self.check_alive()?;
         self.take_failure(peer)?;
         let frame = self.frame(peer, content)?;
         self.send_acked(peer, frame)
@@ -297,25 +534,20 @@ impl Sender {
     /// [`Error::WouldBlock`]; a failure of an earlier message to `peer` is
     /// returned here (that earlier message was not delivered).
     pub fn try_send<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<()> {
-        self.check_alive()?;
         self.take_failure(peer)?;
         let frame = self.frame(peer, content)?;
-        if !self.known.contains(peer) {
+        let Some(peer) = self.known.get(peer).cloned() else {
             return self.send_acked(peer, frame);
+        };
+        let cmd = Cmd::Frame {
+            peer,
+            frame,
+            ack: None,
+        };
+        match self.shared.hand_over(cmd, None)? {
+            Ok(()) => Ok(()),
+            Err(_) => Err(self.shared.would_block()),
         }
-        let peer = self
-            .known
-            .get(peer)
-            .cloned()
-            .unwrap_or_else(|| Arc::from(peer));
-        self.push(
-            Cmd::Frame {
-                peer,
-                frame,
-                ack: None,
-            },
-            false,
-        )
     }
 
     /// Sends `content` to every live peer; the result per peer.
@@ -323,16 +555,19 @@ impl Sender {
         &mut self,
         content: &T,
     ) -> Result<BTreeMap<String, BroadcastResult>> {
-        self.check_alive()?;
-        let ack = Ack::new();
-        self.push(
-            Cmd::Broadcast {
-                content: serde_json::to_string(content)?,
-                ack: ack.clone(),
-            },
-            true,
-        )?;
-        ack.wait()
+        let content = serde_json::to_string(content)?;
+        request(&self.shared, |ack| Cmd::Broadcast { content, ack })
+    }
+
+    /// Waits until every message handed over so far (by any sender of this
+    /// client) is written to the kernel.
+    pub fn flush(&mut self) -> Result<()> {
+        request(&self.shared, |ack| Cmd::Flush { ack })
+    }
+
+    /// This client's counters (`.stats`), as the reactor has them now.
+    pub fn stats(&self) -> Result<crate::proto::Stats> {
+        request(&self.shared, |ack| Cmd::Stats { ack })
     }
 }
 
@@ -342,16 +577,7 @@ impl Sender {
     /// file and come out of the [`Receiver`] again, ahead of newer ones.
     /// Waits until the reactor has written them.
     pub fn requeue(&mut self, msgs: Vec<Message>) -> Result<()> {
-        self.check_alive()?;
-        let ack = Ack::new();
-        self.push(
-            Cmd::Requeue {
-                msgs,
-                ack: ack.clone(),
-            },
-            true,
-        )?;
-        ack.wait()
+        request(&self.shared, |ack| Cmd::Requeue { msgs, ack })
     }
 }
 
@@ -398,6 +624,11 @@ impl std::fmt::Debug for Receiver {
 }
 
 impl Receiver {
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// The next entry off the ring (waking the reactor if it waits for
     /// room).
     fn pop_entry(&mut self) -> Option<Entry> {
@@ -416,7 +647,7 @@ impl Receiver {
         }
     }
 
-    fn pop(&mut self) -> Option<Message> {
+    pub(crate) fn pop(&mut self) -> Option<Message> {
         loop {
             if let Some(c) = &mut self.cursor {
                 if let Some(m) = c.next_message(&self.local) {
@@ -619,7 +850,7 @@ impl AsFd for Receiver {
 /// Controls the reactor thread.
 pub struct ReactorHandle {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<Result<()>>>,
+    thread: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for ReactorHandle {
@@ -638,13 +869,39 @@ impl ReactorHandle {
         self.stop()
     }
 
-    fn stop(&mut self) -> Result<()> {
+    /// Asks the reactor to end (it sends what is queued, then disconnects).
+    pub(crate) fn request_stop(&self) {
         self.shared.stop.store(true, Ordering::Release);
         self.shared.waker.wake();
+    }
+
+    fn stop(&mut self) -> Result<()> {
+        self.request_stop();
         match self.thread.take() {
-            Some(t) => t.join().unwrap_or(Err(Error::ReactorPanicked)),
+            Some(t) => {
+                let _ = t.join();
+                self.shared.outcome.wait()
+            }
             None => Ok(()),
         }
+    }
+
+    /// The reactor's result once it has ended (after
+    /// [`ReactorHandle::request_stop`]); the task is woken when it ends.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn poll_stopped(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<()>> {
+        if self.thread.is_none() {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let r = std::task::ready!(self.shared.outcome.poll(cx));
+        // The outcome is set as the thread's last act: this join is short.
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::task::Poll::Ready(r)
     }
 
     /// Whether the reactor thread still runs.
@@ -661,12 +918,42 @@ impl Drop for ReactorHandle {
     }
 }
 
+/// The reactor thread's last act, on return or unwind alike: no command
+/// is left unanswered, readers and waiting senders are woken, and the
+/// outcome is set.
+struct Finish {
+    shared: Arc<Shared>,
+    result: Option<Result<()>>,
+}
+
+impl Drop for Finish {
+    fn drop(&mut self) {
+        let s = &self.shared;
+        s.closed.store(true, Ordering::SeqCst);
+        while s.inflight.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        s.refuse_queued();
+        s.finished.store(true, Ordering::Release);
+        s.signal_ready();
+        s.room.notify();
+        s.outcome
+            .set(self.result.take().unwrap_or(Err(Error::ReactorPanicked)));
+    }
+}
+
 /// A frame waiting to be written (for an acknowledgement) or for room.
 struct Pending {
     peer: Arc<str>,
     frame: Option<Bytes>,
-    ack: Option<Arc<Ack<Result<()>>>>,
+    ack: Option<Reply<()>>,
     written: Option<(ConnId, u64)>,
+}
+
+/// A [`Cmd::Flush`] waiting for its connections' bytes to be written.
+struct FlushWait {
+    ack: Reply<()>,
+    targets: Vec<(ConnId, u64)>,
 }
 
 struct Worker {
@@ -676,23 +963,22 @@ struct Worker {
     /// Received entries the ring had no room for yet.
     spill: VecDeque<Entry>,
     batch: Vec<Entry>,
-    /// Frames in order: stalled on a full outbox, or written but awaiting
-    /// their acknowledgement.
+    /// Frames in order, stalled on a full outbox. While any is stalled the
+    /// reactor takes no more commands: the bounded command queue then
+    /// fills and senders wait (or see `WouldBlock`), so memory stays
+    /// bounded by the queue and the outboxes.
     pending: VecDeque<Pending>,
+    /// Frames written to an outbox, awaiting their acknowledgement.
     acks: Vec<Pending>,
+    flushes: Vec<FlushWait>,
 }
 
 impl Worker {
-    fn fail(&self, p: &Pending, e: Error) {
-        match &p.ack {
+    fn fail(&self, p: Pending, e: Error) {
+        match p.ack {
             Some(a) => a.set(Err(e)),
             None => {
-                let mut f = self
-                    .shared
-                    .failures
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
-                f.insert(p.peer.to_string(), e.to_string());
+                lock(&self.shared.failures).insert(p.peer.to_string(), e.to_string());
             }
         }
     }
@@ -712,7 +998,7 @@ impl Worker {
                     }
                 }
                 Ok(Ok(None)) => {
-                    if let Some(a) = &p.ack {
+                    if let Some(a) = p.ack {
                         a.set(Ok(()));
                     }
                 }
@@ -721,28 +1007,48 @@ impl Worker {
                     self.pending.push_front(p);
                     return;
                 }
-                Err(e) => self.fail(&p, e),
+                Err(e) => self.fail(p, e),
             }
         }
     }
 
-    fn take_commands(&mut self) {
-        while let Some(cmd) = self.shared.cmds.pop() {
-            match cmd {
-                Cmd::Frame { peer, frame, ack } => self.pending.push_back(Pending {
+    /// Takes commands while no frame is stalled; true if it took any.
+    fn take_commands(&mut self) -> bool {
+        self.place_pending();
+        let mut took = false;
+        while self.pending.is_empty() {
+            let Some(cmd) = self.shared.cmds.pop() else {
+                break;
+            };
+            took = true;
+            self.run_command(cmd);
+        }
+        if took {
+            self.shared.room.notify();
+        }
+        took
+    }
+
+    fn run_command(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Frame { peer, frame, ack } => {
+                self.pending.push_back(Pending {
                     peer,
                     frame: Some(frame),
                     ack,
                     written: None,
-                }),
-                Cmd::Broadcast { content, ack } => {
-                    self.place_pending();
-                    ack.set(self.client.broadcast_json(&content));
-                }
-                Cmd::Requeue { msgs, ack } => ack.set(self.client.requeue_message(&msgs)),
+                });
+                self.place_pending();
             }
+            Cmd::Connect { peer, ack } => ack.set(self.client.ensure_connection(&peer)),
+            Cmd::Flush { ack } => {
+                let targets = self.client.flush_targets();
+                self.flushes.push(FlushWait { ack, targets });
+            }
+            Cmd::Stats { ack } => ack.set(Ok(self.client.stats().clone())),
+            Cmd::Broadcast { content, ack } => ack.set(self.client.broadcast_json(&content)),
+            Cmd::Requeue { msgs, ack } => ack.set(self.client.requeue_message(&msgs)),
         }
-        self.place_pending();
     }
 
     fn settle_acks(&mut self) {
@@ -755,13 +1061,38 @@ impl Worker {
             match self.client.frame_outcome(id, target) {
                 Some(r) => {
                     let p = self.acks.swap_remove(i);
-                    if let Some(a) = &p.ack {
+                    if let Some(a) = p.ack {
                         a.set(r);
                     }
                 }
                 None => i += 1,
             }
         }
+        let mut i = 0;
+        while i < self.flushes.len() {
+            let f = &mut self.flushes[i];
+            let mut failed = None;
+            let client = &mut self.client;
+            f.targets
+                .retain(|&(id, target)| match client.frame_outcome(id, target) {
+                    None => true,
+                    Some(Ok(())) => false,
+                    Some(Err(e)) => {
+                        failed.get_or_insert(e);
+                        false
+                    }
+                });
+            if failed.is_some() || f.targets.is_empty() {
+                let f = self.flushes.swap_remove(i);
+                f.ack.set(failed.map_or(Ok(()), Err));
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    fn waiting_on_writes(&self) -> bool {
+        !self.pending.is_empty() || !self.acks.is_empty() || !self.flushes.is_empty()
     }
 
     /// One entry into the ring, within its slots and its byte budget (an
@@ -830,21 +1161,35 @@ impl Worker {
     fn run(mut self) -> Result<()> {
         self.client.moved_to_this_thread();
         let result = self.serve();
+        // No command is taken after this one look at the queue; senders
+        // still handing one over finish first (`Shared::hand_over`).
+        self.shared.closed.store(true, Ordering::SeqCst);
+        while self.shared.inflight.load(Ordering::SeqCst) != 0 {
+            std::thread::yield_now();
+        }
+        self.shared.room.notify();
         // Queued frames go out before disconnecting.
-        self.take_commands();
         let deadline = Instant::now() + Duration::from_secs(5);
-        while (!self.pending.is_empty() || !self.acks.is_empty()) && Instant::now() < deadline {
-            let _ = self.client.turn(Some(Duration::from_millis(10)));
-            self.place_pending();
+        loop {
+            self.take_commands();
             self.settle_acks();
-        }
-        for p in self.pending.drain(..).chain(self.acks.drain(..)) {
-            if let Some(a) = &p.ack {
-                a.set(Err(Error::Disconnected {
-                    id: self.shared.id.clone(),
-                }));
+            if (self.shared.cmds.is_empty() && !self.waiting_on_writes())
+                || Instant::now() >= deadline
+            {
+                break;
             }
+            let _ = self.client.turn(Some(Duration::from_millis(10)));
         }
+        for p in std::mem::take(&mut self.pending)
+            .into_iter()
+            .chain(std::mem::take(&mut self.acks))
+        {
+            self.fail(p, self.shared.disconnected());
+        }
+        for f in self.flushes.drain(..) {
+            f.ack.set(Err(self.shared.disconnected()));
+        }
+        self.shared.refuse_queued();
         let _ = self.fill_ring();
         let mut spill = std::mem::take(&mut self.spill);
         let ring = &mut self.ring;
@@ -892,11 +1237,11 @@ impl Worker {
             self.client.flush();
             self.settle_acks();
             let full = self.fill_ring()?;
-            let busy = !self.shared.cmds.is_empty();
+            let busy = self.pending.is_empty() && !self.shared.cmds.is_empty();
             // Sleep until I/O or a wake; a full ring is woken by the reader.
             let wait = if busy {
                 Some(Duration::ZERO)
-            } else if !self.acks.is_empty() || !self.pending.is_empty() || full {
+            } else if self.waiting_on_writes() || full {
                 Some(Duration::from_millis(50))
             } else {
                 None
@@ -929,6 +1274,10 @@ impl Client {
             cmds: ArrayQueue::new(opts.send_queue.max(1)),
             waker: self.waker(),
             stop: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            inflight: AtomicUsize::new(0),
+            room: Room::default(),
+            outcome: Ack::new(),
             gate: RingGate::default(),
             ring_bytes: AtomicUsize::new(0),
             ring_bytes_limit: opts.ring_bytes.max(1),
@@ -950,15 +1299,17 @@ impl Client {
             batch: Vec::new(),
             pending: VecDeque::new(),
             acks: Vec::new(),
+            flushes: Vec::new(),
         };
         let done = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ipcm-{}", shared.id))
             .spawn(move || {
-                let r = worker.run();
-                done.finished.store(true, Ordering::Release);
-                done.signal_ready();
-                r
+                let mut finish = Finish {
+                    shared: done,
+                    result: None,
+                };
+                finish.result = Some(worker.run());
             })
             .map_err(|e| Error::io("Cannot start the reactor thread", e))?;
         Ok((

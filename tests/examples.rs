@@ -13,9 +13,9 @@ fn threaded_example_serves_requests() {
 }
 
 #[test]
-fn tokio_example_awaits_messages_through_asyncfd() {
+fn tokio_example_runs_on_the_async_face() {
     let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
+        .enable_all()
         .build()
         .unwrap();
     assert_eq!(rt.block_on(tokio_example::run(2000)).unwrap(), 2000);

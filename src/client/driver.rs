@@ -35,6 +35,36 @@ impl Client {
         (written >= target).then_some(Ok(()))
     }
 
+    /// Connects to `peer` if no connection is open yet (a self-send needs
+    /// none): the verdict the first send to a peer would give, without
+    /// queueing anything.
+    pub(crate) fn ensure_connection(&mut self, peer: &str) -> Result<()> {
+        self.check_usable()?;
+        if peer.is_empty() {
+            return Err(Error::NoPeer);
+        }
+        if peer == self.id {
+            return Ok(());
+        }
+        self.conn_for_send(peer).map(drop)
+    }
+
+    /// Seals every open batch and returns, per connection with bytes not
+    /// yet written, the byte count that ends what is queued now (for
+    /// [`Client::frame_outcome`]).
+    pub(crate) fn flush_targets(&mut self) -> Vec<(ConnId, u64)> {
+        let core = self.reactor.core_mut();
+        let mut out = Vec::new();
+        for id in core.all_conns() {
+            if let Some(target) = core.seal(id)
+                && core.written_total(id).is_some_and(|w| w < target)
+            {
+                out.push((id, target));
+            }
+        }
+        out
+    }
+
     /// One reactor turn (waiting up to `timeout`).
     pub(crate) fn turn(&mut self, timeout: Option<Duration>) -> Result<()> {
         self.reactor
