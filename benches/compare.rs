@@ -15,8 +15,9 @@
 //!   through the lock-free receive ring; in ping-pong both ends threaded.
 //! * `ipcm-async`: the async face (`ipcm::aio`, Binary, io_uring where
 //!   available) at both ends, each on a current-thread tokio runtime, as
-//!   the `tokio` row: `send().await` per message, batches read with
-//!   `receive().await`; in ping-pong `send().await` and `recv().await`.
+//!   the `tokio` row: fed to its `Sink` and flushed every 64 KiB, batches
+//!   read with `receive().await`; in ping-pong `send().await` and
+//!   `recv().await`.
 //!
 //! Every round runs every system once per payload size (side by side, so
 //! machine noise hits them alike); tables give medians over the rounds,
@@ -363,10 +364,15 @@ fn async_throughput(size: usize, n: usize) -> f64 {
         runtime().block_on(async move {
             let c = Client::connect(&info, "src", opts.listen(false)).unwrap();
             let (mut tx, _rx, handle) = c.into_async().unwrap();
-            for _ in 0..n {
-                tx.send("sink", &*body).await.unwrap();
+            // As the tokio row: fed to the Sink, flushed every 64 KiB.
+            let batch = (64 * 1024 / (size + 4)).max(1);
+            for i in 0..n {
+                tx.feed(("sink", &*body)).await.unwrap();
+                if (i + 1) % batch == 0 {
+                    SinkExt::<(&str, &RawValue)>::flush(&mut tx).await.unwrap();
+                }
             }
-            tx.flush().await.unwrap();
+            SinkExt::<(&str, &RawValue)>::flush(&mut tx).await.unwrap();
             handle.shutdown().await.unwrap();
         })
     });

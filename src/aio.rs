@@ -9,8 +9,9 @@
 //!   receive ring's eventfd, registered with tokio (`AsyncFd`). A sender
 //!   finding the send queue full registers its task's waker; the reactor
 //!   wakes the waiting tasks after it takes commands off the queue.
-//! * **Backpressure.** The send queue is bounded
-//!   ([`ThreadedOptions::send_queue`]); while a frame waits for room in a
+//! * **Backpressure.** The send queue is bounded, in frames and in bytes
+//!   ([`ThreadedOptions::send_queue`], [`ThreadedOptions::send_queue_bytes`]);
+//!   while a frame waits for room in a
 //!   peer's outbox the reactor takes no further commands, so the queue
 //!   fills and [`AsyncSender::send`] stays pending. Memory is bounded by
 //!   the queue, the outboxes ([`crate::Options::outbox_limit`]) and the
@@ -58,9 +59,12 @@ use tokio::io::unix::AsyncFd;
 
 use crate::client::{BroadcastResult, Client};
 use crate::error::{Error, Result};
+use crate::message::IdSeq;
 use crate::message::Message;
-use crate::proto::{Received, Stats};
+use crate::proto::{Appended, Outbox, Received, Stats};
+use crate::serializer::Serializer;
 use crate::threaded::{Ack, Cmd, ReactorHandle, Receiver, Reply, Sender, Shared, ThreadedOptions};
+use crate::wire::BufferPool;
 
 impl Client {
     /// Moves this client's reactor onto its own thread and returns the
@@ -166,18 +170,104 @@ impl Steps {
     }
 }
 
+/// The Sink's open batch on Binary routes: messages to one peer, built
+/// into a batch frame here (as the inline client's outbox builds them)
+/// and handed over whole when full, when the peer changes, or on flush:
+/// one hand-over and one receive-ring entry per batch, not per message.
+struct SinkBatch {
+    peer: Arc<str>,
+    outbox: Outbox,
+    /// Messages appended since the last seal.
+    open: u32,
+    ids: IdSeq,
+    pool: BufferPool,
+}
+
+impl SinkBatch {
+    fn new(peer: Arc<str>) -> Self {
+        SinkBatch {
+            peer,
+            outbox: Outbox::default(),
+            open: 0,
+            ids: IdSeq::new(),
+            pool: BufferPool::new(64 * 1024, 2),
+        }
+    }
+
+    /// A sealed batch frame and its message count, as a command.
+    fn command(&self, frame: bytes::Bytes, count: u32) -> Cmd {
+        Cmd::Frame {
+            peer: self.peer.clone(),
+            frame,
+            count,
+            ack: None,
+        }
+    }
+
+    /// Appends one message; a batch that appending sealed goes to
+    /// `sealed`.
+    #[inline]
+    fn append<C: Serialize + ?Sized>(
+        &mut self,
+        content: &C,
+        sealed: &mut Option<Cmd>,
+    ) -> Result<()> {
+        let r = self.outbox.append(0, &mut self.pool, &mut self.ids, |out| {
+            serde_json::to_writer(bytes::BufMut::writer(out), content).map_err(Error::from)
+        });
+        if !matches!(r, Ok(Appended::Queued)) {
+            // A batch is sealed before the record that did not fit is
+            // written, so even a failed append may have sealed one.
+            self.take_sealed(sealed);
+        }
+        self.open += u32::from(r.is_ok());
+        r.map(drop)
+    }
+
+    /// Moves a batch the outbox sealed to `sealed`.
+    #[cold]
+    #[inline(never)]
+    fn take_sealed(&mut self, sealed: &mut Option<Cmd>) {
+        if let Some(f) = self.outbox.take_sealed() {
+            let count = std::mem::replace(&mut self.open, 0);
+            *sealed = Some(self.command(f, count));
+        }
+    }
+
+    /// Seals the open batch, if any.
+    fn seal(&mut self) -> Option<Cmd> {
+        if self.open == 0 {
+            return None;
+        }
+        self.outbox.seal(&mut self.ids);
+        let f = self.outbox.take_sealed()?;
+        let count = std::mem::replace(&mut self.open, 0);
+        Some(self.command(f, count))
+    }
+}
+
 /// The sending side of the async face: `Clone + Send`, one per task.
 ///
-/// Also a [`futures_sink::Sink`] of `(peer, content)` pairs; its flush
-/// waits until everything handed over is written to the kernel.
+/// Also a [`futures_sink::Sink`] of `(peer, content)` pairs, buffering as
+/// sinks do: an item is handed over by a later `poll_ready` or by
+/// `poll_flush`, and on Binary routes items to one peer are built into
+/// batch frames. The sink's flush completes once every item is handed
+/// over to the reactor (what a completed [`AsyncSender::send`] means: the
+/// reactor writes it out, at shutdown too), as a channel's sink does;
+/// [`AsyncSender::flush`] waits until it is written to the kernel. Items
+/// not yet flushed when the sink is dropped are not sent.
 pub struct AsyncSender {
     shared: Arc<Shared>,
     arena: BytesMut,
     known: HashSet<Arc<str>>,
-    /// The sink's message being handed over.
+    /// The sink's message being handed over (unbatched routes and
+    /// self-sends).
     staged: Option<Steps>,
-    /// The sink's flush being awaited.
-    flushing: Option<Request<()>>,
+    /// The sink's open batch, its connection verdict (the batch's peer
+    /// not yet known), and a sealed batch waiting for room.
+    batch: Option<SinkBatch>,
+    batch_connect: Option<(Arc<str>, Request<()>)>,
+    sealed: Option<Cmd>,
 }
 
 impl std::fmt::Debug for AsyncSender {
@@ -190,24 +280,24 @@ impl std::fmt::Debug for AsyncSender {
 
 impl Clone for AsyncSender {
     fn clone(&self) -> Self {
-        AsyncSender {
-            shared: self.shared.clone(),
-            arena: BytesMut::new(),
-            known: HashSet::new(),
-            staged: None,
-            flushing: None,
-        }
+        AsyncSender::on(self.shared.clone())
     }
 }
 
 impl AsyncSender {
     fn new(tx: Sender) -> Self {
+        AsyncSender::on(tx.shared().clone())
+    }
+
+    fn on(shared: Arc<Shared>) -> Self {
         AsyncSender {
-            shared: tx.shared().clone(),
+            shared,
             arena: BytesMut::new(),
             known: HashSet::new(),
             staged: None,
-            flushing: None,
+            batch: None,
+            batch_connect: None,
+            sealed: None,
         }
     }
 
@@ -237,6 +327,7 @@ impl AsyncSender {
             frame: Some(Cmd::Frame {
                 peer,
                 frame,
+                count: 1,
                 ack: None,
             }),
         })
@@ -354,41 +445,102 @@ impl AsyncSender {
             done => done,
         }
     }
+
+    /// The sink's hand-overs: the open batch's connection verdict, a
+    /// sealed batch, an unbatched message.
+    fn poll_sink_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        if let Some((peer, req)) = &mut self.batch_connect {
+            let verdict = ready!(req.poll(&self.shared, cx));
+            let peer = peer.clone();
+            self.batch_connect = None;
+            if let Err(e) = verdict {
+                // The batch's messages cannot go; the sink reports it.
+                self.batch = None;
+                self.sealed = None;
+                return Poll::Ready(Err(e));
+            }
+            self.known.insert(peer);
+        }
+        ready!(poll_push(&self.shared, &mut self.sealed, cx))?;
+        self.poll_staged(cx)
+    }
+
+    /// Whether a sink item to `peer` goes into a batch frame.
+    fn batches(&self, peer: &str) -> bool {
+        matches!(self.shared.serializer(), Serializer::Binary)
+            && !peer.is_empty()
+            && peer != self.shared.id()
+    }
+
+    fn start_sink_item<C: Serialize + ?Sized>(&mut self, peer: &str, content: &C) -> Result<()> {
+        // The common case first: another message to the open batch's peer.
+        if let Some(batch) = &mut self.batch
+            && &*batch.peer == peer
+            && !self.shared.has_failures()
+        {
+            return batch.append(content, &mut self.sealed);
+        }
+        if !self.batches(peer) {
+            let mut steps = self.steps(peer, content)?;
+            // Hand it over now if the queue has room; otherwise poll_ready
+            // and poll_flush finish it.
+            if steps.connect.is_none()
+                && let Some(cmd) = steps.frame.take()
+                && let Err(back) = self.shared.hand_over(cmd, None)?
+            {
+                steps.frame = Some(back);
+            }
+            if steps.connect.is_some() || steps.frame.is_some() {
+                self.staged = Some(steps);
+            }
+            return Ok(());
+        }
+        if let Some(text) = self.shared.take_failure(peer) {
+            self.known.remove(peer);
+            return Err(Error::DeferredSend {
+                peer: peer.to_string(),
+                text,
+            });
+        }
+        // poll_ready came first, so nothing sealed waits here.
+        if self.batch.as_ref().is_some_and(|b| &*b.peer != peer) {
+            self.sealed = self.batch.take().and_then(|mut b| b.seal());
+        }
+        let batch = match &mut self.batch {
+            Some(b) => b,
+            None => {
+                let p: Arc<str> = Arc::from(peer);
+                if !self.known.contains(peer) {
+                    let q = p.clone();
+                    self.batch_connect =
+                        Some((p.clone(), Request::new(|ack| Cmd::Connect { peer: q, ack })));
+                }
+                self.batch.insert(SinkBatch::new(p))
+            }
+        };
+        batch.append(content, &mut self.sealed)
+    }
 }
 
 impl<P: AsRef<str>, C: Serialize> futures_sink::Sink<(P, C)> for AsyncSender {
     type Error = Error;
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
-        self.get_mut().poll_staged(cx)
+        self.get_mut().poll_sink_ready(cx)
     }
 
     fn start_send(self: Pin<&mut Self>, (peer, content): (P, C)) -> Result<()> {
-        let this = self.get_mut();
-        let mut steps = this.steps(peer.as_ref(), &content)?;
-        // Hand it over now if the queue has room; otherwise poll_ready
-        // and poll_flush finish it.
-        if steps.connect.is_none()
-            && let Some(cmd) = steps.frame.take()
-            && let Err(back) = this.shared.hand_over(cmd, None)?
-        {
-            steps.frame = Some(back);
-        }
-        if steps.connect.is_some() || steps.frame.is_some() {
-            this.staged = Some(steps);
-        }
-        Ok(())
+        self.get_mut().start_sink_item(peer.as_ref(), &content)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_staged(cx))?;
-        let req = this
-            .flushing
-            .get_or_insert_with(|| Request::new(|ack| Cmd::Flush { ack }));
-        let r = ready!(req.poll(&this.shared, cx));
-        this.flushing = None;
-        Poll::Ready(r)
+        ready!(this.poll_sink_ready(cx))?;
+        if let Some(cmd) = this.batch.as_mut().and_then(SinkBatch::seal) {
+            this.sealed = Some(cmd);
+            ready!(this.poll_sink_ready(cx))?;
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {

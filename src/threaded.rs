@@ -51,6 +51,10 @@ pub struct ThreadedOptions {
     pub ring_bytes: usize,
     /// Frames the send queue holds before `try_send` reports `WouldBlock`.
     pub send_queue: usize,
+    /// Frame bytes the send queue holds at most (a frame larger than this
+    /// still passes, alone); with `send_queue` it bounds what senders can
+    /// hand over while the reactor waits for a slow peer.
+    pub send_queue_bytes: usize,
     /// Payload bytes the reactor keeps beyond a full ring before it stops
     /// reading sockets.
     pub inbox_limit: usize,
@@ -62,6 +66,7 @@ impl Default for ThreadedOptions {
             ring_capacity: 64 * 1024,
             ring_bytes: 32 * 1024 * 1024,
             send_queue: 64 * 1024,
+            send_queue_bytes: 8 * 1024 * 1024,
             inbox_limit: 8 * 1024 * 1024,
         }
     }
@@ -240,9 +245,11 @@ impl std::task::Wake for Unpark {
 }
 
 pub(crate) enum Cmd {
+    /// A frame of `count` messages (a batch frame holds many).
     Frame {
         peer: Arc<str>,
         frame: Bytes,
+        count: u32,
         ack: Option<Reply<()>>,
     },
     /// Connect to the peer if need be, queueing nothing: the verdict a
@@ -269,6 +276,17 @@ pub(crate) enum Cmd {
     },
 }
 
+impl Cmd {
+    /// Frame bytes this command holds (what the send queue's byte limit
+    /// counts).
+    fn bytes(&self) -> usize {
+        match self {
+            Cmd::Frame { frame, .. } => frame.len(),
+            _ => 0,
+        }
+    }
+}
+
 pub(crate) struct Shared {
     cmds: ArrayQueue<Cmd>,
     waker: Waker,
@@ -280,6 +298,10 @@ pub(crate) struct Shared {
     inflight: AtomicUsize,
     /// Waiters for room in `cmds`.
     room: Room,
+    /// Frame bytes in `cmds` (added before a push, taken off after a
+    /// pop), and their limit.
+    queued_bytes: AtomicUsize,
+    queued_bytes_limit: usize,
     /// The reactor thread's result, once it has ended.
     outcome: Arc<Ack<Result<()>>>,
     /// The reactor waits for ring space.
@@ -295,6 +317,8 @@ pub(crate) struct Shared {
     /// Failures of fire-and-forget sends, per peer, reported by the next
     /// call for that peer.
     failures: Mutex<HashMap<String, String>>,
+    /// Entries in `failures` (written under its lock).
+    failed: AtomicUsize,
     id: String,
     serializer: Serializer,
     /// The route and this client's entry in it (for peer events).
@@ -326,6 +350,11 @@ impl Shared {
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
     pub(crate) fn id(&self) -> &str {
         &self.id
+    }
+
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn serializer(&self) -> &Serializer {
+        &self.serializer
     }
 
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
@@ -363,13 +392,13 @@ impl Shared {
         let r = if self.closed.load(Ordering::SeqCst) {
             Err(self.disconnected())
         } else {
-            match self.cmds.push(cmd) {
+            match self.push(cmd) {
                 Ok(()) => Ok(Ok(())),
                 Err(back) => match waiter {
                     None => Ok(Err(back)),
                     Some(w) => {
                         self.room.register(w);
-                        Ok(self.cmds.push(back))
+                        Ok(self.push(back))
                     }
                 },
             }
@@ -384,13 +413,13 @@ impl Shared {
     /// Answers every command left in the queue with [`Error::Disconnected`]
     /// (the reactor has ended or is ending and takes no more).
     fn refuse_queued(&self) {
-        while let Some(cmd) = self.cmds.pop() {
+        while let Some(cmd) = self.pop() {
             let gone = self.disconnected();
             match cmd {
                 Cmd::Frame { peer, ack, .. } => match ack {
                     Some(a) => a.set(Err(gone)),
                     None => {
-                        lock(&self.failures).insert(peer.to_string(), gone.to_string());
+                        self.record_failure(&peer, gone.to_string());
                     }
                 },
                 Cmd::Connect { ack, .. } | Cmd::Flush { ack } | Cmd::Requeue { ack, .. } => {
@@ -402,9 +431,55 @@ impl Shared {
         }
     }
 
+    /// One push within the queue's slots and bytes (an empty queue takes a
+    /// frame of any size).
+    fn push(&self, cmd: Cmd) -> std::result::Result<(), Cmd> {
+        let bytes = cmd.bytes();
+        if bytes > 0 {
+            let held = self.queued_bytes.fetch_add(bytes, Ordering::SeqCst);
+            if held > 0 && held + bytes > self.queued_bytes_limit {
+                self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+                return Err(cmd);
+            }
+        }
+        self.cmds.push(cmd).inspect_err(|_| {
+            self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        })
+    }
+
+    /// One command off the queue (the reactor's side of [`Shared::push`]).
+    fn pop(&self) -> Option<Cmd> {
+        let cmd = self.cmds.pop()?;
+        let bytes = cmd.bytes();
+        if bytes > 0 {
+            self.queued_bytes.fetch_sub(bytes, Ordering::SeqCst);
+        }
+        Some(cmd)
+    }
+
     /// Takes the failure of an earlier fire-and-forget frame to `peer`.
     pub(crate) fn take_failure(&self, peer: &str) -> Option<String> {
-        lock(&self.failures).remove(peer)
+        // Most calls find none: one load, no lock.
+        if self.failed.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let mut f = lock(&self.failures);
+        let text = f.remove(peer);
+        self.failed.store(f.len(), Ordering::Release);
+        text
+    }
+
+    /// Whether a failure waits to be reported (one load).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn has_failures(&self) -> bool {
+        self.failed.load(Ordering::Acquire) != 0
+    }
+
+    /// Records the failure of a fire-and-forget frame to `peer`.
+    fn record_failure(&self, peer: &str, text: String) {
+        let mut f = lock(&self.failures);
+        f.insert(peer.to_string(), text);
+        self.failed.store(f.len(), Ordering::Release);
     }
 
     pub(crate) fn would_block(&self) -> Error {
@@ -513,6 +588,7 @@ impl Sender {
         let r = request(&self.shared, |ack| Cmd::Frame {
             peer: peer.clone(),
             frame,
+            count: 1,
             ack: Some(ack),
         });
         if r.is_ok() {
@@ -542,6 +618,7 @@ impl Sender {
         let cmd = Cmd::Frame {
             peer,
             frame,
+            count: 1,
             ack: None,
         };
         match self.shared.hand_over(cmd, None)? {
@@ -946,6 +1023,7 @@ impl Drop for Finish {
 struct Pending {
     peer: Arc<str>,
     frame: Option<Bytes>,
+    count: u32,
     ack: Option<Reply<()>>,
     written: Option<(ConnId, u64)>,
 }
@@ -978,7 +1056,7 @@ impl Worker {
         match p.ack {
             Some(a) => a.set(Err(e)),
             None => {
-                lock(&self.shared.failures).insert(p.peer.to_string(), e.to_string());
+                self.shared.record_failure(&p.peer, e.to_string());
             }
         }
     }
@@ -990,7 +1068,7 @@ impl Worker {
             let Some(frame) = p.frame.take() else {
                 continue;
             };
-            match self.client.queue_frame(&p.peer, frame) {
+            match self.client.queue_frame(&p.peer, frame, p.count) {
                 Ok(Ok(Some(w))) => {
                     if p.ack.is_some() {
                         p.written = Some(w);
@@ -1017,7 +1095,7 @@ impl Worker {
         self.place_pending();
         let mut took = false;
         while self.pending.is_empty() {
-            let Some(cmd) = self.shared.cmds.pop() else {
+            let Some(cmd) = self.shared.pop() else {
                 break;
             };
             took = true;
@@ -1031,10 +1109,16 @@ impl Worker {
 
     fn run_command(&mut self, cmd: Cmd) {
         match cmd {
-            Cmd::Frame { peer, frame, ack } => {
+            Cmd::Frame {
+                peer,
+                frame,
+                count,
+                ack,
+            } => {
                 self.pending.push_back(Pending {
                     peer,
                     frame: Some(frame),
+                    count,
                     ack,
                     written: None,
                 });
@@ -1277,6 +1361,8 @@ impl Client {
             closed: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             room: Room::default(),
+            queued_bytes: AtomicUsize::new(0),
+            queued_bytes_limit: opts.send_queue_bytes.max(1),
             outcome: Ack::new(),
             gate: RingGate::default(),
             ring_bytes: AtomicUsize::new(0),
@@ -1284,6 +1370,7 @@ impl Client {
             finished: AtomicBool::new(false),
             ready,
             failures: Mutex::new(HashMap::new()),
+            failed: AtomicUsize::new(0),
             id: self.id().to_string(),
             serializer: self.serializer().clone(),
             route: self.route().clone(),

@@ -126,6 +126,7 @@ fn a_stopped_receiver_holds_senders_pending_with_bounded_memory(b: BackendChoice
         ring_capacity: 16,
         ring_bytes: 64 * 1024,
         send_queue: 64,
+        send_queue_bytes: 128 * 1024,
         inbox_limit: 64 * 1024,
     };
     runtime().block_on(async {
@@ -140,16 +141,21 @@ fn a_stopped_receiver_holds_senders_pending_with_bounded_memory(b: BackendChoice
         for task in 0..4u64 {
             let (mut tx, acked, body) = (tx.clone(), acked.clone(), body.clone());
             senders.push(tokio::spawn(async move {
-                for seq in 0.. {
-                    match tx.send("sink", &(task, seq, &body)).await {
+                for seq in 0..=PER_TASK {
+                    // One task feeds the Sink (batch frames, bounded by the
+                    // queue's bytes), the others send one by one.
+                    let r = if task == 3 {
+                        tx.feed(("sink", (task, seq, &body))).await
+                    } else {
+                        tx.send("sink", &(task, seq, &body)).await
+                    };
+                    match r {
                         Ok(()) => acked.fetch_add(1, Ordering::Relaxed),
                         Err(e) => panic!("a send failed instead of waiting: {e}"),
                     };
-                    if seq == PER_TASK {
-                        return seq;
-                    }
                 }
-                unreachable!()
+                SinkExt::<(&str, ())>::flush(&mut tx).await.unwrap();
+                PER_TASK
             }));
         }
         // The senders run until the receiver's buffers, the sockets, the
@@ -205,6 +211,7 @@ fn cancelled_sends_and_receives_lose_and_duplicate_nothing(b: BackendChoice) {
         ring_capacity: 8,
         ring_bytes: 16 * 1024,
         send_queue: 8,
+        send_queue_bytes: 16 * 1024,
         inbox_limit: 16 * 1024,
     };
     runtime().block_on(async {
@@ -384,29 +391,53 @@ fn select_over_ipcm_and_a_timer(b: BackendChoice) {
 fn sink_and_stream_carry_every_message_in_order(b: BackendChoice) {
     let _g = serial();
     let t = TestRoute::new(b);
-    runtime().block_on(async {
-        let (_tx, rx, h) = t.connect("sink").into_async().unwrap();
-        let (mut tx, _srx, sh) = t.connect_nl("src").into_async().unwrap();
-        let n = 20_000u64;
-        let reader = tokio::spawn(async move {
-            let rx: AsyncReceiver = rx;
-            let got: Vec<u64> = rx
-                .take(n as usize)
-                .map(|m| m.content::<u64>().unwrap())
-                .collect()
-                .await;
-            got
+    // Json sends a frame per item; Binary builds the items into batch
+    // frames in the sender (one hand-over per batch).
+    for ser in [ipcm::Serializer::Json, ipcm::Serializer::Binary] {
+        let info = ipcm::Info::new(ser.clone(), t.route.path());
+        let connect = |id: &str, listen: bool| {
+            ipcm::Client::connect(&info, id, t.opts().listen(listen)).unwrap()
+        };
+        runtime().block_on(async {
+            let (_tx, rx, h) = connect("sink", true).into_async().unwrap();
+            let (mut tx, _srx, sh) = connect("src", false).into_async().unwrap();
+            let n = 50_000u64;
+            let to_sink = (n - n / 10_000) as usize;
+            let reader = tokio::spawn(async move {
+                let rx: AsyncReceiver = rx;
+                let got: Vec<u64> = rx
+                    .take(to_sink)
+                    .map(|m| m.content::<u64>().unwrap())
+                    .collect()
+                    .await;
+                (got, h)
+            });
+            // Items to another peer in between start a new batch.
+            let mut items = futures_util::stream::iter((0..n).map(|i| {
+                let peer = if i % 10_000 == 5_000 { "src" } else { "sink" };
+                Ok((peer, i))
+            }));
+            SinkExt::<(&str, u64)>::send_all(&mut tx, &mut items)
+                .await
+                .unwrap();
+            SinkExt::<(&str, u64)>::close(&mut tx).await.unwrap();
+            let (got, h) = tokio::time::timeout(LONG, reader).await.unwrap().unwrap();
+            let want: Vec<u64> = (0..n).filter(|i| i % 10_000 != 5_000).collect();
+            assert_eq!(got, want, "{ser:?}: every item, in order");
+            tx.flush().await.unwrap();
+            let sent = sh.stats().await.unwrap();
+            assert_eq!(
+                sent.sent["sink"],
+                want.len() as u64,
+                "{ser:?}: counted per message"
+            );
+            assert_eq!(sent.sent["src"], n / 10_000, "{ser:?}: self-sends counted");
+            sh.shutdown().await.unwrap();
+            h.shutdown().await.unwrap();
         });
-        let mut items = futures_util::stream::iter((0..n).map(|i| Ok(("sink", i))));
-        SinkExt::<(&str, u64)>::send_all(&mut tx, &mut items)
-            .await
-            .unwrap();
-        SinkExt::<(&str, u64)>::close(&mut tx).await.unwrap();
-        let got = tokio::time::timeout(LONG, reader).await.unwrap().unwrap();
-        assert_eq!(got, (0..n).collect::<Vec<_>>());
-        sh.shutdown().await.unwrap();
-        h.shutdown().await.unwrap();
-    });
+        std::fs::remove_file(t.file("src.stats")).ok();
+        std::fs::remove_file(t.file("sink.stats")).ok();
+    }
     // A stream ends once its reactor has ended and it is drained.
     runtime().block_on(async {
         let (_tx, mut rx, h) = t.connect("late").into_async().unwrap();

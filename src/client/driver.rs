@@ -14,11 +14,12 @@ impl Client {
         &mut self,
         peer: &str,
         frame: bytes::Bytes,
+        count: u32,
     ) -> Result<std::result::Result<Option<(ConnId, u64)>, bytes::Bytes>> {
         match self.enqueue_frame(peer, frame)? {
             send::Placed::Local => Ok(Ok(None)),
             send::Placed::Queued { id, target } => {
-                self.reactor.core_mut().count_sent_on(id, peer);
+                self.reactor.core_mut().count_sent_on(id, peer, count);
                 Ok(Ok(Some((id, target))))
             }
             send::Placed::Full { frame, .. } => Ok(Err(frame)),

@@ -222,7 +222,7 @@ impl Client {
                 self.wait_written(id, target, deadline)?;
             }
         }
-        self.reactor.core_mut().count_sent_on(counted, peer);
+        self.reactor.core_mut().count_sent_on(counted, peer, 1);
         Ok(())
     }
 

@@ -1055,10 +1055,10 @@ impl Core {
     /// statistics when the connection's next write starts, or now if it
     /// has closed).
     #[inline]
-    pub fn count_sent_on(&mut self, id: ConnId, peer: &str) {
+    pub fn count_sent_on(&mut self, id: ConnId, peer: &str, count: u32) {
         match self.get_mut(id) {
-            Some(c) => c.uncounted += 1,
-            None => self.count_sent(peer),
+            Some(c) => c.uncounted += u64::from(count),
+            None => Stats::add(&mut self.stats_mut().sent, peer, u64::from(count)),
         }
     }
 

@@ -274,6 +274,17 @@ impl Outbox {
         count
     }
 
+    /// Takes the oldest sealed frame out (for a builder of batch frames
+    /// that hands them to a connection's outbox elsewhere: the threaded
+    /// mode's senders).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn take_sealed(&mut self) -> Option<Bytes> {
+        debug_assert_eq!(self.offset, 0, "a builder's frames are never written");
+        let f = self.frames.pop_front()?;
+        self.queued -= f.len();
+        Some(f)
+    }
+
     /// Gives the open buffer's allocation back to `pool` when no batch is
     /// open (an idle connection holds no buffer).
     pub fn release(&mut self, pool: &mut BufferPool) {
