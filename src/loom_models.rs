@@ -1,7 +1,8 @@
-//! loom models of the two hand-written synchronisation protocols: the
+//! loom models of the hand-written synchronisation protocols: the
 //! reactor's wake-up handshake ([`WakeFlags`]) and the threaded mode's
-//! command hand-off and receive ring ([`RingGate`] plus the ring's
-//! readiness signal). loom runs every interleaving (and every weak-memory
+//! command hand-off, receive ring ([`RingGate`] plus the ring's readiness
+//! signal), waits for room in the send queue (the same gate, roles
+//! swapped) and closing handshake ([`CloseGate`]). loom runs every interleaving (and every weak-memory
 //! outcome it models) of a few threads; a lost wake-up shows as a thread
 //! blocked forever, which loom reports as a deadlock.
 //!
@@ -16,7 +17,7 @@ use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
 
 use crate::reactor::WakeFlags;
-use crate::threaded::RingGate;
+use crate::threaded::{CloseGate, RingGate};
 
 /// An eventfd: a counter that a blocked reader waits on.
 #[derive(Default)]
@@ -243,5 +244,98 @@ fn the_receive_ring_loses_no_wake_up_either_way() {
         }
         assert_eq!(got, [0, 1]);
         producer.join().unwrap();
+    });
+}
+
+/// Waits for room in the send queue (`Room` in `threaded.rs`): a sender
+/// finding the one-slot queue full registers its waker, announces its
+/// wait on a [`RingGate`] and pushes once more before it sleeps; the
+/// reactor, after each pop, counts on the gate and wakes every registered
+/// waker if a wait was announced. Two senders, each pushing one command
+/// into a one-slot queue: neither may sleep forever.
+#[test]
+fn senders_waiting_for_queue_room_are_always_woken() {
+    loom::model(|| {
+        let queue = Arc::new(Ring {
+            slot: loom::cell::UnsafeCell::new(None),
+            head: AtomicUsize::new(0),
+            tail: AtomicUsize::new(0),
+        });
+        // The one-slot ring is single-producer: the two senders take turns
+        // through a lock, as pushes onto crossbeam's queue are linearised.
+        let push_lock = Arc::new(Mutex::new(()));
+        let gate = Arc::new(RingGate::default());
+        let wakers: Arc<Mutex<Vec<Arc<ModelWaker>>>> = Arc::new(Mutex::new(Vec::new()));
+        let senders: Vec<_> = (0..2u32)
+            .map(|v| {
+                let (queue, push_lock, gate, wakers) = (
+                    queue.clone(),
+                    push_lock.clone(),
+                    gate.clone(),
+                    wakers.clone(),
+                );
+                thread::spawn(move || {
+                    let me = Arc::new(ModelWaker::default());
+                    let push = |v| {
+                        let _g = push_lock.lock().unwrap();
+                        queue.push(v)
+                    };
+                    while push(v).is_err() {
+                        wakers.lock().unwrap().push(me.clone());
+                        gate.producer_blocked();
+                        if push(v).is_ok() {
+                            break;
+                        }
+                        me.sleep();
+                    }
+                })
+            })
+            .collect();
+        let mut got = Vec::new();
+        while got.len() < 2 {
+            match queue.pop() {
+                Some(v) => {
+                    got.push(v);
+                    if gate.consumer_popped() {
+                        for w in std::mem::take(&mut *wakers.lock().unwrap()) {
+                            w.wake();
+                        }
+                    }
+                }
+                None => thread::yield_now(),
+            }
+        }
+        got.sort();
+        assert_eq!(got, [0, 1]);
+        for s in senders {
+            s.join().unwrap();
+        }
+    });
+}
+
+/// The closing handshake ([`CloseGate`]): a sender enters, pushes and
+/// leaves; the reactor closes, then takes what is queued, once. Every
+/// command is either refused or taken: none is stranded.
+#[test]
+fn no_command_is_stranded_when_the_reactor_closes() {
+    loom::model(|| {
+        let gate = Arc::new(CloseGate::default());
+        let cmds = Arc::new(Mutex::new(Vec::<u32>::new()));
+        let sender = {
+            let (gate, cmds) = (gate.clone(), cmds.clone());
+            thread::spawn(move || {
+                if !gate.enter() {
+                    return false;
+                }
+                cmds.lock().unwrap().push(7);
+                gate.leave();
+                true
+            })
+        };
+        gate.close();
+        let taken = std::mem::take(&mut *cmds.lock().unwrap());
+        let accepted = sender.join().unwrap();
+        assert_eq!(taken.len(), usize::from(accepted), "accepted means taken");
+        assert!(cmds.lock().unwrap().is_empty(), "nothing left behind");
     });
 }

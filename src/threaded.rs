@@ -106,6 +106,49 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The send queue's closing handshake: no command is stranded in the
+/// queue when the reactor ends.
+///
+/// One atomic: bit 0 is "closed", the rest counts senders inside
+/// [`CloseGate::enter`]..[`CloseGate::leave`]. A sender enters (adding to
+/// the count) and is refused if it saw the bit; the reactor sets the bit,
+/// then waits for the count to reach zero before its last look at the
+/// queue. All are read-modify-writes of one atomic, in one total order:
+/// a sender that entered first has pushed before the count drops, so the
+/// reactor's last look sees its command; one that entered later sees the
+/// bit (a loom model checks it, `src/loom_models.rs`).
+#[derive(Debug, Default)]
+pub(crate) struct CloseGate {
+    state: crate::sync::AtomicUsize,
+}
+
+impl CloseGate {
+    /// A sender is about to push; false (and nothing to undo) if closed.
+    pub(crate) fn enter(&self) -> bool {
+        use crate::sync::Ordering::AcqRel;
+        if self.state.fetch_add(2, AcqRel) & 1 != 0 {
+            self.state.fetch_sub(2, AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// The sender's push is done.
+    pub(crate) fn leave(&self) {
+        self.state.fetch_sub(2, crate::sync::Ordering::AcqRel);
+    }
+
+    /// Refuses senders from now on and returns once every sender inside
+    /// has left (their pushes are then visible).
+    pub(crate) fn close(&self) {
+        use crate::sync::Ordering::{AcqRel, Acquire};
+        self.state.fetch_or(1, AcqRel);
+        while self.state.load(Acquire) != 1 {
+            crate::sync::yield_now();
+        }
+    }
+}
+
 /// A one-shot reply slot, waited on by a blocked thread or polled by a
 /// task.
 pub(crate) struct Ack<T> {
@@ -197,13 +240,15 @@ impl<T> Drop for Reply<T> {
 /// threads (a waker that unparks them). The reactor wakes them all after
 /// it took commands off the queue.
 ///
-/// A waiter registers, then tries its push again; the reactor pops, then
-/// looks for waiters. A sequentially consistent fence on each side puts
-/// the two in one order, so either the waiter's second try sees the room
-/// or the reactor sees the waiter: no wake-up is lost.
+/// The handshake is the receive ring's [`RingGate`] with the roles
+/// swapped: a waiter registers its waker, announces its wait on the gate,
+/// then tries its push again; the reactor, after popping, counts on the
+/// gate and wakes every registered waiter if one announced. Either the
+/// second try sees the room or the reactor sees the announcement (and the
+/// waker registered before it): no wake-up is lost.
 #[derive(Default)]
 struct Room {
-    waiting: AtomicUsize,
+    gate: RingGate,
     wakers: Mutex<Vec<std::task::Waker>>,
 }
 
@@ -214,21 +259,20 @@ impl Room {
             if !ws.iter().any(|x| x.will_wake(w)) {
                 ws.push(w.clone());
             }
-            self.waiting.store(ws.len(), Ordering::Relaxed);
         }
-        std::sync::atomic::fence(Ordering::SeqCst);
+        self.gate.producer_blocked();
     }
 
     fn notify(&self) {
-        std::sync::atomic::fence(Ordering::SeqCst);
-        if self.waiting.load(Ordering::Relaxed) == 0 {
-            return;
+        if self.gate.consumer_popped() {
+            self.wake_all();
         }
-        let ws = {
-            let mut ws = lock(&self.wakers);
-            self.waiting.store(0, Ordering::Relaxed);
-            std::mem::take(&mut *ws)
-        };
+    }
+
+    /// Wakes every registered waiter (they try again and find the queue
+    /// closed, or room).
+    fn wake_all(&self) {
+        let ws = std::mem::take(&mut *lock(&self.wakers));
         for w in ws {
             w.wake();
         }
@@ -291,11 +335,9 @@ pub(crate) struct Shared {
     cmds: ArrayQueue<Cmd>,
     waker: Waker,
     stop: AtomicBool,
-    /// The reactor takes no more commands: set before its last look at
-    /// the queue (see [`Shared::hand_over`]).
-    closed: AtomicBool,
-    /// Senders between their look at `closed` and the end of their push.
-    inflight: AtomicUsize,
+    /// The reactor takes no more commands once closed (see
+    /// [`Shared::hand_over`]).
+    closing: CloseGate,
     /// Waiters for room in `cmds`.
     room: Room,
     /// Frame bytes in `cmds` (added before a push, taken off after a
@@ -378,32 +420,28 @@ impl Shared {
     /// trying once more, so the room the reactor makes meanwhile is not
     /// missed).
     ///
-    /// The closing handshake: a sender counts itself in `inflight`, then
-    /// looks at `closed`; the reactor sets `closed`, then waits for
-    /// `inflight` to reach zero before its last look at the queue. So a
-    /// command is either refused here or seen by the reactor; none is
-    /// stranded in the queue.
+    /// The closing handshake ([`CloseGate`]): a command is either refused
+    /// here or seen by the reactor's last look at the queue; none is
+    /// stranded in it.
     pub(crate) fn hand_over(
         &self,
         cmd: Cmd,
         waiter: Option<&std::task::Waker>,
     ) -> Result<std::result::Result<(), Cmd>> {
-        self.inflight.fetch_add(1, Ordering::SeqCst);
-        let r = if self.closed.load(Ordering::SeqCst) {
-            Err(self.disconnected())
-        } else {
-            match self.push(cmd) {
-                Ok(()) => Ok(Ok(())),
-                Err(back) => match waiter {
-                    None => Ok(Err(back)),
-                    Some(w) => {
-                        self.room.register(w);
-                        Ok(self.push(back))
-                    }
-                },
-            }
+        if !self.closing.enter() {
+            return Err(self.disconnected());
+        }
+        let r = match self.push(cmd) {
+            Ok(()) => Ok(Ok(())),
+            Err(back) => match waiter {
+                None => Ok(Err(back)),
+                Some(w) => {
+                    self.room.register(w);
+                    Ok(self.push(back))
+                }
+            },
         };
-        self.inflight.fetch_sub(1, Ordering::SeqCst);
+        self.closing.leave();
         if matches!(r, Ok(Ok(()))) {
             self.waker.wake();
         }
@@ -1006,14 +1044,11 @@ struct Finish {
 impl Drop for Finish {
     fn drop(&mut self) {
         let s = &self.shared;
-        s.closed.store(true, Ordering::SeqCst);
-        while s.inflight.load(Ordering::SeqCst) != 0 {
-            std::thread::yield_now();
-        }
+        s.closing.close();
         s.refuse_queued();
         s.finished.store(true, Ordering::Release);
         s.signal_ready();
-        s.room.notify();
+        s.room.wake_all();
         s.outcome
             .set(self.result.take().unwrap_or(Err(Error::ReactorPanicked)));
     }
@@ -1245,13 +1280,11 @@ impl Worker {
     fn run(mut self) -> Result<()> {
         self.client.moved_to_this_thread();
         let result = self.serve();
-        // No command is taken after this one look at the queue; senders
-        // still handing one over finish first (`Shared::hand_over`).
-        self.shared.closed.store(true, Ordering::SeqCst);
-        while self.shared.inflight.load(Ordering::SeqCst) != 0 {
-            std::thread::yield_now();
-        }
-        self.shared.room.notify();
+        // No sender gets in after this; those handing a command over
+        // finish first (`Shared::hand_over`), and what they pushed is
+        // taken below.
+        self.shared.closing.close();
+        self.shared.room.wake_all();
         // Queued frames go out before disconnecting.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
@@ -1358,8 +1391,7 @@ impl Client {
             cmds: ArrayQueue::new(opts.send_queue.max(1)),
             waker: self.waker(),
             stop: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            inflight: AtomicUsize::new(0),
+            closing: CloseGate::default(),
             room: Room::default(),
             queued_bytes: AtomicUsize::new(0),
             queued_bytes_limit: opts.send_queue_bytes.max(1),

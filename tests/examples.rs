@@ -1,11 +1,20 @@
 //! The examples are compiled into this test and run briefly, so CI proves
-//! they work (`cargo run --example threaded|tokio` runs them in full).
+//! they work (`cargo run --example threaded|tokio|async_quickstart` runs
+//! them in full).
 
 #[path = "../examples/threaded.rs"]
 mod threaded;
 
 #[path = "../examples/tokio.rs"]
 mod tokio_example;
+
+#[path = "../examples/async_quickstart.rs"]
+mod async_quickstart;
+
+#[test]
+fn the_readmes_async_quickstart_runs() {
+    async_quickstart::main().unwrap();
+}
 
 #[test]
 fn threaded_example_serves_requests() {
