@@ -716,8 +716,51 @@ impl AsyncHandle {
         self.shared.route().peers(Some(self.shared.disk()))
     }
 
+    /// Peer events of this client's route as a [`futures_core::Stream`]
+    /// (the threaded [`Receiver::peer_events`]: a
+    /// [`crate::route::watch::PeerWatch`] on a thread of its own, waiting
+    /// on inotify and the peers' pidfds, so a storm of changes never
+    /// blocks the runtime). The stream ends once the route is removed
+    /// (after every peer is reported as left); dropping it stops the
+    /// watching thread within 200 ms.
+    pub fn peer_events(&self) -> Result<AsyncPeerEvents> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let closed = self.shared.watch_peers(move |e| tx.send(e).is_ok())?;
+        Ok(AsyncPeerEvents { rx, closed })
+    }
+
     /// Whether the reactor thread still runs.
     pub fn is_running(&self) -> bool {
         self.handle.is_running()
+    }
+}
+
+/// The stream of [`AsyncHandle::peer_events`].
+#[derive(Debug)]
+pub struct AsyncPeerEvents {
+    rx: tokio::sync::mpsc::UnboundedReceiver<crate::route::watch::PeerEvent>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AsyncPeerEvents {
+    /// The next event; `None` once the route is gone and every event was
+    /// taken. Cancel safe.
+    pub async fn next_event(&mut self) -> Option<crate::route::watch::PeerEvent> {
+        self.rx.recv().await
+    }
+}
+
+impl futures_core::Stream for AsyncPeerEvents {
+    type Item = crate::route::watch::PeerEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().rx.poll_recv(cx)
+    }
+}
+
+impl Drop for AsyncPeerEvents {
+    fn drop(&mut self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 }

@@ -495,6 +495,45 @@ impl Shared {
         Some(cmd)
     }
 
+    /// Starts a thread that watches this client's route and hands each
+    /// peer event to `deliver` until it returns false, the returned flag
+    /// is set (noticed within 200 ms), or the route is removed (after
+    /// every peer is reported as left).
+    pub(crate) fn watch_peers(
+        &self,
+        mut deliver: impl FnMut(crate::route::watch::PeerEvent) -> bool + Send + 'static,
+    ) -> Result<Arc<AtomicBool>> {
+        let mut watch = crate::route::watch::PeerWatch::new(&self.route, Some(&self.disk))?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let dropped = closed.clone();
+        std::thread::Builder::new()
+            .name(format!("ipcm-peers-{}", self.id))
+            .spawn(move || {
+                loop {
+                    // Wakes now and then to notice a dropped receiver.
+                    match watch.next_event(Some(Duration::from_millis(200))) {
+                        Ok(Some(e)) => {
+                            if !deliver(e) {
+                                return;
+                            }
+                        }
+                        Ok(None) if watch.is_ended() => return,
+                        Ok(None) => {
+                            if dropped.load(Ordering::Acquire) {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            log::warn!("ConnectionUnix: peer watch ended: {e}");
+                            return;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::io("Cannot start the peer watch thread", e))?;
+        Ok(closed)
+    }
+
     /// Takes the failure of an earlier fire-and-forget frame to `peer`.
     pub(crate) fn take_failure(&self, peer: &str) -> Option<String> {
         // Most calls find none: one load, no lock.
@@ -902,36 +941,8 @@ impl Receiver {
     /// pidfds); the thread ends when the channel's receiver is dropped or
     /// the route is removed (after reporting every peer as left).
     pub fn peer_events(&self) -> Result<PeerEvents> {
-        let mut watch =
-            crate::route::watch::PeerWatch::new(&self.shared.route, Some(&self.shared.disk))?;
         let (tx, rx) = std::sync::mpsc::channel();
-        let closed = Arc::new(AtomicBool::new(false));
-        let dropped = closed.clone();
-        std::thread::Builder::new()
-            .name(format!("ipcm-peers-{}", self.shared.id))
-            .spawn(move || {
-                loop {
-                    // Wakes now and then to notice a dropped receiver.
-                    match watch.next_event(Some(Duration::from_millis(200))) {
-                        Ok(Some(e)) => {
-                            if tx.send(e).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(None) if watch.is_ended() => return,
-                        Ok(None) => {
-                            if dropped.load(Ordering::Acquire) {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            log::warn!("ConnectionUnix: peer watch ended: {e}");
-                            return;
-                        }
-                    }
-                }
-            })
-            .map_err(|e| Error::io("Cannot start the peer watch thread", e))?;
+        let closed = self.shared.watch_peers(move |e| tx.send(e).is_ok())?;
         Ok(PeerEvents { rx, closed })
     }
 

@@ -45,7 +45,32 @@ per_backend!(
     select_over_ipcm_and_a_timer,
     sink_and_stream_carry_every_message_in_order,
     errors_carry_the_blocking_texts,
+    peer_events_arrive_as_a_stream,
 );
+
+fn peer_events_arrive_as_a_stream(b: BackendChoice) {
+    let _g = serial();
+    let t = TestRoute::new(b);
+    runtime().block_on(async {
+        let (_tx, _rx, h) = t.connect("watcher").into_async().unwrap();
+        let mut events = h.peer_events().unwrap();
+        let mut a = t.connect("a");
+        let first = tokio::time::timeout(LONG, events.next()).await.unwrap();
+        assert_eq!(first, Some(ipcm::PeerEvent::Joined("a".into())));
+        a.disconnect(None).unwrap();
+        let second = tokio::time::timeout(LONG, events.next_event())
+            .await
+            .unwrap();
+        assert_eq!(second, Some(ipcm::PeerEvent::Left("a".into())));
+        // A select! over peer events and a timer: nothing else happens.
+        tokio::select! {
+            e = events.next() => panic!("no further event expected: {e:?}"),
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        drop(events);
+        h.shutdown().await.unwrap();
+    });
+}
 
 fn thousand_tasks_to_four_receivers_keep_order_and_stats(b: BackendChoice) {
     let _g = serial();
