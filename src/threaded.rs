@@ -595,13 +595,14 @@ fn request<T>(shared: &Shared, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T> 
 }
 
 /// Hands `cmd` over, parking while the queue is full.
-fn push_blocking(shared: &Shared, mut cmd: Cmd) -> Result<()> {
-    let mut waker = None;
+fn push_blocking(shared: &Shared, cmd: Cmd) -> Result<()> {
+    // The common case: room at once, no waker made.
+    let Err(mut cmd) = shared.hand_over(cmd, None)? else {
+        return Ok(());
+    };
+    let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
     loop {
-        let w = waker.get_or_insert_with(|| {
-            std::task::Waker::from(Arc::new(Unpark(std::thread::current())))
-        });
-        match shared.hand_over(cmd, Some(w))? {
+        match shared.hand_over(cmd, Some(&waker))? {
             Ok(()) => return Ok(()),
             Err(back) => {
                 cmd = back;
