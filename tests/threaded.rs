@@ -40,6 +40,7 @@ per_backend!(
     shutdown_while_traffic_flows_loses_nothing_silently,
     a_threaded_reactor_reaps_a_silent_connection_on_time,
     connections_arriving_while_the_reactor_moves_are_accepted,
+    a_peer_that_stops_reading_fills_the_send_queue_not_memory,
 );
 
 // Measures the whole process's RSS: in a process of its own.
@@ -355,4 +356,80 @@ fn connections_arriving_while_the_reactor_moves_are_accepted(b: BackendChoice) {
         handle.shutdown().unwrap();
         cli.disconnect(None).unwrap();
     }
+}
+
+/// A peer that reads nothing: once its socket, the outbox and the send
+/// queue are full, `try_send` reports `WouldBlock` (the reactor takes no
+/// more commands while a frame is stalled; it used to take them all into
+/// an unbounded list) and a blocking `send` waits; when the peer reads
+/// again, every accepted message arrives, in order.
+fn a_peer_that_stops_reading_fills_the_send_queue_not_memory(b: BackendChoice) {
+    let _g = serial();
+    let t = TestRoute::new(b);
+    let mut sink = t.connect("sink");
+    let src = Client::connect(
+        &t.info(),
+        "src",
+        t.opts().listen(false).outbox_limit(64 * 1024),
+    )
+    .unwrap();
+    let opts = ThreadedOptions {
+        send_queue: 64,
+        send_queue_bytes: 64 * 1024,
+        ..ThreadedOptions::default()
+    };
+    let (mut tx, _rx, handle) = src.into_threaded_with(opts).unwrap();
+    let pad = "q".repeat(1000);
+    tx.send("sink", &(0u64, &pad)).unwrap();
+    let mut accepted = 1u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match tx.try_send("sink", &(accepted, &pad)) {
+            Ok(()) => accepted += 1,
+            Err(ipcm::Error::WouldBlock { .. }) => {
+                // The reactor may still be making room: full means full
+                // for a while.
+                std::thread::sleep(Duration::from_millis(200));
+                if tx.try_send("sink", &(accepted, &pad)).is_ok() {
+                    accepted += 1;
+                    continue;
+                }
+                break;
+            }
+            Err(e) => panic!("try_send failed: {e}"),
+        }
+        assert!(Instant::now() < deadline, "the send queue never filled");
+    }
+    // Socket buffers, a 64 KiB outbox and a 64 KiB queue: well under 8 MiB.
+    assert!(
+        accepted < 8_000,
+        "{accepted} messages of 1 KB accepted by a stalled peer"
+    );
+    eprintln!("stalled after {accepted} messages");
+    // A blocking send waits (parked, not failing) until the peer reads.
+    let mut late = tx.clone();
+    let n = accepted;
+    let blocked = std::thread::spawn(move || late.send("sink", &(n, "last")).unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!blocked.is_finished(), "a send to a full queue waits");
+    let mut next = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while next <= n {
+        assert!(
+            Instant::now() < deadline,
+            "only {next} of {} arrived",
+            n + 1
+        );
+        for m in sink
+            .get_messages_timeout(Duration::from_millis(50))
+            .unwrap()
+        {
+            let v = m.content_value().unwrap();
+            assert_eq!(v[0], next, "in order, none lost");
+            next += 1;
+        }
+    }
+    blocked.join().unwrap();
+    handle.shutdown().unwrap();
+    sink.disconnect(None).unwrap();
 }
