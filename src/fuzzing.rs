@@ -396,3 +396,86 @@ fn feed(core: &mut Core, pool: &mut BufferPool, id: ConnId, chunk: &[u8]) {
         }
     }
 }
+
+/// The shared-memory ring's consumer against a hostile peer: a script of
+/// pushes, pops and arbitrary writes of words anywhere in the region
+/// (indices, headers, payloads), interleaved in any order. The consumer
+/// never panics, never yields a payload longer than the ring allows, stays
+/// broken once it reported corruption, and while no word was scribbled on
+/// yields exactly what was pushed, in order.
+pub fn lane_ring(data: &[u8]) {
+    use crate::lane::ring::{self, Consumer, Producer, RING_HEADER, RingError};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    #[repr(C, align(64))]
+    #[derive(Clone, Copy)]
+    struct Line([u64; 8]);
+    const CAP: usize = 4096;
+    let mut mem = vec![Line([0; 8]); (RING_HEADER + CAP) / 64];
+    let len = mem.len() * 64;
+    let base: *mut u8 = mem.as_mut_ptr().cast();
+    // SAFETY: `mem` outlives both ends (dropped at the end of this
+    // function) and is touched only through the ring's atomics and the
+    // scribbles below, which are atomic word stores too.
+    let (mut tx, mut rx) = unsafe {
+        ring::init(base, len).unwrap();
+        (
+            Producer::new(base, len).unwrap(),
+            Consumer::new(base, len).unwrap(),
+        )
+    };
+    let max = tx.max_payload();
+    let mut model = std::collections::VecDeque::new();
+    let mut scribbled = false;
+    let mut broken = false;
+    let mut out = Vec::new();
+    let mut at = 0;
+    let mut next = |n: usize| {
+        let s = data.get(at..at + n);
+        at += n;
+        s
+    };
+    let mut seq = 0u8;
+    while let Some(&[op]) = next(1) {
+        match op % 4 {
+            0 => {
+                let Some(&[a, b]) = next(2) else { break };
+                let n = (usize::from(a) << 8 | usize::from(b)) % (max + 16);
+                seq = seq.wrapping_add(1);
+                let rec = vec![seq; n];
+                match tx.push(&rec) {
+                    Ok(true) => model.push_back(rec),
+                    Ok(false) => {}
+                    Err(RingError::TooLarge { .. }) => assert!(n > max),
+                    Err(_) => assert!(scribbled, "the producer saw corruption nobody made"),
+                }
+            }
+            1 | 2 => match rx.pop(&mut out) {
+                Ok(got) => {
+                    assert!(!broken, "a broken ring was read again");
+                    assert!(out.len() <= max, "a payload past the ring's largest");
+                    if !scribbled {
+                        assert_eq!(got.then(|| out.clone()), model.pop_front(), "in order");
+                    }
+                }
+                Err(_) => {
+                    assert!(scribbled, "corruption reported on an honest ring");
+                    broken = true;
+                }
+            },
+            _ => {
+                let Some(w) = next(10) else { break };
+                let off = (usize::from(w[0]) << 8 | usize::from(w[1])) % (len / 8) * 8;
+                let v = u64::from_le_bytes(w[2..10].try_into().unwrap());
+                // SAFETY: in bounds and aligned (a multiple of 8 inside the
+                // 64-aligned region).
+                unsafe { AtomicU64::from_ptr(base.add(off).cast::<u64>()) }
+                    .store(v, Ordering::Relaxed);
+                scribbled = true;
+            }
+        }
+    }
+    // The ends are done with the region before it goes.
+    let _ = (tx, rx);
+    drop(mem);
+}

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 6] = [
+const TARGETS: [(&str, Target); 7] = [
     ("frame_decoder", ipcm::fuzzing::frame_decoder),
     ("decode_payloads", ipcm::fuzzing::decode_payloads),
     ("names_and_info", ipcm::fuzzing::names_and_info),
     ("core_events", ipcm::fuzzing::core_events),
     ("scan_envelope", ipcm::fuzzing::scan_envelope),
     ("binary_batch", ipcm::fuzzing::binary_batch),
+    ("lane_ring", ipcm::fuzzing::lane_ring),
 ];
 
 fn fuzz_dir() -> PathBuf {

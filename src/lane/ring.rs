@@ -1,0 +1,530 @@
+//! A single-producer single-consumer ring of records in memory shared with
+//! a peer process that is not trusted: the building block of the
+//! shared-memory lane (one ring per direction).
+//!
+//! # Layout
+//!
+//! A ring region is `RING_HEADER + capacity` bytes, 64-byte aligned,
+//! `capacity` a power of two of at least [`MIN_CAPACITY`] bytes:
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | `tail`: bytes ever written (the producer's; a u64, native order) |
+//! | 64 | 8 | `head`: bytes ever read (the consumer's) |
+//! | 128 | `capacity` | records |
+//!
+//! A record is an 8-byte header (the payload length as a u32, then four
+//! zero bytes), the payload, and zero padding to a multiple of 8. A record
+//! never wraps: where the next one does not fit before the end, the
+//! producer writes a header of length [`PAD`] and the record starts at
+//! offset 0. The producer writes a record whole, then publishes `tail`
+//! (release); the consumer reads `tail` (acquire), copies the record out,
+//! then publishes `head` (release).
+//!
+//! # The peer is untrusted
+//!
+//! The peer may write anything into the region at any time, or die
+//! halfway through a write.
+//! * Each side keeps its own index privately and only publishes it; the
+//!   peer's index is read, checked against the capacity, and never
+//!   trusted beyond that: a `tail` more than `capacity` ahead of `head`, a
+//!   length past `tail` or past the end, a pad with nothing after it, are
+//!   all [`RingError::Corrupt`], and the ring is not read again.
+//! * Every access to the region is an atomic load or store of an aligned
+//!   word through a raw pointer: no `&[u8]` or `&str` is ever formed over
+//!   memory the peer can write. Payloads are copied out (a torn or
+//!   scribbled payload is then just wrong bytes, which the batch check
+//!   after it rejects, never undefined behaviour).
+//! * A producer killed mid-record never published its `tail`, so its
+//!   consumer never sees the record: no torn message.
+//! * Each read consumes at least 8 bytes or stops, so no sequence of peer
+//!   writes makes the reader loop.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Bytes in front of the records.
+pub const RING_HEADER: usize = 128;
+/// The smallest capacity.
+pub const MIN_CAPACITY: usize = 4096;
+/// A record header's length that marks the rest of the ring as padding.
+pub const PAD: u32 = u32::MAX;
+/// Bytes of a record header.
+pub const RECORD_HEADER: usize = 8;
+
+const TAIL: usize = 0;
+const HEAD: usize = 64;
+
+/// Why a ring cannot be used (any further).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// What the peer wrote breaks the ring's rules.
+    #[error("shared-memory ring corrupt: {0}")]
+    Corrupt(&'static str),
+    /// A region of the wrong size or alignment.
+    #[error("shared-memory ring: bad region ({0})")]
+    Region(&'static str),
+    /// A record larger than the ring can ever hold.
+    #[error("record of {len} bytes exceeds the ring's largest of {max}")]
+    TooLarge {
+        /// The payload length.
+        len: usize,
+        /// The largest payload this ring takes.
+        max: usize,
+    },
+}
+
+/// A ring region: a raw pointer, never a reference, because the peer
+/// writes the memory concurrently.
+#[derive(Debug, Clone, Copy)]
+struct Region {
+    base: *mut u8,
+    capacity: usize,
+}
+
+// SAFETY: the region is only accessed through atomic word operations
+// (`word`), which are sound from any thread; the creator of the ring
+// guarantees the mapping outlives it (`Ring::new`).
+unsafe impl Send for Region {}
+
+impl Region {
+    /// # Safety
+    /// `base` must be valid for reads and writes of `RING_HEADER +
+    /// capacity` bytes, 8-byte aligned, for as long as the ring lives, and
+    /// accessed by others only atomically or from another process.
+    unsafe fn new(base: *mut u8, len: usize) -> Result<Self, RingError> {
+        if !(base as usize).is_multiple_of(64) {
+            return Err(RingError::Region("not 64-byte aligned"));
+        }
+        let capacity = len
+            .checked_sub(RING_HEADER)
+            .ok_or(RingError::Region("smaller than the header"))?;
+        if capacity < MIN_CAPACITY || !capacity.is_power_of_two() {
+            return Err(RingError::Region(
+                "capacity not a power of two of at least 4 KiB",
+            ));
+        }
+        Ok(Region { base, capacity })
+    }
+
+    /// The aligned word at byte `at` of the region.
+    fn word(&self, at: usize) -> &AtomicU64 {
+        assert!(at.is_multiple_of(8) && at + 8 <= RING_HEADER + self.capacity);
+        // SAFETY: `at` is in bounds and 8-aligned (asserted; the base is
+        // 64-aligned), the region is valid for the ring's life
+        // (`Region::new`'s contract), and the word is only ever accessed
+        // atomically from this process: an `AtomicU64` over it is sound
+        // whatever the peer process writes.
+        unsafe { AtomicU64::from_ptr(self.base.add(at).cast::<u64>()) }
+    }
+
+    fn data(&self, pos: usize) -> usize {
+        RING_HEADER + pos
+    }
+}
+
+fn padded(len: usize) -> usize {
+    (RECORD_HEADER + len + 7) & !7
+}
+
+fn header(len: u32) -> u64 {
+    u64::from(len)
+}
+
+/// The producing end of a ring.
+#[derive(Debug)]
+pub struct Producer {
+    region: Region,
+    /// Bytes ever written (ours; published as `tail`).
+    tail: u64,
+}
+
+/// The consuming end of a ring.
+#[derive(Debug)]
+pub struct Consumer {
+    region: Region,
+    /// Bytes ever read (ours; published as `head`).
+    head: u64,
+    /// Set once the peer broke the rules: the ring is not read again.
+    broken: Option<&'static str>,
+}
+
+/// Zeroes a fresh region's indices (the creator's side, before it is
+/// shared).
+///
+/// # Safety
+/// As for [`Producer::new`].
+pub unsafe fn init(base: *mut u8, len: usize) -> Result<(), RingError> {
+    // SAFETY: the caller's contract is `Region::new`'s.
+    let r = unsafe { Region::new(base, len)? };
+    r.word(TAIL).store(0, Ordering::Release);
+    r.word(HEAD).store(0, Ordering::Release);
+    Ok(())
+}
+
+impl Producer {
+    /// The producing end over a region whose indices are both zero (see
+    /// [`init`]).
+    ///
+    /// # Safety
+    /// `base` must be valid for reads and writes of `len` bytes, 64-byte
+    /// aligned, for the producer's whole life, and no other value in this
+    /// process may access that memory other than through this ring's
+    /// atomics (the peer process may write it at will).
+    pub unsafe fn new(base: *mut u8, len: usize) -> Result<Self, RingError> {
+        // SAFETY: the caller's contract is `Region::new`'s.
+        let region = unsafe { Region::new(base, len)? };
+        Ok(Producer { region, tail: 0 })
+    }
+
+    /// The largest payload a record can carry.
+    pub fn max_payload(&self) -> usize {
+        self.region.capacity / 2 - RECORD_HEADER
+    }
+
+    /// Bytes the ring has free now; an error if the peer's `head` is not
+    /// one a consumer could have published.
+    fn free(&self) -> Result<usize, RingError> {
+        let head = self.region.word(HEAD).load(Ordering::Acquire);
+        let used = self.tail.wrapping_sub(head);
+        if used > self.region.capacity as u64 || !head.is_multiple_of(8) {
+            return Err(RingError::Corrupt("head outside the written range"));
+        }
+        Ok(self.region.capacity - used as usize)
+    }
+
+    /// Writes one record; `Ok(false)` (nothing written) when the ring has
+    /// no room for it now.
+    pub fn push(&mut self, payload: &[u8]) -> Result<bool, RingError> {
+        let len = payload.len();
+        if len > self.max_payload() {
+            return Err(RingError::TooLarge {
+                len,
+                max: self.max_payload(),
+            });
+        }
+        let cap = self.region.capacity;
+        let need = padded(len);
+        let pos = (self.tail as usize) & (cap - 1);
+        let to_end = cap - pos;
+        let pad = if need > to_end { to_end } else { 0 };
+        if self.free()? < pad + need {
+            return Ok(false);
+        }
+        if pad > 0 {
+            self.region
+                .word(self.region.data(pos))
+                .store(header(PAD), Ordering::Relaxed);
+            self.tail += pad as u64;
+        }
+        let pos = (self.tail as usize) & (cap - 1);
+        let at = self.region.data(pos);
+        self.region
+            .word(at)
+            .store(header(len as u32), Ordering::Relaxed);
+        for (i, chunk) in payload.chunks(8).enumerate() {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.region
+                .word(at + RECORD_HEADER + i * 8)
+                .store(u64::from_ne_bytes(w), Ordering::Relaxed);
+        }
+        self.tail += need as u64;
+        self.region.word(TAIL).store(self.tail, Ordering::Release);
+        Ok(true)
+    }
+}
+
+impl Consumer {
+    /// The consuming end over a region whose indices are both zero.
+    ///
+    /// # Safety
+    /// As for [`Producer::new`].
+    pub unsafe fn new(base: *mut u8, len: usize) -> Result<Self, RingError> {
+        // SAFETY: the caller's contract is `Region::new`'s.
+        let region = unsafe { Region::new(base, len)? };
+        Ok(Consumer {
+            region,
+            head: 0,
+            broken: None,
+        })
+    }
+
+    fn corrupt(&mut self, why: &'static str) -> RingError {
+        self.broken = Some(why);
+        RingError::Corrupt(why)
+    }
+
+    /// Copies the next record's payload into `out` (cleared first);
+    /// `Ok(false)` when the ring is empty. After an error the ring stays
+    /// broken.
+    pub fn pop(&mut self, out: &mut Vec<u8>) -> Result<bool, RingError> {
+        out.clear();
+        if let Some(why) = self.broken {
+            return Err(RingError::Corrupt(why));
+        }
+        let cap = self.region.capacity;
+        let tail = self.region.word(TAIL).load(Ordering::Acquire);
+        loop {
+            let avail = tail.wrapping_sub(self.head);
+            if avail == 0 {
+                return Ok(false);
+            }
+            if avail > cap as u64 {
+                return Err(self.corrupt("tail more than a ring ahead of head"));
+            }
+            let avail = avail as usize;
+            if avail < RECORD_HEADER || !tail.is_multiple_of(8) {
+                return Err(self.corrupt("tail not at a record boundary"));
+            }
+            let pos = (self.head as usize) & (cap - 1);
+            let at = self.region.data(pos);
+            let h = self.region.word(at).load(Ordering::Relaxed);
+            let len = (h & 0xFFFF_FFFF) as u32;
+            if len == PAD {
+                let to_end = cap - pos;
+                if to_end >= avail {
+                    return Err(self.corrupt("padding with no record after it"));
+                }
+                self.head += to_end as u64;
+                continue;
+            }
+            let len = len as usize;
+            let need = padded(len);
+            if h >> 32 != 0 || len > cap / 2 - RECORD_HEADER {
+                return Err(self.corrupt("record header out of range"));
+            }
+            if need > avail || pos + need > cap {
+                return Err(self.corrupt("record past the written bytes"));
+            }
+            out.reserve(len);
+            let words = len.div_ceil(8);
+            for i in 0..words {
+                let w = self
+                    .region
+                    .word(at + RECORD_HEADER + i * 8)
+                    .load(Ordering::Relaxed)
+                    .to_ne_bytes();
+                let take = (len - i * 8).min(8);
+                out.extend_from_slice(&w[..take]);
+            }
+            self.head += need as u64;
+            self.region.word(HEAD).store(self.head, Ordering::Release);
+            return Ok(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 64-byte aligned heap region standing in for a shared mapping.
+    struct Mem(Vec<Aligned>);
+
+    #[repr(C, align(64))]
+    #[derive(Clone, Copy)]
+    struct Aligned([u64; 8]);
+
+    impl Mem {
+        fn new(capacity: usize) -> Self {
+            Mem(vec![Aligned([0; 8]); (RING_HEADER + capacity) / 64])
+        }
+        fn ptr(&mut self) -> *mut u8 {
+            self.0.as_mut_ptr().cast()
+        }
+        fn len(&self) -> usize {
+            self.0.len() * 64
+        }
+    }
+
+    fn pair(mem: &mut Mem) -> (Producer, Consumer) {
+        let (p, n) = (mem.ptr(), mem.len());
+        // SAFETY: `mem` outlives both ends in each test and is touched
+        // only through them.
+        unsafe {
+            init(p, n).unwrap();
+            (Producer::new(p, n).unwrap(), Consumer::new(p, n).unwrap())
+        }
+    }
+
+    #[test]
+    fn records_come_out_in_order_across_wraps() {
+        let mut mem = Mem::new(4096);
+        let (mut tx, mut rx) = pair(&mut mem);
+        let mut out = Vec::new();
+        let mut next_out = 0u32;
+        for i in 0..5000u32 {
+            let rec = vec![i as u8; (i as usize * 7) % 300 + 1];
+            while !tx.push(&rec).unwrap() {
+                assert!(rx.pop(&mut out).unwrap(), "full ring holds a record");
+                let want = (next_out as usize * 7) % 300 + 1;
+                assert_eq!(out, vec![next_out as u8; want]);
+                next_out += 1;
+            }
+        }
+        while rx.pop(&mut out).unwrap() {
+            assert_eq!(out.len(), (next_out as usize * 7) % 300 + 1);
+            next_out += 1;
+        }
+        assert_eq!(next_out, 5000);
+    }
+
+    #[test]
+    fn a_full_ring_refuses_and_an_empty_one_is_empty() {
+        let mut mem = Mem::new(4096);
+        let (mut tx, mut rx) = pair(&mut mem);
+        let mut out = vec![1];
+        assert!(!rx.pop(&mut out).unwrap());
+        assert!(out.is_empty());
+        let rec = [7u8; 1000];
+        let mut n = 0;
+        while tx.push(&rec).unwrap() {
+            n += 1;
+        }
+        assert_eq!(n, 4096 / padded(1000));
+        assert!(matches!(
+            tx.push(&[0; 4096]),
+            Err(RingError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn scribbled_indices_and_headers_are_errors_not_reads() {
+        let mut mem = Mem::new(4096);
+        let base = mem.ptr();
+        let (mut tx, mut rx) = pair(&mut mem);
+        tx.push(b"hello").unwrap();
+        let word = |at: usize| {
+            // SAFETY: in bounds and aligned; the test is single-threaded.
+            unsafe { AtomicU64::from_ptr(base.add(at).cast()) }
+        };
+        // A header claiming more than was written.
+        word(RING_HEADER).store(4000, Ordering::Relaxed);
+        let mut out = Vec::new();
+        assert!(matches!(rx.pop(&mut out), Err(RingError::Corrupt(_))));
+        assert!(
+            matches!(rx.pop(&mut out), Err(RingError::Corrupt(_))),
+            "stays broken"
+        );
+        // A tail a ring and more ahead.
+        let mut mem = Mem::new(4096);
+        let base = mem.ptr();
+        let (_tx, mut rx) = pair(&mut mem);
+        // SAFETY: as above.
+        unsafe { AtomicU64::from_ptr(base.cast::<u64>()) }.store(1 << 40, Ordering::Relaxed);
+        assert!(matches!(rx.pop(&mut out), Err(RingError::Corrupt(_))));
+        // A producer whose consumer claims to have read unwritten bytes.
+        let mut mem = Mem::new(4096);
+        let base = mem.ptr();
+        let (mut tx, _rx) = pair(&mut mem);
+        // SAFETY: as above.
+        unsafe { AtomicU64::from_ptr(base.add(HEAD).cast::<u64>()) }.store(64, Ordering::Relaxed);
+        assert!(matches!(tx.push(b"x"), Err(RingError::Corrupt(_))));
+    }
+
+    #[test]
+    fn an_unpublished_record_is_never_seen() {
+        // A producer killed mid-record: header and payload written, tail
+        // not published.
+        let mut mem = Mem::new(4096);
+        let base = mem.ptr();
+        let (_tx, mut rx) = pair(&mut mem);
+        // SAFETY: as above.
+        unsafe { AtomicU64::from_ptr(base.add(RING_HEADER).cast::<u64>()) }
+            .store(5, Ordering::Relaxed);
+        let mut out = Vec::new();
+        assert!(!rx.pop(&mut out).unwrap());
+    }
+
+    #[test]
+    fn two_threads_move_every_record_in_order() {
+        let mut mem = Mem::new(8192);
+        let (mut tx, mut rx) = pair(&mut mem);
+        const N: u32 = 200_000;
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                for i in 0..N {
+                    let rec = i.to_le_bytes().repeat((i % 5 + 1) as usize);
+                    while !tx.push(&rec).unwrap() {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+            let mut out = Vec::new();
+            let mut next = 0u32;
+            while next < N {
+                if rx.pop(&mut out).unwrap() {
+                    assert_eq!(out, next.to_le_bytes().repeat((next % 5 + 1) as usize));
+                    next += 1;
+                } else {
+                    std::hint::spin_loop();
+                }
+            }
+        });
+    }
+
+    /// A peer writing random words all over the region while the consumer
+    /// reads: every pop returns (a record within bounds, empty, or an
+    /// error that sticks), and none loops.
+    #[test]
+    fn a_concurrently_scribbling_peer_yields_errors_never_panics() {
+        let mut mem = Mem::new(4096);
+        let base = mem.ptr() as usize;
+        let len = mem.len();
+        let (mut tx, mut rx) = pair(&mut mem);
+        let max = tx.max_payload();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut x = 0x9E37_79B9_7F4A_7C15u64;
+                while !stop.load(Ordering::Relaxed) {
+                    // xorshift: arbitrary words at arbitrary aligned offsets.
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Every fourth write hits the tail; the rest land anywhere.
+                    let off = if x & 6 == 0 {
+                        0
+                    } else {
+                        (x as usize % (len / 8)) * 8
+                    };
+                    let v = if x & 1 == 0 { x >> 20 } else { x & 0xFFFF };
+                    // SAFETY: in bounds and aligned; the region outlives
+                    // the scope.
+                    unsafe { AtomicU64::from_ptr((base + off) as *mut u64) }
+                        .store(v, Ordering::Relaxed);
+                }
+            });
+            let mut out = Vec::new();
+            let mut errors = 0u64;
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            let mut i = 0u32;
+            // Until the scribbles were noticed (a scribbled tail breaks the
+            // ring for good), and at least 50,000 rounds.
+            while (errors == 0 || i < 50_000) && std::time::Instant::now() < deadline {
+                if i.is_multiple_of(4) {
+                    let _ = tx.push(&i.to_le_bytes());
+                }
+                match rx.pop(&mut out) {
+                    Ok(_) => assert!(out.len() <= max),
+                    Err(_) => errors += 1,
+                }
+                i += 1;
+            }
+            stop.store(true, Ordering::Relaxed);
+            assert!(errors > 0, "the scribbles were noticed");
+        });
+    }
+
+    #[test]
+    fn bad_regions_are_refused() {
+        let mut mem = Mem::new(4096);
+        let p = mem.ptr();
+        // SAFETY: the pointers are only checked, never used, on refusal.
+        unsafe {
+            assert!(Producer::new(p, RING_HEADER + 3000).is_err());
+            assert!(Producer::new(p, RING_HEADER + 2048).is_err());
+            assert!(Consumer::new(p.add(8), RING_HEADER + 4096).is_err());
+        }
+    }
+}
