@@ -1,8 +1,11 @@
-//! The shared-memory lane between ipcm peers (in progress): its rings.
+//! The shared-memory lane between ipcm peers (in progress): its memory
+//! and rings.
 //!
-//! So far only the ring of records ([`ring`]) exists, with its checks
-//! against a hostile peer, its tests and its fuzz target; the negotiation
-//! after the hello, the memfd, the wake-ups and the wiring into the
-//! reactor are not built yet, so nothing in a connection uses it.
+//! Built so far: the ring of records ([`ring`]) with its checks against a
+//! hostile peer, its tests and its fuzz target, and the sealed memfd that
+//! holds two of them ([`shm`]). The negotiation after the hello, passing
+//! the descriptor, the wake-ups and the wiring into the reactor are not
+//! built yet, so no connection uses the lane.
 
 pub(crate) mod ring;
+pub(crate) mod shm;
