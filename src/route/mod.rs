@@ -148,10 +148,23 @@ impl Route {
 
     /// Removes the whole route directory tree.
     pub fn unspawn(&self) -> Result<()> {
-        match fs::remove_dir_all(&self.path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("Cannot remove route '{}'", self.path), e)),
+        // A client disconnecting as the tree goes writes its `.stats` last,
+        // after its socket is gone (the protocol's order), so a file can
+        // appear between the removal's listing and its rmdir: look again a
+        // few times before giving up.
+        let mut tries = 0;
+        loop {
+            match fs::remove_dir_all(&self.path) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty && tries < 20 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(e) => {
+                    return Err(Error::io(format!("Cannot remove route '{}'", self.path), e));
+                }
+            }
         }
     }
 
@@ -558,6 +571,32 @@ fn default_tmpdir() -> PathBuf {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// Clients writing their last `.stats` while the route is removed (a
+    /// file appears between the removal's listing and its rmdir): the
+    /// removal looks again instead of failing.
+    #[test]
+    fn unspawn_outlasts_files_written_while_it_removes() {
+        for _ in 0..20 {
+            let parent = tempfile::tempdir().unwrap();
+            let r = Route::spawn(Some(parent.path())).unwrap();
+            for i in 0..200 {
+                fs::write(format!("{}/c{i}.stats", r.path()), b"{}").unwrap();
+            }
+            let dir = r.path().to_string();
+            let writer = std::thread::spawn(move || {
+                for i in 0..50 {
+                    // Fails once the directory is gone, as a late client's
+                    // write does.
+                    let _ = fs::write(format!("{dir}/late{i}.stats"), b"{}");
+                    std::thread::yield_now();
+                }
+            });
+            r.unspawn().unwrap();
+            writer.join().unwrap();
+            assert!(!r.exists());
+        }
+    }
 
     #[test]
     fn spawn_creates_private_dir_with_perl_template() {
