@@ -27,7 +27,10 @@
 //! * [`AsyncSender::send`] is cancel safe: the message is handed over in
 //!   one step, as the future completes. A future dropped before it
 //!   returned `Ready` sent nothing; one that returned `Ok(())` handed the
-//!   whole frame over. Never half a frame, never a duplicate.
+//!   whole frame over. Never half a frame, never a duplicate. One dropped
+//!   while awaiting a new peer's connection verdict leaves that request
+//!   to the next send to the peer, so a send raced against other futures
+//!   in a loop still gets through.
 //! * [`AsyncReceiver::recv`], [`AsyncReceiver::receive`],
 //!   [`AsyncReceiver::recv_many`] and the `Stream` are cancel safe: a
 //!   message leaves the ring only in the poll that returns it.
@@ -267,6 +270,9 @@ pub struct AsyncSender {
     /// not yet known), and a sealed batch waiting for room.
     batch: Option<SinkBatch>,
     batch_connect: Option<(Arc<str>, Request<()>)>,
+    /// The connect request of a dropped `send`, kept for the next send to
+    /// that peer.
+    connecting: Option<(Arc<str>, Request<()>)>,
     sealed: Option<Cmd>,
 }
 
@@ -297,6 +303,7 @@ impl AsyncSender {
             staged: None,
             batch: None,
             batch_connect: None,
+            connecting: None,
             sealed: None,
         }
     }
@@ -313,14 +320,21 @@ impl AsyncSender {
         let frame = self.shared.frame(&mut self.arena, peer, content)?;
         let (peer, connect) = match self.known.get(peer) {
             Some(p) => (p.clone(), None),
-            None => {
-                let p: Arc<str> = Arc::from(peer);
-                let q = p.clone();
-                (
-                    p.clone(),
-                    Some((q, Request::new(|ack| Cmd::Connect { peer: p, ack }))),
-                )
-            }
+            None => match self.connecting.take() {
+                // A connect verdict a dropped send was waiting for: awaited
+                // again, not asked for again, so sends raced against other
+                // futures still reach the peer.
+                Some((p, req)) if &*p == peer => (p.clone(), Some((p, req))),
+                other => {
+                    self.connecting = other;
+                    let p: Arc<str> = Arc::from(peer);
+                    let q = p.clone();
+                    (
+                        p.clone(),
+                        Some((q, Request::new(|ack| Cmd::Connect { peer: p, ack }))),
+                    )
+                }
+            },
         };
         Ok(Steps {
             connect,
@@ -405,6 +419,18 @@ pub struct SendFuture<'a> {
 impl std::fmt::Debug for SendFuture<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendFuture").finish_non_exhaustive()
+    }
+}
+
+impl Drop for SendFuture<'_> {
+    fn drop(&mut self) {
+        // Dropped while waiting for the connect verdict: the request stays
+        // with the sender (nothing of the message was handed over).
+        if let Ok(steps) = &mut self.steps
+            && let Some(c) = steps.connect.take()
+        {
+            self.tx.connecting = Some(c);
+        }
     }
 }
 

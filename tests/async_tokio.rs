@@ -46,7 +46,52 @@ per_backend!(
     sink_and_stream_carry_every_message_in_order,
     errors_carry_the_blocking_texts,
     peer_events_arrive_as_a_stream,
+    a_send_dropped_while_connecting_leaves_the_verdict_to_the_next,
 );
+
+/// A send dropped while it waits for the connection verdict sent nothing;
+/// the next send to that peer awaits the same verdict instead of asking
+/// again (sends raced against other futures in a loop once never got
+/// past it).
+fn a_send_dropped_while_connecting_leaves_the_verdict_to_the_next(b: BackendChoice) {
+    use std::future::Future;
+    use std::task::Poll;
+    let _g = serial();
+    let t = TestRoute::new(b);
+    runtime().block_on(async {
+        let (_stx, mut rx, sh) = t.connect("sink").into_async().unwrap();
+        let (mut tx, _rx, h) = t.connect_nl("src").into_async().unwrap();
+        let mut first = tx.send("sink", "dropped");
+        let polled =
+            std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut first).poll(cx))).await;
+        let first_sent = polled.is_ready();
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut second = tx.send("sink", "kept");
+        let polled =
+            std::future::poll_fn(|cx| Poll::Ready(std::pin::Pin::new(&mut second).poll(cx))).await;
+        assert!(
+            matches!(polled, Poll::Ready(Ok(()))),
+            "the verdict had come: the second send completes at once"
+        );
+        drop(second);
+        let m = tokio::time::timeout(LONG, rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if first_sent {
+            assert_eq!(m.content::<String>().unwrap(), "dropped");
+        } else {
+            assert_eq!(
+                m.content::<String>().unwrap(),
+                "kept",
+                "the dropped send sent nothing"
+            );
+        }
+        h.shutdown().await.unwrap();
+        sh.shutdown().await.unwrap();
+    });
+}
 
 fn peer_events_arrive_as_a_stream(b: BackendChoice) {
     let _g = serial();
