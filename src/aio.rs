@@ -308,15 +308,17 @@ impl AsyncSender {
         }
     }
 
+    /// A deferred failure for `peer` (its connection must be verified
+    /// again).
+    fn take_failure(&mut self, peer: &str) -> Result<()> {
+        self.shared.take_failure(peer).inspect_err(|_| {
+            self.known.remove(peer);
+        })
+    }
+
     /// The frame of `content` for `peer` and the steps to hand it over.
     fn steps<T: Serialize + ?Sized>(&mut self, peer: &str, content: &T) -> Result<Steps> {
-        if let Some(text) = self.shared.take_failure(peer) {
-            self.known.remove(peer);
-            return Err(Error::DeferredSend {
-                peer: peer.to_string(),
-                text,
-            });
-        }
+        self.take_failure(peer)?;
         let frame = self.shared.frame(&mut self.arena, peer, content)?;
         let (peer, connect) = match self.known.get(peer) {
             Some(p) => (p.clone(), None),
@@ -521,13 +523,7 @@ impl AsyncSender {
             }
             return Ok(());
         }
-        if let Some(text) = self.shared.take_failure(peer) {
-            self.known.remove(peer);
-            return Err(Error::DeferredSend {
-                peer: peer.to_string(),
-                text,
-            });
-        }
+        self.take_failure(peer)?;
         // poll_ready came first, so nothing sealed waits here.
         if self.batch.as_ref().is_some_and(|b| &*b.peer != peer) {
             self.sealed = self.batch.take().and_then(|mut b| b.seal());

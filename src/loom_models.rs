@@ -170,6 +170,14 @@ struct Ring {
 unsafe impl Sync for Ring {}
 
 impl Ring {
+    fn empty() -> Self {
+        Ring {
+            slot: loom::cell::UnsafeCell::new(None),
+            head: AtomicUsize::new(0),
+            tail: AtomicUsize::new(0),
+        }
+    }
+
     fn push(&self, v: u32) -> Result<(), u32> {
         let tail = self.tail.load(Ordering::Relaxed);
         if tail - self.head.load(Ordering::Acquire) == 1 {
@@ -202,11 +210,7 @@ impl Ring {
 #[test]
 fn the_receive_ring_loses_no_wake_up_either_way() {
     loom::model(|| {
-        let ring = Arc::new(Ring {
-            slot: loom::cell::UnsafeCell::new(None),
-            head: AtomicUsize::new(0),
-            tail: AtomicUsize::new(0),
-        });
+        let ring = Arc::new(Ring::empty());
         let gate = Arc::new(RingGate::default());
         let reactor = Arc::new(ModelWaker::default());
         let ready = Arc::new(EventFd::default());
@@ -256,11 +260,7 @@ fn the_receive_ring_loses_no_wake_up_either_way() {
 #[test]
 fn senders_waiting_for_queue_room_are_always_woken() {
     loom::model(|| {
-        let queue = Arc::new(Ring {
-            slot: loom::cell::UnsafeCell::new(None),
-            head: AtomicUsize::new(0),
-            tail: AtomicUsize::new(0),
-        });
+        let queue = Arc::new(Ring::empty());
         // The one-slot ring is single-producer: the two senders take turns
         // through a lock, as pushes onto crossbeam's queue are linearised.
         let push_lock = Arc::new(Mutex::new(()));

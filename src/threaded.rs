@@ -534,16 +534,23 @@ impl Shared {
         Ok(closed)
     }
 
-    /// Takes the failure of an earlier fire-and-forget frame to `peer`.
-    pub(crate) fn take_failure(&self, peer: &str) -> Option<String> {
+    /// Takes the failure of an earlier fire-and-forget frame to `peer`,
+    /// as the [`Error::DeferredSend`] the next call for that peer returns.
+    pub(crate) fn take_failure(&self, peer: &str) -> Result<()> {
         // Most calls find none: one load, no lock.
         if self.failed.load(Ordering::Acquire) == 0 {
-            return None;
+            return Ok(());
         }
         let mut f = lock(&self.failures);
         let text = f.remove(peer);
         self.failed.store(f.len(), Ordering::Release);
-        text
+        match text {
+            Some(text) => Err(Error::DeferredSend {
+                peer: peer.to_string(),
+                text,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Whether a failure waits to be reported (one load).
@@ -651,14 +658,9 @@ impl Sender {
     }
 
     fn take_failure(&mut self, peer: &str) -> Result<()> {
-        if let Some(text) = self.shared.take_failure(peer) {
+        self.shared.take_failure(peer).inspect_err(|_| {
             self.known.remove(peer);
-            return Err(Error::DeferredSend {
-                peer: peer.to_string(),
-                text,
-            });
-        }
-        Ok(())
+        })
     }
 
     fn send_acked(&mut self, peer: &str, frame: Bytes) -> Result<()> {
