@@ -45,7 +45,7 @@ mod support;
 use support::{WAIT, json_string as payload, queue};
 
 const SIZES: [usize; 3] = [64, 1024, 16384];
-const SYSTEMS: [System; 7] = [
+const SYSTEMS: [System; 8] = [
     System::Raw,
     System::Tokio,
     System::Ipcm(Flavor::Uring),
@@ -53,6 +53,7 @@ const SYSTEMS: [System; 7] = [
     System::Ipcm(Flavor::Json),
     System::Ipcm(Flavor::Threaded),
     System::Ipcm(Flavor::Async),
+    System::Ipcm(Flavor::Shm),
 ];
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -64,6 +65,9 @@ enum Flavor {
     Threaded,
     /// The threaded reactor awaited from tokio (`ipcm::aio`).
     Async,
+    /// Binary, io_uring where available, on the shared-memory lane (the
+    /// other rows keep it off: they measure the socket).
+    Shm,
 }
 
 #[derive(Clone, Copy, PartialEq, Debug)]
@@ -83,6 +87,7 @@ impl System {
             System::Ipcm(Flavor::Json) => "ipcm-json",
             System::Ipcm(Flavor::Threaded) => "ipcm-thread",
             System::Ipcm(Flavor::Async) => "ipcm-async",
+            System::Ipcm(Flavor::Shm) => "ipcm-shm",
         }
     }
 }
@@ -298,12 +303,18 @@ fn ipcm_route(flavor: Flavor) -> (Route, Info, Options) {
     let info = Info::new(ser, route.path());
     let backend = match flavor {
         Flavor::Epoll => BackendChoice::Epoll,
-        Flavor::Uring | Flavor::Json | Flavor::Threaded | Flavor::Async => uring_or_epoll(),
+        Flavor::Uring | Flavor::Json | Flavor::Threaded | Flavor::Async | Flavor::Shm => {
+            uring_or_epoll()
+        }
     };
     // A bounded outbox gives the sender back-pressure, as the socket buffer
     // gives the raw sender and the codec's 8 KiB boundary gives tokio;
     // the 16 MiB default would let it run ahead and churn memory.
-    let opts = Options::new().backend(backend).outbox_limit(256 * 1024);
+    let opts = Options::new()
+        .backend(backend)
+        .outbox_limit(256 * 1024)
+        .lane(flavor == Flavor::Shm)
+        .lane_after_bytes(0);
     (route, info, opts)
 }
 

@@ -58,10 +58,6 @@ mod fork;
 #[cfg(feature = "unstable")]
 #[doc(hidden)]
 pub mod fuzzing;
-// The shared-memory lane's building blocks (src/lane/mod.rs), not yet
-// used by connections: the tests and a fuzz target drive them, and they
-// may be unused until the lane is wired in.
-#[allow(dead_code)]
 mod lane;
 mod message;
 mod proto;
@@ -95,8 +91,9 @@ pub struct ReadmeDoctests;
 
 pub use client::{BroadcastResult, Client, DisconnectHandler, Options, PATH_TYPE, Resources};
 pub use error::{Error, Result};
+pub use lane::LANE_ENV;
 pub use message::{Message, sort_messages};
-pub use proto::{IdText, Iter, MessageRef, Received, Stats};
+pub use proto::{IdText, Iter, LaneConfig, LaneKind, MessageRef, Received, Stats};
 pub use reactor::{BACKEND_ENV, BackendChoice, BackendKind, Waker, io_uring_available};
 pub use route::watch::{PEER_WATCH_ENV, PeerEvent, PeerWatch, RESCAN_INTERVAL, WatchMode};
 pub use route::{EntryKind, Info, PidState, Route, max_on_disk_name_length, on_disk_name};

@@ -47,7 +47,14 @@ impl Client {
             connections: self.reactor.core().conn_count(),
             pooled_buffers: self.reactor.pool().idle(),
             backend_buffers: self.reactor.backend_buffers(),
+            lanes: self.reactor.core().lane_count(),
         }
+    }
+
+    /// Which path messages to and from `peer` take: the socket, or (both
+    /// ways) a shared-memory lane; `None` without a connection to `peer`.
+    pub fn lane(&self, peer: &str) -> Option<LaneKind> {
+        self.reactor.core().lane_of(peer)
     }
 
     /// Always false: this transport cannot suspend.

@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::error::{Error, Result};
 use crate::message::{Message, sort_messages_with};
 use crate::proto::Stats;
-use crate::proto::{Append, ConnId, Core, CoreConfig, Enqueue};
+use crate::proto::{Append, ConnId, Core, CoreConfig, Enqueue, LaneKind};
 use crate::reactor::{BackendChoice, BackendKind, Reactor, make_backend};
 use crate::route::{EntryKind, Info, PidState, Route, names::check_local_id, pid_is_running};
 use crate::serializer::{Content, Outgoing, Serializer};

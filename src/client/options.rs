@@ -78,6 +78,29 @@ impl Options {
         self
     }
 
+    /// Moves busy connections to other ipcm clients onto a shared-memory
+    /// lane (on by default; the environment variable `IPCM_LANE=off` turns
+    /// it off for the whole process). Perl peers are never offered one.
+    pub fn lane(mut self, on: bool) -> Self {
+        self.limits.lane.enabled = on;
+        self
+    }
+
+    /// Bytes a connection carries (both ways) before it moves to a lane
+    /// (default 64 KiB; 0: at its first write).
+    pub fn lane_after_bytes(mut self, bytes: u64) -> Self {
+        self.limits.lane.after_bytes = bytes;
+        self
+    }
+
+    /// Record bytes of each of a lane's two rings (a power of two of at
+    /// least 4 KiB; default 256 KiB): a lane maps twice this much shared
+    /// memory, and a full ring makes sends wait as a full outbox does.
+    pub fn lane_ring_bytes(mut self, bytes: usize) -> Self {
+        self.limits.lane.ring_bytes = bytes;
+        self
+    }
+
     /// Sets the largest payload accepted from a peer.
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.limits.max_frame = bytes;
@@ -147,6 +170,8 @@ pub struct Resources {
     /// Buffers the backend holds (armed receives, in-flight sends, buffers
     /// provided to the kernel).
     pub backend_buffers: usize,
+    /// Connections on a shared-memory lane.
+    pub lanes: usize,
 }
 
 /// A handler that takes the messages still arriving during `disconnect`.

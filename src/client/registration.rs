@@ -59,6 +59,16 @@ impl Client {
             backend: e.backend,
             reason: e.reason.into(),
         })?;
+        let mut opts = opts;
+        if opts.limits.lane.enabled && crate::lane::disabled_by_env() {
+            opts.limits.lane.enabled = false;
+        }
+        if opts.listen
+            && opts.limits.lane.enabled
+            && let Err(e) = crate::lane::beacon::listen()
+        {
+            crate::lane::log_unavailable(&format!("cannot bind the lane beacon: {e}"));
+        }
         let mut core = Core::new(serializer.clone(), opts.limits.clone());
         *core.stats_mut() = stats;
         core.set_local_id(id);

@@ -10,7 +10,9 @@
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | `tail`: bytes ever written (the producer's; a u64, native order) |
+//! | 8 | 8 | `room`: nonzero while the producer waits for room |
 //! | 64 | 8 | `head`: bytes ever read (the consumer's) |
+//! | 72 | 8 | `wake`: nonzero while the consumer sleeps (or is about to) |
 //! | 128 | `capacity` | records |
 //!
 //! A record is an 8-byte header (the payload length as a u32, then four
@@ -20,6 +22,18 @@
 //! offset 0. The producer writes a record whole, then publishes `tail`
 //! (release); the consumer reads `tail` (acquire), copies the record out,
 //! then publishes `head` (release).
+//!
+//! # Wake-ups
+//!
+//! A consumer about to sleep sets `wake` and then looks at `tail` once
+//! more; a producer publishes `tail` and then takes `wake` (a swap to 0):
+//! if it was set, the producer wakes the consumer (over the socket). Both
+//! sides use sequentially consistent accesses, so either the consumer's
+//! second look sees the record or the producer sees the flag: a wake-up
+//! is never lost (Dekker's pattern). `room` is the same handshake with
+//! the roles swapped, for a producer that found the ring full. A peer that
+//! scribbles on the flags causes spurious wake-ups (harmless) or withholds
+//! its own (it then waits for nothing but itself).
 //!
 //! # The peer is untrusted
 //!
@@ -52,7 +66,13 @@ pub const PAD: u32 = u32::MAX;
 pub const RECORD_HEADER: usize = 8;
 
 const TAIL: usize = 0;
+/// Set by a producer that found the ring full; taken by the consumer that
+/// makes room (it then wakes the producer).
+const ROOM: usize = 8;
 const HEAD: usize = 64;
+/// Set by a consumer about to sleep; taken by the producer that publishes
+/// next (it then wakes the consumer).
+const WAKE: usize = 72;
 
 /// Why a ring cannot be used (any further).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -148,17 +168,59 @@ pub struct Consumer {
     broken: Option<&'static str>,
 }
 
-/// Zeroes a fresh region's indices (the creator's side, before it is
-/// shared).
+/// Zeroes a fresh region's indices and flags (the creator's side, before
+/// it is shared).
 ///
 /// # Safety
 /// As for [`Producer::new`].
 pub unsafe fn init(base: *mut u8, len: usize) -> Result<(), RingError> {
     // SAFETY: the caller's contract is `Region::new`'s.
     let r = unsafe { Region::new(base, len)? };
-    r.word(TAIL).store(0, Ordering::Release);
-    r.word(HEAD).store(0, Ordering::Release);
+    for at in [TAIL, ROOM, HEAD, WAKE] {
+        r.word(at).store(0, Ordering::Release);
+    }
     Ok(())
+}
+
+/// Copies `parts` (exactly `len` bytes in all) into the region from byte
+/// `at`, a word at a time; the last word is padded with zeros.
+fn store_parts(region: &Region, at: usize, parts: &[&[u8]], len: usize) {
+    let mut word = [0u8; 8];
+    let mut fill = 0;
+    let mut at = at;
+    for part in parts {
+        let mut p: &[u8] = part;
+        if fill > 0 {
+            let n = (8 - fill).min(p.len());
+            word[fill..fill + n].copy_from_slice(&p[..n]);
+            fill += n;
+            p = &p[n..];
+            if fill < 8 {
+                continue;
+            }
+            region
+                .word(at)
+                .store(u64::from_ne_bytes(word), Ordering::Relaxed);
+            at += 8;
+        }
+        let mut chunks = p.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
+            region.word(at).store(w, Ordering::Relaxed);
+            at += 8;
+        }
+        let rest = chunks.remainder();
+        word = [0; 8];
+        word[..rest.len()].copy_from_slice(rest);
+        fill = rest.len();
+    }
+    if fill > 0 {
+        word[fill..].fill(0);
+        region
+            .word(at)
+            .store(u64::from_ne_bytes(word), Ordering::Relaxed);
+    }
+    debug_assert!(len <= at + 8);
 }
 
 impl Producer {
@@ -184,7 +246,7 @@ impl Producer {
     /// Bytes the ring has free now; an error if the peer's `head` is not
     /// one a consumer could have published.
     fn free(&self) -> Result<usize, RingError> {
-        let head = self.region.word(HEAD).load(Ordering::Acquire);
+        let head = self.region.word(HEAD).load(Ordering::SeqCst);
         let used = self.tail.wrapping_sub(head);
         if used > self.region.capacity as u64 || !head.is_multiple_of(8) {
             return Err(RingError::Corrupt("head outside the written range"));
@@ -192,8 +254,60 @@ impl Producer {
         Ok(self.region.capacity - used as usize)
     }
 
+    /// Whether the consumer has read everything published.
+    #[cfg_attr(not(any(test, feature = "unstable")), allow(dead_code))]
+    pub fn is_drained(&self) -> Result<bool, RingError> {
+        Ok(self.free()? == self.region.capacity)
+    }
+
+    /// The largest payload one record written now can carry (0: the ring
+    /// is full). Where too little is left before the end for a header and
+    /// a word, the rest of the ring is padded first.
+    pub fn room(&mut self) -> Result<usize, RingError> {
+        let cap = self.region.capacity;
+        let mut free = self.free()?;
+        let pos = (self.tail as usize) & (cap - 1);
+        let mut to_end = cap - pos;
+        if to_end < RECORD_HEADER + 8 {
+            if free < to_end {
+                return Ok(0);
+            }
+            self.region
+                .word(self.region.data(pos))
+                .store(header(PAD), Ordering::Relaxed);
+            self.tail += to_end as u64;
+            free -= to_end;
+            to_end = cap;
+        }
+        let fits = free.min(to_end);
+        Ok(fits.saturating_sub(RECORD_HEADER).min(self.max_payload()))
+    }
+
+    /// Writes one record of the concatenated `parts` (`len` bytes in all,
+    /// at most [`Producer::room`]) and publishes it.
+    pub fn push_parts(&mut self, parts: &[&[u8]], len: usize) -> Result<(), RingError> {
+        debug_assert_eq!(parts.iter().map(|p| p.len()).sum::<usize>(), len);
+        let room = self.room()?;
+        if len > room || len == 0 {
+            return Err(RingError::TooLarge { len, max: room });
+        }
+        let cap = self.region.capacity;
+        let pos = (self.tail as usize) & (cap - 1);
+        let at = self.region.data(pos);
+        self.region
+            .word(at)
+            .store(header(len as u32), Ordering::Relaxed);
+        store_parts(&self.region, at + RECORD_HEADER, parts, len);
+        self.tail += padded(len) as u64;
+        // SeqCst: ordered before the load of the consumer's wake flag in
+        // `take_wake` (the consumer stores its flag, then loads `tail`).
+        self.region.word(TAIL).store(self.tail, Ordering::SeqCst);
+        Ok(())
+    }
+
     /// Writes one record; `Ok(false)` (nothing written) when the ring has
     /// no room for it now.
+    #[cfg_attr(not(any(test, feature = "unstable")), allow(dead_code))]
     pub fn push(&mut self, payload: &[u8]) -> Result<bool, RingError> {
         let len = payload.len();
         if len > self.max_payload() {
@@ -221,16 +335,25 @@ impl Producer {
         self.region
             .word(at)
             .store(header(len as u32), Ordering::Relaxed);
-        for (i, chunk) in payload.chunks(8).enumerate() {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            self.region
-                .word(at + RECORD_HEADER + i * 8)
-                .store(u64::from_ne_bytes(w), Ordering::Relaxed);
-        }
+        store_parts(&self.region, at + RECORD_HEADER, &[payload], len);
         self.tail += need as u64;
-        self.region.word(TAIL).store(self.tail, Ordering::Release);
+        self.region.word(TAIL).store(self.tail, Ordering::SeqCst);
         Ok(true)
+    }
+
+    /// After publishing: whether the consumer had announced that it
+    /// sleeps (then it must be woken, once); the announcement is taken.
+    pub fn take_wake(&self) -> bool {
+        let w = self.region.word(WAKE);
+        w.load(Ordering::SeqCst) != 0 && w.swap(0, Ordering::SeqCst) != 0
+    }
+
+    /// The ring had no room: announces that this producer waits for room,
+    /// then looks again; true if room appeared meanwhile (then no wake
+    /// will come, and the caller writes now).
+    pub fn wait_for_room(&mut self) -> Result<bool, RingError> {
+        self.region.word(ROOM).swap(1, Ordering::SeqCst);
+        Ok(self.room()? > 0)
     }
 }
 
@@ -254,20 +377,18 @@ impl Consumer {
         RingError::Corrupt(why)
     }
 
-    /// Copies the next record's payload into `out` (cleared first);
-    /// `Ok(false)` when the ring is empty. After an error the ring stays
-    /// broken.
-    pub fn pop(&mut self, out: &mut Vec<u8>) -> Result<bool, RingError> {
-        out.clear();
+    /// The next record, checked: its payload's byte offset and length;
+    /// `None` when the ring is empty. Pads are skipped.
+    fn next_record(&mut self) -> Result<Option<(usize, usize)>, RingError> {
         if let Some(why) = self.broken {
             return Err(RingError::Corrupt(why));
         }
         let cap = self.region.capacity;
-        let tail = self.region.word(TAIL).load(Ordering::Acquire);
+        let tail = self.region.word(TAIL).load(Ordering::SeqCst);
         loop {
             let avail = tail.wrapping_sub(self.head);
             if avail == 0 {
-                return Ok(false);
+                return Ok(None);
             }
             if avail > cap as u64 {
                 return Err(self.corrupt("tail more than a ring ahead of head"));
@@ -296,21 +417,110 @@ impl Consumer {
             if need > avail || pos + need > cap {
                 return Err(self.corrupt("record past the written bytes"));
             }
+            return Ok(Some((at + RECORD_HEADER, len)));
+        }
+    }
+
+    /// Marks the record of `len` payload bytes read and publishes `head`.
+    fn consumed(&mut self, len: usize) {
+        self.head += padded(len) as u64;
+        // SeqCst: ordered before the load of the producer's room flag in
+        // `take_room_wanted` (the producer stores its flag, then loads
+        // `head`).
+        self.region.word(HEAD).store(self.head, Ordering::SeqCst);
+    }
+
+    /// Copies the next record's payload into `out` (cleared first);
+    /// `Ok(false)` when the ring is empty. After an error the ring stays
+    /// broken.
+    #[cfg_attr(not(any(test, feature = "unstable")), allow(dead_code))]
+    pub fn pop(&mut self, out: &mut Vec<u8>) -> Result<bool, RingError> {
+        out.clear();
+        let Some((at, len)) = self.next_record()? else {
+            return Ok(false);
+        };
+        out.reserve(len);
+        for i in 0..len.div_ceil(8) {
+            let w = self
+                .region
+                .word(at + i * 8)
+                .load(Ordering::Relaxed)
+                .to_ne_bytes();
+            let take = (len - i * 8).min(8);
+            out.extend_from_slice(&w[..take]);
+        }
+        self.consumed(len);
+        Ok(true)
+    }
+
+    /// Appends the payloads of the next records to `out`, while the next
+    /// one fits in `limit` bytes in all (the first is taken whatever its
+    /// size); returns the bytes appended (0: the ring is empty).
+    pub fn pop_into(
+        &mut self,
+        out: &mut bytes::BytesMut,
+        limit: usize,
+    ) -> Result<usize, RingError> {
+        let mut total = 0;
+        while let Some((at, len)) = self.next_record()? {
+            if total > 0 && total + len > limit {
+                break;
+            }
             out.reserve(len);
-            let words = len.div_ceil(8);
-            for i in 0..words {
+            let spare = out.spare_capacity_mut();
+            let dst = spare.as_mut_ptr().cast::<u8>();
+            for i in 0..len.div_ceil(8) {
                 let w = self
                     .region
-                    .word(at + RECORD_HEADER + i * 8)
+                    .word(at + i * 8)
                     .load(Ordering::Relaxed)
                     .to_ne_bytes();
                 let take = (len - i * 8).min(8);
-                out.extend_from_slice(&w[..take]);
+                // SAFETY: `reserve(len)` made room for `len` bytes after the
+                // buffer's length, and `i * 8 + take <= len`; the source is
+                // a local array.
+                unsafe { std::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(i * 8), take) };
             }
-            self.head += need as u64;
-            self.region.word(HEAD).store(self.head, Ordering::Release);
-            return Ok(true);
+            // SAFETY: the `len` bytes after the old length were written
+            // just above.
+            unsafe { out.set_len(out.len() + len) };
+            self.consumed(len);
+            total += len;
         }
+        Ok(total)
+    }
+
+    /// After reading: whether the producer had announced that it waits
+    /// for room (then it must be woken, once); the announcement is taken.
+    pub fn take_room_wanted(&self) -> bool {
+        let w = self.region.word(ROOM);
+        w.load(Ordering::SeqCst) != 0 && w.swap(0, Ordering::SeqCst) != 0
+    }
+
+    /// Announces that the consumer is about to sleep, then looks again:
+    /// true if the ring is still empty (the producer will wake it, so it
+    /// may sleep); false if something arrived meanwhile. Either way
+    /// [`Consumer::end_sleep`] follows.
+    pub fn prepare_sleep(&mut self) -> bool {
+        self.region.word(WAKE).swap(1, Ordering::SeqCst);
+        let tail = self.region.word(TAIL).load(Ordering::SeqCst);
+        tail == self.head
+    }
+
+    /// The consumer is awake again: a producer need not wake it.
+    pub fn end_sleep(&self) {
+        self.region.word(WAKE).store(0, Ordering::SeqCst);
+    }
+
+    /// Whether the peer broke the ring's rules (it is not read again).
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    /// Whether a record (or garbage) is published and unread.
+    #[cfg_attr(not(any(test, feature = "unstable")), allow(dead_code))]
+    pub fn has_data(&self) -> bool {
+        self.broken.is_none() && self.region.word(TAIL).load(Ordering::SeqCst) != self.head
     }
 }
 
@@ -514,6 +724,71 @@ mod tests {
             stop.store(true, Ordering::Relaxed);
             assert!(errors > 0, "the scribbles were noticed");
         });
+    }
+
+    /// A byte stream cut into records wherever room ends, from parts of
+    /// every alignment, comes out whole and in order.
+    #[test]
+    fn parts_pushed_as_room_allows_come_out_as_the_same_stream() {
+        let mut mem = Mem::new(4096);
+        let (mut tx, mut rx) = pair(&mut mem);
+        let stream: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        let (mut sent, mut got) = (0, bytes::BytesMut::new());
+        let mut cut = 1usize;
+        while got.len() < stream.len() {
+            let room = tx.room().unwrap();
+            if room > 0 && sent < stream.len() {
+                let len = room.min(stream.len() - sent).min(cut * 13 % 3000 + 1);
+                let mid = sent + len / 3;
+                tx.push_parts(&[&stream[sent..mid], &stream[mid..sent + len]], len)
+                    .unwrap();
+                sent += len;
+                cut += 1;
+            }
+            rx.pop_into(&mut got, cut % 5000).unwrap();
+        }
+        assert!(got[..] == stream[..]);
+        assert!(tx.is_drained().unwrap());
+        assert!(matches!(
+            tx.push_parts(&[&[0; 10]], 10)
+                .and(tx.push_parts(&[&[0; 4096]], 4096)),
+            Err(RingError::TooLarge { .. })
+        ));
+    }
+
+    fn fill(tx: &mut Producer) {
+        loop {
+            let room = tx.room().unwrap();
+            if room == 0 {
+                return;
+            }
+            tx.push_parts(&[&vec![1; room]], room).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_sleeping_consumer_is_woken_once_and_a_waiting_producer_too() {
+        let mut mem = Mem::new(4096);
+        let (mut tx, mut rx) = pair(&mut mem);
+        assert!(!tx.take_wake(), "nobody sleeps yet");
+        assert!(rx.prepare_sleep(), "empty: may sleep");
+        tx.push(b"x").unwrap();
+        assert!(tx.take_wake(), "the sleeper is woken");
+        assert!(!tx.take_wake(), "once");
+        assert!(!rx.prepare_sleep(), "data arrived: no sleep");
+        rx.end_sleep();
+        tx.push(b"y").unwrap();
+        assert!(!tx.take_wake(), "awake consumers are not woken");
+        fill(&mut tx);
+        assert!(!tx.wait_for_room().unwrap(), "still full");
+        let mut mem = Mem::new(4096);
+        let (mut tx, mut rx) = pair(&mut mem);
+        fill(&mut tx);
+        assert!(!tx.wait_for_room().unwrap());
+        let mut out = Vec::new();
+        assert!(rx.pop(&mut out).unwrap());
+        assert!(rx.take_room_wanted(), "the waiting producer is woken");
+        assert!(!rx.take_room_wanted(), "once");
     }
 
     #[test]

@@ -124,6 +124,11 @@ impl Region {
     }
 
     /// The descriptor to pass to the peer.
+    /// Record bytes of each ring.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }

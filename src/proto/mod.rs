@@ -10,6 +10,7 @@
 
 mod deadlines;
 mod inbox;
+mod lane;
 mod outbox;
 mod stats;
 
@@ -26,6 +27,7 @@ use deadlines::AcceptBackoff;
 #[cfg(test)]
 use deadlines::{ACCEPT_RETRY_MAX, ACCEPT_RETRY_MIN, ACCEPT_WARN_QUIET};
 pub use inbox::{Cursor, Entry, IdText, Iter, MessageRef, Received, RecvBatch};
+pub use lane::{LaneConfig, LaneKind};
 pub use outbox::{Appended, Outbox};
 pub use stats::Stats;
 
@@ -79,6 +81,8 @@ pub struct CoreConfig {
     pub inbox_limit: usize,
     /// How long an accepted connection may stay silent before its hello.
     pub hello_timeout: Duration,
+    /// The shared-memory lane between ipcm peers.
+    pub lane: LaneConfig,
 }
 
 impl Default for CoreConfig {
@@ -89,6 +93,7 @@ impl Default for CoreConfig {
             buf_size: crate::wire::DEFAULT_BUF_SIZE,
             inbox_limit: 4 * 1024 * 1024,
             hello_timeout: Duration::from_secs(30),
+            lane: LaneConfig::default(),
         }
     }
 }
@@ -116,6 +121,16 @@ struct Conn {
     /// Messages queued on it and not yet added to the `sent` statistics
     /// (added once per write started, not once per message).
     uncounted: u64,
+    /// Bytes carried both ways, counted until a lane is asked for.
+    traffic: u64,
+    /// A lane was asked for (or cannot be).
+    lane_tried: bool,
+    /// The shared-memory lane, once offered.
+    lane: Option<Box<lane::ConnLane>>,
+    /// Writing failed because the peer closed: nothing more is written,
+    /// and what it sent before is read (whatever the inbox limit) until
+    /// its end of stream closes the connection with this error.
+    write_failed: Option<io::Error>,
 }
 
 /// Why a connection went away, for the one who asked to send on it.
@@ -231,6 +246,16 @@ pub struct Core {
     unresolved: std::collections::VecDeque<(Instant, ConnId)>,
     /// Accepting is backed off after a failure (see [`Core::on_accept_error`]).
     accept: AcceptBackoff,
+    /// Initiators' connections that want a lane (for the reactor).
+    lane_wanted: Vec<ConnId>,
+    /// Lane offers received (for the reactor): connection, nonce, capacity.
+    lane_offers: Vec<(ConnId, [u8; 16], u32)>,
+    /// Connections with an established lane.
+    lanes: Vec<ConnId>,
+    /// Lane connections whose ring broke, to be closed.
+    lane_broken: Vec<ConnId>,
+    /// Our offers awaiting an answer.
+    lane_offers_out: Vec<ConnId>,
 }
 
 impl Core {
@@ -259,6 +284,11 @@ impl Core {
             arenas: crate::wire::BufferPool::new(64 * 1024, 4),
             unresolved: std::collections::VecDeque::new(),
             accept: AcceptBackoff::default(),
+            lane_wanted: Vec::new(),
+            lane_offers: Vec::new(),
+            lanes: Vec::new(),
+            lane_broken: Vec::new(),
+            lane_offers_out: Vec::new(),
         }
     }
 
@@ -304,6 +334,10 @@ impl Core {
             send_in_flight: false,
             last_activity: coarse_stamp(),
             uncounted: 0,
+            traffic: 0,
+            lane_tried: false,
+            lane: None,
+            write_failed: None,
         });
         let id = ConnId::new(slot, generation);
         self.dirty.push(id);
@@ -447,28 +481,38 @@ impl Core {
         if self.get(id).is_none() {
             return;
         }
+        if self.lane_to_drain(id) {
+            // What the peer published in its ring is not lost with the
+            // socket (a write error may come before the peer's EOF).
+            let mut pool = BufferPool::new(self.cfg.buf_size, 0);
+            self.drain_lane(id, &mut pool);
+            if self.get(id).is_none() {
+                return;
+            }
+        }
         let mut conn = self.conns.remove(id.slot());
         if conn.peer.is_none() {
             self.prune_unresolved();
         }
         conn.outbox.seal(&mut self.ids);
         fold_sent(&mut self.stats, &mut conn);
+        let written_total = lane::written_total(&conn);
         log::debug!(
             "ConnectionUnix: closing connection {:?} to '{}' ({:?}, {} bytes written){}",
             id,
             conn.peer.as_deref().unwrap_or("<no hello yet>"),
             conn.role,
-            conn.outbox.written_total(),
+            written_total,
             write_error
                 .as_ref()
                 .map(|e| format!(": {e}"))
                 .unwrap_or_default()
         );
-        if let Some(peer) = &conn.peer {
-            if self.by_peer.get(peer) == Some(&id.slot()) {
-                self.by_peer.remove(peer);
+        if let Some(peer) = conn.peer.clone() {
+            if self.by_peer.get(&peer) == Some(&id.slot()) {
+                self.by_peer.remove(&peer);
                 self.peers_epoch += 1;
-                self.promote_retired(id, peer, &mut conn.outbox);
+                self.promote_retired(id, &peer, &mut conn);
             } else {
                 self.retired -= 1;
             }
@@ -478,14 +522,14 @@ impl Core {
             id,
             peer: conn.peer,
             write_error,
-            written_total: conn.outbox.written_total(),
+            written_total,
         });
     }
 
     /// After the live connection to `peer` closed: a retired connection to
     /// the same peer (still open for reading) becomes the live one and takes
     /// the frames no write had started, so they are not lost.
-    fn promote_retired(&mut self, from: ConnId, peer: &ByteStr, outbox: &mut Outbox) {
+    fn promote_retired(&mut self, from: ConnId, peer: &ByteStr, conn: &mut Conn) {
         if self.retired == 0 {
             return;
         }
@@ -500,11 +544,13 @@ impl Core {
         self.retired -= 1;
         self.by_peer.insert(peer.clone(), slot);
         self.peers_epoch += 1;
-        let carried = outbox.take_unstarted();
+        let (carried, exact) = lane::take_unstarted(conn);
         let id = self.id_of(slot);
         if !carried.is_empty() {
             let base = self.conns[slot].outbox.enqueued_total();
-            self.record_move(from, outbox.enqueued_total(), id, base);
+            if exact {
+                self.record_move(from, conn.outbox.enqueued_total(), id, base);
+            }
             self.conns[slot].outbox.append_outbox(carried);
             self.dirty.push(id);
         }
@@ -542,6 +588,9 @@ impl Core {
 
     /// Connections the reactor must close (and cancel I/O on).
     pub fn take_closed_ids(&mut self) -> Vec<ConnId> {
+        for id in std::mem::take(&mut self.lane_broken) {
+            self.close(id, Some(io::Error::other("shared-memory lane corrupt")));
+        }
         std::mem::take(&mut self.to_close)
     }
 
@@ -553,7 +602,10 @@ impl Core {
     /// Whether any connection needs operations (re)armed, or closing, or
     /// accepting is to resume.
     pub fn has_operations_to_start(&self) -> bool {
-        !self.dirty.is_empty() || !self.to_close.is_empty() || self.accept.resume
+        !self.dirty.is_empty()
+            || !self.to_close.is_empty()
+            || self.accept.resume
+            || !self.lane_broken.is_empty()
     }
 
     /// Connections whose operations need (re)arming.
@@ -565,11 +617,9 @@ impl Core {
     /// flight, the inbox is full, or the connection is gone); otherwise the
     /// buffer to receive into.
     pub fn start_recv(&mut self, id: ConnId, pool: &mut BufferPool) -> Option<RecvBuf> {
-        if self.paused {
-            return None;
-        }
+        let paused = self.paused;
         let conn = self.get_mut(id)?;
-        if conn.recv_in_flight {
+        if (paused && conn.write_failed.is_none()) || conn.recv_in_flight {
             return None;
         }
         conn.recv_in_flight = true;
@@ -597,7 +647,10 @@ impl Core {
         conn.decoder.filled(buf);
         let eof = match result {
             Ok(0) => true,
-            Ok(_) => false,
+            Ok(n) => {
+                self.note_traffic(id, n);
+                false
+            }
             Err(e)
                 if e.kind() == io::ErrorKind::Interrupted
                     || e.kind() == io::ErrorKind::WouldBlock =>
@@ -615,6 +668,8 @@ impl Core {
             return;
         }
         if eof {
+            // What the peer published in its ring before it went is read.
+            self.drain_lane(id, pool);
             if let Some(c) = self.get_mut(id) {
                 let partial = c.decoder.discard();
                 if partial > 0 {
@@ -624,7 +679,8 @@ impl Core {
                     );
                 }
             }
-            self.close(id, None);
+            let write_error = self.get_mut(id).and_then(|c| c.write_failed.take());
+            self.close(id, write_error);
             return;
         }
         if let Some(c) = self.get_mut(id) {
@@ -713,8 +769,9 @@ impl Core {
             let Core { conns, ids, .. } = self;
             if let Some(c) = conns.get_mut(old.slot()) {
                 c.outbox.seal(ids);
-                carried = c.outbox.take_unstarted();
-                moved_from = Some((old, c.outbox.enqueued_total()));
+                let exact;
+                (carried, exact) = lane::take_unstarted(c);
+                moved_from = exact.then(|| (old, c.outbox.enqueued_total()));
             }
             self.retired += 1;
         }
@@ -739,6 +796,10 @@ impl Core {
     }
 
     fn take_message(&mut self, id: ConnId, frame: Bytes) {
+        if crate::lane::control::is_control(&frame) {
+            self.on_control(id, &frame);
+            return;
+        }
         if matches!(self.serializer, Serializer::Binary) && binary::is_batch(&frame) {
             self.take_batch(id, frame);
             return;
@@ -926,7 +987,7 @@ impl Core {
         conn.outbox.seal(ids);
         conn.outbox.push(frame);
         let total = conn.outbox.enqueued_total();
-        if !conn.send_in_flight {
+        if !conn.send_in_flight || conn.lane.is_some() {
             self.dirty.push(id);
         }
         Enqueue::Queued(total)
@@ -989,7 +1050,7 @@ impl Core {
         }
         if put(&mut conn.outbox, arenas, ids)? == Appended::Opened {
             conn.outbox.cap_room(limit);
-            if !conn.send_in_flight {
+            if !conn.send_in_flight || conn.lane.is_some() {
                 dirty.push(id);
             }
         }
@@ -1038,12 +1099,12 @@ impl Core {
 
     /// Bytes written so far on `id` (see [`Enqueue::Queued`]).
     pub fn written_total(&self, id: ConnId) -> Option<u64> {
-        self.get(id).map(|c| c.outbox.written_total())
+        self.get(id).map(lane::written_total)
     }
 
     /// Bytes queued (not yet written) on `id`.
     pub fn queued_bytes(&self, id: ConnId) -> usize {
-        self.get(id).map_or(0, |c| c.outbox.queued_bytes())
+        self.get(id).map_or(0, lane::queued_bytes)
     }
 
     /// Counts a message as sent to `peer`.
@@ -1071,7 +1132,7 @@ impl Core {
     pub fn backlogged(&self) -> Vec<ConnId> {
         self.conns
             .iter()
-            .filter(|(_, c)| c.peer.is_some() && !c.outbox.is_empty())
+            .filter(|(_, c)| c.peer.is_some() && lane::queued_bytes(c) > 0)
             .map(|(s, c)| ConnId::new(s, c.generation))
             .collect()
     }
@@ -1083,6 +1144,12 @@ impl Core {
             conns, ids, stats, ..
         } = self;
         let conn = conn_mut(conns, id)?;
+        if conn.write_failed.is_some() {
+            return None;
+        }
+        if conn.lane.is_some() {
+            return Self::start_send_lane(conn, id, ids, stats, &mut self.lane_broken);
+        }
         if conn.send_in_flight || conn.outbox.is_empty() {
             return None;
         }
@@ -1092,11 +1159,52 @@ impl Core {
         Some(&conn.outbox)
     }
 
+    /// [`Core::start_send`] on a connection with a lane: the ring's outbox
+    /// is moved into the ring first, then the socket's is written.
+    #[inline(never)]
+    fn start_send_lane<'a>(
+        conn: &'a mut Conn,
+        id: ConnId,
+        ids: &mut IdSeq,
+        stats: &mut Stats,
+        broken: &mut Vec<ConnId>,
+    ) -> Option<&'a Outbox> {
+        fold_sent(stats, conn);
+        let Conn {
+            lane,
+            outbox,
+            last_activity,
+            ..
+        } = conn;
+        let lane = lane.as_deref_mut()?;
+        if let Some(up) = lane.tx_up() {
+            match lane::pump_tx(up, outbox, ids) {
+                Ok(true) => *last_activity = coarse_stamp(),
+                Ok(false) => {}
+                Err(e) => {
+                    log::error!(
+                        "ConnectionUnix: closing connection to '{}': {e}",
+                        conn.peer.as_deref().unwrap_or("")
+                    );
+                    // Closed at the reactor's next `take_closed_ids`.
+                    broken.push(id);
+                    return None;
+                }
+            }
+        }
+        if conn.send_in_flight || lane::socket_outbox(conn).is_empty() {
+            return None;
+        }
+        lane::socket_outbox(conn).seal(ids);
+        conn.send_in_flight = true;
+        Some(lane::socket_outbox(conn))
+    }
+
     /// Records how many frames of `id`'s outbox the backend's in-flight
     /// write covers (the kernel may still be reading them).
     pub fn sending(&mut self, id: ConnId, held_frames: usize) {
         if let Some(c) = self.get_mut(id) {
-            c.outbox.set_in_flight(held_frames);
+            lane::socket_outbox(c).set_in_flight(held_frames);
         }
     }
 
@@ -1108,22 +1216,38 @@ impl Core {
             return;
         };
         conn.send_in_flight = false;
-        conn.outbox.set_in_flight(0);
+        let sock = lane::socket_outbox(conn);
+        sock.set_in_flight(0);
         match result {
             Ok(n) => {
-                conn.outbox.advance(n);
-                if n > 0 && conn.outbox.is_empty() {
+                sock.advance(n);
+                if n > 0 && sock.is_empty() {
+                    sock.release(arenas);
                     conn.last_activity = coarse_stamp();
-                    conn.outbox.release(arenas);
                 }
-                if !conn.outbox.is_empty() {
+                if !lane::socket_outbox(conn).is_empty() || !conn.outbox.is_empty() {
                     self.dirty.push(id);
+                }
+                if n > 0 && !conn.lane_tried {
+                    self.note_traffic(id, n);
                 }
             }
             Err(e)
                 if e.kind() == io::ErrorKind::Interrupted
                     || e.kind() == io::ErrorKind::WouldBlock =>
             {
+                self.dirty.push(id);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                // The peer closed: what it sent before is still to be read
+                // (a peer that sent and left, answered too late), so the
+                // connection closes at its end of stream, not now.
+                conn.write_failed = Some(e);
                 self.dirty.push(id);
             }
             Err(e) => self.close(id, Some(e)),

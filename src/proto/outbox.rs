@@ -71,6 +71,22 @@ pub enum Appended {
 }
 
 impl Outbox {
+    /// An empty outbox whose byte counts start at `total` (it continues
+    /// another's stream).
+    pub(crate) fn continuing(total: u64) -> Self {
+        Outbox {
+            enqueued_total: total,
+            written_total: total,
+            ..Outbox::default()
+        }
+    }
+
+    /// Its frames, in order (for an outbox of unstarted frames).
+    pub(crate) fn into_frames(self) -> VecDeque<Bytes> {
+        debug_assert_eq!(self.offset, 0);
+        self.frames
+    }
+
     /// Appends a frame (behind the open batch, which the caller seals
     /// first).
     pub fn push(&mut self, frame: Bytes) {

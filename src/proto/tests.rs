@@ -395,15 +395,47 @@ fn write_error_closes_with_the_error_recorded() {
     let mut c = core();
     let id = c.add_initiator("p", "me");
     assert!(c.start_send(id).is_some());
-    c.on_sent(id, Err(io::Error::from_raw_os_error(libc::EPIPE)));
+    c.on_sent(id, Err(io::Error::from_raw_os_error(libc::EIO)));
     assert!(!c.is_open(id));
     let closed = c.take_closed();
     assert_eq!(closed.len(), 1);
     assert_eq!(closed[0].peer.as_deref(), Some("p"));
     assert_eq!(
         closed[0].write_error.as_ref().unwrap().raw_os_error(),
+        Some(libc::EIO)
+    );
+}
+
+/// A peer that sent and closed: the write that fails with `EPIPE` stops
+/// writing, but what the peer sent is still read (even with the inbox
+/// full), and its end of stream closes with the write error.
+#[test]
+fn a_broken_pipe_still_reads_what_the_peer_sent_then_closes() {
+    let mut c = core();
+    c.set_inbox_limit(1);
+    let id = c.add_acceptor(Instant::now());
+    let mut bytes = frame(r#"{"hello":"p"}"#);
+    bytes.extend(msg("p", "me", "1"));
+    feed(&mut c, id, &bytes);
+    assert!(c.is_paused(), "the inbox is full");
+    assert!(c.enqueue(id, frame("{}").into()) != Enqueue::Gone);
+    assert!(c.start_send(id).is_some());
+    c.on_sent(id, Err(io::Error::from_raw_os_error(libc::EPIPE)));
+    assert!(c.is_open(id), "open until the peer's end of stream");
+    assert!(c.start_send(id).is_none(), "nothing more is written");
+    feed(&mut c, id, &msg("p", "me", "2"));
+    eof(&mut c, id);
+    assert!(!c.is_open(id));
+    let closed = c.take_closed();
+    assert_eq!(
+        closed[0].write_error.as_ref().unwrap().raw_os_error(),
         Some(libc::EPIPE)
     );
+    let got: Vec<String> = take(&mut c)
+        .iter()
+        .map(|m| m.content_json().to_string())
+        .collect();
+    assert_eq!(got, ["1", "2"]);
 }
 
 #[test]

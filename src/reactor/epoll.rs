@@ -43,6 +43,8 @@ struct EpollConn {
     id: ConnId,
     fd: OwnedFd,
     readable: bool,
+    /// The peer hung up (see `Ready::hup`).
+    hup: bool,
     writable: bool,
     want_write: bool,
     /// An armed receive: `Some(Pooled)` takes a pool buffer when data is
@@ -144,8 +146,9 @@ impl EpollBackend {
         match read_ready(c.fd.as_fd(), &mut buf) {
             Some((result, more)) => {
                 // A short read drained the socket; the next arrival raises
-                // a new edge.
-                c.readable = more;
+                // a new edge. After a hang-up none comes: the next read
+                // returns the end of stream.
+                c.readable = more || c.hup;
                 ready.push(Completion::Recv {
                     conn: c.id,
                     buf,
@@ -230,6 +233,7 @@ impl Backend for EpollBackend {
                 fd,
                 // Optimistic: data (a hello) is often there already.
                 readable: true,
+                hup: false,
                 writable: true,
                 want_write: false,
                 recv: None,
@@ -396,6 +400,7 @@ impl Backend for EpollBackend {
             };
             if ev.readable {
                 c.readable = true;
+                c.hup |= ev.hup;
                 if !self.paused {
                     Self::do_read(ready, c, pool);
                 } else if c.recv.is_some() {

@@ -443,6 +443,8 @@ pub struct Reactor {
     /// Receives that finished while the inbox was full, applied once the
     /// application has taken messages (each connection has at most one).
     stalled: std::collections::VecDeque<(ConnId, BytesMut, io::Result<usize>)>,
+    /// Busy polling (see [`Reactor::set_busy_poll`]).
+    busy: bool,
 }
 
 impl fmt::Debug for Reactor {
@@ -466,6 +468,7 @@ impl Reactor {
             scratch: Vec::new(),
             receives_paused: false,
             stalled: std::collections::VecDeque::new(),
+            busy: false,
         }
     }
 
@@ -552,6 +555,9 @@ impl Reactor {
         if self.core.take_accept_resume() {
             self.backend.resume_accept();
         }
+        if self.core.has_lane_work() {
+            self.lane_work();
+        }
         loop {
             for id in self.core.take_closed_ids() {
                 self.backend.close(id);
@@ -580,6 +586,39 @@ impl Reactor {
             }
             // Keep the allocation for the next round.
             self.scratch = batch;
+        }
+    }
+
+    /// Offers lanes on initiators' busy connections and takes the offers
+    /// of peers: the system calls of the beacon (`lane::beacon`).
+    #[cold]
+    fn lane_work(&mut self) {
+        let mut wanted = Vec::new();
+        self.core.take_lane_wanted(&mut wanted);
+        let capacity = self.core.config().lane.ring_bytes;
+        for id in wanted {
+            let Some(fd) = self.backend.conn_fd(id) else {
+                continue;
+            };
+            match crate::lane::offer(fd, capacity) {
+                Ok(Some((region, nonce))) => self.core.lane_offered(id, region, nonce),
+                Ok(None) => {}
+                Err(why) => crate::lane::log_unavailable(&why),
+            }
+        }
+        let mut offers = Vec::new();
+        self.core.take_lane_offers(&mut offers);
+        for (id, nonce, capacity) in offers {
+            let Some(fd) = self.backend.conn_fd(id) else {
+                continue;
+            };
+            match crate::lane::accept(fd, &nonce, capacity as usize) {
+                Ok(region) => self.core.lane_accepted(id, region),
+                Err(why) => {
+                    crate::lane::log_unavailable(&why);
+                    self.core.lane_refused(id);
+                }
+            }
         }
     }
 
@@ -648,6 +687,16 @@ impl Reactor {
     /// Starts pending operations and applies those that finish at once
     /// (no waiting, no extra syscall).
     pub fn flush(&mut self) {
+        if self.core.lane_offer_pending() {
+            // An initiator that only sends (and so never waits) reads the
+            // answer to its lane offer all the same.
+            let _ = self
+                .backend
+                .poll(Some(Duration::ZERO), &mut self.completions, &mut self.pool);
+            if !self.completions.is_empty() {
+                self.process();
+            }
+        }
         loop {
             self.dispatch();
             self.backend.submit();
@@ -673,8 +722,17 @@ impl Reactor {
     /// waiting (inline calls, busy polling, the threaded loop) goes through
     /// it. The clock is read only while a deadline exists.
     pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        let timeout = self.handle_due(timeout);
+        let mut timeout = self.handle_due(timeout);
+        let lanes = self.core.lane_count_hint();
+        if lanes {
+            self.core.lane_end_sleep();
+            self.core.lane_poll(&mut self.pool);
+        }
         self.dispatch();
+        if lanes && timeout != Some(Duration::ZERO) && !self.core.lane_prepare_sleep() {
+            // A ring holds something: look, do not sleep.
+            timeout = Some(Duration::ZERO);
+        }
         self.backend
             .poll(timeout, &mut self.completions, &mut self.pool)?;
         if !self.completions.is_empty() {
@@ -683,6 +741,19 @@ impl Reactor {
             // one turn accepts, resolves and reads everything available.
             self.process();
             self.flush();
+        }
+        if self.core.lane_count_hint() {
+            self.core.lane_end_sleep();
+            if self.core.lane_poll(&mut self.pool) || self.core.has_operations_to_start() {
+                self.flush();
+            }
+            // Between turns a producer wakes us over the socket (so a
+            // caller polling our descriptor sees lane traffic), unless we
+            // spin: then the next spin looks at the rings.
+            let spinning = self.busy && timeout == Some(Duration::ZERO);
+            if !spinning && !self.core.lane_prepare_sleep() {
+                self.backend.waker().signal();
+            }
         }
         if self.core.poll_timeout().is_some() {
             self.handle_due(None);
@@ -718,6 +789,7 @@ impl Reactor {
 
     /// See [`Backend::set_busy_poll`].
     pub fn set_busy_poll(&mut self, spin: bool) {
+        self.busy = spin;
         self.backend.set_busy_poll(spin);
     }
 

@@ -34,6 +34,9 @@ pub(crate) struct Ready {
     pub(crate) readable: bool,
     /// Room to write (or an error to learn by writing).
     pub(crate) writable: bool,
+    /// The peer hung up (or the socket failed): after the data, a read
+    /// returns the end of stream or the error, and no further edge comes.
+    pub(crate) hup: bool,
 }
 
 impl ReadySet {
@@ -120,6 +123,7 @@ impl ReadySet {
             readable: flags
                 .intersects(epoll::EventFlags::IN | epoll::EventFlags::RDHUP | err_or_hup),
             writable: flags.intersects(epoll::EventFlags::OUT | err_or_hup),
+            hup: flags.intersects(epoll::EventFlags::RDHUP | err_or_hup),
         }
     }
 }

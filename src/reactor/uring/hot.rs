@@ -50,8 +50,9 @@ impl UringBackend {
                 return true;
             };
             // A short read drained the socket; a full one may have left
-            // more behind (no new edge will say so).
-            c.readable = more;
+            // more behind (no new edge will say so), as may a hang-up (the
+            // end of stream is still to read).
+            c.readable = more || c.hup;
             if matches!(result, Ok(n) if n > 0) {
                 self.received(*id);
             }
@@ -226,6 +227,7 @@ impl UringBackend {
                 && let Some(c) = self.conns.get_mut(ConnId::from_u64(ev.token))
             {
                 c.readable = true;
+                c.hup |= ev.hup;
             }
         }
         self.read_parked(pool, false);

@@ -148,6 +148,8 @@ struct UringConn {
     /// For parked receives: the socket may hold unread data (an edge from
     /// `hot_wait`, or the last direct read filled its buffer).
     readable: bool,
+    /// The peer hung up (see `Ready::hup`).
+    hup: bool,
     /// Registered with `hot_wait`.
     watched: bool,
     /// Receives that brought data since the last send (saturating).
@@ -376,6 +378,7 @@ impl Backend for UringBackend {
             UringConn {
                 fd,
                 readable: false,
+                hup: false,
                 watched: false,
                 reads_since_send: 0,
                 recv_op: None,

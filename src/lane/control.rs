@@ -1,0 +1,133 @@
+//! The lane's control frames: what two ipcm peers say on their socket to
+//! move a connection onto the shared-memory lane, and to wake each other
+//! once there.
+//!
+//! A control frame is an ordinary frame (4-byte big-endian length, then
+//! the payload) whose payload starts with the six bytes `00 'I' 'P' 'L'
+//! version kind`. No message payload of any route starts with a NUL byte
+//! (JSON text starts with `{`, a zstd frame with `28 B5 2F FD`, a Binary
+//! payload with `IPCB`), so a control frame is never taken for a message.
+//! Control frames are only ever sent to a peer known to be ipcm (see
+//! [`super::beacon`]); a Perl peer never sees one.
+//!
+//! | kind | name | after the six bytes | sent by |
+//! |---|---|---|---|
+//! | 1 | `OFFER` | 16-byte nonce, ring capacity (u32 LE) | the initiator, after passing the memfd |
+//! | 2 | `SWITCH` | nothing | each side, as its last frame on the socket before its ring |
+//! | 3 | `REFUSE` | nothing | the acceptor that cannot take the offer |
+//! | 4 | `WAKE` | nothing | a side whose peer sleeps on (or waits for room in) a ring |
+
+/// The first four bytes of every control payload.
+pub const MAGIC: [u8; 4] = *b"\0IPL";
+/// The version of these frames (and of the lane's memory layout).
+pub const VERSION: u8 = 1;
+/// Bytes of a control payload before its kind's fields.
+const PREFIX: usize = 6;
+
+/// One control frame, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// The initiator passed a memfd tagged `nonce` over the beacon; its
+    /// rings have `capacity` bytes each.
+    Offer {
+        /// Matches the descriptor passed beside the socket.
+        nonce: [u8; 16],
+        /// Record bytes of each ring.
+        capacity: u32,
+    },
+    /// The sender's frames continue in its ring.
+    Switch,
+    /// The acceptor did not take the offer; the connection stays on the
+    /// socket.
+    Refuse,
+    /// Look at the rings.
+    Wake,
+}
+
+/// Whether `payload` is a control payload (whatever its contents).
+#[inline]
+pub fn is_control(payload: &[u8]) -> bool {
+    payload.len() >= 4 && payload[..4] == MAGIC
+}
+
+impl Control {
+    /// Parses a control payload; an error names what is wrong with it.
+    pub fn parse(payload: &[u8]) -> Result<Control, &'static str> {
+        if !is_control(payload) || payload.len() < PREFIX {
+            return Err("not a lane control frame");
+        }
+        if payload[4] != VERSION {
+            return Err("lane control frame of another version");
+        }
+        let body = &payload[PREFIX..];
+        match (payload[5], body.len()) {
+            (1, 20) => Ok(Control::Offer {
+                nonce: body[..16].try_into().expect("16 bytes"),
+                capacity: u32::from_le_bytes(body[16..20].try_into().expect("4 bytes")),
+            }),
+            (2, 0) => Ok(Control::Switch),
+            (3, 0) => Ok(Control::Refuse),
+            (4, 0) => Ok(Control::Wake),
+            (1..=4, _) => Err("lane control frame of the wrong length"),
+            _ => Err("lane control frame of an unknown kind"),
+        }
+    }
+
+    /// The whole frame: length prefix and payload (no allocation but for
+    /// an `OFFER`).
+    pub fn frame(&self) -> bytes::Bytes {
+        const fn bare(kind: u8) -> [u8; 4 + PREFIX] {
+            let m = MAGIC;
+            [0, 0, 0, PREFIX as u8, m[0], m[1], m[2], m[3], VERSION, kind]
+        }
+        static SWITCH: [u8; 4 + PREFIX] = bare(2);
+        static REFUSE: [u8; 4 + PREFIX] = bare(3);
+        static WAKE: [u8; 4 + PREFIX] = bare(4);
+        match self {
+            Control::Offer { nonce, capacity } => {
+                let mut v = Vec::with_capacity(4 + PREFIX + 20);
+                v.extend_from_slice(&((PREFIX + 20) as u32).to_be_bytes());
+                v.extend_from_slice(&MAGIC);
+                v.extend_from_slice(&[VERSION, 1]);
+                v.extend_from_slice(nonce);
+                v.extend_from_slice(&capacity.to_le_bytes());
+                bytes::Bytes::from(v)
+            }
+            Control::Switch => bytes::Bytes::from_static(&SWITCH),
+            Control::Refuse => bytes::Bytes::from_static(&REFUSE),
+            Control::Wake => bytes::Bytes::from_static(&WAKE),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_round_trips_and_bad_ones_are_named() {
+        for c in [
+            Control::Offer {
+                nonce: [7; 16],
+                capacity: 1 << 20,
+            },
+            Control::Switch,
+            Control::Refuse,
+            Control::Wake,
+        ] {
+            let f = c.frame();
+            let len = u32::from_be_bytes(f[..4].try_into().unwrap()) as usize;
+            assert_eq!(len, f.len() - 4);
+            assert!(is_control(&f[4..]));
+            assert_eq!(Control::parse(&f[4..]), Ok(c));
+        }
+        assert!(Control::parse(b"\0IPL\x02\x02").is_err());
+        assert!(Control::parse(b"\0IPL\x01\x09").is_err());
+        assert!(Control::parse(b"\0IPL\x01\x01short").is_err());
+        assert!(Control::parse(b"\0IPL\x01\x02x").is_err());
+        assert!(Control::parse(b"\0IP").is_err());
+        for msg in [&b"{\"a\":1}"[..], b"IPCB\x02\x04", b"\x28\xb5\x2f\xfd"] {
+            assert!(!is_control(msg));
+        }
+    }
+}

@@ -1,0 +1,620 @@
+//! The core's half of the shared-memory lane: the state of a connection
+//! moving onto its rings, the switch, and moving frames through them.
+//!
+//! The rings carry the connection's byte stream exactly as the socket
+//! would (length-prefixed frames, cut into ring records anywhere), so the
+//! framing, its limits and every check of what arrives are the socket's.
+//! What the reactor does for the lane (the beacon, the memfd, the
+//! descriptor passing) happens outside the core; the core only moves
+//! memory and queues control frames.
+//!
+//! # The switch
+//!
+//! Each direction switches once, at its `SWITCH` control frame: the
+//! sender's frames up to it go on the socket, every frame after it in its
+//! ring. The socket outbox that holds the frames before the switch is set
+//! aside (`Up::sock`) and keeps writing to the socket, where only control
+//! frames follow; the connection's outbox continues the byte count in the
+//! ring. The receiver reads its ring only once it has decoded the
+//! peer's `SWITCH` from the socket, so nothing is reordered, lost or
+//! duplicated across the switch:
+//!
+//! 1. the initiator passes the memfd over the beacon and sends `OFFER`;
+//! 2. the acceptor maps it, sends `SWITCH` and writes to its ring from
+//!    then on (or sends `REFUSE` and stays on the socket);
+//! 3. the initiator, at the acceptor's `SWITCH`, reads the acceptor's ring,
+//!    sends its own `SWITCH` and writes to its ring;
+//! 4. the acceptor, at the initiator's `SWITCH`, reads the initiator's ring.
+
+use bytes::Bytes;
+
+use super::{Conn, ConnId, Core, Outbox, Role};
+use crate::lane::control::{Control, is_control};
+use crate::lane::ring::{Consumer, Producer, RingError};
+use crate::lane::shm::Region;
+use crate::message::IdSeq;
+use crate::wire::{BufferPool, FrameDecoder};
+
+/// Payload bytes of one ring record at most (several frames share one
+/// record; a larger frame is cut into several).
+const RECORD_MAX: usize = 32 * 1024;
+/// Frames gathered into one record at most.
+const RECORD_PARTS: usize = 64;
+
+/// The shared-memory lane's settings.
+#[derive(Debug, Clone)]
+pub struct LaneConfig {
+    /// Move busy connections between ipcm peers onto a shared-memory lane.
+    pub enabled: bool,
+    /// Bytes a connection carries (both ways) before its initiator offers
+    /// a lane: only busy connections get one.
+    pub after_bytes: u64,
+    /// Record bytes of each of a lane's two rings (a power of two of at
+    /// least 4 KiB): a lane maps `2 × (ring_bytes + 128)` bytes.
+    pub ring_bytes: usize,
+    /// The largest ring a peer's offer may have.
+    pub max_ring_bytes: usize,
+}
+
+impl Default for LaneConfig {
+    fn default() -> Self {
+        LaneConfig {
+            enabled: true,
+            after_bytes: 64 * 1024,
+            ring_bytes: 256 * 1024,
+            max_ring_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Which path a connection's messages take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LaneKind {
+    /// The UNIX socket.
+    Socket,
+    /// The shared-memory rings, both ways.
+    SharedMemory,
+}
+
+impl std::fmt::Display for LaneKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LaneKind::Socket => "socket",
+            LaneKind::SharedMemory => "shared-memory",
+        })
+    }
+}
+
+/// A connection's lane.
+#[derive(Debug)]
+pub(crate) enum ConnLane {
+    /// The initiator passed the memfd and sent `OFFER`.
+    Offered(Region),
+    /// Both sides hold the region.
+    Up(Box<Up>),
+}
+
+/// An established lane.
+#[derive(Debug)]
+pub(crate) struct Up {
+    tx: Producer,
+    rx: Consumer,
+    /// Our frames go to our ring (we queued our `SWITCH`).
+    tx_on: bool,
+    /// The peer's `SWITCH` was decoded: its frames come from its ring.
+    rx_on: bool,
+    /// The socket's outbox after our switch: the frames before it, then
+    /// control frames only.
+    sock: Outbox,
+    /// The connection's byte count at our `SWITCH` (its end).
+    switch_at: u64,
+    /// Frames arriving through the ring.
+    decoder: FrameDecoder,
+    /// The mapping the ring ends point into: dropped after them.
+    _region: Region,
+}
+
+impl ConnLane {
+    /// The established lane, once our frames go to the ring.
+    pub(crate) fn tx_up(&mut self) -> Option<&mut Up> {
+        match self {
+            ConnLane::Up(up) if up.tx_on => Some(up),
+            _ => None,
+        }
+    }
+
+    fn up(&self) -> Option<&Up> {
+        match self {
+            ConnLane::Up(up) => Some(up),
+            ConnLane::Offered(_) => None,
+        }
+    }
+}
+
+/// Bytes written of the connection's stream: the socket's until it has
+/// written our `SWITCH`, then the ring's.
+pub(crate) fn written_total(conn: &Conn) -> u64 {
+    match conn.lane.as_deref().and_then(ConnLane::up) {
+        Some(up) if up.tx_on && up.sock.written_total() < up.switch_at => up.sock.written_total(),
+        _ => conn.outbox.written_total(),
+    }
+}
+
+/// Bytes queued on the socket and in the ring's outbox.
+pub(crate) fn queued_bytes(conn: &Conn) -> usize {
+    conn.outbox.queued_bytes()
+        + conn
+            .lane
+            .as_deref()
+            .and_then(ConnLane::up)
+            .map_or(0, |up| up.sock.queued_bytes())
+}
+
+/// The outbox that writes to the socket.
+pub(crate) fn socket_outbox(conn: &mut Conn) -> &mut Outbox {
+    match conn.lane.as_deref_mut().and_then(ConnLane::tx_up) {
+        Some(up) => &mut up.sock,
+        None => &mut conn.outbox,
+    }
+}
+
+/// Moves what `outbox` holds into the ring, as far as it has room;
+/// queues a `WAKE` on the socket if the peer sleeps. True if anything
+/// moved.
+pub(crate) fn pump_tx(
+    up: &mut Up,
+    outbox: &mut Outbox,
+    ids: &mut IdSeq,
+) -> Result<bool, RingError> {
+    outbox.seal(ids);
+    let mut moved = false;
+    while !outbox.is_empty() {
+        let room = up.tx.room()?;
+        if room == 0 {
+            if up.tx.wait_for_room()? {
+                continue;
+            }
+            break;
+        }
+        let limit = room.min(RECORD_MAX);
+        let mut parts: [&[u8]; RECORD_PARTS] = [&[]; RECORD_PARTS];
+        let (mut n, mut len) = (0, 0);
+        for (i, f) in outbox.frames().enumerate() {
+            let s = if i == 0 {
+                &f[outbox.front_offset()..]
+            } else {
+                &f[..]
+            };
+            if n == RECORD_PARTS {
+                break;
+            }
+            if len + s.len() > limit {
+                if len == 0 {
+                    parts[0] = &s[..limit];
+                    n = 1;
+                    len = limit;
+                }
+                break;
+            }
+            parts[n] = s;
+            n += 1;
+            len += s.len();
+        }
+        up.tx.push_parts(&parts[..n], len)?;
+        outbox.advance(len);
+        moved = true;
+    }
+    if moved && up.tx.take_wake() {
+        up.sock.push(Control::Wake.frame());
+    }
+    Ok(moved)
+}
+
+/// Takes the frames no write has started, for another connection to the
+/// same peer: on a lane, the socket's data frames (control frames stay:
+/// they mean nothing elsewhere) and then the ring's. The second value is
+/// false when byte positions cannot be carried over (socket frames came
+/// along).
+pub(crate) fn take_unstarted(conn: &mut Conn) -> (Outbox, bool) {
+    let Some(up) = conn.lane.as_deref_mut().and_then(ConnLane::tx_up) else {
+        let carried = conn.outbox.take_unstarted();
+        return (
+            carried,
+            !matches!(conn.lane.as_deref(), Some(ConnLane::Offered(_))),
+        );
+    };
+    let mut carried = Outbox::default();
+    let from_sock = up.sock.take_unstarted();
+    let mut exact = true;
+    for f in from_sock.into_frames() {
+        if f.len() >= 4 && is_control(&f[4..]) {
+            continue;
+        }
+        exact = false;
+        carried.push(f);
+    }
+    carried.append_outbox(conn.outbox.take_unstarted());
+    (carried, exact)
+}
+
+impl Core {
+    /// Counts bytes a connection carried; an initiator's busy connection
+    /// asks the reactor for a lane (see [`Core::take_lane_wanted`]).
+    #[inline]
+    pub(super) fn note_traffic(&mut self, id: ConnId, n: usize) {
+        if !self.cfg.lane.enabled {
+            return;
+        }
+        let after = self.cfg.lane.after_bytes;
+        let Some(c) = self.get_mut(id) else { return };
+        if c.lane_tried || c.role != Role::Initiator {
+            return;
+        }
+        c.traffic += n as u64;
+        if c.traffic >= after {
+            c.lane_tried = true;
+            self.lane_wanted.push(id);
+        }
+    }
+
+    /// Connections whose initiator wants a lane offered.
+    pub fn take_lane_wanted(&mut self, into: &mut Vec<ConnId>) {
+        into.append(&mut self.lane_wanted);
+    }
+
+    /// Offers from peers: the connection, the nonce and the ring capacity.
+    pub fn take_lane_offers(&mut self, into: &mut Vec<(ConnId, [u8; 16], u32)>) {
+        into.append(&mut self.lane_offers);
+    }
+
+    /// Whether the reactor has lane work to do.
+    #[inline]
+    pub fn has_lane_work(&self) -> bool {
+        !self.lane_wanted.is_empty() || !self.lane_offers.is_empty()
+    }
+
+    /// The initiator passed `region`'s memfd tagged `nonce`: queues the
+    /// `OFFER`.
+    pub fn lane_offered(&mut self, id: ConnId, region: Region, nonce: [u8; 16]) {
+        let capacity = region.capacity() as u32;
+        let Core {
+            conns, ids, dirty, ..
+        } = self;
+        let Some(c) = super::conn_mut(conns, id) else {
+            return;
+        };
+        c.outbox.seal(ids);
+        c.outbox.push(Control::Offer { nonce, capacity }.frame());
+        c.lane = Some(Box::new(ConnLane::Offered(region)));
+        if !c.send_in_flight {
+            dirty.push(id);
+        }
+        self.lane_offers_out.push(id);
+    }
+
+    /// Whether an offer of ours awaits its answer.
+    #[inline]
+    pub fn lane_offer_pending(&mut self) -> bool {
+        if self.lane_offers_out.is_empty() {
+            return false;
+        }
+        let Core {
+            conns,
+            lane_offers_out,
+            ..
+        } = self;
+        lane_offers_out.retain(|&id| {
+            super::conn_mut(conns, id)
+                .is_some_and(|c| matches!(c.lane.as_deref(), Some(ConnLane::Offered(_))))
+        });
+        !lane_offers_out.is_empty()
+    }
+
+    /// The acceptor mapped the initiator's region: its frames go to its
+    /// ring from now on.
+    pub fn lane_accepted(&mut self, id: ConnId, region: Region) {
+        self.lane_up(id, region, false);
+    }
+
+    /// The acceptor could not take the offer on `id` (already logged).
+    pub fn lane_refused(&mut self, id: ConnId) {
+        self.queue_control(id, Control::Refuse);
+    }
+
+    fn queue_control(&mut self, id: ConnId, ctl: Control) {
+        let Core {
+            conns, ids, dirty, ..
+        } = self;
+        let Some(c) = super::conn_mut(conns, id) else {
+            return;
+        };
+        let sock = socket_outbox(c);
+        sock.seal(ids);
+        sock.push(ctl.frame());
+        if !c.send_in_flight {
+            dirty.push(id);
+        }
+    }
+
+    /// Makes `region` the lane of `id` and switches our sending to it;
+    /// `initiator`: we created it (and the peer switched already).
+    fn lane_up(&mut self, id: ConnId, region: Region, initiator: bool) {
+        let max_frame = self.cfg.max_frame;
+        let (tx, rx) = match region.ends(initiator) {
+            Ok(e) => e,
+            Err(e) => {
+                log::warn!("ConnectionUnix: shared-memory lane unusable: {e}");
+                return;
+            }
+        };
+        let Core {
+            conns,
+            ids,
+            dirty,
+            lanes,
+            ..
+        } = self;
+        let Some(c) = super::conn_mut(conns, id) else {
+            return;
+        };
+        // Our last socket frame: everything queued so far goes before it.
+        c.outbox.seal(ids);
+        let mut sock = std::mem::take(&mut c.outbox);
+        sock.push(Control::Switch.frame());
+        let switch_at = sock.enqueued_total();
+        c.outbox = Outbox::continuing(switch_at);
+        c.lane = Some(Box::new(ConnLane::Up(Box::new(Up {
+            tx,
+            rx,
+            tx_on: true,
+            rx_on: initiator,
+            sock,
+            switch_at,
+            decoder: FrameDecoder::new(max_frame),
+            _region: region,
+        }))));
+        lanes.push(id);
+        if !c.send_in_flight {
+            dirty.push(id);
+        }
+        log::debug!(
+            "ConnectionUnix: connection {id:?} to '{}' moves to a shared-memory lane",
+            c.peer.as_deref().unwrap_or("")
+        );
+    }
+
+    /// A control frame arrived on `id`.
+    pub(super) fn on_control(&mut self, id: ConnId, payload: &Bytes) {
+        let ctl = match Control::parse(payload) {
+            Ok(c) => c,
+            Err(e) => {
+                let peer = self.peer_of(id).unwrap_or("");
+                log::warn!("ConnectionUnix: {e} from '{peer}' ignored");
+                return;
+            }
+        };
+        let enabled = self.cfg.lane.enabled;
+        let max_ring = self.cfg.lane.max_ring_bytes;
+        let Some(c) = self.get_mut(id) else { return };
+        match ctl {
+            Control::Offer { nonce, capacity } => {
+                let fits = (capacity as usize) <= max_ring;
+                if enabled && fits && c.role == Role::Acceptor && c.lane.is_none() {
+                    self.lane_offers.push((id, nonce, capacity));
+                } else {
+                    log::debug!("ConnectionUnix: lane offer on {id:?} refused");
+                    self.queue_control(id, Control::Refuse);
+                }
+            }
+            Control::Switch => match c.lane.as_deref_mut() {
+                Some(ConnLane::Offered(_)) => {
+                    let Some(ConnLane::Offered(region)) = c.lane.take().map(|b| *b) else {
+                        return;
+                    };
+                    self.lane_up(id, region, true);
+                }
+                Some(ConnLane::Up(up)) if !up.rx_on => up.rx_on = true,
+                _ => log::warn!("ConnectionUnix: unexpected lane switch on {id:?} ignored"),
+            },
+            Control::Refuse => {
+                if matches!(c.lane.as_deref(), Some(ConnLane::Offered(_))) {
+                    c.lane = None;
+                    log::debug!("ConnectionUnix: lane refused on {id:?}; staying on the socket");
+                }
+            }
+            // The next turn looks at the rings; a sender waiting for room
+            // pumps again.
+            Control::Wake => self.dirty.push(id),
+        }
+    }
+
+    /// Moves what arrived in the lanes' rings into the inbox, and marks
+    /// lanes whose outbox waits for room that has appeared. True if
+    /// anything arrived.
+    pub fn lane_poll(&mut self, pool: &mut BufferPool) -> bool {
+        if self.lanes.is_empty() {
+            return false;
+        }
+        let mut got = false;
+        let mut i = 0;
+        while i < self.lanes.len() {
+            let id = self.lanes[i];
+            i += 1;
+            if !self.paused {
+                got |= self.pump_rx(id, pool);
+            }
+            let Some(c) = self.get_mut(id) else { continue };
+            let outbox_waits = !c.outbox.is_empty();
+            if let Some(up) = c.lane.as_deref_mut().and_then(ConnLane::tx_up)
+                && outbox_waits
+                && matches!(up.tx.room(), Ok(r) if r > 0)
+            {
+                self.dirty.push(id);
+            }
+        }
+        self.lanes.retain(|&id| {
+            self.conns
+                .get(id.slot())
+                .is_some_and(|c| ConnId::new(id.slot(), c.generation) == id)
+        });
+        got
+    }
+
+    /// Reads `id`'s ring while it has records and the inbox has room.
+    fn pump_rx(&mut self, id: ConnId, pool: &mut BufferPool) -> bool {
+        let mut got = false;
+        loop {
+            let Some(c) = self.get_mut(id) else {
+                return got;
+            };
+            let Some(ConnLane::Up(up)) = c.lane.as_deref_mut() else {
+                return got;
+            };
+            if !up.rx_on {
+                return got;
+            }
+            let mut buf = up
+                .decoder
+                .recv_buf(pool)
+                .unwrap_or_else(|| pool.take_recv());
+            let space = (buf.capacity() - buf.len()).max(1);
+            let r = up.rx.pop_into(&mut buf, space);
+            up.decoder.filled(buf);
+            match r {
+                Ok(0) => {
+                    up.decoder.release(pool);
+                    break;
+                }
+                Ok(_) => got = true,
+                Err(e) => {
+                    let peer = c.peer.as_deref().unwrap_or("").to_string();
+                    log::error!("ConnectionUnix: closing connection from '{peer}': {e}");
+                    self.close(id, None);
+                    return got;
+                }
+            }
+            if !self.decode_lane_frames(id) || self.paused {
+                break;
+            }
+        }
+        self.flush_read_run();
+        if got && let Some(c) = self.get_mut(id) {
+            c.last_activity = crate::message::coarse_stamp();
+            if let Some(ConnLane::Up(up)) = c.lane.as_deref_mut()
+                && up.rx.take_room_wanted()
+            {
+                // The peer's producer waits for the room we just made.
+                self.queue_control(id, Control::Wake);
+            }
+        }
+        got
+    }
+
+    /// Takes the frames the ring brought; false if the connection closed.
+    fn decode_lane_frames(&mut self, id: ConnId) -> bool {
+        loop {
+            let Some(c) = self.get_mut(id) else {
+                return false;
+            };
+            let Some(ConnLane::Up(up)) = c.lane.as_deref_mut() else {
+                return false;
+            };
+            let frame = match up.decoder.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => return true,
+                Err(e) => {
+                    log::error!(
+                        "ConnectionUnix: closing connection from '{}': {e}",
+                        c.peer.as_deref().unwrap_or("")
+                    );
+                    self.close(id, None);
+                    return false;
+                }
+            };
+            self.take_message(id, frame);
+        }
+    }
+
+    /// Before the reactor sleeps: asks every lane's producer for a wake;
+    /// false if a ring holds something already (then it must not sleep).
+    pub fn lane_prepare_sleep(&mut self) -> bool {
+        let mut sleep = true;
+        for &id in &self.lanes {
+            if let Some(c) = self.conns.get_mut(id.slot())
+                && let Some(ConnLane::Up(up)) = c.lane.as_deref_mut()
+                && up.rx_on
+                && !up.rx.prepare_sleep()
+            {
+                sleep = false;
+            }
+        }
+        sleep
+    }
+
+    /// The reactor is awake: producers need not wake it.
+    pub fn lane_end_sleep(&mut self) {
+        for &id in &self.lanes {
+            if let Some(c) = self.conns.get_mut(id.slot())
+                && let Some(ConnLane::Up(up)) = c.lane.as_deref()
+            {
+                up.rx.end_sleep();
+            }
+        }
+    }
+
+    /// Whether `id` reads a ring that is not broken (see
+    /// [`Core::drain_lane`]).
+    pub(super) fn lane_to_drain(&self, id: ConnId) -> bool {
+        matches!(
+            self.get(id).and_then(|c| c.lane.as_deref()),
+            Some(ConnLane::Up(up)) if up.rx_on && !up.rx.is_broken()
+        )
+    }
+
+    /// Drains `id`'s ring whatever the inbox limit, once (its connection
+    /// ends: what the peer published is not lost).
+    pub(super) fn drain_lane(&mut self, id: ConnId, pool: &mut BufferPool) {
+        if !self.lane_to_drain(id) {
+            return;
+        }
+        let paused = std::mem::replace(&mut self.paused, false);
+        loop {
+            self.paused = false;
+            if !self.pump_rx(id, pool) {
+                break;
+            }
+        }
+        self.paused = paused || self.inbox_bytes >= self.cfg.inbox_limit;
+        if let Some(c) = self.get_mut(id)
+            && let Some(ConnLane::Up(up)) = c.lane.as_deref_mut()
+        {
+            up.rx_on = false;
+        }
+    }
+
+    /// Which path `peer`'s live connection takes.
+    pub fn lane_of(&self, peer: &str) -> Option<LaneKind> {
+        let c = self.get(self.conn_for(peer)?)?;
+        Some(match c.lane.as_deref().and_then(ConnLane::up) {
+            Some(up) if up.tx_on && up.rx_on => LaneKind::SharedMemory,
+            _ => LaneKind::Socket,
+        })
+    }
+
+    /// Whether any connection has a lane (the reactor's turns then look
+    /// at the rings).
+    #[inline]
+    pub fn lane_count_hint(&self) -> bool {
+        !self.lanes.is_empty()
+    }
+
+    /// Connections on a lane (both ways).
+    pub fn lane_count(&self) -> usize {
+        self.lanes
+            .iter()
+            .filter_map(|&id| self.get(id))
+            .filter(|c| matches!(c.lane.as_deref().and_then(ConnLane::up), Some(up) if up.tx_on && up.rx_on))
+            .count()
+    }
+}
