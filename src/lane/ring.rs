@@ -137,6 +137,14 @@ impl Region {
         unsafe { AtomicU64::from_ptr(self.base.add(at).cast::<u64>()) }
     }
 
+    /// The `n` aligned words from byte `at` of the region (checked once).
+    fn words(&self, at: usize, n: usize) -> &[AtomicU64] {
+        assert!(at.is_multiple_of(8) && at + 8 * n <= RING_HEADER + self.capacity);
+        // SAFETY: as for `word`, for each of the `n` words in bounds: a
+        // slice of atomics may be written concurrently by anyone.
+        unsafe { std::slice::from_raw_parts(self.base.add(at).cast::<AtomicU64>(), n) }
+    }
+
     fn data(&self, pos: usize) -> usize {
         RING_HEADER + pos
     }
@@ -185,9 +193,10 @@ pub unsafe fn init(base: *mut u8, len: usize) -> Result<(), RingError> {
 /// Copies `parts` (exactly `len` bytes in all) into the region from byte
 /// `at`, a word at a time; the last word is padded with zeros.
 fn store_parts(region: &Region, at: usize, parts: &[&[u8]], len: usize) {
+    let words = region.words(at, len.div_ceil(8));
+    let mut next = 0;
     let mut word = [0u8; 8];
     let mut fill = 0;
-    let mut at = at;
     for part in parts {
         let mut p: &[u8] = part;
         if fill > 0 {
@@ -198,29 +207,26 @@ fn store_parts(region: &Region, at: usize, parts: &[&[u8]], len: usize) {
             if fill < 8 {
                 continue;
             }
-            region
-                .word(at)
-                .store(u64::from_ne_bytes(word), Ordering::Relaxed);
-            at += 8;
+            words[next].store(u64::from_ne_bytes(word), Ordering::Relaxed);
+            next += 1;
         }
-        let mut chunks = p.chunks_exact(8);
-        for c in &mut chunks {
-            let w = u64::from_ne_bytes(c.try_into().expect("8 bytes"));
-            region.word(at).store(w, Ordering::Relaxed);
-            at += 8;
-        }
+        let chunks = p.chunks_exact(8);
         let rest = chunks.remainder();
+        let n = p.len() / 8;
+        for (w, c) in words[next..next + n].iter().zip(chunks) {
+            w.store(
+                u64::from_ne_bytes(c.try_into().expect("8 bytes")),
+                Ordering::Relaxed,
+            );
+        }
+        next += n;
         word = [0; 8];
         word[..rest.len()].copy_from_slice(rest);
         fill = rest.len();
     }
     if fill > 0 {
-        word[fill..].fill(0);
-        region
-            .word(at)
-            .store(u64::from_ne_bytes(word), Ordering::Relaxed);
+        words[next].store(u64::from_ne_bytes(word), Ordering::Relaxed);
     }
-    debug_assert!(len <= at + 8);
 }
 
 impl Producer {
@@ -469,17 +475,23 @@ impl Consumer {
             out.reserve(len);
             let spare = out.spare_capacity_mut();
             let dst = spare.as_mut_ptr().cast::<u8>();
-            for i in 0..len.div_ceil(8) {
-                let w = self
-                    .region
-                    .word(at + i * 8)
-                    .load(Ordering::Relaxed)
-                    .to_ne_bytes();
-                let take = (len - i * 8).min(8);
+            let words = self.region.words(at, len.div_ceil(8));
+            let (full, tail) = words.split_at(len / 8);
+            for (i, w) in full.iter().enumerate() {
                 // SAFETY: `reserve(len)` made room for `len` bytes after the
-                // buffer's length, and `i * 8 + take <= len`; the source is
-                // a local array.
-                unsafe { std::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(i * 8), take) };
+                // buffer's length, and `i * 8 + 8 <= len`.
+                unsafe {
+                    dst.add(i * 8)
+                        .cast::<u64>()
+                        .write_unaligned(w.load(Ordering::Relaxed))
+                };
+            }
+            if let Some(w) = tail.first() {
+                let w = w.load(Ordering::Relaxed).to_ne_bytes();
+                let done = full.len() * 8;
+                // SAFETY: as above, for the last `len - done` (< 8) bytes;
+                // the source is a local array.
+                unsafe { std::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(done), len - done) };
             }
             // SAFETY: the `len` bytes after the old length were written
             // just above.

@@ -471,8 +471,8 @@ impl Core {
             let Some(ConnLane::Up(up)) = c.lane.as_deref_mut() else {
                 return got;
             };
-            if !up.rx_on {
-                return got;
+            if !up.rx_on || !up.rx.has_data() {
+                break;
             }
             let mut buf = up
                 .decoder

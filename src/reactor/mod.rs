@@ -23,6 +23,9 @@ use crate::wire::BufferPool;
 
 pub use crate::backend_kind::BackendKind;
 
+/// Spins of a busy-polling reactor with lanes per look at the sockets.
+const LANE_SPINS_PER_POLL: u32 = 16;
+
 /// Which backend to use when connecting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -445,6 +448,10 @@ pub struct Reactor {
     stalled: std::collections::VecDeque<(ConnId, BytesMut, io::Result<usize>)>,
     /// Busy polling (see [`Reactor::set_busy_poll`]).
     busy: bool,
+    /// Spins so far (busy polling with lanes).
+    spins: u32,
+    /// The lanes' consumers announced a sleep (`Core::lane_prepare_sleep`).
+    lane_asleep: bool,
 }
 
 impl fmt::Debug for Reactor {
@@ -469,6 +476,8 @@ impl Reactor {
             receives_paused: false,
             stalled: std::collections::VecDeque::new(),
             busy: false,
+            spins: 0,
+            lane_asleep: false,
         }
     }
 
@@ -725,13 +734,34 @@ impl Reactor {
         let mut timeout = self.handle_due(timeout);
         let lanes = self.core.lane_count_hint();
         if lanes {
-            self.core.lane_end_sleep();
+            if std::mem::take(&mut self.lane_asleep) {
+                self.core.lane_end_sleep();
+            }
             self.core.lane_poll(&mut self.pool);
+            if self.busy && timeout == Some(Duration::ZERO) {
+                // Spinning on rings: the sockets are looked at on one spin
+                // in LANE_SPINS_PER_POLL (a lane's socket carries only
+                // control frames; a read per spin cost a system call per
+                // spin for nothing).
+                self.spins = self.spins.wrapping_add(1);
+                if !self.spins.is_multiple_of(LANE_SPINS_PER_POLL) {
+                    self.dispatch();
+                    self.backend.take_performed(&mut self.completions);
+                    if !self.completions.is_empty() {
+                        self.process();
+                    }
+                    self.flush();
+                    return Ok(());
+                }
+            }
         }
         self.dispatch();
-        if lanes && timeout != Some(Duration::ZERO) && !self.core.lane_prepare_sleep() {
-            // A ring holds something: look, do not sleep.
-            timeout = Some(Duration::ZERO);
+        if lanes && timeout != Some(Duration::ZERO) {
+            self.lane_asleep = true;
+            if !self.core.lane_prepare_sleep() {
+                // A ring holds something: look, do not sleep.
+                timeout = Some(Duration::ZERO);
+            }
         }
         self.backend
             .poll(timeout, &mut self.completions, &mut self.pool)?;
@@ -743,7 +773,9 @@ impl Reactor {
             self.flush();
         }
         if self.core.lane_count_hint() {
-            self.core.lane_end_sleep();
+            if std::mem::take(&mut self.lane_asleep) {
+                self.core.lane_end_sleep();
+            }
             if self.core.lane_poll(&mut self.pool) || self.core.has_operations_to_start() {
                 self.flush();
             }
@@ -751,8 +783,11 @@ impl Reactor {
             // caller polling our descriptor sees lane traffic), unless we
             // spin: then the next spin looks at the rings.
             let spinning = self.busy && timeout == Some(Duration::ZERO);
-            if !spinning && !self.core.lane_prepare_sleep() {
-                self.backend.waker().signal();
+            if !spinning {
+                self.lane_asleep = true;
+                if !self.core.lane_prepare_sleep() {
+                    self.backend.waker().signal();
+                }
             }
         }
         if self.core.poll_timeout().is_some() {
