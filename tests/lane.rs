@@ -1,14 +1,35 @@
 //! The shared-memory lane between ipcm peers: the switch from the socket,
-//! order and completeness across it, and what stays on the socket.
+//! order and completeness across it, backpressure, hostile memory, a
+//! writer killed mid-write, refusal by seccomp, and what a Perl-shaped
+//! peer sees (nothing of it). Every test runs on both backends.
 
+#[macro_use]
 mod common;
 
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ipcm::{BackendChoice, Client, LaneKind, Message, Serializer};
+use ipcm::{BackendChoice, Client, Error, Info, LaneKind, Message, Serializer};
 
-per_backend!(messages_cross_the_switch_in_order_and_complete,);
+per_backend!(
+    messages_cross_the_switch_in_order_and_complete,
+    a_threaded_receiver_reads_the_lane_in_order,
+    a_reader_that_stops_fills_the_ring_then_the_outbox_not_memory,
+    a_perl_shaped_initiator_never_sees_a_control_frame,
+    the_lane_can_be_turned_off,
+    a_writer_killed_mid_write_yields_no_torn_message,
+    refused_shared_memory_keeps_the_socket_and_says_why_once,
+);
+
+// These read or write the whole process's mappings and descriptors: each
+// runs in a process of its own.
+per_backend_isolated!(
+    a_perl_shaped_acceptor_sees_only_the_hello_and_messages,
+    a_scribbled_ring_closes_its_connection_and_nothing_else,
+    upgrade_and_close_cycles_leave_no_descriptor_or_mapping,
+);
 
 fn lane_opts(t: &TestRoute) -> ipcm::Options {
     t.opts()
@@ -25,10 +46,32 @@ fn recv_until(c: &mut Client, n: usize, out: &mut Vec<Message>) {
     }
 }
 
+fn numbers(msgs: &[Message]) -> Vec<usize> {
+    msgs.iter().map(|m| m.content::<usize>().unwrap()).collect()
+}
+
+/// Waits (turning both clients) until `a`'s connection to `b` is on the
+/// lane both ways.
+fn until_on_lane(a: &mut Client, an: &str, b: &mut Client, bn: &str) -> Vec<Message> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while a.lane(bn) != Some(LaneKind::SharedMemory) || b.lane(an) != Some(LaneKind::SharedMemory) {
+        assert!(
+            Instant::now() < deadline,
+            "no lane: {:?} {:?}",
+            a.lane(bn),
+            b.lane(an)
+        );
+        a.get_messages_timeout(Duration::from_millis(1)).unwrap();
+        got.extend(b.get_messages_timeout(Duration::from_millis(1)).unwrap());
+    }
+    got
+}
+
 fn messages_cross_the_switch_in_order_and_complete(b: BackendChoice) {
     let t = TestRoute::new(b);
     for ser in [Serializer::Json, Serializer::Binary] {
-        let info = ipcm::Info::new(ser.clone(), t.route.path());
+        let info = Info::new(ser.clone(), t.route.path());
         let name = |s: &str| format!("{s}-{}", ser.class().len());
         let (an, bn) = (name("a"), name("b"));
         let mut a = Client::connect(&info, &an, lane_opts(&t)).unwrap();
@@ -42,8 +85,8 @@ fn messages_cross_the_switch_in_order_and_complete(b: BackendChoice) {
             }
         }
         recv_until(&mut bc, N, &mut got);
-        let seen: Vec<usize> = got.iter().map(|m| m.content::<usize>().unwrap()).collect();
-        assert_eq!(seen, (0..N).collect::<Vec<_>>());
+        assert_eq!(numbers(&got), (0..N).collect::<Vec<_>>(), "{ser:?}");
+        a.get_messages().unwrap();
         assert_eq!(a.lane(&bn), Some(LaneKind::SharedMemory), "{ser:?}");
         assert_eq!(bc.lane(&an), Some(LaneKind::SharedMemory), "{ser:?}");
         // Replies go back over the same lane.
@@ -55,14 +98,559 @@ fn messages_cross_the_switch_in_order_and_complete(b: BackendChoice) {
             }
         }
         recv_until(&mut a, N, &mut back);
-        let seen: Vec<usize> = back.iter().map(|m| m.content::<usize>().unwrap()).collect();
-        assert_eq!(seen, (0..N).collect::<Vec<_>>());
-        assert_eq!(a.stats().sent[&bn], N as u64);
-        assert_eq!(bc.stats().read[&an], N as u64);
-        assert_eq!(bc.stats().sent[&an], N as u64);
-        assert_eq!(a.stats().read[&bn], N as u64);
-        assert_eq!(a.resources().lanes, 1);
+        assert_eq!(numbers(&back), (0..N).collect::<Vec<_>>());
+        assert!(
+            a.get_messages_timeout(Duration::from_millis(50))
+                .unwrap()
+                .is_empty()
+        );
+        for (c, peer) in [(&mut a, &bn), (&mut bc, &an)] {
+            assert_eq!(c.stats().sent[peer], N as u64);
+            assert_eq!(c.stats().read[peer], N as u64);
+            assert_eq!(c.resources().lanes, 1);
+        }
         a.disconnect(None).unwrap();
         bc.disconnect(None).unwrap();
+        // The `.stats` files say the same.
+        for (me, peer) in [(&an, &bn), (&bn, &an)] {
+            let st = t.route.read_stats(me, &ser).unwrap();
+            assert_eq!(st.sent[peer], N as u64, "{me}.stats");
+            assert_eq!(st.read[peer], N as u64, "{me}.stats");
+        }
+    }
+}
+
+fn a_threaded_receiver_reads_the_lane_in_order(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let srv = Client::connect(&info, "srv", lane_opts(&t)).unwrap();
+    let (mut stx, mut rx, handle) = srv.into_threaded().unwrap();
+    let mut a = Client::connect(&info, "a", lane_opts(&t)).unwrap();
+    const N: usize = 50_000;
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::with_capacity(N);
+        while got.len() < N {
+            let m = rx.recv_timeout(Duration::from_secs(10)).expect("message");
+            got.push(m.content::<usize>().unwrap());
+        }
+        (rx, got)
+    });
+    for i in 0..N {
+        a.send_message("srv", &i).unwrap();
+    }
+    let (_rx, got) = reader.join().unwrap();
+    assert_eq!(got, (0..N).collect::<Vec<_>>());
+    a.get_messages().unwrap();
+    assert_eq!(a.lane("srv"), Some(LaneKind::SharedMemory));
+    // And back, from the threaded sender.
+    let sender = std::thread::spawn(move || {
+        for i in 0..N {
+            stx.send("a", &i).unwrap();
+        }
+        stx
+    });
+    let mut back = Vec::new();
+    recv_until(&mut a, N, &mut back);
+    let stx = sender.join().unwrap();
+    assert_eq!(numbers(&back), (0..N).collect::<Vec<_>>());
+    let stats = stx.stats().unwrap();
+    assert_eq!(stats.read["a"], N as u64);
+    assert_eq!(stats.sent["a"], N as u64);
+    a.disconnect(None).unwrap();
+    handle.shutdown().unwrap();
+}
+
+fn a_reader_that_stops_fills_the_ring_then_the_outbox_not_memory(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let info = Info::new(Serializer::Json, t.route.path());
+    let opts = lane_opts(&t).lane_ring_bytes(64 * 1024).lane_after_bytes(0);
+    let mut a = Client::connect(&info, "a", opts.clone().outbox_limit(128 * 1024)).unwrap();
+    let mut bc = Client::connect(&info, "b", opts).unwrap();
+    a.send_message("b", &0usize).unwrap();
+    let mut got = until_on_lane(&mut a, "a", &mut bc, "b");
+    // `b` stops reading: the ring fills, then the outbox, then sends are
+    // refused.
+    a.set_send_blocking(false);
+    let mut sent = 1usize;
+    let refused = loop {
+        match a.send_message("b", &sent) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 100_000, "sends never refused: memory is not bounded");
+    };
+    assert!(matches!(refused, Error::WouldBlock { .. }), "{refused}");
+    assert!(sent > 1000, "the ring and outbox took only {sent}");
+    a.set_send_blocking(true);
+    // `b` reads again: everything arrives, in order.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < sent {
+        assert!(Instant::now() < deadline, "{} of {sent}", got.len());
+        got.extend(bc.get_messages_timeout(Duration::from_millis(20)).unwrap());
+        a.drain_pending();
+    }
+    assert_eq!(numbers(&got), (0..sent).collect::<Vec<_>>());
+    a.disconnect(None).unwrap();
+    bc.disconnect(None).unwrap();
+}
+
+/// Reads frames from a plain socket until `n` arrived; returns their
+/// payloads.
+fn read_frames(s: &mut UnixStream, n: usize) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        out.push(body);
+    }
+    out
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut v = (payload.len() as u32).to_be_bytes().to_vec();
+    v.extend_from_slice(payload);
+    v
+}
+
+fn a_perl_shaped_initiator_never_sees_a_control_frame(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let mut srv = Client::connect(&t.info(), "srv", lane_opts(&t).lane_after_bytes(0)).unwrap();
+    let mut p = UnixStream::connect(srv.path()).unwrap();
+    p.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    p.write_all(&frame(br#"{"hello":"perl"}"#)).unwrap();
+    const N: usize = 2000;
+    // A thread writes, so a full socket buffer waits for `srv` to read.
+    let writer = std::thread::spawn(move || {
+        for i in 0..N {
+            let m =
+                format!(r#"{{"from":"perl","to":"srv","content":{i},"stamp":1.5,"id":"X{i}"}}"#);
+            p.write_all(&frame(m.as_bytes())).unwrap();
+        }
+        p
+    });
+    let mut got = Vec::new();
+    recv_until(&mut srv, N, &mut got);
+    let mut p = writer.join().unwrap();
+    assert_eq!(numbers(&got), (0..N).collect::<Vec<_>>());
+    let reader = std::thread::spawn(move || (read_frames(&mut p, N), p));
+    for i in 0..N {
+        srv.send_message("perl", &i).unwrap();
+    }
+    assert_eq!(srv.lane("perl"), Some(LaneKind::Socket));
+    let (frames, mut p) = reader.join().unwrap();
+    for (i, f) in frames.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_slice(f).expect("a JSON message");
+        assert_eq!(v["content"], i);
+        assert_eq!(v["from"], "srv");
+    }
+    srv.disconnect(None).unwrap();
+    // Nothing after the messages but the end of stream.
+    let mut rest = Vec::new();
+    p.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "{} more bytes", rest.len());
+}
+
+/// In a process of its own: no listening ipcm client, so no beacon, as in
+/// a Perl process. The ipcm initiator sends the Perl bytes and nothing
+/// else.
+fn a_perl_shaped_acceptor_sees_only_the_hello_and_messages(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let l = UnixListener::bind(t.file("perl")).unwrap();
+    let mut a = Client::connect(
+        &t.info(),
+        "a",
+        lane_opts(&t).lane_after_bytes(0).listen(false),
+    )
+    .unwrap();
+    const N: usize = 3000;
+    let reader = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let frames = read_frames(&mut s, N + 1);
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).unwrap();
+        (frames, rest)
+    });
+    for i in 0..N {
+        a.send_message("perl", &i).unwrap();
+    }
+    assert_eq!(a.lane("perl"), Some(LaneKind::Socket));
+    a.disconnect(None).unwrap();
+    let (frames, rest) = reader.join().unwrap();
+    assert_eq!(
+        frames[0], br#"{"hello":"a"}"#,
+        "the hello is Perl's, key for key"
+    );
+    for (i, f) in frames[1..].iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_slice(f).expect("a JSON message");
+        assert_eq!(v["content"], i);
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort();
+        assert_eq!(keys, ["content", "from", "id", "stamp", "stamp_ord", "to"]);
+    }
+    assert!(rest.is_empty(), "{} bytes after the messages", rest.len());
+}
+
+fn the_lane_can_be_turned_off(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let mut a = Client::connect(&t.info(), "a", lane_opts(&t).lane(false)).unwrap();
+    let mut bc = Client::connect(&t.info(), "b", lane_opts(&t)).unwrap();
+    let mut got = Vec::new();
+    for i in 0..5000 {
+        a.send_message("b", &i).unwrap();
+        if i % 256 == 0 {
+            got.extend(bc.get_messages().unwrap());
+        }
+    }
+    recv_until(&mut bc, 5000, &mut got);
+    a.get_messages().unwrap();
+    assert_eq!(a.lane("b"), Some(LaneKind::Socket));
+    assert_eq!(bc.lane("a"), Some(LaneKind::Socket));
+    assert_eq!(bc.resources().lanes, 0);
+    // The environment turns it off for a whole process.
+    let out = helper_command("lane_env")
+        .env("IPCM_INFO", t.info().to_info_string())
+        .env("IPCM_TEST_BACKEND", backend_name(b))
+        .env(ipcm::LANE_ENV, "off")
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("lane=socket"), "{stdout}");
+    a.disconnect(None).unwrap();
+    bc.disconnect(None).unwrap();
+}
+
+fn a_writer_killed_mid_write_yields_no_torn_message(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let mut srv = Client::connect(&info, "srv", lane_opts(&t)).unwrap();
+    let mut child = helper_command("lane_writer")
+        .env("IPCM_INFO", info.to_info_string())
+        .env("IPCM_TEST_BACKEND", backend_name(b))
+        .spawn()
+        .unwrap();
+    let mut got: Vec<Message> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Until the writer is on the lane and well into it.
+    while srv.lane("writer") != Some(LaneKind::SharedMemory) || got.len() < 200_000 {
+        assert!(
+            Instant::now() < deadline,
+            "{} arrived, lane {:?}",
+            got.len(),
+            srv.lane("writer")
+        );
+        got.extend(srv.get_messages_timeout(Duration::from_millis(5)).unwrap());
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // The rest drains; the connection closes at the end of stream.
+    let quiet = Instant::now() + Duration::from_secs(10);
+    while srv.lane("writer").is_some() {
+        assert!(Instant::now() < quiet, "the dead writer's connection stays");
+        got.extend(srv.get_messages_timeout(Duration::from_millis(20)).unwrap());
+    }
+    got.extend(srv.get_messages().unwrap());
+    let n = numbers(&got);
+    assert_eq!(
+        n,
+        (0..n.len()).collect::<Vec<_>>(),
+        "no gap, no torn or repeated message"
+    );
+    srv.disconnect(None).unwrap();
+}
+
+fn refused_shared_memory_keeps_the_socket_and_says_why_once(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let out = helper_command("no_memfd")
+        .env("IPCM_INFO", t.info().to_info_string())
+        .env("IPCM_TEST_BACKEND", backend_name(b))
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("memfd refusal checks passed"), "{stdout}");
+}
+
+/// Finds the lane mappings of this process (`/proc/self/maps`).
+fn lane_mappings() -> Vec<(usize, usize)> {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("memfd:ipcm-lane"))
+        .map(|l| {
+            let range = l.split_whitespace().next().unwrap();
+            let (a, b) = range.split_once('-').unwrap();
+            (
+                usize::from_str_radix(a, 16).unwrap(),
+                usize::from_str_radix(b, 16).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn a_scribbled_ring_closes_its_connection_and_nothing_else(b: BackendChoice) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let t = TestRoute::new(b);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let opts = lane_opts(&t).lane_after_bytes(0);
+    let mut a = Client::connect(&info, "a", opts.clone()).unwrap();
+    let mut bc = Client::connect(&info, "b", opts.clone()).unwrap();
+    let mut c = Client::connect(&info, "c", opts.lane(false)).unwrap();
+    a.send_message("b", &0usize).unwrap();
+    until_on_lane(&mut a, "a", &mut bc, "b");
+    assert_eq!(lane_mappings().len(), 2, "both ends map the lane");
+    // The hostile peer maps the lane's memory on its own, as a peer
+    // process would: the clients may unmap theirs while it scribbles.
+    let fd = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| {
+            std::fs::read_link(e.path())
+                .is_ok_and(|l| l.to_string_lossy().contains("memfd:ipcm-lane"))
+        })
+        .expect("the lane's memfd");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(fd.path())
+        .unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    // SAFETY: a fresh shared mapping of a file we opened, of its length;
+    // nothing else in this process uses this mapping, and it is unmapped
+    // after the scope, when the scribbler has stopped.
+    let base = unsafe {
+        use std::os::fd::AsRawFd;
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    let base = base as usize;
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        // Random words anywhere in the shared memory.
+        s.spawn(|| {
+            let mut x = 0x9E37_79B9_7F4A_7C15u64;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = base + (x as usize >> 3) % (len / 8) * 8;
+                // SAFETY: in bounds and aligned in our own mapping, which
+                // lives until after this thread stops.
+                unsafe { AtomicU64::from_ptr(at as *mut u64) }.store(x >> 11, Ordering::Relaxed);
+            }
+        });
+        // Stops the scribbler however this scope ends.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut i = 1usize;
+        // Traffic until either end finds the ring broken and closes (a
+        // later send would connect anew, on a fresh lane).
+        while bc.lane("a").is_some() && a.lane("b").is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the scribbled lane was never noticed"
+            );
+            let _ = a.try_send_message("b", &i);
+            i += 1;
+            let _ = bc.get_messages_timeout(Duration::from_millis(1));
+            let _ = a.get_messages_timeout(Duration::from_millis(1));
+        }
+        // The other end follows at the end of stream.
+        while bc.lane("a").is_some() || a.lane("b").is_some() {
+            assert!(Instant::now() < deadline, "the broken lane stays open");
+            let _ = bc.get_messages_timeout(Duration::from_millis(1));
+            let _ = a.get_messages_timeout(Duration::from_millis(1));
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    // SAFETY: our own mapping, no longer used by anyone.
+    assert_eq!(unsafe { libc::munmap(base as *mut libc::c_void, len) }, 0);
+    drop(file);
+    // The others carry on.
+    c.send_message("b", "still here").unwrap();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !got.iter().any(|m: &Message| m.from() == "c") {
+        assert!(Instant::now() < deadline);
+        got.extend(bc.get_messages_timeout(Duration::from_millis(20)).unwrap());
+    }
+    for cl in [a, bc, c] {
+        let _ = { cl }.disconnect(None);
+    }
+}
+
+fn count_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn upgrade_and_close_cycles_leave_no_descriptor_or_mapping(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let mut srv = Client::connect(&info, "srv", lane_opts(&t).lane_after_bytes(0)).unwrap();
+    let cycle = |srv: &mut Client, i: usize| {
+        let mut a =
+            Client::connect(&info, "a", lane_opts(&t).lane_after_bytes(0).listen(false)).unwrap();
+        a.send_message("srv", &i).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while srv.lane("a") != Some(LaneKind::SharedMemory)
+            || a.lane("srv") != Some(LaneKind::SharedMemory)
+        {
+            assert!(Instant::now() < deadline, "cycle {i}: no lane");
+            srv.get_messages().unwrap();
+            a.get_messages().unwrap();
+        }
+        a.disconnect(None).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while srv.lane("a").is_some() {
+            assert!(Instant::now() < deadline, "cycle {i}: connection stays");
+            srv.get_messages().unwrap();
+        }
+    };
+    // Warm up: the beacon, pools and tables.
+    for i in 0..20 {
+        cycle(&mut srv, i);
+    }
+    let (fds, maps) = (count_fds(), lane_mappings().len());
+    assert_eq!(maps, 0);
+    const CYCLES: usize = 10_000;
+    let start = Instant::now();
+    for i in 0..CYCLES {
+        cycle(&mut srv, i);
+    }
+    eprintln!("{CYCLES} upgrade/close cycles in {:?}", start.elapsed());
+    assert_eq!(count_fds(), fds, "descriptors after {CYCLES} cycles");
+    assert_eq!(
+        lane_mappings().len(),
+        maps,
+        "lane mappings after {CYCLES} cycles"
+    );
+    srv.disconnect(None).unwrap();
+}
+
+/// Makes `syscall` fail with EPERM for this thread and what it starts,
+/// as a seccomp policy would.
+fn refuse_syscall(nr: i64) {
+    use libc::*;
+    // SAFETY: building BPF instructions is plain data; the prctl calls get
+    // valid pointers to a filter that outlives them (the kernel copies it).
+    unsafe {
+        let filter = [
+            BPF_STMT((BPF_LD | BPF_W | BPF_ABS) as u16, 0),
+            BPF_JUMP((BPF_JMP | BPF_JEQ | BPF_K) as u16, nr as u32, 0, 1),
+            BPF_STMT((BPF_RET | BPF_K) as u16, SECCOMP_RET_ERRNO | EPERM as u32),
+            BPF_STMT((BPF_RET | BPF_K) as u16, SECCOMP_RET_ALLOW),
+        ];
+        let prog = sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut sock_filter,
+        };
+        assert_eq!(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            prctl(
+                PR_SET_SECCOMP,
+                SECCOMP_MODE_FILTER,
+                &prog as *const sock_fprog as c_ulong
+            ),
+            0,
+            "seccomp filter refused"
+        );
+    }
+}
+
+/// Helper processes: `lane_writer` sends numbers to `srv` until killed;
+/// `no_memfd` checks the fallback with `memfd_create` refused; `lane_env`
+/// reports the lane with the lane turned off by the environment.
+#[test]
+#[ignore = "helper process entry, run by the tests of this file"]
+fn helper_process_entry() {
+    let Ok(role) = std::env::var(ROLE_ENV) else {
+        return;
+    };
+    init_logging();
+    let info = Info::parse(&std::env::var("IPCM_INFO").unwrap()).unwrap();
+    let b = backend_from_env();
+    let opts = ipcm::Options::new()
+        .backend(b)
+        .lane(true)
+        .lane_after_bytes(4096);
+    match role.as_str() {
+        "lane_writer" => {
+            let mut w = Client::connect(&info, "writer", opts.listen(false)).unwrap();
+            for i in 0usize.. {
+                w.queue_message("srv", &i).unwrap_or_else(|_| {
+                    w.flush_pending(Some(Duration::from_secs(10))).unwrap();
+                    w.queue_message("srv", &i).unwrap();
+                });
+                if i % 64 == 0 {
+                    w.flush_pending(Some(Duration::from_secs(10))).unwrap();
+                }
+            }
+        }
+        "lane_env" => {
+            let mut a = Client::connect(&info, "env-a", opts.clone()).unwrap();
+            let mut bc = Client::connect(&info, "env-b", opts).unwrap();
+            for i in 0..5000 {
+                a.send_message("env-b", &i).unwrap();
+                if i % 256 == 0 {
+                    bc.get_messages().unwrap();
+                }
+            }
+            a.get_messages().unwrap();
+            println!("lane={}", a.lane("env-b").unwrap());
+            a.disconnect(None).unwrap();
+            bc.disconnect(Some(&mut |_, _| {})).unwrap();
+        }
+        "no_memfd" => {
+            refuse_syscall(libc::SYS_memfd_create);
+            let mut srv = Client::connect(&info, "srv", opts.clone()).unwrap();
+            for k in 0..3 {
+                let name = format!("a{k}");
+                let mut a = Client::connect(&info, &name, opts.clone().listen(false)).unwrap();
+                let mut got = Vec::new();
+                for i in 0..3000 {
+                    a.send_message("srv", &i).unwrap();
+                    if i % 256 == 0 {
+                        got.extend(srv.get_messages().unwrap());
+                    }
+                }
+                recv_until(&mut srv, 3000, &mut got);
+                assert_eq!(numbers(&got), (0..3000).collect::<Vec<_>>());
+                a.get_messages().unwrap();
+                assert_eq!(a.lane("srv"), Some(LaneKind::Socket));
+                a.disconnect(None).unwrap();
+            }
+            let warned = logged(log::Level::Warn, "shared-memory lane unavailable");
+            assert_eq!(warned.len(), 1, "{warned:?}");
+            assert!(warned[0].contains("memfd_create"), "{warned:?}");
+            srv.disconnect(None).unwrap();
+            println!("memfd refusal checks passed");
+        }
+        other => panic!("unknown role {other}"),
     }
 }

@@ -481,9 +481,12 @@ impl Core {
         if self.get(id).is_none() {
             return;
         }
-        if self.lane_to_drain(id) {
+        if write_error.is_some() && self.lane_to_drain(id) {
             // What the peer published in its ring is not lost with the
-            // socket (a write error may come before the peer's EOF).
+            // socket (a write error may come before the peer's EOF). A
+            // close of our own (shutdown, idle, `close_peer`) leaves it
+            // unread, as it leaves unread bytes in the socket: not counted
+            // as read, never half delivered.
             let mut pool = BufferPool::new(self.cfg.buf_size, 0);
             self.drain_lane(id, &mut pool);
             if self.get(id).is_none() {
