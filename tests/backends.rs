@@ -5,45 +5,10 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{ROLE_ENV, TestRoute, drain_for, helper_command, poll};
+use common::{ROLE_ENV, TestRoute, drain_for, helper_command, poll, refuse_syscall};
 use ipcm::internals::{Reactor, make_backend};
 use ipcm::{BackendChoice, BackendKind, io_uring_available};
 use ipcm::{Client, Error, Info, Options, Serializer};
-
-/// Makes `io_uring_setup` fail with EPERM for this thread (and anything it
-/// starts), as a seccomp policy of a container would.
-fn refuse_io_uring_setup() {
-    use libc::*;
-    // SAFETY: building BPF instructions is plain data; the prctl calls get
-    // valid pointers to a filter that outlives them (the kernel copies it).
-    unsafe {
-        let filter = [
-            BPF_STMT((BPF_LD | BPF_W | BPF_ABS) as u16, 0),
-            BPF_JUMP(
-                (BPF_JMP | BPF_JEQ | BPF_K) as u16,
-                SYS_io_uring_setup as u32,
-                0,
-                1,
-            ),
-            BPF_STMT((BPF_RET | BPF_K) as u16, SECCOMP_RET_ERRNO | EPERM as u32),
-            BPF_STMT((BPF_RET | BPF_K) as u16, SECCOMP_RET_ALLOW),
-        ];
-        let prog = sock_fprog {
-            len: filter.len() as u16,
-            filter: filter.as_ptr() as *mut sock_filter,
-        };
-        assert_eq!(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        assert_eq!(
-            prctl(
-                PR_SET_SECCOMP,
-                SECCOMP_MODE_FILTER,
-                &prog as *const sock_fprog as c_ulong
-            ),
-            0,
-            "seccomp filter refused"
-        );
-    }
-}
 
 /// Helper process. `no_io_uring`: io_uring is refused by seccomp; checks
 /// every way of choosing a backend. `report_backend`: prints the backend
@@ -65,7 +30,7 @@ fn helper_process_entry() {
         return;
     }
     assert_eq!(role, "no_io_uring");
-    refuse_io_uring_setup();
+    refuse_syscall(libc::SYS_io_uring_setup);
     let reason = io_uring_available().unwrap_err();
     assert_eq!(reason.raw_os_error(), Some(libc::EPERM), "{reason}");
     // Auto falls back to epoll, observably.

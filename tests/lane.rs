@@ -310,20 +310,7 @@ fn the_lane_can_be_turned_off(b: BackendChoice) {
     assert_eq!(bc.lane("a"), Some(LaneKind::Socket));
     assert_eq!(bc.resources().lanes, 0);
     // The environment turns it off for a whole process.
-    let out = helper_command("lane_env")
-        .env("IPCM_INFO", t.info().to_info_string())
-        .env("IPCM_TEST_BACKEND", backend_name(b))
-        .env(ipcm::LANE_ENV, "off")
-        .stdout(std::process::Stdio::piped())
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("lane=socket"), "{stdout}");
+    run_helper("lane_env", &t, b, &[(ipcm::LANE_ENV, "off")], "lane=socket");
     a.disconnect(None).unwrap();
     bc.disconnect(None).unwrap();
 }
@@ -369,9 +356,16 @@ fn a_writer_killed_mid_write_yields_no_torn_message(b: BackendChoice) {
 
 fn refused_shared_memory_keeps_the_socket_and_says_why_once(b: BackendChoice) {
     let t = TestRoute::new(b);
-    let out = helper_command("no_memfd")
+    run_helper("no_memfd", &t, b, &[], "memfd refusal checks passed");
+}
+
+/// Runs helper process `role` on `t`'s route with `env` added; it must
+/// succeed and print `needle`.
+fn run_helper(role: &str, t: &TestRoute, b: BackendChoice, env: &[(&str, &str)], needle: &str) {
+    let out = helper_command(role)
         .env("IPCM_INFO", t.info().to_info_string())
         .env("IPCM_TEST_BACKEND", backend_name(b))
+        .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .output()
         .unwrap();
@@ -381,7 +375,7 @@ fn refused_shared_memory_keeps_the_socket_and_says_why_once(b: BackendChoice) {
         "{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("memfd refusal checks passed"), "{stdout}");
+    assert!(stdout.contains(needle), "{stdout}");
 }
 
 /// Finds the lane mappings of this process (`/proc/self/maps`).
@@ -551,36 +545,6 @@ fn upgrade_and_close_cycles_leave_no_descriptor_or_mapping(b: BackendChoice) {
         "lane mappings after {CYCLES} cycles"
     );
     srv.disconnect(None).unwrap();
-}
-
-/// Makes `syscall` fail with EPERM for this thread and what it starts,
-/// as a seccomp policy would.
-fn refuse_syscall(nr: i64) {
-    use libc::*;
-    // SAFETY: building BPF instructions is plain data; the prctl calls get
-    // valid pointers to a filter that outlives them (the kernel copies it).
-    unsafe {
-        let filter = [
-            BPF_STMT((BPF_LD | BPF_W | BPF_ABS) as u16, 0),
-            BPF_JUMP((BPF_JMP | BPF_JEQ | BPF_K) as u16, nr as u32, 0, 1),
-            BPF_STMT((BPF_RET | BPF_K) as u16, SECCOMP_RET_ERRNO | EPERM as u32),
-            BPF_STMT((BPF_RET | BPF_K) as u16, SECCOMP_RET_ALLOW),
-        ];
-        let prog = sock_fprog {
-            len: filter.len() as u16,
-            filter: filter.as_ptr() as *mut sock_filter,
-        };
-        assert_eq!(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
-        assert_eq!(
-            prctl(
-                PR_SET_SECCOMP,
-                SECCOMP_MODE_FILTER,
-                &prog as *const sock_fprog as c_ulong
-            ),
-            0,
-            "seccomp filter refused"
-        );
-    }
 }
 
 /// Helper processes: `lane_writer` sends numbers to `srv` until killed;

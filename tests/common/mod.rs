@@ -297,3 +297,33 @@ pub fn init_logging() {
         });
     }
 }
+
+/// Makes `syscall` fail with EPERM for this thread and what it starts,
+/// as a seccomp policy would.
+pub fn refuse_syscall(nr: i64) {
+    use libc::*;
+    // SAFETY: building BPF instructions is plain data; the prctl calls get
+    // valid pointers to a filter that outlives them (the kernel copies it).
+    unsafe {
+        let filter = [
+            BPF_STMT((BPF_LD | BPF_W | BPF_ABS) as u16, 0),
+            BPF_JUMP((BPF_JMP | BPF_JEQ | BPF_K) as u16, nr as u32, 0, 1),
+            BPF_STMT((BPF_RET | BPF_K) as u16, SECCOMP_RET_ERRNO | EPERM as u32),
+            BPF_STMT((BPF_RET | BPF_K) as u16, SECCOMP_RET_ALLOW),
+        ];
+        let prog = sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut sock_filter,
+        };
+        assert_eq!(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+        assert_eq!(
+            prctl(
+                PR_SET_SECCOMP,
+                SECCOMP_MODE_FILTER,
+                &prog as *const sock_fprog as c_ulong
+            ),
+            0,
+            "seccomp filter refused"
+        );
+    }
+}
