@@ -123,12 +123,12 @@ impl Region {
         })
     }
 
-    /// The descriptor to pass to the peer.
     /// Record bytes of each ring.
     pub fn capacity(&self) -> usize {
         self.capacity
     }
 
+    /// The descriptor to pass to the peer.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }

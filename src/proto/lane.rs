@@ -59,8 +59,7 @@ pub struct LaneConfig {
 impl Default for LaneConfig {
     fn default() -> Self {
         LaneConfig {
-            // Opt-in for now: see docs/lane.md, "Known defect".
-            enabled: false,
+            enabled: true,
             after_bytes: 64 * 1024,
             ring_bytes: 256 * 1024,
             max_ring_bytes: 64 * 1024 * 1024,
@@ -212,31 +211,23 @@ pub(crate) fn pump_tx(
     Ok(moved)
 }
 
-/// Takes the frames no write has started, for another connection to the
-/// same peer: on a lane, the socket's data frames (control frames stay:
-/// they mean nothing elsewhere) and then the ring's. The second value is
-/// false when byte positions cannot be carried over (socket frames came
-/// along).
-pub(crate) fn take_unstarted(conn: &mut Conn) -> (Outbox, bool) {
+/// Takes the frames no write has started into `into`, for another
+/// connection to the same peer, with the runs they formed (see
+/// [`Outbox::take_unstarted_into`]): on a lane, the socket's data frames
+/// and then the ring's. Control frames stay: they belong to this
+/// connection (a `SWITCH` left behind would strand what its ring holds).
+pub(crate) fn take_unstarted(conn: &mut Conn, into: &mut Outbox, runs: &mut Vec<(u64, u64)>) {
+    let control = |f: &Bytes| f.len() >= 4 && is_control(&f[4..]);
     let Some(up) = conn.lane.as_deref_mut().and_then(ConnLane::tx_up) else {
-        let carried = conn.outbox.take_unstarted();
-        return (
-            carried,
-            !matches!(conn.lane.as_deref(), Some(ConnLane::Offered(_))),
-        );
+        conn.outbox.take_unstarted_into(into, control, runs);
+        return;
     };
-    let mut carried = Outbox::default();
-    let from_sock = up.sock.take_unstarted();
-    let mut exact = true;
-    for f in from_sock.into_frames() {
-        if f.len() >= 4 && is_control(&f[4..]) {
-            continue;
-        }
-        exact = false;
-        carried.push(f);
-    }
-    carried.append_outbox(conn.outbox.take_unstarted());
-    (carried, exact)
+    // The socket's data frames all come before our `SWITCH`, which stays:
+    // the socket's count at its end moves down by what left.
+    let before = up.sock.enqueued_total();
+    up.sock.take_unstarted_into(into, control, runs);
+    up.switch_at -= before - up.sock.enqueued_total();
+    conn.outbox.take_unstarted_into(into, |_| false, runs);
 }
 
 impl Core {
@@ -550,6 +541,12 @@ impl Core {
     /// Before the reactor sleeps: asks every lane's producer for a wake;
     /// false if a ring holds something already (then it must not sleep).
     pub fn lane_prepare_sleep(&mut self) -> bool {
+        if self.paused {
+            // A full inbox reads no ring: what waits there is looked at
+            // when the application takes its messages (which wakes the
+            // reactor), not by spinning now.
+            return true;
+        }
         let mut sleep = true;
         for &id in &self.lanes {
             if let Some(c) = self.conns.get_mut(id.slot())

@@ -547,14 +547,13 @@ impl Core {
         self.retired -= 1;
         self.by_peer.insert(peer.clone(), slot);
         self.peers_epoch += 1;
-        let (carried, exact) = lane::take_unstarted(conn);
         let id = self.id_of(slot);
-        if !carried.is_empty() {
-            let base = self.conns[slot].outbox.enqueued_total();
-            if exact {
-                self.record_move(from, conn.outbox.enqueued_total(), id, base);
-            }
-            self.conns[slot].outbox.append_outbox(carried);
+        let mut runs = Vec::new();
+        lane::take_unstarted(conn, &mut self.conns[slot].outbox, &mut runs);
+        for &(from_total, to_base) in &runs {
+            self.record_move(from, from_total, id, to_base);
+        }
+        if !runs.is_empty() {
             self.dirty.push(id);
         }
         log::debug!("ConnectionUnix: connection {id:?} to '{peer}' is live again");
@@ -765,30 +764,27 @@ impl Core {
         // open for reading until the peer closes it, so nothing in flight on
         // it is lost (and two listeners connecting to each other at once
         // keep both connections instead of breaking both).
-        let mut carried = Outbox::default();
-        let mut moved_from = None;
+        let mut runs = Vec::new();
         if let Some(&old_slot) = self.by_peer.get(&peer) {
             let old = self.id_of(old_slot);
             let Core { conns, ids, .. } = self;
-            if let Some(c) = conns.get_mut(old.slot()) {
+            // The new connection has no peer yet, so it is not `old`.
+            if let Some((c, new)) = conns.get2_mut(old_slot, id.slot()) {
                 c.outbox.seal(ids);
-                let exact;
-                (carried, exact) = lane::take_unstarted(c);
-                moved_from = exact.then(|| (old, c.outbox.enqueued_total()));
+                new.outbox.seal(ids);
+                lane::take_unstarted(c, &mut new.outbox, &mut runs);
+            }
+            for &(from_total, to_base) in &runs {
+                self.record_move(old, from_total, id, to_base);
             }
             self.retired += 1;
-        }
-        if let (Some((old, total)), false) = (moved_from, carried.is_empty()) {
-            let base = self.get(id).map_or(0, |c| c.outbox.enqueued_total());
-            self.record_move(old, total, id, base);
         }
         let Some(conn) = self.get_mut(id) else {
             return false;
         };
         conn.peer = Some(peer.clone());
         conn.last_activity = coarse_stamp();
-        let moved = !carried.is_empty();
-        conn.outbox.append_outbox(carried);
+        let moved = !runs.is_empty();
         self.by_peer.insert(peer, id.slot());
         self.peers_epoch += 1;
         if moved {

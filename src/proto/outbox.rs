@@ -81,12 +81,6 @@ impl Outbox {
         }
     }
 
-    /// Its frames, in order (for an outbox of unstarted frames).
-    pub(crate) fn into_frames(self) -> VecDeque<Bytes> {
-        debug_assert_eq!(self.offset, 0);
-        self.frames
-    }
-
     /// Appends a frame (behind the open batch, which the caller seals
     /// first).
     pub fn push(&mut self, frame: Bytes) {
@@ -94,15 +88,6 @@ impl Outbox {
         self.queued += frame.len();
         self.enqueued_total += frame.len() as u64;
         self.frames.push_back(frame);
-    }
-
-    /// Appends every frame of `other`.
-    pub fn append_outbox(&mut self, other: Outbox) {
-        debug_assert_eq!(other.offset, 0);
-        debug_assert_eq!(other.open_count, 0);
-        for f in other.frames {
-            self.push(f);
-        }
     }
 
     /// Whether nothing is queued (no frame, no open batch).
@@ -353,24 +338,45 @@ impl Outbox {
         }
     }
 
-    /// Removes and returns the frames no write has touched yet (neither
-    /// partly written nor covered by an in-flight write); the caller seals
-    /// the open batch first.
-    pub fn take_unstarted(&mut self) -> Outbox {
+    /// Takes the frames no write has started, except those `stays` keeps
+    /// here (in their order): the taken ones in order, behind what `into`
+    /// holds. Each run of taken frames that were adjacent here is noted in
+    /// `runs`, in stream order, as (this stream's byte count where the run
+    /// began, `into`'s byte count where it went), so that a frame ending
+    /// at byte `t` here, `t` past a run's start, ends at `t - start + to`
+    /// there.
+    pub fn take_unstarted_into(
+        &mut self,
+        into: &mut Outbox,
+        stays: impl Fn(&Bytes) -> bool,
+        runs: &mut Vec<(u64, u64)>,
+    ) {
         debug_assert_eq!(self.open_count, 0, "an open batch is sealed first");
+        debug_assert_eq!(into.open_count, 0, "an open batch is sealed first");
         let keep = self.in_flight.max(usize::from(self.offset > 0));
-        let mut out = Outbox::default();
-        while self.frames.len() > keep {
-            if let Some(f) = self.frames.pop_back() {
-                self.queued -= f.len();
-                out.frames.push_front(f);
-            }
+        if self.frames.len() <= keep {
+            return;
         }
-        out.queued = out.frames.iter().map(Bytes::len).sum();
-        out.enqueued_total = out.queued as u64;
-        // Those bytes will never be written here.
-        self.enqueued_total -= out.enqueued_total;
-        out
+        let tail: Vec<Bytes> = self.frames.drain(keep..).collect();
+        let tail_bytes: usize = tail.iter().map(Bytes::len).sum();
+        let mut pos = self.enqueued_total - tail_bytes as u64;
+        self.queued -= tail_bytes;
+        self.enqueued_total -= tail_bytes as u64;
+        let mut in_run = false;
+        for f in tail {
+            let len = f.len() as u64;
+            if stays(&f) {
+                in_run = false;
+                self.push(f);
+            } else {
+                if !in_run {
+                    runs.push((pos, into.enqueued_total));
+                    in_run = true;
+                }
+                into.push(f);
+            }
+            pos += len;
+        }
     }
 }
 
@@ -401,15 +407,41 @@ mod tests {
             o.push(Bytes::copy_from_slice(f));
         }
         o.advance(1);
-        let t = o.take_unstarted();
+        let (mut t, mut runs) = (Outbox::default(), Vec::new());
+        o.take_unstarted_into(&mut t, |_| false, &mut runs);
         assert_eq!(t.frames().count(), 2);
         assert_eq!(o.frames().count(), 1);
         assert_eq!(o.queued_bytes(), 1);
+        assert_eq!(runs, [(2, 0)]);
         let mut o = Outbox::default();
         for f in [&b"11"[..], b"22", b"33"] {
             o.push(Bytes::copy_from_slice(f));
         }
         o.set_in_flight(2);
-        assert_eq!(o.take_unstarted().frames().count(), 1);
+        let (mut t, mut runs) = (Outbox::default(), Vec::new());
+        o.take_unstarted_into(&mut t, |_| false, &mut runs);
+        assert_eq!(t.frames().count(), 1);
+    }
+
+    #[test]
+    fn frames_that_stay_split_the_runs_and_keep_their_order() {
+        let mut o = Outbox::default();
+        for f in [&b"aa"[..], b"C1", b"bbb", b"cccc", b"C2", b"d"] {
+            o.push(Bytes::copy_from_slice(f));
+        }
+        o.advance(1);
+        let mut t = Outbox::continuing(100);
+        t.push(Bytes::from_static(b"xyz"));
+        let mut runs = Vec::new();
+        o.take_unstarted_into(&mut t, |f| f[0] == b'C', &mut runs);
+        let here: Vec<&[u8]> = o.frames().map(|f| &f[..]).collect();
+        assert_eq!(here, [&b"aa"[..], b"C1", b"C2"]);
+        let there: Vec<&[u8]> = t.frames().map(|f| &f[..]).collect();
+        assert_eq!(there, [&b"xyz"[..], b"bbb", b"cccc", b"d"]);
+        // "bbb" began at byte 4 here and at 103 there; "d" at 13 and 110.
+        assert_eq!(runs, [(4, 103), (13, 110)]);
+        assert_eq!(o.queued_bytes(), 1 + 2 + 2);
+        assert_eq!(o.enqueued_total(), 6);
+        assert_eq!(t.enqueued_total(), 111);
     }
 }

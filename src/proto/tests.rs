@@ -557,3 +557,111 @@ fn an_offer_of_another_lane_version_is_refused_not_left_waiting() {
     );
     assert!(c.is_open(id));
 }
+
+/// A replacement takes the unstarted frames of a connection on a lane
+/// (before and after the switch), leaves its control frames behind, and a
+/// waiter for any of them finds it on the new connection. (A waiter of a
+/// frame moved off an offered lane once waited for ever: the soak test's
+/// blocking senders hung.)
+#[test]
+fn replacement_moves_data_off_a_lane_and_waiters_follow_it() {
+    use crate::lane::control::Control;
+    let mut c = core();
+    let old = c.add_initiator("p", "me");
+    let hello = frame(r#"{"hello":"me"}"#).len();
+    assert!(c.start_send(old).is_some());
+    c.on_sent(old, Ok(hello));
+    let (m1, m2, m3) = (
+        msg("me", "p", "1"),
+        msg("me", "p", "2"),
+        msg("me", "p", "3"),
+    );
+    let Enqueue::Queued(t1) = c.enqueue(old, Bytes::from(m1.clone())) else {
+        panic!("queued")
+    };
+    let region = crate::lane::shm::Region::create(4096).expect("a memfd region");
+    c.lane_offered(old, region, [7; 16]);
+    let Enqueue::Queued(t2) = c.enqueue(old, Bytes::from(m2.clone())) else {
+        panic!("queued")
+    };
+    // The acceptor switched: our SWITCH goes behind m2 on the socket, and
+    // m3 into the ring's outbox.
+    feed(&mut c, old, &Control::Switch.frame());
+    let Enqueue::Queued(t3) = c.enqueue(old, Bytes::from(m3.clone())) else {
+        panic!("queued")
+    };
+    let offer = Control::Offer {
+        nonce: [7; 16],
+        capacity: 4096,
+    }
+    .frame()
+    .len();
+    let switch = Control::Switch.frame().len();
+    let switch_end = (hello + m1.len() + offer + m2.len() + switch) as u64;
+    assert_eq!(
+        t3,
+        switch_end + m3.len() as u64,
+        "m3 counts on from the switch"
+    );
+
+    let new = c.add_acceptor(Instant::now());
+    feed(&mut c, new, &frame(r#"{"hello":"p"}"#));
+    assert_eq!(c.conn_for("p"), Some(new));
+    assert_eq!(c.queued_bytes(new), m1.len() + m2.len() + m3.len());
+    assert_eq!(c.locate(old, t1), (new, m1.len() as u64));
+    assert_eq!(c.locate(old, t2), (new, (m1.len() + m2.len()) as u64));
+    assert_eq!(
+        c.locate(old, t3),
+        (new, (m1.len() + m2.len() + m3.len()) as u64)
+    );
+    // What stayed is the offer and the switch, in order.
+    let out = c.start_send(old).expect("the control frames are written");
+    let bytes: Vec<u8> = out.frames().flat_map(|f| f.iter().copied()).collect();
+    let mut want = Control::Offer {
+        nonce: [7; 16],
+        capacity: 4096,
+    }
+    .frame()
+    .to_vec();
+    want.extend_from_slice(&Control::Switch.frame());
+    assert_eq!(bytes, want);
+    c.on_sent(old, Ok(want.len()));
+    // Once the switch is written the old connection's count is the ring's
+    // (nothing of which is left to write).
+    assert_eq!(c.written_total(old), Some(switch_end));
+}
+
+/// A core whose inbox is full reads no ring, so a ring holding data must
+/// not keep it awake (the reactor spun at full CPU beside such a ring
+/// while its application was blocked in a send); taking the messages
+/// makes it look again.
+#[test]
+fn a_full_inbox_sleeps_beside_a_ring_that_holds_data() {
+    use crate::lane::control::Control;
+    use crate::lane::shm::Region;
+    let mut c = core();
+    c.set_inbox_limit(1);
+    let id = c.add_acceptor(Instant::now());
+    feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
+    let theirs = Region::create(4096).expect("a memfd region");
+    let fd = theirs.fd().try_clone_to_owned().unwrap();
+    c.lane_accepted(id, Region::open(fd, 4096).unwrap());
+    // The initiator's switch: its frames come from its ring now.
+    feed(&mut c, id, &Control::Switch.frame());
+    let (mut tx, _rx) = theirs.ends(true).unwrap();
+    let mut pool = BufferPool::new(4096, 4);
+    assert!(tx.push(&msg("cli", "srv", "1")).unwrap());
+    assert!(c.lane_poll(&mut pool));
+    assert!(c.is_paused(), "one message fills an inbox of one byte");
+    assert!(tx.push(&msg("cli", "srv", "2")).unwrap());
+    assert!(!c.lane_poll(&mut pool), "paused: the ring is not read");
+    assert!(c.lane_prepare_sleep(), "paused: it sleeps beside the data");
+    c.lane_end_sleep();
+    assert_eq!(take(&mut c).len(), 1);
+    assert!(!c.lane_prepare_sleep(), "resumed: the data keeps it awake");
+    c.lane_end_sleep();
+    assert!(c.lane_poll(&mut pool));
+    let got = take(&mut c);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].content_json().to_string(), "2");
+}
