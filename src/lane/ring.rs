@@ -148,6 +148,60 @@ impl Region {
     fn data(&self, pos: usize) -> usize {
         RING_HEADER + pos
     }
+
+    /// The address of the `len` bytes from byte `at` of the region
+    /// (checked), for [`copy_bytes`].
+    fn bytes(&self, at: usize, len: usize) -> *mut u8 {
+        assert!(at + len <= RING_HEADER + self.capacity);
+        // SAFETY: in bounds of the mapping (asserted just above).
+        unsafe { self.base.add(at) }
+    }
+}
+
+/// Payload bytes from which a record is copied with the CPU's string copy
+/// ([`copy_bytes`]) rather than a word at a time: below it the string
+/// copy's start-up costs more than it saves.
+const STRING_COPY_MIN: usize = 256;
+
+/// Copies `len` bytes from `src` to `dst` with one `rep movsb`, the
+/// instruction the kernel's own copies to and from user memory use.
+///
+/// This is how bytes cross memory that the peer process may write at the
+/// same time: the copy is an inline-assembly block, opaque to the
+/// compiler, so no Rust load or store of that memory exists to race (the
+/// rings' words are otherwise touched only through atomics). What the
+/// hardware does when the peer writes concurrently is at worst bytes
+/// that are neither old nor new, which is what the reader is built for:
+/// it copies out, then checks what it copied.
+///
+/// # Safety
+/// `src` must be valid for reads and `dst` for writes of `len` bytes, and
+/// the two ranges must not overlap; neither may be memory this process
+/// accesses through Rust references at the same time.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+unsafe fn copy_bytes(dst: *mut u8, src: *const u8, len: usize) {
+    // SAFETY: the caller's contract; `rep movsb` reads `rcx` bytes at
+    // `rsi` and writes them at `rdi`, going up (the direction flag is
+    // clear on entry to an asm block), and touches nothing else.
+    unsafe {
+        std::arch::asm!(
+            "rep movsb",
+            inout("rcx") len => _,
+            inout("rdi") dst => _,
+            inout("rsi") src => _,
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
+/// Whether this target has [`copy_bytes`]; elsewhere every copy goes a
+/// word at a time.
+const HAS_STRING_COPY: bool = cfg!(target_arch = "x86_64");
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn copy_bytes(_dst: *mut u8, _src: *const u8, _len: usize) {
+    unreachable!("only called where HAS_STRING_COPY")
 }
 
 fn padded(len: usize) -> usize {
@@ -191,8 +245,23 @@ pub unsafe fn init(base: *mut u8, len: usize) -> Result<(), RingError> {
 }
 
 /// Copies `parts` (exactly `len` bytes in all) into the region from byte
-/// `at`, a word at a time; the last word is padded with zeros.
+/// `at`: a large record with the string copy, a small one a word at a time
+/// (its last word padded with zeros).
 fn store_parts(region: &Region, at: usize, parts: &[&[u8]], len: usize) {
+    if HAS_STRING_COPY && len >= STRING_COPY_MIN {
+        let dst = region.bytes(at, len);
+        let mut done = 0;
+        for part in parts {
+            // SAFETY: the parts add up to `len` bytes (the caller's), all
+            // inside the region (`bytes` checked `at + len`); the source is
+            // our own memory, the destination the shared mapping, which
+            // no Rust reference covers.
+            unsafe { copy_bytes(dst.add(done), part.as_ptr(), part.len()) };
+            done += part.len();
+        }
+        debug_assert_eq!(done, len);
+        return;
+    }
     let words = region.words(at, len.div_ceil(8));
     let mut next = 0;
     let mut word = [0u8; 8];
@@ -475,6 +544,20 @@ impl Consumer {
             out.reserve(len);
             let spare = out.spare_capacity_mut();
             let dst = spare.as_mut_ptr().cast::<u8>();
+            if HAS_STRING_COPY && len >= STRING_COPY_MIN {
+                let src = self.region.bytes(at, len);
+                // SAFETY: `reserve(len)` made room for `len` bytes after
+                // the buffer's length; the source is `len` bytes inside
+                // the shared mapping (checked by `bytes`), which no Rust
+                // reference covers; the two cannot overlap.
+                unsafe { copy_bytes(dst, src, len) };
+                // SAFETY: the `len` bytes after the old length were just
+                // written.
+                unsafe { out.set_len(out.len() + len) };
+                self.consumed(len);
+                total += len;
+                continue;
+            }
             let words = self.region.words(at, len.div_ceil(8));
             let (full, tail) = words.split_at(len / 8);
             for (i, w) in full.iter().enumerate() {

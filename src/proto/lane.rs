@@ -610,6 +610,25 @@ impl Core {
         })
     }
 
+    /// Whether a lane has something to do now: a ring to read (with room
+    /// in the inbox) or room for an outbox that waits for it. Reads only
+    /// the rings' indices: cheap enough to spin on.
+    pub fn lane_ready(&mut self) -> bool {
+        let paused = self.paused;
+        let Core { lanes, conns, .. } = self;
+        lanes.iter().any(|&id| {
+            let Some(c) = conns.get_mut(id.slot()) else {
+                return false;
+            };
+            let waits = !c.outbox.is_empty();
+            let Some(ConnLane::Up(up)) = c.lane.as_deref_mut() else {
+                return false;
+            };
+            (!paused && up.rx_on && up.rx.has_data())
+                || (waits && up.tx_on && matches!(up.tx.room(), Ok(r) if r > 0))
+        })
+    }
+
     /// Whether any connection has a lane (the reactor's turns then look
     /// at the rings).
     #[inline]

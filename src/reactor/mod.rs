@@ -26,6 +26,10 @@ pub use crate::backend_kind::BackendKind;
 /// Spins of a busy-polling reactor with lanes per look at the sockets.
 const LANE_SPINS_PER_POLL: u32 = 16;
 
+/// How long a reactor with lanes watches their rings before it sleeps
+/// (see `Reactor::spin_on_lanes`).
+const LANE_SPIN: Duration = Duration::from_micros(20);
+
 /// Which backend to use when connecting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -101,6 +105,12 @@ impl WakeFlags {
     pub(crate) fn finish_sleep(&self) -> bool {
         self.state.swap(0, crate::sync::Ordering::AcqRel) & WOKEN != 0
     }
+
+    /// Whether a wake arrived since the last wait ended (a reactor that
+    /// spins before it sleeps stops for it).
+    pub(crate) fn woken(&self) -> bool {
+        self.state.load(crate::sync::Ordering::Acquire) & WOKEN != 0
+    }
 }
 
 /// Wakes a reactor from another thread.
@@ -175,6 +185,11 @@ impl Waker {
     /// Ends a wait; returns whether a wake arrived.
     pub(crate) fn finish_sleep(&self) -> bool {
         self.inner.flags.finish_sleep()
+    }
+
+    /// Whether a wake arrived since the reactor's last wait.
+    pub(crate) fn woken(&self) -> bool {
+        self.inner.flags.woken()
     }
 
     /// Drains the eventfd counter.
@@ -722,6 +737,30 @@ impl Reactor {
         }
     }
 
+    /// Before sleeping with lanes: watches their rings for a short while
+    /// (at most [`LANE_SPIN`], and never past `timeout`), since a peer
+    /// that writes to a ring this soon would otherwise pay for a wake-up
+    /// over the socket on both sides (two system calls and a scheduler
+    /// round trip for one record).
+    fn spin_on_lanes(&mut self, timeout: Option<Duration>) {
+        let limit = timeout.map_or(LANE_SPIN, |t| t.min(LANE_SPIN));
+        let waker = self.backend.waker();
+        let start = Instant::now();
+        loop {
+            for _ in 0..32 {
+                // Another thread's wake (the threaded mode's sender) ends
+                // the spin as a ring's record does.
+                if self.core.lane_ready() || waker.woken() {
+                    return;
+                }
+                std::hint::spin_loop();
+            }
+            if start.elapsed() >= limit {
+                return;
+            }
+        }
+    }
+
     /// One turn: start pending operations, collect completions (waiting up
     /// to `timeout` if none are ready, and never past the core's next
     /// deadline), apply them, do what is due, start follow-ups.
@@ -737,7 +776,13 @@ impl Reactor {
             if std::mem::take(&mut self.lane_asleep) {
                 self.core.lane_end_sleep();
             }
-            self.core.lane_poll(&mut self.pool);
+            if self.core.lane_poll(&mut self.pool) {
+                // Messages arrived: this turn hands them over and does not
+                // wait (as a turn whose socket read brought some returns),
+                // so a caller between turns (the threaded mode's worker,
+                // which fills its ring then) sees them now.
+                timeout = Some(Duration::ZERO);
+            }
             if self.busy && timeout == Some(Duration::ZERO) {
                 // Spinning on rings: the sockets are looked at on one spin
                 // in LANE_SPINS_PER_POLL (a lane's socket carries only
@@ -757,6 +802,7 @@ impl Reactor {
         }
         self.dispatch();
         if lanes && timeout != Some(Duration::ZERO) {
+            self.spin_on_lanes(timeout);
             self.lane_asleep = true;
             if !self.core.lane_prepare_sleep() {
                 // A ring holds something: look, do not sleep.
