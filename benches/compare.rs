@@ -632,6 +632,71 @@ fn fan_in_on(listener: Flavor, senders: usize, n: usize) -> f64 {
     total as f64 / secs
 }
 
+/// Fan-in over the shared-memory lane: `senders` ipcm clients (Binary, one
+/// thread driving them all in turn, 64 messages each per turn) into one
+/// ipcm listener, every connection on its own lane before the clock
+/// starts.
+fn fan_in_lane(senders: usize, n: usize) -> f64 {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let (route, info, opts) = ipcm_route(Flavor::Shm);
+    let mut rx = Client::connect(&info, "sink", opts.clone()).unwrap();
+    let per = n / senders / 64 * 64;
+    let total = per * senders;
+    let up = std::sync::Arc::new(AtomicBool::new(false));
+    let lanes_up = up.clone();
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let go = ready.clone();
+    let sender = std::thread::spawn(move || {
+        let body = payload(64);
+        let mut txs: Vec<Client> = (0..senders)
+            .map(|i| Client::connect(&info, &format!("s{i}"), opts.clone().listen(false)).unwrap())
+            .collect();
+        for tx in &mut txs {
+            queue(tx, "sink", &body);
+            tx.flush_pending(Some(WAIT)).unwrap();
+        }
+        let deadline = Instant::now() + WAIT;
+        while txs
+            .iter()
+            .any(|tx| tx.lane("sink") != Some(ipcm::LaneKind::SharedMemory))
+        {
+            assert!(Instant::now() < deadline, "lanes never came up");
+            for tx in &mut txs {
+                tx.get_messages().unwrap();
+            }
+        }
+        lanes_up.store(true, Ordering::Release);
+        go.wait();
+        for _ in 0..per / 64 {
+            for tx in &mut txs {
+                for _ in 0..64 {
+                    queue(tx, "sink", &body);
+                }
+                tx.drain_pending();
+            }
+        }
+        for tx in &mut txs {
+            tx.flush_pending(Some(WAIT)).unwrap();
+        }
+        txs
+    });
+    // The warm-up messages, then turns until every lane is up both ways.
+    ipcm_receive(&mut rx, senders);
+    while !up.load(Ordering::Acquire) {
+        let _ = rx.receive(std::time::Duration::from_millis(1)).unwrap();
+    }
+    ready.wait();
+    let start = Instant::now();
+    ipcm_receive(&mut rx, total);
+    let secs = start.elapsed().as_secs_f64();
+    for mut tx in sender.join().unwrap() {
+        tx.disconnect(None).unwrap();
+    }
+    rx.disconnect(None).unwrap();
+    route.unspawn().unwrap();
+    total as f64 / secs
+}
+
 /// Bytes of listener memory (RSS delta) per idle connection, with `count`
 /// connections held open by a child process (this binary, re-run in the
 /// idle-clients role).
@@ -779,6 +844,17 @@ fn main() {
             pct(&lat, 0.5),
             pct(&lat, 0.99)
         );
+        return;
+    }
+    if let Some(at) = args.iter().position(|a| a == "--only-fan-shm") {
+        // `--only-fan-shm SENDERS [MESSAGES]`: one fan-in run over lanes.
+        let senders: usize = args[at + 1].parse().unwrap();
+        let n = args
+            .get(at + 2)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(4_096_000);
+        let rate = fan_in_lane(senders, n);
+        println!("fan-in {senders} -> 1 over lanes: {rate:.0} msgs/s");
         return;
     }
     if let Some(at) = args.iter().position(|a| a == "--only-fan") {
@@ -975,6 +1051,25 @@ fn main() {
         fan.push((name, ratio));
     }
 
+    // Fan-in over lanes: 1 and 100 ipcm senders, each on its own lane.
+    let (mut one, mut many) = (Vec::new(), Vec::new());
+    let lane_msgs = 4 * fan_msgs;
+    for _ in 0..rounds {
+        one.push(fan_in_lane(1, lane_msgs));
+        many.push(fan_in_lane(100, lane_msgs));
+    }
+    let lane_fan = paired(&many, &one);
+    let (one, many) = (median(&one), median(&many));
+    println!(
+        "fan-in, 64 B Binary, over lanes: 1 -> 1 {one:.0} msgs/s, 100 -> 1 {many:.0} msgs/s, ratio {lane_fan:.2}"
+    );
+    writeln!(csv, "fan-in-1-shm,64,{one:.0},,,,,,{rounds},").unwrap();
+    writeln!(
+        csv,
+        "fan-in-100-shm,64,{many:.0},,,,{lane_fan:.4},,{rounds},"
+    )
+    .unwrap();
+
     for (name, c) in &idle_costs {
         writeln!(csv, "idle-{name},,,,,,,,1,{c:.0}").unwrap();
     }
@@ -1032,5 +1127,17 @@ fn main() {
         rtt(e),
         busy_of(u),
         busy_of(e),
+    );
+    let shm = System::Ipcm(Flavor::Shm);
+    let shm_busy = busy
+        .iter()
+        .find(|b| b.0 == shm)
+        .map_or(f64::NAN, |b| median(&b.1));
+    println!(
+        "summary (lane): busy ping-pong p50 {shm_busy:.2}us (<=1.0), x raw spinning {:.2} (<=0.3); blocking ping-pong p50 x raw {:.2} (<=1.0); 64B x raw {:.2} (>=1.0); 16KiB x raw {:.2} (>=2); fan-in 100/1 {lane_fan:.2} (>=0.7)",
+        busy_of(shm),
+        rtt(shm),
+        vs(shm, System::Raw, 64),
+        vs(shm, System::Raw, 16384),
     );
 }

@@ -29,6 +29,7 @@ per_backend_isolated!(
     a_perl_shaped_acceptor_sees_only_the_hello_and_messages,
     a_scribbled_ring_closes_its_connection_and_nothing_else,
     upgrade_and_close_cycles_leave_no_descriptor_or_mapping,
+    seventy_clients_offering_at_once_all_get_lanes,
 );
 
 fn lane_opts(t: &TestRoute) -> ipcm::Options {
@@ -545,6 +546,63 @@ fn upgrade_and_close_cycles_leave_no_descriptor_or_mapping(b: BackendChoice) {
         "lane mappings after {CYCLES} cycles"
     );
     srv.disconnect(None).unwrap();
+}
+
+/// More clients than one offer's accepts pass their memfds before the
+/// listener looks at any offer (their first sends all complete first):
+/// every offer still finds its descriptor (each offer accepts until its
+/// own arrives and keeps the others for theirs), and every connection
+/// carries its messages in order over its lane. Many descriptors: in a
+/// process of its own.
+fn seventy_clients_offering_at_once_all_get_lanes(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let opts = lane_opts(&t).lane_after_bytes(0).lane_ring_bytes(4096);
+    let mut srv = Client::connect(&info, "srv", opts.clone()).unwrap();
+    let mut clients: Vec<Client> = (0..70)
+        .map(|i| {
+            let mut c =
+                Client::connect(&info, &format!("c{i}"), opts.clone().listen(false)).unwrap();
+            c.send_message("srv", &0u64).unwrap();
+            c
+        })
+        .collect();
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        got.extend(srv.get_messages().unwrap());
+        for c in &mut clients {
+            c.get_messages().unwrap();
+        }
+        let up = clients
+            .iter()
+            .filter(|c| c.lane("srv") == Some(LaneKind::SharedMemory))
+            .count();
+        if up == clients.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{up} of {} connections got a lane",
+            clients.len()
+        );
+    }
+    for n in 1..=3 {
+        for c in &mut clients {
+            c.send_message("srv", &(n as u64)).unwrap();
+        }
+    }
+    recv_until(&mut srv, 4 * clients.len(), &mut got);
+    assert_eq!(srv.resources().lanes, clients.len());
+    for (i, _) in clients.iter().enumerate() {
+        let from = format!("c{i}");
+        let ns: Vec<u64> = got
+            .iter()
+            .filter(|m| m.from() == from)
+            .map(|m| m.content::<u64>().unwrap())
+            .collect();
+        assert_eq!(ns, [0, 1, 2, 3], "{from}'s messages");
+    }
 }
 
 /// Helper processes: `lane_writer` sends numbers to `srv` until killed;

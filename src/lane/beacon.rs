@@ -43,12 +43,17 @@ use super::pass;
 const HELLO: &[u8; 8] = b"IPCMLANE";
 /// Bytes of a beacon message: magic, version, nonce.
 const MESSAGE_LEN: usize = 8 + 1 + 16;
-/// Passed descriptors kept for offers not yet arrived.
-const MAX_PENDING: usize = 64;
+/// Passed descriptors kept for offers not yet arrived (beyond it the
+/// oldest is closed: a local process flooding the beacon holds no more).
+const MAX_PENDING: usize = 256;
 /// How long a passed descriptor waits for its offer.
 const PENDING_FOR: Duration = Duration::from_secs(10);
-/// Beacon connections accepted per offer at most.
-const ACCEPTS_PER_TAKE: usize = 64;
+/// Beacon connections accepted per offer at most (accepting stops as soon
+/// as the offer's own descriptor has arrived).
+const ACCEPTS_PER_TAKE: usize = 1024;
+/// The beacon's listen backlog: initiators that all pass at once (a
+/// hundred clients starting together) find room.
+const BACKLOG: i32 = 1024;
 
 struct Pending {
     nonce: [u8; 16],
@@ -92,7 +97,7 @@ pub fn listen() -> Result<(), Errno> {
     *g = None;
     let fd = socket()?;
     rustix::net::bind(&fd, &name(pid as i32)?)?;
-    rustix::net::listen(&fd, 128)?;
+    rustix::net::listen(&fd, BACKLOG)?;
     *g = Some(Beacon {
         pid,
         listener: fd,
@@ -170,7 +175,12 @@ pub fn take(main: BorrowedFd<'_>, nonce: &[u8; 16]) -> Result<OwnedFd, String> {
         .filter(|b| b.pid == std::process::id())
         .ok_or("this process has no lane beacon")?;
     let now = Instant::now();
+    b.pending.retain(|p| now.duration_since(p.at) < PENDING_FOR);
     for _ in 0..ACCEPTS_PER_TAKE {
+        if b.pending.iter().any(|p| &p.nonce == nonce) {
+            // The rest stay in the backlog for their own offers.
+            break;
+        }
         let side = match rustix::net::accept_with(
             &b.listener,
             SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
@@ -206,7 +216,6 @@ pub fn take(main: BorrowedFd<'_>, nonce: &[u8; 16]) -> Result<OwnedFd, String> {
             at: now,
         });
     }
-    b.pending.retain(|p| now.duration_since(p.at) < PENDING_FOR);
     let pid = peer.pid.as_raw_nonzero().get();
     let Some(i) = b.pending.iter().position(|p| &p.nonce == nonce) else {
         return Err("no descriptor arrived with the offer's nonce".into());
