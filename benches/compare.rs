@@ -42,10 +42,24 @@ use ipcm::{BackendChoice, Client, Info, Options, Route, Serializer};
 use tokio_util::codec::{Framed, LengthDelimitedCodec};
 
 mod support;
+
+#[cfg(feature = "iceoryx2")]
+#[path = "support/iox.rs"]
+mod iox;
+#[cfg(not(feature = "iceoryx2"))]
+mod iox {
+    //! Without the `iceoryx2` feature its row is not in the list.
+    pub fn throughput(_: usize, _: usize) -> f64 {
+        unreachable!("iceoryx2 row without the iceoryx2 feature")
+    }
+    pub fn ping_pong(_: usize, _: usize) -> Vec<f64> {
+        unreachable!("iceoryx2 row without the iceoryx2 feature")
+    }
+}
 use support::{WAIT, json_string as payload, queue};
 
 const SIZES: [usize; 3] = [64, 1024, 16384];
-const SYSTEMS: [System; 8] = [
+const IPCM_AND_BASELINES: [System; 8] = [
     System::Raw,
     System::Tokio,
     System::Ipcm(Flavor::Uring),
@@ -55,6 +69,16 @@ const SYSTEMS: [System; 8] = [
     System::Ipcm(Flavor::Async),
     System::Ipcm(Flavor::Shm),
 ];
+
+/// Every system measured: the iceoryx2 row only with the bench's
+/// `iceoryx2` feature.
+fn systems() -> Vec<System> {
+    let mut v = IPCM_AND_BASELINES.to_vec();
+    if cfg!(feature = "iceoryx2") {
+        v.push(System::Iceoryx2);
+    }
+    v
+}
 
 #[derive(Clone, Copy, PartialEq, Debug)]
 enum Flavor {
@@ -75,6 +99,9 @@ enum System {
     Raw,
     Tokio,
     Ipcm(Flavor),
+    /// iceoryx2 publish-subscribe between two threads, busy polling
+    /// (feature `iceoryx2`).
+    Iceoryx2,
 }
 
 impl System {
@@ -88,6 +115,7 @@ impl System {
             System::Ipcm(Flavor::Threaded) => "ipcm-thread",
             System::Ipcm(Flavor::Async) => "ipcm-async",
             System::Ipcm(Flavor::Shm) => "ipcm-shm",
+            System::Iceoryx2 => "iceoryx2",
         }
     }
 }
@@ -772,7 +800,7 @@ fn write_svg(path: &PathBuf, rows: &[Row]) -> Result<(), Box<dyn std::error::Err
         .x_label_formatter(&|x| format!("{x:.0}"))
         .draw()?;
     let colors = [RED, BLUE, GREEN, MAGENTA, BLACK, CYAN];
-    for (i, sys) in SYSTEMS.iter().enumerate() {
+    for (i, sys) in systems().iter().enumerate() {
         let pts: Vec<(f64, f64)> = rows
             .iter()
             .filter(|r| r.system == *sys)
@@ -803,7 +831,7 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--only") {
         // `--only SYSTEM SIZE [MESSAGES]`: one throughput run, for profiling.
-        let system = *SYSTEMS
+        let system = *systems()
             .iter()
             .find(|s| Some(s.name()) == args.get(at + 1).map(String::as_str))
             .expect("--only raw|tokio|ipcm-uring|ipcm-epoll|ipcm-json SIZE [MESSAGES]");
@@ -816,6 +844,7 @@ fn main() {
             System::Raw => raw_throughput(size, n),
             System::Tokio => tokio_throughput(size, n),
             System::Ipcm(f) => ipcm_throughput(f, size, n),
+            System::Iceoryx2 => iox::throughput(size, n),
         };
         println!("{} {size} B: {rate:.0} msgs/s", system.name());
         return;
@@ -823,7 +852,7 @@ fn main() {
     if let Some(at) = args.iter().position(|a| a == "--only-pp") {
         // `--only-pp SYSTEM busy|blocking [ROUND_TRIPS]`: one 64 B
         // ping-pong run, for profiling.
-        let system = *SYSTEMS
+        let system = *systems()
             .iter()
             .find(|s| Some(s.name()) == args.get(at + 1).map(String::as_str))
             .expect("--only-pp SYSTEM busy|blocking [ROUND_TRIPS]");
@@ -836,6 +865,7 @@ fn main() {
             System::Raw => raw_ping_pong(64, n, spin),
             System::Tokio => tokio_ping_pong(64, n),
             System::Ipcm(f) => ipcm_ping_pong(f, 64, n, spin),
+            System::Iceoryx2 => iox::ping_pong(64, n),
         };
         lat.sort_by(f64::total_cmp);
         println!(
@@ -907,7 +937,7 @@ fn main() {
     // Throughput and round trips, every system side by side per round.
     let mut rows: Vec<Row> = Vec::new();
     for &size in &SIZES {
-        for &system in &SYSTEMS {
+        for &system in &systems() {
             rows.push(Row {
                 system,
                 size,
@@ -918,7 +948,7 @@ fn main() {
         }
     }
     // Busy polling is an inline-mode option.
-    let mut busy: Vec<(System, Vec<f64>, Vec<f64>)> = SYSTEMS
+    let mut busy: Vec<(System, Vec<f64>, Vec<f64>)> = systems()
         .iter()
         .filter(|s| {
             !matches!(
@@ -935,6 +965,7 @@ fn main() {
                 System::Raw => raw_throughput(row.size, n),
                 System::Tokio => tokio_throughput(row.size, n),
                 System::Ipcm(f) => ipcm_throughput(f, row.size, n),
+                System::Iceoryx2 => iox::throughput(row.size, n),
             };
             row.rates.push(rate);
             let pn = if row.size > 1024 { pings / 4 } else { pings };
@@ -942,6 +973,9 @@ fn main() {
                 System::Raw => raw_ping_pong(row.size, pn, false),
                 System::Tokio => tokio_ping_pong(row.size, pn),
                 System::Ipcm(f) => ipcm_ping_pong(f, row.size, pn, false),
+                // No blocking wait to measure: its ping-pong is in the
+                // busy table.
+                System::Iceoryx2 => vec![f64::NAN],
             };
             lat.sort_by(f64::total_cmp);
             row.p50.push(pct(&lat, 0.5));
@@ -951,6 +985,7 @@ fn main() {
             let mut lat = match system {
                 System::Raw => raw_ping_pong(64, pings, true),
                 System::Ipcm(f) => ipcm_ping_pong(*f, 64, pings, true),
+                System::Iceoryx2 => iox::ping_pong(64, pings),
                 System::Tokio => unreachable!(),
             };
             lat.sort_by(f64::total_cmp);

@@ -1,0 +1,161 @@
+//! The iceoryx2 row of `compare` (feature `iceoryx2`): publish-subscribe
+//! over iceoryx2's shared memory between two threads, each with its own
+//! node (as two processes would have), busy polling, the same work as
+//! the other rows: `size`-byte payloads copied into a loaned sample and
+//! read on the other side.
+
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use iceoryx2::prelude::*;
+
+/// A service name no other run of this process uses.
+fn unique(what: &str) -> ServiceName {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    ServiceName::new(&format!("ipcm-compare/{}/{n}/{what}", std::process::id())).unwrap()
+}
+
+fn node() -> Node<ipc::Service> {
+    set_log_level(LogLevel::Error);
+    NodeBuilder::new().create::<ipc::Service>().unwrap()
+}
+
+/// Round trips of `size` bytes, `n` of them, one thread echoing; the
+/// latencies in microseconds.
+pub fn ping_pong(size: usize, n: usize) -> Vec<f64> {
+    let (a2b, b2a) = (unique("a2b"), unique("b2a"));
+    let ready = Barrier::new(2);
+    let open = |node: &Node<ipc::Service>, name: &ServiceName| {
+        node.service_builder(name)
+            .publish_subscribe::<[u8]>()
+            .history_size(0)
+            .subscriber_max_buffer_size(1)
+            .enable_safe_overflow(true)
+            .open_or_create()
+            .unwrap()
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let node = node();
+            let (inbound, outbound) = (open(&node, &a2b), open(&node, &b2a));
+            let rx = inbound.subscriber_builder().create().unwrap();
+            let tx = outbound
+                .publisher_builder()
+                .initial_max_slice_len(size)
+                .create()
+                .unwrap();
+            ready.wait();
+            ready.wait();
+            for _ in 0..n {
+                let got = loop {
+                    if let Some(s) = rx.receive().unwrap() {
+                        break s;
+                    }
+                    std::hint::spin_loop();
+                };
+                let reply = tx
+                    .loan_slice_uninit(got.payload().len())
+                    .unwrap()
+                    .write_from_slice(got.payload());
+                drop(got);
+                reply.send().unwrap();
+            }
+        });
+        let node = node();
+        let (outbound, inbound) = (open(&node, &a2b), open(&node, &b2a));
+        let rx = inbound.subscriber_builder().create().unwrap();
+        let tx = outbound
+            .publisher_builder()
+            .initial_max_slice_len(size)
+            .create()
+            .unwrap();
+        // Both sides' ports exist before the first sample.
+        ready.wait();
+        ready.wait();
+        let body = vec![b'x'; size];
+        let mut lat = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            tx.loan_slice_uninit(size)
+                .unwrap()
+                .write_from_slice(&body)
+                .send()
+                .unwrap();
+            loop {
+                if let Some(s) = rx.receive().unwrap() {
+                    std::hint::black_box(s.payload()[0]);
+                    break;
+                }
+                std::hint::spin_loop();
+            }
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+        lat
+    })
+}
+
+/// `n` samples of `size` bytes one way, the publisher held back by a
+/// full subscriber buffer (it retries until delivered); messages per
+/// second.
+pub fn throughput(size: usize, n: usize) -> f64 {
+    const BUFFER: usize = 256;
+    let name = unique("stream");
+    let ready = Barrier::new(2);
+    let open = |node: &Node<ipc::Service>| {
+        node.service_builder(&name)
+            .publish_subscribe::<[u8]>()
+            .history_size(0)
+            .subscriber_max_buffer_size(BUFFER)
+            .enable_safe_overflow(false)
+            .open_or_create()
+            .unwrap()
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let node = node();
+            let service = open(&node);
+            let tx = service
+                .publisher_builder()
+                .initial_max_slice_len(size)
+                .backpressure_strategy(BackpressureStrategy::RetryUntilDelivered)
+                .create()
+                .unwrap();
+            ready.wait();
+            ready.wait();
+            let body = vec![b'x'; size];
+            let mut sent = 0;
+            while sent < n {
+                match tx.loan_slice_uninit(size) {
+                    Ok(sample) => {
+                        sample.write_from_slice(&body).send().unwrap();
+                        sent += 1;
+                    }
+                    // Every sample is out: the subscriber holds them.
+                    Err(_) => std::hint::spin_loop(),
+                }
+            }
+        });
+        let node = node();
+        let service = open(&node);
+        let rx = service.subscriber_builder().create().unwrap();
+        ready.wait();
+        let start = Instant::now();
+        ready.wait();
+        let (mut got, mut bytes) = (0, 0usize);
+        while got < n {
+            match rx.receive().unwrap() {
+                Some(s) => {
+                    let p = s.payload();
+                    // Touch the content, as the other rows' receivers do.
+                    bytes += p.iter().step_by(64).map(|&b| b as usize).sum::<usize>();
+                    got += 1;
+                }
+                None => std::hint::spin_loop(),
+            }
+        }
+        std::hint::black_box(bytes);
+        n as f64 / start.elapsed().as_secs_f64()
+    })
+}
