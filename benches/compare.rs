@@ -1168,8 +1168,17 @@ fn main() {
         .iter()
         .find(|b| b.0 == shm)
         .map_or(f64::NAN, |b| median(&b.1));
+    let iox = busy
+        .iter()
+        .find(|b| b.0 == System::Iceoryx2)
+        .map_or(String::new(), |b| {
+            format!(
+                ", x iceoryx2 {:.2} (<=1.0)",
+                paired(&busy.iter().find(|b| b.0 == shm).unwrap().1, &b.1)
+            )
+        });
     println!(
-        "summary (lane): busy ping-pong p50 {shm_busy:.2}us (<=1.0), x raw spinning {:.2} (<=0.3); blocking ping-pong p50 x raw {:.2} (<=1.0); 64B x raw {:.2} (>=1.0); 16KiB x raw {:.2} (>=2); fan-in 100/1 {lane_fan:.2} (>=0.7)",
+        "summary (lane): busy ping-pong p50 {shm_busy:.2}us (<=1.0), x raw spinning {:.2} (<=0.3){iox}; blocking ping-pong p50 x raw {:.2} (<=1.0); 64B x raw {:.2} (>=1.0); 16KiB x raw {:.2} (>=2); fan-in 100/1 {lane_fan:.2} (>=0.7)",
         busy_of(shm),
         rtt(shm),
         vs(shm, System::Raw, 64),

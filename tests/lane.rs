@@ -21,6 +21,7 @@ per_backend!(
     the_lane_can_be_turned_off,
     a_writer_killed_mid_write_yields_no_torn_message,
     refused_shared_memory_keeps_the_socket_and_says_why_once,
+    busy_polling_answers_over_the_lane_and_still_reads_sockets,
 );
 
 // These read or write the whole process's mappings and descriptors: each
@@ -213,6 +214,68 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     let mut v = (payload.len() as u32).to_be_bytes().to_vec();
     v.extend_from_slice(payload);
     v
+}
+
+/// Busy polling spins on the rings (an empty spin returns at once) and
+/// still looks at its sockets: a plain-socket peer's messages arrive while
+/// a lane carries a ping-pong, and every round trip completes in order.
+fn busy_polling_answers_over_the_lane_and_still_reads_sockets(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let opts = lane_opts(&t).lane_after_bytes(0).busy_poll(true);
+    let mut srv = Client::connect(&t.info(), "srv", opts.clone()).unwrap();
+    let mut a = Client::connect(&t.info(), "a", opts.listen(false)).unwrap();
+    a.send_message("srv", &0usize).unwrap();
+    let mut got = until_on_lane(&mut a, "a", &mut srv, "srv");
+    recv_until(&mut srv, 1, &mut got);
+    let mut p = UnixStream::connect(srv.path()).unwrap();
+    p.write_all(&frame(br#"{"hello":"perl"}"#)).unwrap();
+    let (mut from_perl, mut next_perl) = (0, 0);
+    const ROUND_TRIPS: usize = 2000;
+    for i in 1..=ROUND_TRIPS {
+        if i % 100 == 0 {
+            let m = format!(
+                r#"{{"from":"perl","to":"srv","content":{next_perl},"stamp":1.5,"id":"P{i}"}}"#
+            );
+            p.write_all(&frame(m.as_bytes())).unwrap();
+            next_perl += 1;
+        }
+        a.send_message("srv", &i).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        'ping: loop {
+            assert!(Instant::now() < deadline, "round trip {i} stalled");
+            for m in srv.get_messages().unwrap() {
+                if m.from() == "perl" {
+                    assert_eq!(m.content::<usize>().unwrap(), from_perl);
+                    from_perl += 1;
+                } else {
+                    assert_eq!(m.content::<usize>().unwrap(), i);
+                    srv.send_message("a", &i).unwrap();
+                    break 'ping;
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < deadline, "reply {i} stalled");
+            if let Some(m) = a.get_messages().unwrap().first() {
+                assert_eq!(m.content::<usize>().unwrap(), i);
+                break;
+            }
+        }
+    }
+    assert_eq!(a.lane("srv"), Some(LaneKind::SharedMemory));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while from_perl < next_perl {
+        assert!(
+            Instant::now() < deadline,
+            "{from_perl} of {next_perl} socket messages"
+        );
+        for m in srv.get_messages().unwrap() {
+            assert_eq!(m.from(), "perl");
+            assert_eq!(m.content::<usize>().unwrap(), from_perl);
+            from_perl += 1;
+        }
+    }
 }
 
 fn a_perl_shaped_initiator_never_sees_a_control_frame(b: BackendChoice) {

@@ -776,7 +776,8 @@ impl Reactor {
             if std::mem::take(&mut self.lane_asleep) {
                 self.core.lane_end_sleep();
             }
-            if self.core.lane_poll(&mut self.pool) {
+            let got = self.core.lane_poll(&mut self.pool);
+            if got {
                 // Messages arrived: this turn hands them over and does not
                 // wait (as a turn whose socket read brought some returns),
                 // so a caller between turns (the threaded mode's worker,
@@ -790,6 +791,12 @@ impl Reactor {
                 // spin for nothing).
                 self.spins = self.spins.wrapping_add(1);
                 if !self.spins.is_multiple_of(LANE_SPINS_PER_POLL) {
+                    if !got && !self.core.has_operations_to_start() {
+                        // An empty spin: nothing to start or apply (sends
+                        // flush themselves), so the next look at the
+                        // rings comes sooner.
+                        return Ok(());
+                    }
                     self.dispatch();
                     self.backend.take_performed(&mut self.completions);
                     if !self.completions.is_empty() {
