@@ -22,6 +22,20 @@ fn node() -> Node<ipc::Service> {
     NodeBuilder::new().create::<ipc::Service>().unwrap()
 }
 
+/// A sample of `len` bytes, spinning while every sample is out (the
+/// subscriber's releases reach the publisher a little later).
+fn loan(
+    tx: &iceoryx2::port::publisher::Publisher<ipc::Service, [u8], ()>,
+    len: usize,
+) -> iceoryx2::sample_mut_uninit::SampleMutUninit<ipc::Service, [core::mem::MaybeUninit<u8>], ()> {
+    loop {
+        match tx.loan_slice_uninit(len) {
+            Ok(s) => return s,
+            Err(_) => std::hint::spin_loop(),
+        }
+    }
+}
+
 /// Round trips of `size` bytes, `n` of them, one thread echoing; the
 /// latencies in microseconds.
 pub fn ping_pong(size: usize, n: usize) -> Vec<f64> {
@@ -55,10 +69,7 @@ pub fn ping_pong(size: usize, n: usize) -> Vec<f64> {
                     }
                     std::hint::spin_loop();
                 };
-                let reply = tx
-                    .loan_slice_uninit(got.payload().len())
-                    .unwrap()
-                    .write_from_slice(got.payload());
+                let reply = loan(&tx, got.payload().len()).write_from_slice(got.payload());
                 drop(got);
                 reply.send().unwrap();
             }
@@ -78,11 +89,7 @@ pub fn ping_pong(size: usize, n: usize) -> Vec<f64> {
         let mut lat = Vec::with_capacity(n);
         for _ in 0..n {
             let t = Instant::now();
-            tx.loan_slice_uninit(size)
-                .unwrap()
-                .write_from_slice(&body)
-                .send()
-                .unwrap();
+            loan(&tx, size).write_from_slice(&body).send().unwrap();
             loop {
                 if let Some(s) = rx.receive().unwrap() {
                     std::hint::black_box(s.payload()[0]);
@@ -126,15 +133,8 @@ pub fn throughput(size: usize, n: usize) -> f64 {
             ready.wait();
             let body = vec![b'x'; size];
             let mut sent = 0;
-            while sent < n {
-                match tx.loan_slice_uninit(size) {
-                    Ok(sample) => {
-                        sample.write_from_slice(&body).send().unwrap();
-                        sent += 1;
-                    }
-                    // Every sample is out: the subscriber holds them.
-                    Err(_) => std::hint::spin_loop(),
-                }
+            for _ in 0..n {
+                loan(&tx, size).write_from_slice(&body).send().unwrap();
             }
         });
         let node = node();
