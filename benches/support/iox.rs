@@ -132,7 +132,6 @@ pub fn throughput(size: usize, n: usize) -> f64 {
             ready.wait();
             ready.wait();
             let body = vec![b'x'; size];
-            let mut sent = 0;
             for _ in 0..n {
                 loan(&tx, size).write_from_slice(&body).send().unwrap();
             }
