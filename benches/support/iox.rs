@@ -73,6 +73,9 @@ pub fn ping_pong(size: usize, n: usize) -> Vec<f64> {
                 drop(got);
                 reply.send().unwrap();
             }
+            // A publisher dropped at once takes its last sample with it:
+            // it stays until the other side has it.
+            ready.wait();
         });
         let node = node();
         let (outbound, inbound) = (open(&node, &a2b), open(&node, &b2a));
@@ -99,6 +102,7 @@ pub fn ping_pong(size: usize, n: usize) -> Vec<f64> {
             }
             lat.push(t.elapsed().as_secs_f64() * 1e6);
         }
+        ready.wait();
         lat
     })
 }
@@ -135,6 +139,8 @@ pub fn throughput(size: usize, n: usize) -> f64 {
             for _ in 0..n {
                 loan(&tx, size).write_from_slice(&body).send().unwrap();
             }
+            // Kept until the subscriber has every sample (see above).
+            ready.wait();
         });
         let node = node();
         let service = open(&node);
@@ -154,7 +160,9 @@ pub fn throughput(size: usize, n: usize) -> f64 {
                 None => std::hint::spin_loop(),
             }
         }
+        let rate = n as f64 / start.elapsed().as_secs_f64();
+        ready.wait();
         std::hint::black_box(bytes);
-        n as f64 / start.elapsed().as_secs_f64()
+        rate
     })
 }
