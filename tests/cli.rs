@@ -446,6 +446,35 @@ fn bench_reports_throughput_and_round_trips_labelled_with_backend_and_serializer
     }
     let q = &first["queueing_latency_under_load_us"];
     assert_eq!(q["samples"], 3000);
+    for m in ["throughput", "blocking", "busy_poll"] {
+        let path = first["path"][m].as_str().unwrap();
+        assert!(
+            ["socket", "shared-memory lane"].contains(&path),
+            "{m}: {path}"
+        );
+    }
+    // With the lane off every measurement says it took the socket.
+    let out = ipcm()
+        .args([
+            "bench",
+            "--messages",
+            "3000",
+            "--round-trips",
+            "100",
+            "--backend",
+            "epoll",
+            "--json",
+            "--lane",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    for m in ["throughput", "blocking", "busy_poll"] {
+        assert_eq!(first["path"][m], "socket", "{m}");
+    }
     let out = ipcm()
         .args([
             "bench",

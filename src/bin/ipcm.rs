@@ -188,9 +188,25 @@ struct BenchArgs {
     /// Print one JSON object per round and a summary object instead of text.
     #[arg(long)]
     json: bool,
+    /// The shared-memory lane between the bench's clients (on, as by
+    /// default in the library: busy connections move to it; off: every
+    /// message crosses the socket, which is what compares the backends).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    lane: OnOff,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum OnOff {
+    On,
+    Off,
 }
 
 impl BenchArgs {
+    /// The options every client of the bench starts from.
+    fn opts(&self, backend: BackendChoice) -> Options {
+        Options::new().backend(backend).lane(self.lane == OnOff::On)
+    }
+
     fn messages(&self) -> u64 {
         self.messages
             .unwrap_or(((512u64 << 20) / self.size.max(1) as u64).clamp(20_000, 10_000_000))
@@ -609,6 +625,9 @@ impl Samples {
 
 struct Round {
     backend: String,
+    /// The path each measurement's messages took: throughput, blocking
+    /// and busy ping-pong.
+    paths: [&'static str; 3],
     messages: u64,
     secs: f64,
     /// Ping-pong round trips: blocking waits, busy polling.
@@ -641,12 +660,13 @@ fn bench(args: &BenchArgs) -> Out {
     if !args.json {
         println!(
             "ipcm bench: {} serializer, {} B content, {} sender(s), {} messages per round, \
-             {} round trips per ping-pong",
+             {} round trips per ping-pong, shared-memory lane {}",
             ser_name,
             args.size,
             args.senders,
             args.messages(),
-            args.round_trips
+            args.round_trips,
+            if args.lane == OnOff::On { "on" } else { "off" }
         );
     }
     let mut per_backend: Vec<Vec<Round>> = backends.iter().map(|_| Vec::new()).collect();
@@ -660,6 +680,7 @@ fn bench(args: &BenchArgs) -> Out {
                     "throughput": {"seconds": r.secs, "msgs_per_sec": r.rate(),
                                    "mb_per_sec": r.rate() * args.size as f64 / 1e6},
                     "round_trip_us": {"blocking": r.blocking.json(), "busy_poll": r.busy.json()},
+                    "path": {"throughput": r.paths[0], "blocking": r.paths[1], "busy_poll": r.paths[2]},
                 });
                 if let Some(q) = &r.queueing {
                     v["queueing_latency_under_load_us"] = q.json();
@@ -667,22 +688,25 @@ fn bench(args: &BenchArgs) -> Out {
                 println!("{v}");
             } else {
                 println!(
-                    "{:>8}: throughput {:.2} M msgs/s, {:.1} MB/s ({} messages in {:.3} s)",
+                    "{:>8}: throughput {:.2} M msgs/s, {:.1} MB/s ({} messages in {:.3} s, {})",
                     r.backend,
                     r.rate() / 1e6,
                     r.rate() * args.size as f64 / 1e6,
                     r.messages,
-                    r.secs
+                    r.secs,
+                    r.paths[0]
                 );
                 println!(
-                    "{:>8}: round trip, unloaded ping-pong, blocking waits: {}",
+                    "{:>8}: round trip, unloaded ping-pong, blocking waits: {} ({})",
                     r.backend,
-                    r.blocking.text()
+                    r.blocking.text(),
+                    r.paths[1]
                 );
                 println!(
-                    "{:>8}: round trip, unloaded ping-pong, busy polling:  {}",
+                    "{:>8}: round trip, unloaded ping-pong, busy polling:  {} ({})",
                     r.backend,
-                    r.busy.text()
+                    r.busy.text(),
+                    r.paths[2]
                 );
                 if let Some(q) = &r.queueing {
                     println!(
@@ -738,9 +762,9 @@ fn bench_round(args: &BenchArgs, backend: BackendChoice) -> Result<Round, Fail> 
     let route = Route::spawn(None)?;
     let guard = RouteGuard(route.clone());
     let info = Info::new(args.serializer.make()?, route.path());
-    let (secs, total, kind) = throughput(args, &info, backend)?;
-    let blocking = ping_pong(args, &info, backend, false)?;
-    let busy = ping_pong(args, &info, backend, true)?;
+    let (secs, total, kind, path) = throughput(args, &info, backend)?;
+    let (blocking, blocking_path) = ping_pong(args, &info, backend, false)?;
+    let (busy, busy_path) = ping_pong(args, &info, backend, true)?;
     let queueing = if args.queueing_latency {
         Some(queueing_latency(args, &info, backend)?)
     } else {
@@ -749,6 +773,7 @@ fn bench_round(args: &BenchArgs, backend: BackendChoice) -> Result<Round, Fail> 
     drop(guard);
     Ok(Round {
         backend: kind,
+        paths: [path, blocking_path, busy_path],
         messages: total,
         secs,
         blocking,
@@ -757,19 +782,25 @@ fn bench_round(args: &BenchArgs, backend: BackendChoice) -> Result<Round, Fail> 
     })
 }
 
+/// How a measurement's messages travelled.
+fn path_name(lane: bool) -> &'static str {
+    if lane { "shared-memory lane" } else { "socket" }
+}
+
 /// A JSON string of `size` bytes (quotes included).
 fn content_of(size: usize) -> String {
     format!("\"{}\"", "x".repeat(size.saturating_sub(2)))
 }
 
 /// Senders queue pre-serialized content as fast as they can; the
-/// listener reads it in place. Returns seconds, messages and the backend.
+/// listener reads it in place. Returns seconds, messages, the backend and
+/// the path the messages took.
 fn throughput(
     args: &BenchArgs,
     info: &Info,
     backend: BackendChoice,
-) -> Result<(f64, u64, String), Fail> {
-    let mut rx = Client::connect(info, "sink", Options::new().backend(backend))?;
+) -> Result<(f64, u64, String, &'static str), Fail> {
+    let mut rx = Client::connect(info, "sink", args.opts(backend))?;
     let kind = rx.backend().to_string();
     let per_sender = args.messages().div_ceil(args.senders as u64);
     let total = per_sender * args.senders as u64;
@@ -786,12 +817,10 @@ fn throughput(
         let info = info.clone();
         let body = body.clone();
         let blocking = args.blocking;
+        let opts = args.opts(sender_backend);
         threads.push(std::thread::spawn(move || -> ipcm::Result<()> {
             // A bounded outbox: back-pressure as a socket buffer gives it.
-            let opts = Options::new()
-                .listen(false)
-                .backend(sender_backend)
-                .outbox_limit(256 * 1024);
+            let opts = opts.listen(false).outbox_limit(256 * 1024);
             let mut tx = Client::connect(&info, &format!("source-{s}"), opts)?;
             tx.set_send_blocking(blocking);
             for n in 0..per_sender {
@@ -838,12 +867,13 @@ fn throughput(
     let secs = start.elapsed().as_secs_f64();
     std::hint::black_box(bytes);
     bar.finish_and_clear();
+    let on_lanes = rx.resources().lanes;
     for t in threads {
         t.join()
             .map_err(|_| Fail("a sender thread panicked".into()))??;
     }
     rx.disconnect(None)?;
-    Ok((secs, total, kind))
+    Ok((secs, total, kind, path_name(on_lanes > 0)))
 }
 
 /// One message at a time, there and back: an echo client answers each
@@ -853,8 +883,8 @@ fn ping_pong(
     info: &Info,
     backend: BackendChoice,
     busy: bool,
-) -> Result<Samples, Fail> {
-    let opts = Options::new().backend(backend).busy_poll(busy);
+) -> Result<(Samples, &'static str), Fail> {
+    let opts = args.opts(backend).busy_poll(busy);
     let mut echo = Client::connect(info, "echo", opts.clone())?;
     let echo_thread = std::thread::spawn(move || -> ipcm::Result<()> {
         loop {
@@ -883,12 +913,13 @@ fn ping_pong(
             lat.push(t.elapsed().as_secs_f64() * 1e6);
         }
     }
+    let lane = ping.lane("echo") == Some(ipcm::LaneKind::SharedMemory);
     ping.send_json("echo", "0")?;
     echo_thread
         .join()
         .map_err(|_| Fail("the echo thread panicked".into()))??;
     ping.disconnect(None)?;
-    Ok(Samples::new(lat))
+    Ok((Samples::new(lat), path_name(lane)))
 }
 
 /// Senders saturate the listener with messages that carry their send
@@ -898,7 +929,7 @@ fn queueing_latency(
     info: &Info,
     backend: BackendChoice,
 ) -> Result<Samples, Fail> {
-    let mut rx = Client::connect(info, "sink", Options::new().backend(backend))?;
+    let mut rx = Client::connect(info, "sink", args.opts(backend))?;
     let per_sender = args.messages().div_ceil(args.senders as u64);
     let total = per_sender * args.senders as u64;
     let epoch = Instant::now();
@@ -910,8 +941,9 @@ fn queueing_latency(
         let info = info.clone();
         let pad = pad.clone();
         let blocking = args.blocking;
+        let opts = args.opts(sender_backend);
         threads.push(std::thread::spawn(move || -> ipcm::Result<()> {
-            let opts = Options::new().listen(false).backend(sender_backend);
+            let opts = opts.listen(false);
             let mut tx = Client::connect(&info, &format!("source-{s}"), opts)?;
             tx.set_send_blocking(blocking);
             for n in 0..per_sender {
