@@ -188,9 +188,9 @@ struct BenchArgs {
     /// Print one JSON object per round and a summary object instead of text.
     #[arg(long)]
     json: bool,
-    /// The shared-memory lane between the bench's clients (on, as by
-    /// default in the library: busy connections move to it; off: every
-    /// message crosses the socket, which is what compares the backends).
+    /// The shared-memory lane between the bench's clients (on: busy
+    /// connections move to it; off: every message crosses the socket,
+    /// which is what compares the backends).
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     lane: OnOff,
 }

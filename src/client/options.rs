@@ -79,7 +79,8 @@ impl Options {
     }
 
     /// Moves busy connections to other ipcm clients onto a shared-memory
-    /// lane (on by default, see `docs/lane.md`; the environment
+    /// lane (off by default for now: see `docs/lane.md`, "Known defect";
+    /// the environment
     /// variable `IPCM_LANE=off` turns it off for the whole process whatever
     /// this says). Perl peers are never offered one.
     pub fn lane(mut self, on: bool) -> Self {
