@@ -404,22 +404,11 @@ fn every_subcommand_has_help() {
     assert!(!out.status.success());
 }
 
-#[test]
-fn bench_reports_throughput_and_round_trips_labelled_with_backend_and_serializer() {
+/// Runs `ipcm bench --json` with `args`: its first round's object.
+fn first_bench_round(args: &[&str]) -> Value {
     let out = ipcm()
-        .args([
-            "bench",
-            "--messages",
-            "3000",
-            "--round-trips",
-            "200",
-            "--size",
-            "64",
-            "--backend",
-            "epoll",
-            "--json",
-            "--queueing-latency",
-        ])
+        .args(["bench", "--json"])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -428,7 +417,22 @@ fn bench_reports_throughput_and_round_trips_labelled_with_backend_and_serializer
         String::from_utf8_lossy(&out.stderr)
     );
     let text = String::from_utf8(out.stdout).unwrap();
-    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+}
+
+#[test]
+fn bench_reports_throughput_and_round_trips_labelled_with_backend_and_serializer() {
+    let first = first_bench_round(&[
+        "--messages",
+        "3000",
+        "--round-trips",
+        "200",
+        "--size",
+        "64",
+        "--backend",
+        "epoll",
+        "--queueing-latency",
+    ]);
     assert_eq!(first["backend"], "epoll");
     assert_eq!(first["serializer"], "Binary");
     assert_eq!(first["messages"], 3000);
@@ -454,24 +458,16 @@ fn bench_reports_throughput_and_round_trips_labelled_with_backend_and_serializer
         );
     }
     // With the lane off every measurement says it took the socket.
-    let out = ipcm()
-        .args([
-            "bench",
-            "--messages",
-            "3000",
-            "--round-trips",
-            "100",
-            "--backend",
-            "epoll",
-            "--json",
-            "--lane",
-            "off",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    let first = first_bench_round(&[
+        "--messages",
+        "3000",
+        "--round-trips",
+        "100",
+        "--backend",
+        "epoll",
+        "--lane",
+        "off",
+    ]);
     for m in ["throughput", "blocking", "busy_poll"] {
         assert_eq!(first["path"][m], "socket", "{m}");
     }

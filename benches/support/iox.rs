@@ -22,10 +22,37 @@ fn node() -> Node<ipc::Service> {
     NodeBuilder::new().create::<ipc::Service>().unwrap()
 }
 
+type PubSub =
+    iceoryx2::service::port_factory::publish_subscribe::PortFactory<ipc::Service, [u8], ()>;
+type Sub = iceoryx2::port::subscriber::Subscriber<ipc::Service, [u8], ()>;
+type Pub = iceoryx2::port::publisher::Publisher<ipc::Service, [u8], ()>;
+
+/// A subscriber to `inbound` and a publisher of `size`-byte samples to
+/// `outbound`: one side of a ping-pong.
+fn ports(inbound: &PubSub, outbound: &PubSub, size: usize) -> (Sub, Pub) {
+    let rx = inbound.subscriber_builder().create().unwrap();
+    let tx = outbound
+        .publisher_builder()
+        .initial_max_slice_len(size)
+        .create()
+        .unwrap();
+    (rx, tx)
+}
+
+/// The next sample, spinning until one arrives.
+fn next(rx: &Sub) -> iceoryx2::sample::Sample<ipc::Service, [u8], ()> {
+    loop {
+        if let Some(s) = rx.receive().unwrap() {
+            return s;
+        }
+        std::hint::spin_loop();
+    }
+}
+
 /// A sample of `len` bytes, spinning while every sample is out (the
 /// subscriber's releases reach the publisher a little later).
 fn loan(
-    tx: &iceoryx2::port::publisher::Publisher<ipc::Service, [u8], ()>,
+    tx: &Pub,
     len: usize,
 ) -> iceoryx2::sample_mut_uninit::SampleMutUninit<ipc::Service, [core::mem::MaybeUninit<u8>], ()> {
     loop {
@@ -53,22 +80,11 @@ pub fn ping_pong(size: usize, n: usize) -> Vec<f64> {
     std::thread::scope(|s| {
         s.spawn(|| {
             let node = node();
-            let (inbound, outbound) = (open(&node, &a2b), open(&node, &b2a));
-            let rx = inbound.subscriber_builder().create().unwrap();
-            let tx = outbound
-                .publisher_builder()
-                .initial_max_slice_len(size)
-                .create()
-                .unwrap();
+            let (rx, tx) = ports(&open(&node, &a2b), &open(&node, &b2a), size);
             ready.wait();
             ready.wait();
             for _ in 0..n {
-                let got = loop {
-                    if let Some(s) = rx.receive().unwrap() {
-                        break s;
-                    }
-                    std::hint::spin_loop();
-                };
+                let got = next(&rx);
                 let reply = loan(&tx, got.payload().len()).write_from_slice(got.payload());
                 drop(got);
                 reply.send().unwrap();
@@ -78,13 +94,7 @@ pub fn ping_pong(size: usize, n: usize) -> Vec<f64> {
             ready.wait();
         });
         let node = node();
-        let (outbound, inbound) = (open(&node, &a2b), open(&node, &b2a));
-        let rx = inbound.subscriber_builder().create().unwrap();
-        let tx = outbound
-            .publisher_builder()
-            .initial_max_slice_len(size)
-            .create()
-            .unwrap();
+        let (rx, tx) = ports(&open(&node, &b2a), &open(&node, &a2b), size);
         // Both sides' ports exist before the first sample.
         ready.wait();
         ready.wait();
@@ -93,13 +103,7 @@ pub fn ping_pong(size: usize, n: usize) -> Vec<f64> {
         for _ in 0..n {
             let t = Instant::now();
             loan(&tx, size).write_from_slice(&body).send().unwrap();
-            loop {
-                if let Some(s) = rx.receive().unwrap() {
-                    std::hint::black_box(s.payload()[0]);
-                    break;
-                }
-                std::hint::spin_loop();
-            }
+            std::hint::black_box(next(&rx).payload()[0]);
             lat.push(t.elapsed().as_secs_f64() * 1e6);
         }
         ready.wait();
