@@ -79,10 +79,9 @@ impl Options {
     }
 
     /// Moves busy connections to other ipcm clients onto a shared-memory
-    /// lane (off by default for now: see `docs/lane.md`, "Known defect";
-    /// the environment
-    /// variable `IPCM_LANE=off` turns it off for the whole process whatever
-    /// this says). Perl peers are never offered one.
+    /// lane (on by default; the environment variable `IPCM_LANE=off` turns
+    /// it off for the whole process whatever this says). Perl peers are
+    /// never offered one.
     pub fn lane(mut self, on: bool) -> Self {
         self.limits.lane.enabled = on;
         self

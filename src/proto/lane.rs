@@ -59,8 +59,7 @@ pub struct LaneConfig {
 impl Default for LaneConfig {
     fn default() -> Self {
         LaneConfig {
-            // Opt-in for now: see docs/lane.md, "Known defect".
-            enabled: false,
+            enabled: true,
             after_bytes: 64 * 1024,
             ring_bytes: 256 * 1024,
             max_ring_bytes: 64 * 1024 * 1024,

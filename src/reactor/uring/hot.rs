@@ -201,16 +201,28 @@ impl UringBackend {
         if !self.watch_parked() {
             return Ok(false);
         }
-        if !self.ring.submission().is_empty() {
-            match self.submit(0, None) {
-                Ok(_) => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
-                Err(e) => return Err(e),
+        // The wake-up read must be in the kernel when the wait starts: a
+        // reap may take its completion (a signal, or a wake that came
+        // after the last wait had ended), and a wait without it would not
+        // see the next wake. Each completion emptied the eventfd, so this
+        // ends unless wakes keep coming (then there is work anyway).
+        for _ in 0..4 {
+            self.arm_wake();
+            if !self.ring.submission().is_empty() {
+                match self.submit(0, None) {
+                    Ok(_) => {}
+                    Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.reap();
+            if self.wake.armed {
+                break;
             }
         }
-        self.reap();
         self.read_parked(pool, false);
-        let ready = !self.ready.is_empty() || !self.ring.completion().is_empty();
+        let ready =
+            !self.ready.is_empty() || !self.ring.completion().is_empty() || !self.wake.armed;
         let (timeout, blocking) = self.waker.wait_timeout(ready, timeout);
         let Some(set) = &mut self.hot.set else {
             return Ok(false);

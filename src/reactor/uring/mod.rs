@@ -520,6 +520,9 @@ impl Backend for UringBackend {
         }
         self.release_deferred();
         self.reap();
+        // Armed again if the reap took its completion: the enter below
+        // submits it, and an eventfd already signalled completes it at once.
+        self.arm_wake();
         let ready = !self.ready.is_empty() || !self.ring.completion().is_empty();
         let (timeout, blocking) = self.waker.wait_timeout(ready, timeout);
         let res = match timeout {

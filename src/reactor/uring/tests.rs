@@ -193,3 +193,57 @@ fn a_move_rearms_a_submitted_accept_after_its_cancellation() {
         });
     });
 }
+
+/// A wake-up read's completion reaped just before a wait (the eventfd was
+/// written while the reactor was awake, or by a wake whose sleep had ended
+/// already) must not leave the wait without a wake-up read: the next
+/// [`Waker::wake`] must end it. Checked with no hot connection (the wait
+/// in the ring) and with one (the wait in the hot set's epoll instance).
+#[test]
+fn a_wake_after_a_stray_wake_completion_ends_the_wait() {
+    for hot in [false, true] {
+        let Some(mut be) = backend() else { return };
+        let mut pool = BufferPool::new(4096, 4);
+        let (a, _b) = pair();
+        let id = ConnId::from_u64(5);
+        be.add_conn(id, a).unwrap();
+        if hot {
+            be.hot.recent.note(id);
+        }
+        be.recv(id, RecvBuf::Pooled, &mut pool);
+        assert_eq!(be.hot.parked.len(), usize::from(hot));
+        let mut out = Vec::new();
+        be.poll(Some(Duration::ZERO), &mut out, &mut pool).unwrap();
+        // A short wait first: the hot set's epoll instance exists and
+        // watches the socket (the second wait of a hot connection).
+        be.poll(Some(Duration::from_millis(10)), &mut out, &mut pool)
+            .unwrap();
+        assert!(be.wake.armed, "the wake-up read is in the kernel");
+        // The eventfd written while nobody sleeps: the read completes, and
+        // its completion waits in the ring for the next reap.
+        let waker = be.waker();
+        let _ = rustix::io::write(waker.fd(), &1u64.to_ne_bytes());
+        std::thread::sleep(Duration::from_millis(20));
+        let late = waker.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            late.wake();
+        });
+        let start = Instant::now();
+        be.poll(Some(Duration::from_secs(3)), &mut out, &mut pool)
+            .unwrap();
+        // The stray completion may end the first wait; the wake must end
+        // the one after it.
+        if start.elapsed() < Duration::from_millis(90) {
+            be.poll(Some(Duration::from_secs(3)), &mut out, &mut pool)
+                .unwrap();
+        }
+        t.join().unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "hot {hot}: the wake was lost ({:?})",
+            start.elapsed()
+        );
+        assert!(out.is_empty());
+    }
+}
