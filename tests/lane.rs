@@ -22,6 +22,8 @@ per_backend!(
     a_writer_killed_mid_write_yields_no_torn_message,
     refused_shared_memory_keeps_the_socket_and_says_why_once,
     busy_polling_answers_over_the_lane_and_still_reads_sockets,
+    an_idle_lane_is_released_then_offered_again,
+    a_threaded_client_releases_an_idle_lane_and_carries_on,
 );
 
 // These read or write the whole process's mappings and descriptors: each
@@ -31,6 +33,7 @@ per_backend_isolated!(
     a_scribbled_ring_closes_its_connection_and_nothing_else,
     upgrade_and_close_cycles_leave_no_descriptor_or_mapping,
     seventy_clients_offering_at_once_all_get_lanes,
+    released_lanes_leave_no_mapping_or_descriptor,
 );
 
 fn lane_opts(t: &TestRoute) -> ipcm::Options {
@@ -38,6 +41,27 @@ fn lane_opts(t: &TestRoute) -> ipcm::Options {
         .lane(true)
         .lane_after_bytes(4096)
         .lane_ring_bytes(256 * 1024)
+}
+
+/// Lanes released after 100 ms without traffic.
+fn releasing_opts(t: &TestRoute) -> ipcm::Options {
+    lane_opts(t).lane_release_after(Some(Duration::from_millis(100)))
+}
+
+/// Turns both clients until neither maps a lane; what `b` receives
+/// meanwhile is kept.
+fn until_released(a: &mut Client, b: &mut Client, got: &mut Vec<Message>) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while a.resources().lane_mappings + b.resources().lane_mappings > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "lane kept: {:?} / {:?}",
+            a.resources(),
+            b.resources()
+        );
+        a.get_messages_timeout(Duration::from_millis(5)).unwrap();
+        got.extend(b.get_messages_timeout(Duration::from_millis(5)).unwrap());
+    }
 }
 
 fn recv_until(c: &mut Client, n: usize, out: &mut Vec<Message>) {
@@ -276,6 +300,119 @@ fn busy_polling_answers_over_the_lane_and_still_reads_sockets(b: BackendChoice) 
             from_perl += 1;
         }
     }
+}
+
+/// A lane that carries nothing for a while is released both ways and
+/// unmapped while the connection stays; the connection gets a new lane
+/// when it is busy again; every message arrives once, in order, across
+/// each switch both ways, and the statistics agree.
+fn an_idle_lane_is_released_then_offered_again(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    for ser in [Serializer::Binary, Serializer::Json] {
+        let info = Info::new(ser.clone(), t.route.path());
+        let name = |s: &str| format!("{s}-{}", ser.class().len());
+        let (an, bn) = (name("a"), name("b"));
+        let mut a = Client::connect(&info, &an, releasing_opts(&t)).unwrap();
+        let mut bc = Client::connect(&info, &bn, releasing_opts(&t)).unwrap();
+        let (mut got, mut back) = (Vec::new(), Vec::new());
+        let (mut sent, mut replies) = (0, 0);
+        for round in 0..3 {
+            for i in 0..2_000 {
+                a.send_message(&bn, &sent).unwrap();
+                sent += 1;
+                if i % 256 == 0 {
+                    got.extend(bc.get_messages().unwrap());
+                }
+            }
+            got.extend(until_on_lane(&mut a, &an, &mut bc, &bn));
+            for _ in 0..100 {
+                bc.send_message(&an, &replies).unwrap();
+                replies += 1;
+            }
+            recv_until(&mut a, replies, &mut back);
+            until_released(&mut a, &mut bc, &mut got);
+            assert_eq!(a.lane(&bn), Some(LaneKind::Socket), "round {round}");
+            assert_eq!(bc.lane(&an), Some(LaneKind::Socket), "round {round}");
+            assert_eq!(a.resources().lanes + bc.resources().lanes, 0);
+            // On the socket again, both ways.
+            for _ in 0..10 {
+                a.send_message(&bn, &sent).unwrap();
+                sent += 1;
+                bc.send_message(&an, &replies).unwrap();
+                replies += 1;
+            }
+        }
+        recv_until(&mut bc, sent, &mut got);
+        recv_until(&mut a, replies, &mut back);
+        assert_eq!(numbers(&got), (0..sent).collect::<Vec<_>>(), "{ser:?}");
+        assert_eq!(numbers(&back), (0..replies).collect::<Vec<_>>(), "{ser:?}");
+        assert_eq!(a.stats().sent[&bn], sent as u64);
+        assert_eq!(bc.stats().read[&an], sent as u64);
+        assert_eq!(bc.stats().sent[&an], replies as u64);
+        assert_eq!(a.stats().read[&bn], replies as u64);
+        a.disconnect(None).unwrap();
+        bc.disconnect(None).unwrap();
+    }
+}
+
+/// The threaded reactor releases an idle lane with no call to wake it
+/// (its idle check is one of its deadlines), then carries on over the
+/// socket and onto a new lane.
+fn a_threaded_client_releases_an_idle_lane_and_carries_on(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let srv = Client::connect(&info, "srv", releasing_opts(&t)).unwrap();
+    let (stx, mut rx, handle) = srv.into_threaded().unwrap();
+    let mut a = Client::connect(&info, "a", releasing_opts(&t)).unwrap();
+    const N: usize = 5_000;
+    let reader = std::thread::spawn(move || {
+        let mut got = Vec::with_capacity(2 * N);
+        while got.len() < 2 * N {
+            let m = rx.recv_timeout(Duration::from_secs(10)).expect("message");
+            got.push(m.content::<usize>().unwrap());
+        }
+        (rx, got)
+    });
+    let mut next = 0;
+    for round in 0..2 {
+        for _ in 0..N {
+            a.send_message("srv", &next).unwrap();
+            next += 1;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.lane("srv") != Some(LaneKind::SharedMemory) {
+            assert!(Instant::now() < deadline, "round {round}: no lane");
+            a.get_messages_timeout(Duration::from_millis(5)).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while a.resources().lane_mappings > 0 || a.lane("srv") != Some(LaneKind::Socket) {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: lane kept: {:?}",
+                a.resources()
+            );
+            a.get_messages_timeout(Duration::from_millis(5)).unwrap();
+        }
+    }
+    let (_rx, got) = reader.join().unwrap();
+    assert_eq!(got, (0..next).collect::<Vec<_>>());
+    // And back from the threaded sender, over the socket.
+    let sender = std::thread::spawn(move || {
+        let mut stx = stx;
+        for i in 0..1_000 {
+            stx.send("a", &i).unwrap();
+        }
+        stx
+    });
+    let mut back = Vec::new();
+    recv_until(&mut a, 1_000, &mut back);
+    let stx = sender.join().unwrap();
+    assert_eq!(numbers(&back), (0..1_000).collect::<Vec<_>>());
+    let stats = stx.stats().unwrap();
+    assert_eq!(stats.read["a"], next as u64);
+    assert_eq!(stats.sent["a"], 1_000);
+    a.disconnect(None).unwrap();
+    handle.shutdown().unwrap();
 }
 
 fn a_perl_shaped_initiator_never_sees_a_control_frame(b: BackendChoice) {
@@ -608,6 +745,70 @@ fn upgrade_and_close_cycles_leave_no_descriptor_or_mapping(b: BackendChoice) {
         maps,
         "lane mappings after {CYCLES} cycles"
     );
+    srv.disconnect(None).unwrap();
+}
+
+/// Released lanes give their memory and memfds back while their
+/// connections stay open. Reads the process's mappings and descriptors:
+/// in a process of its own.
+fn released_lanes_leave_no_mapping_or_descriptor(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let mut srv = Client::connect(&info, "srv", releasing_opts(&t)).unwrap();
+    let mut clients: Vec<Client> = (0..4)
+        .map(|i| {
+            Client::connect(&info, &format!("c{i}"), releasing_opts(&t).listen(false)).unwrap()
+        })
+        .collect();
+    // Every connection open, before any lane.
+    for c in &mut clients {
+        c.send_message("srv", &0).unwrap();
+    }
+    let mut got = Vec::new();
+    recv_until(&mut srv, clients.len(), &mut got);
+    assert_eq!(lane_mappings().len(), 0);
+    // Twice: the first round makes what stays for good (the beacon, each
+    // backend's epoll set for hot connections); the second must give back
+    // all it took.
+    let mut fds = 0;
+    for round in 0..2 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            for n in 0..2_000 {
+                c.send_message("srv", &n).unwrap();
+                if n % 256 == 0 {
+                    got.extend(srv.get_messages().unwrap());
+                }
+            }
+            got.extend(until_on_lane(c, &format!("c{i}"), &mut srv, "srv"));
+        }
+        assert_eq!(lane_mappings().len(), 2 * clients.len(), "both ends map");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while srv.resources().lane_mappings > 0
+            || clients.iter().any(|c| c.resources().lane_mappings > 0)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "lanes kept: {:?}",
+                srv.resources()
+            );
+            got.extend(srv.get_messages_timeout(Duration::from_millis(5)).unwrap());
+            for c in &mut clients {
+                c.get_messages_timeout(Duration::from_millis(1)).unwrap();
+            }
+        }
+        assert_eq!(
+            lane_mappings().len(),
+            0,
+            "round {round}: mappings after release"
+        );
+        if round == 0 {
+            fds = count_fds();
+        } else {
+            assert_eq!(count_fds(), fds, "descriptors after release");
+        }
+        assert_eq!(srv.resources().connections, clients.len());
+    }
+    recv_until(&mut srv, clients.len() * 4_001, &mut got);
     srv.disconnect(None).unwrap();
 }
 

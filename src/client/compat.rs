@@ -48,6 +48,7 @@ impl Client {
             pooled_buffers: self.reactor.pool().idle(),
             backend_buffers: self.reactor.backend_buffers(),
             lanes: self.reactor.core().lane_count(),
+            lane_mappings: self.reactor.core().lane_mapped(),
         }
     }
 

@@ -102,6 +102,16 @@ impl Options {
         self
     }
 
+    /// How long a lane may carry nothing either way before it is released
+    /// (default 5 s; it goes within one to two of these): both sides go
+    /// back to the socket and unmap the rings, and the connection gets a
+    /// new lane once it is busy again. `None` keeps lanes as long as their
+    /// connections.
+    pub fn lane_release_after(mut self, idle: Option<Duration>) -> Self {
+        self.limits.lane.release_after = idle;
+        self
+    }
+
     /// Sets the largest payload accepted from a peer.
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.limits.max_frame = bytes;
@@ -173,6 +183,9 @@ pub struct Resources {
     pub backend_buffers: usize,
     /// Connections on a shared-memory lane.
     pub lanes: usize,
+    /// Lanes mapped: those in use, and those being released (each maps
+    /// its two rings until both sides have left it).
+    pub lane_mappings: usize,
 }
 
 /// A handler that takes the messages still arriving during `disconnect`.

@@ -16,11 +16,14 @@
 //! | 2 | `SWITCH` | nothing | each side, as its last frame on the socket before its ring |
 //! | 3 | `REFUSE` | nothing | the acceptor that cannot take the offer |
 //! | 4 | `WAKE` | nothing | a side whose peer sleeps on (or waits for room in) a ring |
+//! | 5 | `RELEASE` | nothing | each side of an idle lane, as its first frame back on the socket |
 
 /// The first four bytes of every control payload.
 pub const MAGIC: [u8; 4] = *b"\0IPL";
 /// The version of these frames (and of the lane's memory layout).
-pub const VERSION: u8 = 1;
+/// Version 2 added `RELEASE`: a version-1 peer refuses our offers rather
+/// than meet a kind it does not know.
+pub const VERSION: u8 = 2;
 /// Bytes of a control payload before its kind's fields.
 const PREFIX: usize = 6;
 
@@ -42,6 +45,9 @@ pub enum Control {
     Refuse,
     /// Look at the rings.
     Wake,
+    /// The sender's ring carries nothing after what it holds: its frames
+    /// continue on the socket (an idle lane is being released).
+    Release,
 }
 
 /// Whether `payload` is a control payload (whatever its contents).
@@ -68,7 +74,8 @@ impl Control {
             (2, 0) => Ok(Control::Switch),
             (3, 0) => Ok(Control::Refuse),
             (4, 0) => Ok(Control::Wake),
-            (1..=4, _) => Err("lane control frame of the wrong length"),
+            (5, 0) => Ok(Control::Release),
+            (1..=5, _) => Err("lane control frame of the wrong length"),
             _ => Err("lane control frame of an unknown kind"),
         }
     }
@@ -83,6 +90,7 @@ impl Control {
         static SWITCH: [u8; 4 + PREFIX] = bare(2);
         static REFUSE: [u8; 4 + PREFIX] = bare(3);
         static WAKE: [u8; 4 + PREFIX] = bare(4);
+        static RELEASE: [u8; 4 + PREFIX] = bare(5);
         match self {
             Control::Offer { nonce, capacity } => {
                 let mut v = Vec::with_capacity(4 + PREFIX + 20);
@@ -96,6 +104,7 @@ impl Control {
             Control::Switch => bytes::Bytes::from_static(&SWITCH),
             Control::Refuse => bytes::Bytes::from_static(&REFUSE),
             Control::Wake => bytes::Bytes::from_static(&WAKE),
+            Control::Release => bytes::Bytes::from_static(&RELEASE),
         }
     }
 }
@@ -114,6 +123,7 @@ mod tests {
             Control::Switch,
             Control::Refuse,
             Control::Wake,
+            Control::Release,
         ] {
             let f = c.frame();
             let len = u32::from_be_bytes(f[..4].try_into().unwrap()) as usize;
@@ -121,10 +131,12 @@ mod tests {
             assert!(is_control(&f[4..]));
             assert_eq!(Control::parse(&f[4..]), Ok(c));
         }
-        assert!(Control::parse(b"\0IPL\x02\x02").is_err());
-        assert!(Control::parse(b"\0IPL\x01\x09").is_err());
-        assert!(Control::parse(b"\0IPL\x01\x01short").is_err());
-        assert!(Control::parse(b"\0IPL\x01\x02x").is_err());
+        assert!(Control::parse(b"\0IPL\x01\x02").is_err());
+        assert!(Control::parse(b"\0IPL\x02\x09").is_err());
+        assert!(Control::parse(b"\0IPL\x02\x01short").is_err());
+        assert!(Control::parse(b"\0IPL\x02\x02x").is_err());
+        assert!(Control::parse(b"\0IPL\x02\x05x").is_err());
+        assert!(Control::parse(b"\0IPL\x02\x06").is_err());
         assert!(Control::parse(b"\0IP").is_err());
         for msg in [&b"{\"a\":1}"[..], b"IPCB\x02\x04", b"\x28\xb5\x2f\xfd"] {
             assert!(!is_control(msg));

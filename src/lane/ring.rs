@@ -416,6 +416,11 @@ impl Producer {
         Ok(true)
     }
 
+    /// Bytes ever written into the ring (this end's own count).
+    pub fn written(&self) -> u64 {
+        self.tail
+    }
+
     /// After publishing: whether the consumer had announced that it
     /// sleeps (then it must be woken, once); the announcement is taken.
     pub fn take_wake(&self) -> bool {
@@ -600,6 +605,11 @@ impl Consumer {
         self.region.word(WAKE).swap(1, Ordering::SeqCst);
         let tail = self.region.word(TAIL).load(Ordering::SeqCst);
         tail == self.head
+    }
+
+    /// Bytes ever read from the ring (this end's own count).
+    pub fn read_total(&self) -> u64 {
+        self.head
     }
 
     /// The consumer is awake again: a producer need not wake it.

@@ -52,10 +52,10 @@ impl Core {
             .unresolved
             .front()
             .map(|&(created, _)| created + self.cfg.hello_timeout);
-        match (hello, self.accept.retry_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [hello, self.accept.retry_at, self.lane_check_at]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Drops the connections at the front of the hello queue that resolved
@@ -79,6 +79,9 @@ impl Core {
         if self.accept.retry_at.is_some_and(|at| at <= now) {
             self.accept.retry_at = None;
             self.accept.resume = true;
+        }
+        if self.lane_check_at.is_some_and(|at| at <= now) {
+            self.lane_idle_check(now);
         }
         let timeout = self.cfg.hello_timeout;
         let mut closed = 0;

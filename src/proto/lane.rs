@@ -54,6 +54,12 @@ pub struct LaneConfig {
     pub ring_bytes: usize,
     /// The largest ring a peer's offer may have.
     pub max_ring_bytes: usize,
+    /// A lane that carried nothing either way for about this long (one to
+    /// two periods) is released: both sides go back to the socket and
+    /// unmap the rings; the initiator offers a new lane once the
+    /// connection is busy again. `None`: lanes last as long as their
+    /// connections.
+    pub release_after: Option<std::time::Duration>,
 }
 
 impl Default for LaneConfig {
@@ -63,6 +69,7 @@ impl Default for LaneConfig {
             after_bytes: 64 * 1024,
             ring_bytes: 256 * 1024,
             max_ring_bytes: 64 * 1024 * 1024,
+            release_after: Some(std::time::Duration::from_secs(5)),
         }
     }
 }
@@ -111,6 +118,12 @@ pub(crate) struct Up {
     switch_at: u64,
     /// Frames arriving through the ring.
     decoder: FrameDecoder,
+    /// The peer's `RELEASE` was decoded and its ring drained: its frames
+    /// come from the socket again.
+    rx_done: bool,
+    /// The rings' counts at the last idle check: (ours written, theirs
+    /// read).
+    seen: (u64, u64),
     /// The mapping the ring ends point into: dropped after them.
     _region: Region,
 }
@@ -340,11 +353,13 @@ impl Core {
                 return;
             }
         };
+        let release_after = self.cfg.lane.release_after;
         let Core {
             conns,
             ids,
             dirty,
             lanes,
+            lane_check_at,
             ..
         } = self;
         let Some(c) = super::conn_mut(conns, id) else {
@@ -364,11 +379,18 @@ impl Core {
             sock,
             switch_at,
             decoder: FrameDecoder::new(max_frame),
+            rx_done: false,
+            seen: (0, 0),
             _region: region,
         }))));
         lanes.push(id);
         if !c.send_in_flight {
             dirty.push(id);
+        }
+        if let Some(after) = release_after
+            && lane_check_at.is_none()
+        {
+            *lane_check_at = Some(std::time::Instant::now() + after);
         }
         log::debug!(
             "ConnectionUnix: connection {id:?} to '{}' moves to a shared-memory lane",
@@ -428,6 +450,119 @@ impl Core {
             // The next turn looks at the rings; a sender waiting for room
             // pumps again.
             Control::Wake => self.dirty.push(id),
+            Control::Release => self.on_release(id),
+        }
+    }
+
+    /// The peer's `RELEASE`: everything it put in its ring was published
+    /// before it, so the ring is drained now (whatever the inbox limit:
+    /// at most one ring) and the socket's frames after it follow in
+    /// order. Ours follows when our outbox has gone into our ring.
+    fn on_release(&mut self, id: ConnId) {
+        let Some(c) = self.get_mut(id) else { return };
+        match c.lane.as_deref_mut() {
+            Some(ConnLane::Up(up)) if up.rx_on && !up.rx_done => {
+                // Set first: a `RELEASE` the peer put in its ring (never
+                // sent by ipcm) meets this flag and is ignored.
+                up.rx_done = true;
+            }
+            _ => {
+                log::warn!("ConnectionUnix: unexpected lane release on {id:?} ignored");
+                return;
+            }
+        }
+        let mut pool = BufferPool::new(self.cfg.buf_size, 0);
+        self.drain_lane(id, &mut pool);
+        self.lane_releasing.push(id);
+        self.release_lanes();
+    }
+
+    /// Releases our ring of each lane whose peer released its own, once
+    /// our outbox has all gone into the ring (the `RELEASE` goes after
+    /// it); a lane released both ways is unmapped.
+    fn release_lanes(&mut self) {
+        let mut i = 0;
+        while i < self.lane_releasing.len() {
+            let id = self.lane_releasing[i];
+            if self.try_release_tx(id) != Some(false) {
+                self.lane_releasing.swap_remove(i);
+                self.lane_down(id);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Sends our `RELEASE` if nothing waits to go into the ring or onto
+    /// the socket: our frames continue on the socket, in the outbox that
+    /// continued the ring's byte count. `Some(true)`: released (now or
+    /// before); `Some(false)`: not yet; `None`: no lane.
+    fn try_release_tx(&mut self, id: ConnId) -> Option<bool> {
+        let Core {
+            conns, ids, dirty, ..
+        } = self;
+        let c = super::conn_mut(conns, id)?;
+        let Some(ConnLane::Up(up)) = c.lane.as_deref_mut() else {
+            return None;
+        };
+        if !up.tx_on {
+            return Some(true);
+        }
+        if c.send_in_flight || !c.outbox.is_empty() || !up.sock.is_empty() {
+            return Some(false);
+        }
+        up.tx_on = false;
+        c.outbox.seal(ids);
+        c.outbox.push(Control::Release.frame());
+        dirty.push(id);
+        log::debug!(
+            "ConnectionUnix: connection {id:?} to '{}' leaves its idle shared-memory lane",
+            c.peer.as_deref().unwrap_or("")
+        );
+        Some(true)
+    }
+
+    /// Unmaps a lane released both ways; the initiator may offer a new one
+    /// once the connection is busy again.
+    fn lane_down(&mut self, id: ConnId) {
+        let Some(c) = self.get_mut(id) else { return };
+        if !matches!(c.lane.as_deref(), Some(ConnLane::Up(up)) if !up.tx_on && up.rx_done) {
+            return;
+        }
+        c.lane = None;
+        c.lane_tried = false;
+        c.traffic = 0;
+        self.lanes.retain(|&l| l != id);
+    }
+
+    /// The idle check (see [`LaneConfig::release_after`]): a lane whose
+    /// rings moved nothing either way since the last check, with nothing
+    /// waiting, is released (our side now, the peer's on our `RELEASE`).
+    pub(super) fn lane_idle_check(&mut self, now: std::time::Instant) {
+        self.lane_check_at = None;
+        let Some(after) = self.cfg.lane.release_after else {
+            return;
+        };
+        let mut idle = Vec::new();
+        for &id in &self.lanes {
+            let Some(c) = self.conns.get_mut(id.slot()) else {
+                continue;
+            };
+            let Some(ConnLane::Up(up)) = c.lane.as_deref_mut() else {
+                continue;
+            };
+            let seen = (up.tx.written(), up.rx.read_total());
+            let still = seen == up.seen && !up.rx.has_data();
+            up.seen = seen;
+            if still && up.tx_on && up.rx_on && !up.rx_done {
+                idle.push(id);
+            }
+        }
+        for id in idle {
+            self.try_release_tx(id);
+        }
+        if !self.lanes.is_empty() {
+            self.lane_check_at = Some(now + after);
         }
     }
 
@@ -437,6 +572,9 @@ impl Core {
     pub fn lane_poll(&mut self, pool: &mut BufferPool) -> bool {
         if self.lanes.is_empty() {
             return false;
+        }
+        if !self.lane_releasing.is_empty() {
+            self.release_lanes();
         }
         let mut got = false;
         let mut i = 0;
@@ -634,6 +772,15 @@ impl Core {
     #[inline]
     pub fn lane_count_hint(&self) -> bool {
         !self.lanes.is_empty()
+    }
+
+    /// Connections holding a lane's mapping (on it, or leaving it).
+    pub fn lane_mapped(&self) -> usize {
+        self.lanes
+            .iter()
+            .filter_map(|&id| self.get(id))
+            .filter(|c| matches!(c.lane.as_deref(), Some(ConnLane::Up(_))))
+            .count()
     }
 
     /// Connections on a lane (both ways).

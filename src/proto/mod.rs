@@ -256,6 +256,12 @@ pub struct Core {
     lane_broken: Vec<ConnId>,
     /// Our offers awaiting an answer.
     lane_offers_out: Vec<ConnId>,
+    /// When the lanes are next looked at for idleness (see
+    /// [`LaneConfig::release_after`](crate::proto::LaneConfig)).
+    lane_check_at: Option<Instant>,
+    /// Lanes whose peer released its ring: ours follows once our outbox
+    /// has all gone into it.
+    lane_releasing: Vec<ConnId>,
 }
 
 impl Core {
@@ -289,6 +295,8 @@ impl Core {
             lanes: Vec::new(),
             lane_broken: Vec::new(),
             lane_offers_out: Vec::new(),
+            lane_check_at: None,
+            lane_releasing: Vec::new(),
         }
     }
 

@@ -544,9 +544,9 @@ fn an_offer_of_another_lane_version_is_refused_not_left_waiting() {
     let mut c = core();
     let id = c.add_acceptor(Instant::now());
     feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
-    // `00 'I' 'P' 'L'`, version 2, kind 1 (OFFER), fields unknown to us.
+    // `00 'I' 'P' 'L'`, version 9, kind 1 (OFFER), fields unknown to us.
     let mut offer = BytesMut::new();
-    encode_frame(b"\0IPL\x02\x01whatever-v2-says", &mut offer).unwrap();
+    encode_frame(b"\0IPL\x09\x01whatever-v9-says", &mut offer).unwrap();
     feed(&mut c, id, &offer);
     assert!(take(&mut c).is_empty(), "a control frame is no message");
     let out = c.start_send(id).expect("a reply is queued");
