@@ -112,6 +112,14 @@ impl Options {
         self
     }
 
+    /// Payload bytes from which a frame to a peer on a lane travels as a
+    /// sealed memfd of its own and is received without a copy (default
+    /// 1 MiB; `usize::MAX`: never).
+    pub fn lane_blob_min(mut self, bytes: usize) -> Self {
+        self.limits.lane.blob_min = bytes;
+        self
+    }
+
     /// Sets the largest payload accepted from a peer.
     pub fn max_frame(mut self, bytes: usize) -> Self {
         self.limits.max_frame = bytes;

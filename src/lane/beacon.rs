@@ -68,6 +68,52 @@ struct Beacon {
     pid: u32,
     listener: OwnedFd,
     pending: Vec<Pending>,
+    /// Connections accepted before their sender had written (a sender
+    /// connects, then passes: another offer's accepts can come between);
+    /// read again at the next take, at most `MAX_PENDING` for
+    /// `PENDING_FOR`.
+    unread: Vec<(OwnedFd, Instant)>,
+}
+
+/// What reading one accepted beacon connection gave.
+enum Read {
+    /// A descriptor and its nonce.
+    Got(Pending),
+    /// Nothing yet: read it again later.
+    NotYet,
+    /// Nothing usable: it is closed.
+    Drop,
+}
+
+/// Reads the lane message of an accepted beacon connection.
+fn read_side(side: &OwnedFd, now: Instant) -> Read {
+    let Ok(cred) = rustix::net::sockopt::socket_peercred(side) else {
+        return Read::Drop;
+    };
+    let mut msg = [0u8; MESSAGE_LEN + 1];
+    let (n, fd) = match pass::recv_with_fd(side.as_fd(), &mut msg) {
+        Ok((n, Some(fd))) => (n, fd),
+        Ok(_) => return Read::Drop,
+        Err(pass::PassError::Sys {
+            err: Errno::AGAIN | Errno::INTR,
+            ..
+        }) => return Read::NotYet,
+        Err(e) => {
+            log::debug!("ConnectionUnix: lane beacon: {e}");
+            return Read::Drop;
+        }
+    };
+    if n != MESSAGE_LEN || &msg[..8] != HELLO || msg[8] != super::control::VERSION {
+        log::debug!("ConnectionUnix: lane beacon: a message of {n} bytes that is not a lane's");
+        return Read::Drop;
+    }
+    Read::Got(Pending {
+        nonce: msg[9..25].try_into().expect("16 bytes"),
+        pid: cred.pid.as_raw_nonzero().get(),
+        uid: cred.uid.as_raw(),
+        fd,
+        at: now,
+    })
 }
 
 static BEACON: Mutex<Option<Beacon>> = Mutex::new(None);
@@ -102,6 +148,7 @@ pub fn listen() -> Result<(), Errno> {
         pid,
         listener: fd,
         pending: Vec::new(),
+        unread: Vec::new(),
     });
     Ok(())
 }
@@ -126,7 +173,19 @@ pub struct Side(OwnedFd);
 pub fn probe(main: BorrowedFd<'_>) -> Result<Side, BeaconError> {
     let failed = |what: &str, e: Errno| BeaconError::Failed(format!("{what}: {e}"));
     let peer = rustix::net::sockopt::socket_peercred(main).map_err(|e| failed("SO_PEERCRED", e))?;
-    let pid = peer.pid.as_raw_nonzero().get();
+    probe_pid(peer.pid.as_raw_nonzero().get(), peer.uid.as_raw())
+}
+
+/// The process and user at the other end of `main` (`SO_PEERCRED`).
+pub fn peer_of(main: BorrowedFd<'_>) -> Option<(i32, u32)> {
+    let c = rustix::net::sockopt::socket_peercred(main).ok()?;
+    Some((c.pid.as_raw_nonzero().get(), c.uid.as_raw()))
+}
+
+/// [`probe`] for the process `pid` of user `uid` (known from the main
+/// connection).
+pub fn probe_pid(pid: i32, uid: u32) -> Result<Side, BeaconError> {
+    let failed = |what: &str, e: Errno| BeaconError::Failed(format!("{what}: {e}"));
     let side = socket().map_err(|e| failed("socket", e))?;
     match rustix::net::connect(&side, &name(pid).map_err(|e| failed("beacon name", e))?) {
         Ok(()) => {}
@@ -136,7 +195,7 @@ pub fn probe(main: BorrowedFd<'_>) -> Result<Side, BeaconError> {
         Err(e) => return Err(failed("connect to the beacon", e)),
     }
     let at = rustix::net::sockopt::socket_peercred(&side).map_err(|e| failed("SO_PEERCRED", e))?;
-    if at.pid != peer.pid || at.uid != peer.uid {
+    if at.pid.as_raw_nonzero().get() != pid || at.uid.as_raw() != uid {
         log::warn!(
             "ConnectionUnix: the lane beacon of pid {pid} is held by pid {} (uid {}): ignored",
             at.pid.as_raw_nonzero(),
@@ -169,6 +228,12 @@ impl Side {
 pub fn take(main: BorrowedFd<'_>, nonce: &[u8; 16]) -> Result<OwnedFd, String> {
     let peer =
         rustix::net::sockopt::socket_peercred(main).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+    take_from(peer.pid.as_raw_nonzero().get(), peer.uid.as_raw(), nonce)
+}
+
+/// [`take`] for the process `pid` of user `uid` (known from the main
+/// connection).
+pub fn take_from(pid: i32, uid: u32, nonce: &[u8; 16]) -> Result<OwnedFd, String> {
     let mut g = BEACON.lock().unwrap_or_else(|p| p.into_inner());
     let b = g
         .as_mut()
@@ -176,56 +241,92 @@ pub fn take(main: BorrowedFd<'_>, nonce: &[u8; 16]) -> Result<OwnedFd, String> {
         .ok_or("this process has no lane beacon")?;
     let now = Instant::now();
     b.pending.retain(|p| now.duration_since(p.at) < PENDING_FOR);
+    b.unread
+        .retain(|(_, at)| now.duration_since(*at) < PENDING_FOR);
+    let Beacon {
+        listener,
+        pending,
+        unread,
+        ..
+    } = b;
+    let keep = |p: Pending, pending: &mut Vec<Pending>| {
+        if pending.len() >= MAX_PENDING {
+            pending.remove(0);
+        }
+        pending.push(p);
+    };
+    // Those accepted before their sender wrote have written by now.
+    let mut i = 0;
+    while i < unread.len() {
+        match read_side(&unread[i].0, now) {
+            Read::Got(p) => {
+                unread.swap_remove(i);
+                keep(p, pending);
+            }
+            Read::NotYet => i += 1,
+            Read::Drop => {
+                unread.swap_remove(i);
+            }
+        }
+    }
     for _ in 0..ACCEPTS_PER_TAKE {
-        if b.pending.iter().any(|p| &p.nonce == nonce) {
+        if pending.iter().any(|p| &p.nonce == nonce) {
             // The rest stay in the backlog for their own offers.
             break;
         }
         let side = match rustix::net::accept_with(
-            &b.listener,
+            &*listener,
             SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
         ) {
             Ok(fd) => fd,
             Err(Errno::INTR) => continue,
             Err(_) => break,
         };
-        let Ok(cred) = rustix::net::sockopt::socket_peercred(&side) else {
-            continue;
-        };
-        let mut msg = [0u8; MESSAGE_LEN + 1];
-        let (n, fd) = match pass::recv_with_fd(side.as_fd(), &mut msg) {
-            Ok((n, Some(fd))) => (n, fd),
-            Ok(_) => continue,
-            Err(e) => {
-                log::debug!("ConnectionUnix: lane beacon: {e}");
-                continue;
+        match read_side(&side, now) {
+            Read::Got(p) => keep(p, pending),
+            Read::NotYet => {
+                if unread.len() >= MAX_PENDING {
+                    unread.remove(0);
+                }
+                unread.push((side, now));
             }
-        };
-        if n != MESSAGE_LEN || &msg[..8] != HELLO || msg[8] != super::control::VERSION {
-            log::debug!("ConnectionUnix: lane beacon: a message of {n} bytes that is not a lane's");
-            continue;
+            Read::Drop => {}
         }
-        if b.pending.len() >= MAX_PENDING {
-            b.pending.remove(0);
-        }
-        b.pending.push(Pending {
-            nonce: msg[9..25].try_into().expect("16 bytes"),
-            pid: cred.pid.as_raw_nonzero().get(),
-            uid: cred.uid.as_raw(),
-            fd,
-            at: now,
-        });
     }
-    let pid = peer.pid.as_raw_nonzero().get();
-    let Some(i) = b.pending.iter().position(|p| &p.nonce == nonce) else {
+    let Some(i) = pending.iter().position(|p| &p.nonce == nonce) else {
         return Err("no descriptor arrived with the offer's nonce".into());
     };
-    let p = b.pending.swap_remove(i);
-    if p.pid != pid || p.uid != peer.uid.as_raw() {
+    let p = pending.swap_remove(i);
+    if p.pid != pid || p.uid != uid {
         return Err(format!(
             "the offer's descriptor came from pid {} (uid {}), not from the peer's pid {pid}",
             p.pid, p.uid
         ));
     }
     Ok(p.fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sender connects, then passes; another take that accepts its
+    /// connection in between (before it wrote) must keep it, not close it
+    /// (the sender's `sendmsg` then failed with `EPIPE` and its lane or
+    /// large payload went without a memfd).
+    #[test]
+    fn a_connection_accepted_before_its_sender_wrote_is_read_later() {
+        listen().unwrap();
+        let me = std::process::id() as i32;
+        let uid = rustix::process::getuid().as_raw();
+        let side = probe_pid(me, uid).unwrap();
+        // Another take, for a nonce that never comes, accepts it first.
+        assert!(take_from(me, uid, &[1; 16]).is_err());
+        let memfd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        side.pass(memfd.as_fd(), &[2; 16]).unwrap();
+        let got = take_from(me, uid, &[2; 16]).unwrap();
+        let a = rustix::fs::fstat(&memfd).unwrap();
+        let b = rustix::fs::fstat(&got).unwrap();
+        assert_eq!((a.st_dev, a.st_ino), (b.st_dev, b.st_ino), "the same file");
+    }
 }

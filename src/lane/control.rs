@@ -17,6 +17,7 @@
 //! | 3 | `REFUSE` | nothing | the acceptor that cannot take the offer |
 //! | 4 | `WAKE` | nothing | a side whose peer sleeps on (or waits for room in) a ring |
 //! | 5 | `RELEASE` | nothing | each side of an idle lane, as its first frame back on the socket |
+//! | 6 | `BLOB` | 16-byte nonce, payload length (u64 LE) | a sender whose frame went as a sealed memfd (in its ring) |
 
 /// The first four bytes of every control payload.
 pub const MAGIC: [u8; 4] = *b"\0IPL";
@@ -48,6 +49,14 @@ pub enum Control {
     /// The sender's ring carries nothing after what it holds: its frames
     /// continue on the socket (an idle lane is being released).
     Release,
+    /// The next frame's payload is a sealed memfd passed to our beacon
+    /// tagged `nonce`, of `len` bytes (see [`super::blob`]).
+    Blob {
+        /// Matches the descriptor passed beside the lane.
+        nonce: [u8; 16],
+        /// The payload's length.
+        len: u64,
+    },
 }
 
 /// Whether `payload` is a control payload (whatever its contents).
@@ -75,13 +84,17 @@ impl Control {
             (3, 0) => Ok(Control::Refuse),
             (4, 0) => Ok(Control::Wake),
             (5, 0) => Ok(Control::Release),
-            (1..=5, _) => Err("lane control frame of the wrong length"),
+            (6, 24) => Ok(Control::Blob {
+                nonce: body[..16].try_into().expect("16 bytes"),
+                len: u64::from_le_bytes(body[16..24].try_into().expect("8 bytes")),
+            }),
+            (1..=6, _) => Err("lane control frame of the wrong length"),
             _ => Err("lane control frame of an unknown kind"),
         }
     }
 
     /// The whole frame: length prefix and payload (no allocation but for
-    /// an `OFFER`).
+    /// an `OFFER` or a `BLOB`).
     pub fn frame(&self) -> bytes::Bytes {
         const fn bare(kind: u8) -> [u8; 4 + PREFIX] {
             let m = MAGIC;
@@ -105,6 +118,15 @@ impl Control {
             Control::Refuse => bytes::Bytes::from_static(&REFUSE),
             Control::Wake => bytes::Bytes::from_static(&WAKE),
             Control::Release => bytes::Bytes::from_static(&RELEASE),
+            Control::Blob { nonce, len } => {
+                let mut v = Vec::with_capacity(4 + PREFIX + 24);
+                v.extend_from_slice(&((PREFIX + 24) as u32).to_be_bytes());
+                v.extend_from_slice(&MAGIC);
+                v.extend_from_slice(&[VERSION, 6]);
+                v.extend_from_slice(nonce);
+                v.extend_from_slice(&len.to_le_bytes());
+                bytes::Bytes::from(v)
+            }
         }
     }
 }
@@ -124,6 +146,10 @@ mod tests {
             Control::Refuse,
             Control::Wake,
             Control::Release,
+            Control::Blob {
+                nonce: [9; 16],
+                len: 16 << 20,
+            },
         ] {
             let f = c.frame();
             let len = u32::from_be_bytes(f[..4].try_into().unwrap()) as usize;

@@ -7,12 +7,14 @@
 //! * [`beacon`]: how an initiator learns that its acceptor is ipcm, and
 //!   passes it the memfd, without a Perl peer seeing anything;
 //! * [`control`]: the control frames of the switch and the wake-ups;
-//! * [`pass`]: descriptor passing with `SCM_RIGHTS`.
+//! * [`pass`]: descriptor passing with `SCM_RIGHTS`;
+//! * [`blob`]: large payloads as sealed memfds, received without a copy.
 //!
 //! The core (`proto/lane.rs`) moves frames through the rings; the reactor
 //! does the system calls of the beacon.
 
 pub(crate) mod beacon;
+pub(crate) mod blob;
 pub(crate) mod control;
 pub(crate) mod pass;
 pub(crate) mod ring;
@@ -77,4 +79,34 @@ pub fn accept(
 ) -> Result<shm::Region, String> {
     let fd = beacon::take(main, nonce)?;
     shm::Region::open(fd, capacity).map_err(|e| e.to_string())
+}
+
+/// A large payload's sender: `payload` in a sealed memfd passed to the
+/// beacon of process `peer` (pid, uid), and the `BLOB` frame that stands
+/// for it in the ring. `Ok(None)`: that process has no beacon (the payload
+/// goes through the ring).
+pub fn send_blob(peer: (i32, u32), payload: &[u8]) -> Result<Option<bytes::Bytes>, String> {
+    let side = match beacon::probe_pid(peer.0, peer.1) {
+        Ok(s) => s,
+        Err(beacon::BeaconError::NotOffered) => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let fd = blob::seal(payload).map_err(|e| e.to_string())?;
+    let nonce = *uuid::Uuid::new_v4().as_bytes();
+    side.pass(std::os::fd::AsFd::as_fd(&fd), &nonce)
+        .map_err(|e| e.to_string())?;
+    Ok(Some(
+        control::Control::Blob {
+            nonce,
+            len: payload.len() as u64,
+        }
+        .frame(),
+    ))
+}
+
+/// A large payload's receiver: the sealed memfd process `peer` passed with
+/// `nonce`, mapped read-only (`len` bytes).
+pub fn take_blob(peer: (i32, u32), nonce: &[u8; 16], len: usize) -> Result<bytes::Bytes, String> {
+    let fd = beacon::take_from(peer.0, peer.1, nonce)?;
+    blob::open(fd, len).map_err(|e| e.to_string())
 }

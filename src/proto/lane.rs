@@ -33,7 +33,7 @@ use crate::lane::control::{Control, is_control};
 use crate::lane::ring::{Consumer, Producer, RingError};
 use crate::lane::shm::Region;
 use crate::message::IdSeq;
-use crate::wire::{BufferPool, FrameDecoder};
+use crate::wire::{BufferPool, FrameDecoder, HEADER_LEN};
 
 /// Payload bytes of one ring record at most (several frames share one
 /// record; a larger frame is cut into several).
@@ -60,6 +60,10 @@ pub struct LaneConfig {
     /// connection is busy again. `None`: lanes last as long as their
     /// connections.
     pub release_after: Option<std::time::Duration>,
+    /// Frames of at least this many payload bytes go from a lane's ring as
+    /// a sealed memfd of their own, received without a copy (when the
+    /// peer process has a beacon; else through the ring).
+    pub blob_min: usize,
 }
 
 impl Default for LaneConfig {
@@ -70,6 +74,7 @@ impl Default for LaneConfig {
             ring_bytes: 256 * 1024,
             max_ring_bytes: 64 * 1024 * 1024,
             release_after: Some(std::time::Duration::from_secs(5)),
+            blob_min: 1024 * 1024,
         }
     }
 }
@@ -124,6 +129,11 @@ pub(crate) struct Up {
     /// The rings' counts at the last idle check: (ours written, theirs
     /// read).
     seen: (u64, u64),
+    /// The peer process (pid, uid), for large payloads; `None`: none go
+    /// as memfds.
+    peer: Option<(i32, u32)>,
+    /// Payload bytes from which a frame goes as a memfd.
+    blob_min: usize,
     /// The mapping the ring ends point into: dropped after them.
     _region: Region,
 }
@@ -190,6 +200,21 @@ pub(crate) fn pump_tx(
             }
             break;
         }
+        match send_as_blob(up, outbox, room) {
+            Blob::Sent => {
+                moved = true;
+                continue;
+            }
+            Blob::NeedsRoom => {
+                // Not a byte of it into the ring: it waits for room for
+                // its `BLOB` frame.
+                if up.tx.wait_for_room()? && up.tx.room()? >= BLOB_FRAME {
+                    continue;
+                }
+                break;
+            }
+            Blob::No => {}
+        }
         let limit = room.min(RECORD_MAX);
         let mut parts: [&[u8]; RECORD_PARTS] = [&[]; RECORD_PARTS];
         let (mut n, mut len) = (0, 0);
@@ -199,7 +224,8 @@ pub(crate) fn pump_tx(
             } else {
                 &f[..]
             };
-            if n == RECORD_PARTS {
+            if n == RECORD_PARTS || (i > 0 && blob_eligible(up, f)) {
+                // A frame to go as a memfd starts the next round.
                 break;
             }
             if len + s.len() > limit {
@@ -222,6 +248,61 @@ pub(crate) fn pump_tx(
         up.sock.push(Control::Wake.frame());
     }
     Ok(moved)
+}
+
+/// Bytes of a `BLOB` control frame.
+const BLOB_FRAME: usize = 4 + 6 + 24;
+
+/// Whether frame `f` goes as a memfd when it is at the front.
+fn blob_eligible(up: &Up, f: &Bytes) -> bool {
+    up.peer.is_some() && f.len().saturating_sub(HEADER_LEN) >= up.blob_min.max(1)
+}
+
+/// What [`send_as_blob`] did.
+enum Blob {
+    /// The front frame went as a memfd.
+    Sent,
+    /// It is to go as one, once the ring has room for its `BLOB` frame.
+    NeedsRoom,
+    /// It goes through the ring.
+    No,
+}
+
+/// If the outbox's front frame is unstarted and large enough, sends its
+/// payload as a sealed memfd and writes the `BLOB` frame that stands for
+/// it into the ring (`room`: what the ring takes now). The outbox's byte
+/// count moves by the whole frame, as if it had gone into the ring:
+/// blocking sends wait for positions in the outbox's count.
+fn send_as_blob(up: &mut Up, outbox: &mut Outbox, room: usize) -> Blob {
+    let Some(peer) = up.peer else { return Blob::No };
+    let Some(f) = outbox.frames().next() else {
+        return Blob::No;
+    };
+    if outbox.front_offset() != 0 || !blob_eligible(up, f) {
+        return Blob::No;
+    }
+    if room < BLOB_FRAME {
+        return Blob::NeedsRoom;
+    }
+    let frame_len = f.len();
+    match crate::lane::send_blob(peer, &f[HEADER_LEN..]) {
+        Ok(Some(ctl)) => {
+            if up.tx.push_parts(&[&ctl[..]], ctl.len()).is_err() {
+                // Not reached (the room was checked); the peer then takes
+                // a memfd it never hears of, and the frame goes whole.
+                return Blob::No;
+            }
+            outbox.advance(frame_len);
+            Blob::Sent
+        }
+        // No beacon there (a peer that does not listen), or its backlog is
+        // full: the ring carries this one.
+        Ok(None) => Blob::No,
+        Err(why) => {
+            crate::lane::log_unavailable(&format!("large payload as a memfd: {why}"));
+            Blob::No
+        }
+    }
 }
 
 /// Takes the frames no write has started into `into`, for another
@@ -281,7 +362,14 @@ impl Core {
 
     /// The initiator passed `region`'s memfd tagged `nonce`: queues the
     /// `OFFER`.
-    pub fn lane_offered(&mut self, id: ConnId, region: Region, nonce: [u8; 16]) {
+    /// `peer`: the process and user at the other end (for large payloads).
+    pub fn lane_offered(
+        &mut self,
+        id: ConnId,
+        region: Region,
+        nonce: [u8; 16],
+        peer: Option<(i32, u32)>,
+    ) {
         let capacity = region.capacity() as u32;
         let Core {
             conns, ids, dirty, ..
@@ -289,6 +377,7 @@ impl Core {
         let Some(c) = super::conn_mut(conns, id) else {
             return;
         };
+        c.lane_peer = peer;
         c.outbox.seal(ids);
         c.outbox.push(Control::Offer { nonce, capacity }.frame());
         c.lane = Some(Box::new(ConnLane::Offered(region)));
@@ -318,7 +407,11 @@ impl Core {
 
     /// The acceptor mapped the initiator's region: its frames go to its
     /// ring from now on.
-    pub fn lane_accepted(&mut self, id: ConnId, region: Region) {
+    /// `peer`: the process and user at the other end (for large payloads).
+    pub fn lane_accepted(&mut self, id: ConnId, region: Region, peer: Option<(i32, u32)>) {
+        if let Some(c) = self.get_mut(id) {
+            c.lane_peer = peer;
+        }
         self.lane_up(id, region, false);
     }
 
@@ -354,6 +447,7 @@ impl Core {
             }
         };
         let release_after = self.cfg.lane.release_after;
+        let blob_min = self.cfg.lane.blob_min;
         let Core {
             conns,
             ids,
@@ -381,6 +475,8 @@ impl Core {
             decoder: FrameDecoder::new(max_frame),
             rx_done: false,
             seen: (0, 0),
+            peer: c.lane_peer,
+            blob_min,
             _region: region,
         }))));
         lanes.push(id);
@@ -451,6 +547,39 @@ impl Core {
             // pumps again.
             Control::Wake => self.dirty.push(id),
             Control::Release => self.on_release(id),
+            Control::Blob { nonce, len } => self.on_blob(id, &nonce, len),
+        }
+    }
+
+    /// A `BLOB`: the frame it stands for is the sealed memfd the peer
+    /// passed with `nonce`, taken now (it was passed before the `BLOB` was
+    /// published) so that the message keeps its place. A payload that is
+    /// too large, missing or not sealed closes the connection: the peer
+    /// said a message was there.
+    fn on_blob(&mut self, id: ConnId, nonce: &[u8; 16], len: u64) {
+        let max = self.cfg.max_frame;
+        let Some(c) = self.get(id) else { return };
+        let peer = c.lane_peer;
+        let taken = match peer {
+            _ if len > max as u64 => Err(format!(
+                "a large payload of {len} bytes exceeds the frame limit of {max}"
+            )),
+            None => Err("a large payload on a connection without a lane".to_string()),
+            Some(p) => crate::lane::take_blob(p, nonce, len as usize),
+        };
+        match taken {
+            Ok(frame) if !is_control(&frame) => self.take_message(id, frame),
+            Ok(_) => {
+                let peer = self.peer_of(id).unwrap_or("").to_string();
+                log::warn!(
+                    "ConnectionUnix: a control frame as a large payload from '{peer}' ignored"
+                );
+            }
+            Err(why) => {
+                let peer = self.peer_of(id).unwrap_or("").to_string();
+                log::error!("ConnectionUnix: closing connection from '{peer}': {why}");
+                self.close(id, None);
+            }
         }
     }
 

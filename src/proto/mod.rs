@@ -125,6 +125,9 @@ struct Conn {
     traffic: u64,
     /// A lane was asked for (or cannot be).
     lane_tried: bool,
+    /// The peer process and user (`SO_PEERCRED`), once a lane is offered
+    /// or taken: large payloads go to that process's beacon.
+    lane_peer: Option<(i32, u32)>,
     /// The shared-memory lane, once offered.
     lane: Option<Box<lane::ConnLane>>,
     /// Writing failed because the peer closed: nothing more is written,
@@ -344,6 +347,7 @@ impl Core {
             uncounted: 0,
             traffic: 0,
             lane_tried: false,
+            lane_peer: None,
             lane: None,
             write_failed: None,
         });

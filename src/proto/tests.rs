@@ -580,7 +580,7 @@ fn replacement_moves_data_off_a_lane_and_waiters_follow_it() {
         panic!("queued")
     };
     let region = crate::lane::shm::Region::create(4096).expect("a memfd region");
-    c.lane_offered(old, region, [7; 16]);
+    c.lane_offered(old, region, [7; 16], None);
     let Enqueue::Queued(t2) = c.enqueue(old, Bytes::from(m2.clone())) else {
         panic!("queued")
     };
@@ -645,7 +645,7 @@ fn a_full_inbox_sleeps_beside_a_ring_that_holds_data() {
     feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
     let theirs = Region::create(4096).expect("a memfd region");
     let fd = theirs.fd().try_clone_to_owned().unwrap();
-    c.lane_accepted(id, Region::open(fd, 4096).unwrap());
+    c.lane_accepted(id, Region::open(fd, 4096).unwrap(), None);
     // The initiator's switch: its frames come from its ring now.
     feed(&mut c, id, &Control::Switch.frame());
     let (mut tx, _rx) = theirs.ends(true).unwrap();
@@ -664,4 +664,51 @@ fn a_full_inbox_sleeps_beside_a_ring_that_holds_data() {
     let got = take(&mut c);
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].content_json().to_string(), "2");
+}
+
+/// A `BLOB` whose memfd never came (or from a peer with no known process)
+/// closes its connection: the peer said a message was there. Nothing is
+/// delivered in its place, and nothing panics.
+#[test]
+fn a_blob_that_cannot_be_had_closes_its_connection() {
+    use crate::lane::control::Control;
+    use crate::lane::shm::Region;
+    for peer in [None, Some((std::process::id() as i32, 0))] {
+        let mut c = core();
+        let id = c.add_acceptor(Instant::now());
+        feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
+        let theirs = Region::create(4096).expect("a memfd region");
+        let fd = theirs.fd().try_clone_to_owned().unwrap();
+        c.lane_accepted(id, Region::open(fd, 4096).unwrap(), peer);
+        feed(&mut c, id, &Control::Switch.frame());
+        let (mut tx, _rx) = theirs.ends(true).unwrap();
+        let mut pool = BufferPool::new(4096, 4);
+        assert!(tx.push(&msg("cli", "srv", "1")).unwrap());
+        let blob = Control::Blob {
+            nonce: [3; 16],
+            len: 1 << 20,
+        };
+        assert!(tx.push(&blob.frame()).unwrap());
+        assert!(tx.push(&msg("cli", "srv", "3")).unwrap());
+        c.lane_poll(&mut pool);
+        let got = take(&mut c);
+        assert_eq!(got.len(), 1, "{peer:?}: what came before the blob");
+        assert_eq!(got[0].content_json().to_string(), "1");
+        assert!(!c.is_open(id), "{peer:?}: the connection closes");
+    }
+    // A length past the frame limit is refused before anything is taken.
+    let mut c = core();
+    let id = c.add_acceptor(Instant::now());
+    feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
+    feed(
+        &mut c,
+        id,
+        &Control::Blob {
+            nonce: [3; 16],
+            len: u64::MAX,
+        }
+        .frame(),
+    );
+    assert!(take(&mut c).is_empty());
+    assert!(!c.is_open(id));
 }

@@ -625,7 +625,10 @@ impl Reactor {
                 continue;
             };
             match crate::lane::offer(fd, capacity) {
-                Ok(Some((region, nonce))) => self.core.lane_offered(id, region, nonce),
+                Ok(Some((region, nonce))) => {
+                    let peer = crate::lane::beacon::peer_of(fd);
+                    self.core.lane_offered(id, region, nonce, peer)
+                }
                 Ok(None) => {}
                 Err(why) => crate::lane::log_unavailable(&why),
             }
@@ -637,7 +640,10 @@ impl Reactor {
                 continue;
             };
             match crate::lane::accept(fd, &nonce, capacity as usize) {
-                Ok(region) => self.core.lane_accepted(id, region),
+                Ok(region) => {
+                    let peer = crate::lane::beacon::peer_of(fd);
+                    self.core.lane_accepted(id, region, peer)
+                }
                 Err(why) => {
                     crate::lane::log_unavailable(&why);
                     self.core.lane_refused(id);
