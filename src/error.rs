@@ -353,6 +353,14 @@ pub enum Error {
         /// The timeout in seconds.
         secs: f64,
     },
+    /// Descriptors go only to an ipcm peer on a shared-memory lane.
+    #[error("cannot pass descriptors to '{peer}': it is not on a shared-memory lane ({why})")]
+    NoLane {
+        /// The peer.
+        peer: String,
+        /// What is missing.
+        why: String,
+    },
     /// The client has already disconnected.
     #[error("client '{id}' is disconnected")]
     Disconnected {

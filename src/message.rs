@@ -195,6 +195,20 @@ pub struct Message {
     pub(crate) stamp_ord: u64,
     pub(crate) broadcast: bool,
     pub(crate) extra: Vec<(ByteStr, ByteStr)>,
+    /// Descriptors the sender attached (ipcm peers on a lane only).
+    pub(crate) fds: Fds,
+}
+
+/// The descriptors attached to a message: shared by its clones, taken
+/// once (see [`Message::take_fds`]).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Fds(Option<std::sync::Arc<std::sync::Mutex<Vec<std::os::fd::OwnedFd>>>>);
+
+impl Fds {
+    /// Descriptors just received.
+    pub(crate) fn new(fds: Vec<std::os::fd::OwnedFd>) -> Self {
+        Fds(Some(std::sync::Arc::new(std::sync::Mutex::new(fds))))
+    }
 }
 
 impl Message {
@@ -231,6 +245,7 @@ impl Message {
             stamp_ord,
             broadcast: false,
             extra: Vec::new(),
+            fds: crate::message::Fds::default(),
         })
     }
 
@@ -262,6 +277,17 @@ impl Message {
     /// Whether this is a copy produced by `broadcast`.
     pub fn is_broadcast(&self) -> bool {
         self.broadcast
+    }
+
+    /// Takes the file descriptors the sender attached
+    /// ([`Client::send_message_with_fds`](crate::Client::send_message_with_fds)):
+    /// all of them, once; clones of this message share them, so only the
+    /// first call (on any clone) gets them. Empty for a message without any.
+    pub fn take_fds(&self) -> Vec<std::os::fd::OwnedFd> {
+        match &self.fds.0 {
+            Some(m) => std::mem::take(&mut *m.lock().unwrap_or_else(|p| p.into_inner())),
+            None => Vec::new(),
+        }
     }
 
     /// The content as raw JSON text, exactly as received.

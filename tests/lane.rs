@@ -26,6 +26,7 @@ per_backend!(
     a_threaded_client_releases_an_idle_lane_and_carries_on,
     a_16_mib_message_arrives_in_a_sealed_memfd_without_a_copy,
     a_threaded_receiver_gets_a_large_payload_without_a_copy,
+    descriptors_travel_with_their_message,
 );
 
 // These read or write the whole process's mappings and descriptors: each
@@ -545,6 +546,109 @@ fn a_threaded_receiver_gets_a_large_payload_without_a_copy(b: BackendChoice) {
     assert!(back[0].content::<String>().unwrap() == big);
     assert!(in_a_blob_mapping(&back[0]), "copied on the way back");
     drop(back);
+    a.disconnect(None).unwrap();
+    handle.shutdown().unwrap();
+}
+
+/// A pipe's write end and a memfd attached to a message arrive with that
+/// message (not the ones around it) as working descriptors, inline and
+/// through a threaded receiver's ring; a peer not on a lane is refused
+/// them, and nothing is sent.
+fn descriptors_travel_with_their_message(b: BackendChoice) {
+    use std::os::fd::OwnedFd;
+    let t = TestRoute::new(b);
+    for ser in [Serializer::Binary, Serializer::Json] {
+        let info = Info::new(ser.clone(), t.route.path());
+        let name = |s: &str| format!("{s}-{}", ser.class().len());
+        let (an, bn, cn) = (name("a"), name("b"), name("c"));
+        let mut a = Client::connect(&info, &an, lane_opts(&t)).unwrap();
+        let mut bc = Client::connect(&info, &bn, lane_opts(&t)).unwrap();
+        let mut cc = Client::connect(&info, &cn, lane_opts(&t)).unwrap();
+        // c is on the socket: refused, nothing sent.
+        a.send_message(&cn, &0).unwrap();
+        let (_r, w) = std::io::pipe().unwrap();
+        let err = a
+            .send_message_with_fds(&cn, &"fds", vec![OwnedFd::from(w)])
+            .unwrap_err();
+        assert!(matches!(err, Error::NoLane { .. }), "{err}");
+        let mut on_c = Vec::new();
+        recv_until(&mut cc, 1, &mut on_c);
+        let mut got = Vec::new();
+        for i in 0..2_000usize {
+            a.send_message(&bn, &i.to_string()).unwrap();
+            if i % 256 == 0 {
+                got.extend(bc.get_messages().unwrap());
+            }
+        }
+        got.extend(until_on_lane(&mut a, &an, &mut bc, &bn));
+        let (mut r, w) = std::io::pipe().unwrap();
+        let memfd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::io::write(&memfd, b"memfd bytes").unwrap();
+        a.send_message(&bn, &"before").unwrap();
+        a.send_message_with_fds(&bn, &"with", vec![OwnedFd::from(w), memfd])
+            .unwrap();
+        a.send_message(&bn, &"after").unwrap();
+        recv_until(&mut bc, 2_003, &mut got);
+        let texts: Vec<String> = got[2_000..]
+            .iter()
+            .map(|m| m.content::<String>().unwrap())
+            .collect();
+        assert_eq!(texts, ["before", "with", "after"], "{ser:?}");
+        assert!(got[2_000].take_fds().is_empty());
+        assert!(got[2_002].take_fds().is_empty());
+        let mut fds = got[2_001].take_fds();
+        assert_eq!(fds.len(), 2, "{ser:?}");
+        assert!(got[2_001].take_fds().is_empty(), "taken once");
+        let mem = fds.pop().unwrap();
+        let mut buf = [0u8; 11];
+        assert_eq!(rustix::io::pread(&mem, &mut buf, 0).unwrap(), 11);
+        assert_eq!(&buf, b"memfd bytes");
+        let mut w = std::fs::File::from(fds.pop().unwrap());
+        w.write_all(b"through the pipe").unwrap();
+        drop(w);
+        let mut s = String::new();
+        r.read_to_string(&mut s).unwrap();
+        assert_eq!(
+            s, "through the pipe",
+            "the pipe's last writer was the passed end"
+        );
+        a.disconnect(None).unwrap();
+        bc.disconnect(None).unwrap();
+        cc.disconnect(None).unwrap();
+    }
+    // Through a threaded receiver.
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let srv = Client::connect(&info, "srv", lane_opts(&t)).unwrap();
+    let (_stx, mut rx, handle) = srv.into_threaded().unwrap();
+    let mut a = Client::connect(&info, "a", lane_opts(&t)).unwrap();
+    for i in 0..2_000usize {
+        a.send_message("srv", &i).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    while a.lane("srv") != Some(LaneKind::SharedMemory) {
+        assert!(Instant::now() < deadline, "no lane");
+        a.get_messages_timeout(Duration::from_millis(5)).unwrap();
+        while rx.try_recv().is_some() {
+            n += 1;
+        }
+    }
+    let memfd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::io::write(&memfd, b"threaded").unwrap();
+    a.send_message_with_fds("srv", &"with", vec![memfd])
+        .unwrap();
+    while n < 2_000 {
+        rx.recv_timeout(Duration::from_secs(10)).expect("message");
+        n += 1;
+    }
+    let m = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the one with fds");
+    let fds = m.take_fds();
+    assert_eq!(fds.len(), 1);
+    let mut buf = [0u8; 8];
+    assert_eq!(rustix::io::pread(&fds[0], &mut buf, 0).unwrap(), 8);
+    assert_eq!(&buf, b"threaded");
     a.disconnect(None).unwrap();
     handle.shutdown().unwrap();
 }

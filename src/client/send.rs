@@ -114,6 +114,45 @@ impl Client {
         })
     }
 
+    /// Sends `content` to `peer` with `fds` attached (blocking, as
+    /// [`Client::send_message`]); the peer gets them as `OwnedFd`s from
+    /// [`Message::take_fds`](crate::Message::take_fds). Only an ipcm peer
+    /// on a shared-memory lane takes descriptors ([`Error::NoLane`]
+    /// otherwise, nothing sent); at most 16 per message. The descriptors
+    /// are closed here once passed (the peer's are copies).
+    pub fn send_message_with_fds<T: Serialize + ?Sized>(
+        &mut self,
+        peer: &str,
+        content: &T,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<()> {
+        self.check_usable()?;
+        if fds.is_empty() {
+            return self.send_message(peer, content);
+        }
+        let no_lane = |why: &str| Error::NoLane {
+            peer: peer.to_string(),
+            why: why.to_string(),
+        };
+        if fds.len() > crate::lane::pass::MAX_FDS {
+            return Err(no_lane("more than 16 descriptors"));
+        }
+        let id = self.conn_for_send(peer)?;
+        let Some(target) = self.reactor.core().fds_target(id) else {
+            return Err(no_lane("no lane to it"));
+        };
+        // The message first, so that a failure to encode it passes nothing.
+        let frame = self.encode(peer, Content::Value(content), false)?;
+        let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
+        let ctl = crate::lane::send_fds(target, &borrowed).map_err(|e| no_lane(&e))?;
+        drop(borrowed);
+        drop(fds);
+        if !self.reactor.core_mut().enqueue_control(id, ctl) {
+            return Err(self.closed_error(id));
+        }
+        self.send_frame(peer, frame, Delivery::Complete)
+    }
+
     /// Why connection `id` went away; `Ok` if it had written `target`
     /// bytes first (the frame reached the kernel before the close).
     pub(super) fn closed_outcome(&mut self, id: ConnId, target: u64) -> Result<()> {

@@ -59,7 +59,7 @@ struct Pending {
     nonce: [u8; 16],
     pid: i32,
     uid: u32,
-    fd: OwnedFd,
+    fds: Vec<OwnedFd>,
     at: Instant,
 }
 
@@ -91,8 +91,8 @@ fn read_side(side: &OwnedFd, now: Instant) -> Read {
         return Read::Drop;
     };
     let mut msg = [0u8; MESSAGE_LEN + 1];
-    let (n, fd) = match pass::recv_with_fd(side.as_fd(), &mut msg) {
-        Ok((n, Some(fd))) => (n, fd),
+    let (n, fds) = match pass::recv_with_fds(side.as_fd(), &mut msg) {
+        Ok((n, fds)) if !fds.is_empty() => (n, fds),
         Ok(_) => return Read::Drop,
         Err(pass::PassError::Sys {
             err: Errno::AGAIN | Errno::INTR,
@@ -111,7 +111,7 @@ fn read_side(side: &OwnedFd, now: Instant) -> Read {
         nonce: msg[9..25].try_into().expect("16 bytes"),
         pid: cred.pid.as_raw_nonzero().get(),
         uid: cred.uid.as_raw(),
-        fd,
+        fds,
         at: now,
     })
 }
@@ -210,12 +210,18 @@ impl Side {
     /// The initiator's second half: passes `memfd` tagged `nonce`, then
     /// closes the beacon connection.
     pub fn pass(self, memfd: BorrowedFd<'_>, nonce: &[u8; 16]) -> Result<(), BeaconError> {
+        self.pass_fds(&[memfd], nonce)
+    }
+
+    /// Passes `fds` (1 to [`pass::MAX_FDS`]) tagged `nonce`, then closes
+    /// the beacon connection.
+    pub fn pass_fds(self, fds: &[BorrowedFd<'_>], nonce: &[u8; 16]) -> Result<(), BeaconError> {
         let mut msg = [0u8; MESSAGE_LEN];
         let mut w = &mut msg[..];
         let _ = w.write_all(HELLO);
         let _ = w.write_all(&[super::control::VERSION]);
         let _ = w.write_all(nonce);
-        match pass::send_with_fd(self.0.as_fd(), &msg, memfd) {
+        match pass::send_with_fds(self.0.as_fd(), &msg, fds) {
             Ok(n) if n == MESSAGE_LEN => Ok(()),
             Ok(_) => Err(BeaconError::Failed("beacon message cut short".into())),
             Err(e) => Err(BeaconError::Failed(e.to_string())),
@@ -234,6 +240,15 @@ pub fn take(main: BorrowedFd<'_>, nonce: &[u8; 16]) -> Result<OwnedFd, String> {
 /// [`take`] for the process `pid` of user `uid` (known from the main
 /// connection).
 pub fn take_from(pid: i32, uid: u32, nonce: &[u8; 16]) -> Result<OwnedFd, String> {
+    let mut fds = take_fds_from(pid, uid, nonce)?;
+    if fds.len() != 1 {
+        return Err(format!("{} descriptors came where one was due", fds.len()));
+    }
+    Ok(fds.remove(0))
+}
+
+/// The descriptors the process `pid` of user `uid` passed tagged `nonce`.
+pub fn take_fds_from(pid: i32, uid: u32, nonce: &[u8; 16]) -> Result<Vec<OwnedFd>, String> {
     let mut g = BEACON.lock().unwrap_or_else(|p| p.into_inner());
     let b = g
         .as_mut()
@@ -303,7 +318,7 @@ pub fn take_from(pid: i32, uid: u32, nonce: &[u8; 16]) -> Result<OwnedFd, String
             p.pid, p.uid
         ));
     }
-    Ok(p.fd)
+    Ok(p.fds)
 }
 
 #[cfg(test)]

@@ -18,6 +18,7 @@
 //! | 4 | `WAKE` | nothing | a side whose peer sleeps on (or waits for room in) a ring |
 //! | 5 | `RELEASE` | nothing | each side of an idle lane, as its first frame back on the socket |
 //! | 6 | `BLOB` | 16-byte nonce, payload length (u64 LE) | a sender whose frame went as a sealed memfd (in its ring) |
+//! | 7 | `FDS` | 16-byte nonce, descriptor count (u8) | a sender whose next message carries descriptors passed to the peer's beacon |
 
 /// The first four bytes of every control payload.
 pub const MAGIC: [u8; 4] = *b"\0IPL";
@@ -57,6 +58,14 @@ pub enum Control {
         /// The payload's length.
         len: u64,
     },
+    /// The next message carries the `count` descriptors the sender passed
+    /// to our beacon tagged `nonce`.
+    Fds {
+        /// Matches the descriptors passed beside the lane.
+        nonce: [u8; 16],
+        /// How many.
+        count: u8,
+    },
 }
 
 /// Whether `payload` is a control payload (whatever its contents).
@@ -88,13 +97,17 @@ impl Control {
                 nonce: body[..16].try_into().expect("16 bytes"),
                 len: u64::from_le_bytes(body[16..24].try_into().expect("8 bytes")),
             }),
-            (1..=6, _) => Err("lane control frame of the wrong length"),
+            (7, 17) => Ok(Control::Fds {
+                nonce: body[..16].try_into().expect("16 bytes"),
+                count: body[16],
+            }),
+            (1..=7, _) => Err("lane control frame of the wrong length"),
             _ => Err("lane control frame of an unknown kind"),
         }
     }
 
     /// The whole frame: length prefix and payload (no allocation but for
-    /// an `OFFER` or a `BLOB`).
+    /// an `OFFER`, a `BLOB` or an `FDS`).
     pub fn frame(&self) -> bytes::Bytes {
         const fn bare(kind: u8) -> [u8; 4 + PREFIX] {
             let m = MAGIC;
@@ -127,6 +140,15 @@ impl Control {
                 v.extend_from_slice(&len.to_le_bytes());
                 bytes::Bytes::from(v)
             }
+            Control::Fds { nonce, count } => {
+                let mut v = Vec::with_capacity(4 + PREFIX + 17);
+                v.extend_from_slice(&((PREFIX + 17) as u32).to_be_bytes());
+                v.extend_from_slice(&MAGIC);
+                v.extend_from_slice(&[VERSION, 7]);
+                v.extend_from_slice(nonce);
+                v.push(*count);
+                bytes::Bytes::from(v)
+            }
         }
     }
 }
@@ -149,6 +171,10 @@ mod tests {
             Control::Blob {
                 nonce: [9; 16],
                 len: 16 << 20,
+            },
+            Control::Fds {
+                nonce: [4; 16],
+                count: 3,
             },
         ] {
             let f = c.frame();

@@ -110,3 +110,19 @@ pub fn take_blob(peer: (i32, u32), nonce: &[u8; 16], len: usize) -> Result<bytes
     let fd = beacon::take_from(peer.0, peer.1, nonce)?;
     blob::open(fd, len).map_err(|e| e.to_string())
 }
+
+/// User descriptors for a message to process `peer` (pid, uid): passed to
+/// its beacon, and the `FDS` frame to queue right before the message.
+pub fn send_fds(
+    peer: (i32, u32),
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> Result<bytes::Bytes, String> {
+    let side = beacon::probe_pid(peer.0, peer.1).map_err(|e| e.to_string())?;
+    let nonce = *uuid::Uuid::new_v4().as_bytes();
+    side.pass_fds(fds, &nonce).map_err(|e| e.to_string())?;
+    Ok(control::Control::Fds {
+        nonce,
+        count: fds.len() as u8,
+    }
+    .frame())
+}

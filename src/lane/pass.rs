@@ -33,23 +33,39 @@ pub enum PassError {
     Protocol(&'static str),
 }
 
+/// The most descriptors one message carries (a lane's memfd, a large
+/// payload's, or those a user attaches to a message).
+pub const MAX_FDS: usize = 16;
+
 /// Sends `data` (not empty) with `fd` attached; returns the bytes sent
 /// (the descriptor went with the first of them).
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn send_with_fd(
     sock: BorrowedFd<'_>,
     data: &[u8],
     fd: BorrowedFd<'_>,
+) -> Result<usize, PassError> {
+    send_with_fds(sock, data, &[fd])
+}
+
+/// Sends `data` (not empty) with `fds` (1 to [`MAX_FDS`]) attached.
+pub fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    data: &[u8],
+    fds: &[BorrowedFd<'_>],
 ) -> Result<usize, PassError> {
     if data.is_empty() {
         return Err(PassError::Protocol(
             "a descriptor needs a byte to travel with",
         ));
     }
-    let fds = [fd];
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    if fds.is_empty() || fds.len() > MAX_FDS {
+        return Err(PassError::Protocol("1 to 16 descriptors per message"));
+    }
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(PassError::Protocol("no room for the descriptor"));
+    if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        return Err(PassError::Protocol("no room for the descriptors"));
     }
     rustix::net::sendmsg(
         sock,
@@ -65,14 +81,23 @@ pub fn send_with_fd(
 
 /// Receives into `buf`, taking at most one descriptor: returns the byte
 /// count and the descriptor, if one came. Extra descriptors are closed.
+#[cfg_attr(not(test), allow(dead_code))]
 pub fn recv_with_fd(
     sock: BorrowedFd<'_>,
     buf: &mut [u8],
 ) -> Result<(usize, Option<OwnedFd>), PassError> {
-    // Room for a few, so that a peer sending several does not truncate
-    // the message (which would lose the ones the kernel dropped, and is an
-    // error anyway); all beyond the first are closed here.
-    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(4))];
+    let (n, fds) = recv_with_fds(sock, buf)?;
+    // The first is kept; the rest drop (close) here.
+    Ok((n, fds.into_iter().next()))
+}
+
+/// Receives into `buf` with up to [`MAX_FDS`] descriptors; more is an
+/// error (the kernel closed those it had no room for).
+pub fn recv_with_fds(
+    sock: BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> Result<(usize, Vec<OwnedFd>), PassError> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = RecvAncillaryBuffer::new(&mut space);
     let r = rustix::net::recvmsg(
         sock,
@@ -84,15 +109,10 @@ pub fn recv_with_fd(
         what: "recvmsg",
         err,
     })?;
-    let mut got = None;
+    let mut got = Vec::new();
     for msg in control.drain() {
         if let RecvAncillaryMessage::ScmRights(fds) = msg {
-            for fd in fds {
-                // The first is kept; the rest drop (close) here.
-                if got.is_none() {
-                    got = Some(fd);
-                }
-            }
+            got.extend(fds);
         }
     }
     if r.flags.contains(ReturnFlags::CTRUNC) {

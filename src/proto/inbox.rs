@@ -191,6 +191,7 @@ impl<'a> MessageRef<'a> {
                 stamp_ord: self.stamp_ord(),
                 broadcast: false,
                 extra: Vec::new(),
+                fds: crate::message::Fds::default(),
             },
         }
     }
@@ -339,6 +340,7 @@ impl Cursor {
                     stamp_ord: info.first_ord.wrapping_add(u64::from(self.index)),
                     broadcast: false,
                     extra: Vec::new(),
+                    fds: crate::message::Fds::default(),
                 };
                 self.index += 1;
                 if records.remaining() > 0 {

@@ -548,6 +548,41 @@ impl Core {
             Control::Wake => self.dirty.push(id),
             Control::Release => self.on_release(id),
             Control::Blob { nonce, len } => self.on_blob(id, &nonce, len),
+            Control::Fds { nonce, count } => self.on_fds(id, &nonce, count),
+        }
+    }
+
+    /// An `FDS`: the descriptors the peer passed with `nonce` belong to
+    /// its next message, taken now (they were passed before the frame was
+    /// written). Descriptors that cannot be had close the connection: the
+    /// peer said a message carries them.
+    fn on_fds(&mut self, id: ConnId, nonce: &[u8; 16], count: u8) {
+        let Some(c) = self.get(id) else { return };
+        let taken = match c.lane_peer {
+            None => Err("descriptors on a connection without a lane".to_string()),
+            Some(_) if usize::from(count) > crate::lane::pass::MAX_FDS || count == 0 => {
+                Err(format!("{count} descriptors announced"))
+            }
+            Some(p) => crate::lane::beacon::take_fds_from(p.0, p.1, nonce).and_then(|fds| {
+                if fds.len() == usize::from(count) {
+                    Ok(fds)
+                } else {
+                    Err(format!("{} descriptors came, {count} announced", fds.len()))
+                }
+            }),
+        };
+        match taken {
+            Ok(fds) => {
+                let Some(c) = self.get_mut(id) else { return };
+                if c.next_fds.replace(fds).is_none() {
+                    self.fds_waiting += 1;
+                }
+            }
+            Err(why) => {
+                let peer = self.peer_of(id).unwrap_or("").to_string();
+                log::error!("ConnectionUnix: closing connection from '{peer}': {why}");
+                self.close(id, None);
+            }
         }
     }
 
@@ -901,6 +936,32 @@ impl Core {
     #[inline]
     pub fn lane_count_hint(&self) -> bool {
         !self.lanes.is_empty()
+    }
+
+    /// The peer process (pid, uid) of `id` if it is on a lane both ways:
+    /// descriptors may go to it.
+    pub fn fds_target(&self, id: ConnId) -> Option<(i32, u32)> {
+        let c = self.get(id)?;
+        match c.lane.as_deref().and_then(ConnLane::up) {
+            Some(up) if up.tx_on && up.rx_on => c.lane_peer,
+            _ => None,
+        }
+    }
+
+    /// Queues a control frame on `id`'s outbox (the ring's when on a
+    /// lane) whatever the outbox limit: it is a few bytes, and the frame
+    /// queued next depends on it.
+    pub fn enqueue_control(&mut self, id: ConnId, frame: Bytes) -> bool {
+        let Core {
+            conns, ids, dirty, ..
+        } = self;
+        let Some(c) = super::conn_mut(conns, id) else {
+            return false;
+        };
+        c.outbox.seal(ids);
+        c.outbox.push(frame);
+        dirty.push(id);
+        true
     }
 
     /// Connections holding a lane's mapping (on it, or leaving it).

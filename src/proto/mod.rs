@@ -128,6 +128,9 @@ struct Conn {
     /// The peer process and user (`SO_PEERCRED`), once a lane is offered
     /// or taken: large payloads go to that process's beacon.
     lane_peer: Option<(i32, u32)>,
+    /// Descriptors for the next message from this connection (an `FDS`
+    /// frame came before it).
+    next_fds: Option<Vec<std::os::fd::OwnedFd>>,
     /// The shared-memory lane, once offered.
     lane: Option<Box<lane::ConnLane>>,
     /// Writing failed because the peer closed: nothing more is written,
@@ -265,6 +268,9 @@ pub struct Core {
     /// Lanes whose peer released its ring: ours follows once our outbox
     /// has all gone into it.
     lane_releasing: Vec<ConnId>,
+    /// Connections holding descriptors for their next message (the one
+    /// check the message path makes for them).
+    fds_waiting: usize,
 }
 
 impl Core {
@@ -300,6 +306,7 @@ impl Core {
             lane_offers_out: Vec::new(),
             lane_check_at: None,
             lane_releasing: Vec::new(),
+            fds_waiting: 0,
         }
     }
 
@@ -348,6 +355,7 @@ impl Core {
             traffic: 0,
             lane_tried: false,
             lane_peer: None,
+            next_fds: None,
             lane: None,
             write_failed: None,
         });
@@ -506,6 +514,9 @@ impl Core {
             }
         }
         let mut conn = self.conns.remove(id.slot());
+        if conn.next_fds.take().is_some() {
+            self.fds_waiting -= 1;
+        }
         if conn.peer.is_none() {
             self.prune_unresolved();
         }
@@ -816,7 +827,13 @@ impl Core {
             return;
         }
         match self.serializer.decode_message(&frame) {
-            Ok(Some(msg)) => {
+            Ok(Some(mut msg)) => {
+                if self.fds_waiting > 0
+                    && let Some(fds) = self.get_mut(id).and_then(|c| c.next_fds.take())
+                {
+                    self.fds_waiting -= 1;
+                    msg.fds = crate::message::Fds::new(fds);
+                }
                 match &mut self.read_run {
                     Some((from, n)) if from.as_str() == msg.from() => *n += 1,
                     _ => {
@@ -845,6 +862,18 @@ impl Core {
     /// A Binary batch arrived on `id`: checked whole, then kept as one
     /// entry (its messages are read in place when taken).
     fn take_batch(&mut self, id: ConnId, frame: Bytes) {
+        if self.fds_waiting > 0
+            && let Some(fds) = self.get_mut(id).and_then(|c| c.next_fds.take())
+        {
+            // Descriptors go with single messages only: a sender that put
+            // them before a batch broke that rule; they are closed.
+            self.fds_waiting -= 1;
+            let peer = self.peer_of(id).unwrap_or("");
+            log::warn!(
+                "ConnectionUnix: {} descriptors before a batch from '{peer}' closed",
+                fds.len()
+            );
+        }
         let len = frame.len();
         let checked = match binary::CheckedBatch::parse(frame) {
             Ok(b) => b,

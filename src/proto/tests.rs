@@ -696,6 +696,28 @@ fn a_blob_that_cannot_be_had_closes_its_connection() {
         assert_eq!(got[0].content_json().to_string(), "1");
         assert!(!c.is_open(id), "{peer:?}: the connection closes");
     }
+    // Descriptors announced that never came close the connection too.
+    let mut c = core();
+    let id = c.add_acceptor(Instant::now());
+    feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
+    for (peer, count) in [(None, 1), (Some((std::process::id() as i32, 0)), 2)] {
+        let theirs = Region::create(4096).expect("a memfd region");
+        let fd = theirs.fd().try_clone_to_owned().unwrap();
+        let id = c.add_acceptor(Instant::now());
+        feed(&mut c, id, &frame(r#"{"hello":"cli2"}"#));
+        c.lane_accepted(id, Region::open(fd, 4096).unwrap(), peer);
+        feed(
+            &mut c,
+            id,
+            &Control::Fds {
+                nonce: [5; 16],
+                count,
+            }
+            .frame(),
+        );
+        assert!(!c.is_open(id), "{peer:?}");
+    }
+    assert!(c.is_open(id));
     // A length past the frame limit is refused before anything is taken.
     let mut c = core();
     let id = c.add_acceptor(Instant::now());

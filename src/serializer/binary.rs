@@ -295,6 +295,7 @@ pub(crate) fn decode_message(payload: &Bytes) -> Result<Option<Message>, DecodeE
         stamp_ord: p.header.stamp_ord.get(),
         broadcast,
         extra,
+        fds: crate::message::Fds::default(),
     }))
 }
 
@@ -570,6 +571,7 @@ pub(crate) fn expand(batch: &CheckedBatch, from: &Name, to: &Name, out: &mut Vec
             stamp_ord: info.first_ord.wrapping_add(u64::from(i)),
             broadcast: false,
             extra: Vec::new(),
+            fds: crate::message::Fds::default(),
         });
     }
 }

@@ -453,6 +453,7 @@ fn layout_message(payload: &Bytes, l: &scan::Layout<'_>) -> Option<Message> {
         stamp_ord,
         broadcast: l.broadcast,
         extra: Vec::new(),
+        fds: crate::message::Fds::default(),
     })
 }
 
@@ -497,6 +498,7 @@ fn envelope_to_message(payload: &Bytes, env: RawEnvelope<'_>) -> Result<Message>
         stamp_ord,
         broadcast,
         extra,
+        fds: crate::message::Fds::default(),
     })
 }
 
