@@ -6,7 +6,7 @@
 
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use iceoryx2::prelude::*;
 
@@ -131,13 +131,16 @@ pub fn throughput(size: usize, n: usize) -> f64 {
         s.spawn(|| {
             let node = node();
             let service = open(&node);
+            // The subscriber exists first: a publisher made before it may
+            // not see it in time, and its first samples went to no one
+            // (the receiver then waited for ever).
+            ready.wait();
             let tx = service
                 .publisher_builder()
                 .initial_max_slice_len(size)
                 .backpressure_strategy(BackpressureStrategy::RetryUntilDelivered)
                 .create()
                 .unwrap();
-            ready.wait();
             ready.wait();
             let body = vec![b'x'; size];
             for _ in 0..n {
@@ -153,6 +156,7 @@ pub fn throughput(size: usize, n: usize) -> f64 {
         let start = Instant::now();
         ready.wait();
         let (mut got, mut bytes) = (0, 0usize);
+        let (mut last, mut empty) = (Instant::now(), 0u32);
         while got < n {
             match rx.receive().unwrap() {
                 Some(s) => {
@@ -160,8 +164,21 @@ pub fn throughput(size: usize, n: usize) -> f64 {
                     // Touch the content, as the other rows' receivers do.
                     bytes += p.iter().step_by(64).map(|&b| b as usize).sum::<usize>();
                     got += 1;
+                    empty = 0;
                 }
-                None => std::hint::spin_loop(),
+                None => {
+                    // The clock only now and then, and only while waiting.
+                    empty += 1;
+                    if empty == 1 {
+                        last = Instant::now();
+                    } else if empty.is_multiple_of(4096) {
+                        assert!(
+                            last.elapsed() < Duration::from_secs(10),
+                            "iceoryx2 row: {got} of {n} samples, none for 10 s"
+                        );
+                    }
+                    std::hint::spin_loop()
+                }
             }
         }
         let rate = n as f64 / start.elapsed().as_secs_f64();
