@@ -418,21 +418,36 @@ fn a_threaded_client_releases_an_idle_lane_and_carries_on(b: BackendChoice) {
     handle.shutdown().unwrap();
 }
 
-/// The ranges of this process's mappings of large-payload memfds.
-fn blob_mappings() -> Vec<(usize, usize)> {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("memfd:ipcm-blob"))
-        .map(|l| {
-            let range = l.split_whitespace().next().unwrap();
-            let (a, b) = range.split_once('-').unwrap();
-            (
-                usize::from_str_radix(a, 16).unwrap(),
-                usize::from_str_radix(b, 16).unwrap(),
-            )
-        })
-        .collect()
+/// Sends 2,000 small messages from `a` to `b`, turning both until their
+/// connection is on a lane; returns what `b` got meanwhile.
+fn warm_onto_lane(a: &mut Client, an: &str, b: &mut Client, bn: &str) -> Vec<Message> {
+    let mut got = Vec::new();
+    for i in 0..2_000usize {
+        a.send_message(bn, &i.to_string()).unwrap();
+        if i % 256 == 0 {
+            got.extend(b.get_messages().unwrap());
+        }
+    }
+    got.extend(until_on_lane(a, an, b, bn));
+    got
+}
+
+/// Sends 2,000 small messages from `a` to the threaded "srv" until their
+/// connection is on a lane; returns how many `rx` took meanwhile.
+fn warm_threaded(a: &mut Client, rx: &mut ipcm::Receiver) -> usize {
+    for i in 0..2_000usize {
+        a.send_message("srv", &i).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut n = 0;
+    while a.lane("srv") != Some(LaneKind::SharedMemory) {
+        assert!(Instant::now() < deadline, "no lane");
+        a.get_messages_timeout(Duration::from_millis(5)).unwrap();
+        while rx.try_recv().is_some() {
+            n += 1;
+        }
+    }
+    n
 }
 
 /// Whether `m`'s content lies, whole, in a large-payload mapping: it was
@@ -440,7 +455,9 @@ fn blob_mappings() -> Vec<(usize, usize)> {
 fn in_a_blob_mapping(m: &Message) -> bool {
     let c = m.content_bytes();
     let (start, end) = (c.as_ptr() as usize, c.as_ptr() as usize + c.len());
-    blob_mappings().iter().any(|&(a, b)| a <= start && end <= b)
+    memfd_mappings("ipcm-blob")
+        .iter()
+        .any(|&(a, b)| a <= start && end <= b)
 }
 
 /// 16 MiB of content, as JSON text (a string).
@@ -465,13 +482,7 @@ fn a_16_mib_message_arrives_in_a_sealed_memfd_without_a_copy(b: BackendChoice) {
         let mut a = Client::connect(&info, &an, lane_opts(&t)).unwrap();
         let mut bc = Client::connect(&info, &bn, lane_opts(&t)).unwrap();
         let mut got = Vec::new();
-        for i in 0..2_000usize {
-            a.send_message(&bn, &i.to_string()).unwrap();
-            if i % 256 == 0 {
-                got.extend(bc.get_messages().unwrap());
-            }
-        }
-        got.extend(until_on_lane(&mut a, &an, &mut bc, &bn));
+        got.extend(warm_onto_lane(&mut a, &an, &mut bc, &bn));
         // From a thread: a send that had to go through the ring would wait
         // for room the receiver makes.
         let (bn2, big2) = (bn.clone(), big.clone());
@@ -509,18 +520,7 @@ fn a_threaded_receiver_gets_a_large_payload_without_a_copy(b: BackendChoice) {
     let srv = Client::connect(&info, "srv", lane_opts(&t)).unwrap();
     let (stx, mut rx, handle) = srv.into_threaded().unwrap();
     let mut a = Client::connect(&info, "a", lane_opts(&t)).unwrap();
-    for i in 0..2_000usize {
-        a.send_message("srv", &i).unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut small = 0;
-    while a.lane("srv") != Some(LaneKind::SharedMemory) {
-        assert!(Instant::now() < deadline, "no lane");
-        a.get_messages_timeout(Duration::from_millis(5)).unwrap();
-        while rx.try_recv().is_some() {
-            small += 1;
-        }
-    }
+    let mut small = warm_threaded(&mut a, &mut rx);
     let big = big_content();
     a.send_message("srv", &big).unwrap();
     while small < 2_000 {
@@ -574,13 +574,7 @@ fn descriptors_travel_with_their_message(b: BackendChoice) {
         let mut on_c = Vec::new();
         recv_until(&mut cc, 1, &mut on_c);
         let mut got = Vec::new();
-        for i in 0..2_000usize {
-            a.send_message(&bn, &i.to_string()).unwrap();
-            if i % 256 == 0 {
-                got.extend(bc.get_messages().unwrap());
-            }
-        }
-        got.extend(until_on_lane(&mut a, &an, &mut bc, &bn));
+        got.extend(warm_onto_lane(&mut a, &an, &mut bc, &bn));
         let (mut r, w) = std::io::pipe().unwrap();
         let memfd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
         rustix::io::write(&memfd, b"memfd bytes").unwrap();
@@ -621,18 +615,7 @@ fn descriptors_travel_with_their_message(b: BackendChoice) {
     let srv = Client::connect(&info, "srv", lane_opts(&t)).unwrap();
     let (_stx, mut rx, handle) = srv.into_threaded().unwrap();
     let mut a = Client::connect(&info, "a", lane_opts(&t)).unwrap();
-    for i in 0..2_000usize {
-        a.send_message("srv", &i).unwrap();
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut n = 0;
-    while a.lane("srv") != Some(LaneKind::SharedMemory) {
-        assert!(Instant::now() < deadline, "no lane");
-        a.get_messages_timeout(Duration::from_millis(5)).unwrap();
-        while rx.try_recv().is_some() {
-            n += 1;
-        }
-    }
+    let mut n = warm_threaded(&mut a, &mut rx);
     let memfd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
     rustix::io::write(&memfd, b"threaded").unwrap();
     a.send_message_with_fds("srv", &"with", vec![memfd])
@@ -817,12 +800,14 @@ fn run_helper(role: &str, t: &TestRoute, b: BackendChoice, env: &[(&str, &str)],
     assert!(stdout.contains(needle), "{stdout}");
 }
 
-/// Finds the lane mappings of this process (`/proc/self/maps`).
-fn lane_mappings() -> Vec<(usize, usize)> {
+/// The ranges of this process's mappings of memfds named `name`
+/// (`/proc/self/maps`).
+fn memfd_mappings(name: &str) -> Vec<(usize, usize)> {
+    let needle = format!("memfd:{name}");
     std::fs::read_to_string("/proc/self/maps")
         .unwrap()
         .lines()
-        .filter(|l| l.contains("memfd:ipcm-lane"))
+        .filter(|l| l.contains(&needle))
         .map(|l| {
             let range = l.split_whitespace().next().unwrap();
             let (a, b) = range.split_once('-').unwrap();
@@ -832,6 +817,11 @@ fn lane_mappings() -> Vec<(usize, usize)> {
             )
         })
         .collect()
+}
+
+/// The lane mappings of this process.
+fn lane_mappings() -> Vec<(usize, usize)> {
+    memfd_mappings("ipcm-lane")
 }
 
 fn a_scribbled_ring_closes_its_connection_and_nothing_else(b: BackendChoice) {

@@ -118,39 +118,28 @@ impl Control {
         static WAKE: [u8; 4 + PREFIX] = bare(4);
         static RELEASE: [u8; 4 + PREFIX] = bare(5);
         match self {
-            Control::Offer { nonce, capacity } => {
-                let mut v = Vec::with_capacity(4 + PREFIX + 20);
-                v.extend_from_slice(&((PREFIX + 20) as u32).to_be_bytes());
-                v.extend_from_slice(&MAGIC);
-                v.extend_from_slice(&[VERSION, 1]);
-                v.extend_from_slice(nonce);
-                v.extend_from_slice(&capacity.to_le_bytes());
-                bytes::Bytes::from(v)
-            }
+            Control::Offer { nonce, capacity } => with_body(1, &[nonce, &capacity.to_le_bytes()]),
             Control::Switch => bytes::Bytes::from_static(&SWITCH),
             Control::Refuse => bytes::Bytes::from_static(&REFUSE),
             Control::Wake => bytes::Bytes::from_static(&WAKE),
             Control::Release => bytes::Bytes::from_static(&RELEASE),
-            Control::Blob { nonce, len } => {
-                let mut v = Vec::with_capacity(4 + PREFIX + 24);
-                v.extend_from_slice(&((PREFIX + 24) as u32).to_be_bytes());
-                v.extend_from_slice(&MAGIC);
-                v.extend_from_slice(&[VERSION, 6]);
-                v.extend_from_slice(nonce);
-                v.extend_from_slice(&len.to_le_bytes());
-                bytes::Bytes::from(v)
-            }
-            Control::Fds { nonce, count } => {
-                let mut v = Vec::with_capacity(4 + PREFIX + 17);
-                v.extend_from_slice(&((PREFIX + 17) as u32).to_be_bytes());
-                v.extend_from_slice(&MAGIC);
-                v.extend_from_slice(&[VERSION, 7]);
-                v.extend_from_slice(nonce);
-                v.push(*count);
-                bytes::Bytes::from(v)
-            }
+            Control::Blob { nonce, len } => with_body(6, &[nonce, &len.to_le_bytes()]),
+            Control::Fds { nonce, count } => with_body(7, &[nonce, &[*count]]),
         }
     }
+}
+
+/// A control frame of `kind` whose fields are `parts`, in order.
+fn with_body(kind: u8, parts: &[&[u8]]) -> bytes::Bytes {
+    let body: usize = parts.iter().map(|p| p.len()).sum();
+    let mut v = Vec::with_capacity(4 + PREFIX + body);
+    v.extend_from_slice(&((PREFIX + body) as u32).to_be_bytes());
+    v.extend_from_slice(&MAGIC);
+    v.extend_from_slice(&[VERSION, kind]);
+    for p in parts {
+        v.extend_from_slice(p);
+    }
+    bytes::Bytes::from(v)
 }
 
 #[cfg(test)]
