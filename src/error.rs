@@ -353,8 +353,9 @@ pub enum Error {
         /// The timeout in seconds.
         secs: f64,
     },
-    /// Descriptors go only to an ipcm peer on a shared-memory lane.
-    #[error("cannot pass descriptors to '{peer}': it is not on a shared-memory lane ({why})")]
+    /// Descriptors go only to an ipcm peer whose process takes them (see
+    /// [`Client::send_message_with_fds`](crate::Client::send_message_with_fds)).
+    #[error("cannot pass descriptors to '{peer}': {why}")]
     NoLane {
         /// The peer.
         peer: String,

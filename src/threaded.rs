@@ -296,6 +296,13 @@ pub(crate) enum Cmd {
         count: u32,
         ack: Option<Reply<()>>,
     },
+    /// A single-message frame with descriptors for it (passed first).
+    Fds {
+        peer: Arc<str>,
+        frame: Bytes,
+        fds: Vec<std::os::fd::OwnedFd>,
+        ack: Reply<()>,
+    },
     /// Connect to the peer if need be, queueing nothing: the verdict a
     /// first frame would get.
     #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
@@ -460,9 +467,10 @@ impl Shared {
                         self.record_failure(&peer, gone.to_string());
                     }
                 },
-                Cmd::Connect { ack, .. } | Cmd::Flush { ack } | Cmd::Requeue { ack, .. } => {
-                    ack.set(Err(gone))
-                }
+                Cmd::Connect { ack, .. }
+                | Cmd::Flush { ack }
+                | Cmd::Requeue { ack, .. }
+                | Cmd::Fds { ack, .. } => ack.set(Err(gone)),
                 Cmd::Stats { ack } => ack.set(Err(gone)),
                 Cmd::Broadcast { ack, .. } => ack.set(Err(gone)),
             }
@@ -683,6 +691,33 @@ impl Sender {
         self.take_failure(peer)?;
         let frame = self.frame(peer, content)?;
         self.send_acked(peer, frame)
+    }
+
+    /// Sends `content` with `fds` attached and waits until the kernel has
+    /// it, as [`Client::send_message_with_fds`](crate::Client::send_message_with_fds)
+    /// (the same refusals, nothing sent then).
+    pub fn send_with_fds<T: Serialize + ?Sized>(
+        &mut self,
+        peer: &str,
+        content: &T,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<()> {
+        if fds.is_empty() {
+            return self.send(peer, content);
+        }
+        self.take_failure(peer)?;
+        let frame = self.frame(peer, content)?;
+        let peer: Arc<str> = Arc::from(peer);
+        let r = request(&self.shared, |ack| Cmd::Fds {
+            peer: peer.clone(),
+            frame,
+            fds,
+            ack,
+        });
+        if r.is_ok() {
+            self.known.insert(peer);
+        }
+        r
     }
 
     /// Hands the message to the reactor and returns. The first message to
@@ -1169,6 +1204,27 @@ impl Worker {
                     frame: Some(frame),
                     count,
                     ack,
+                    written: None,
+                });
+                self.place_pending();
+            }
+            Cmd::Fds {
+                peer,
+                frame,
+                fds,
+                ack,
+            } => {
+                // No frame is stalled (commands are taken only then), so
+                // the message goes right behind its `FDS` frame.
+                if let Err(e) = self.client.pass_fds(&peer, fds) {
+                    ack.set(Err(e));
+                    return;
+                }
+                self.pending.push_back(Pending {
+                    peer,
+                    frame: Some(frame),
+                    count: 1,
+                    ack: Some(ack),
                     written: None,
                 });
                 self.place_pending();

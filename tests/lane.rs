@@ -25,6 +25,7 @@ per_backend!(
     an_idle_lane_is_released_then_offered_again,
     a_threaded_client_releases_an_idle_lane_and_carries_on,
     a_16_mib_message_arrives_in_a_sealed_memfd_without_a_copy,
+    a_16_mib_message_on_the_socket_goes_as_a_memfd_too,
     a_threaded_receiver_gets_a_large_payload_without_a_copy,
     descriptors_travel_with_their_message,
 );
@@ -513,6 +514,59 @@ fn a_16_mib_message_arrives_in_a_sealed_memfd_without_a_copy(b: BackendChoice) {
     }
 }
 
+/// Before any lane (the first messages of a connection), a 16 MiB message
+/// goes as a sealed memfd on the socket too: from the initiator on both
+/// routes, back from the listener on a Binary route; on a Json route the
+/// listener's answer goes whole (its peer might be a Perl client). Order
+/// and statistics are kept.
+fn a_16_mib_message_on_the_socket_goes_as_a_memfd_too(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let big = big_content();
+    for ser in [Serializer::Binary, Serializer::Json] {
+        let binary = matches!(ser, Serializer::Binary);
+        let info = Info::new(ser.clone(), t.route.path());
+        let name = |s: &str| format!("{s}-{}", ser.class().len());
+        let (an, bn) = (name("a"), name("b"));
+        // No lane: it would be offered after 64 MiB.
+        let opts = lane_opts(&t).lane_after_bytes(64 << 20);
+        let mut a = Client::connect(&info, &an, opts.clone()).unwrap();
+        let mut bc = Client::connect(&info, &bn, opts).unwrap();
+        let (bn2, big2) = (bn.clone(), big.clone());
+        let sender = std::thread::spawn(move || {
+            a.send_message(&bn2, &"before").unwrap();
+            a.send_message(&bn2, &big2).unwrap();
+            a.send_message(&bn2, &"after").unwrap();
+            a
+        });
+        let mut got = Vec::new();
+        recv_until(&mut bc, 3, &mut got);
+        let mut a = sender.join().unwrap();
+        assert_eq!(a.lane(&bn), Some(LaneKind::Socket));
+        assert!(got[1].content::<String>().unwrap() == big, "{ser:?}");
+        assert_eq!(got[2].content::<String>().unwrap(), "after");
+        assert!(in_a_blob_mapping(&got[1]), "{ser:?}: copied");
+        assert_eq!(a.stats().sent[&bn], 3);
+        assert_eq!(bc.stats().read[&an], 3);
+        drop(got);
+        // And back, on the connection a opened.
+        let (an2, big2) = (an.clone(), big.clone());
+        let sender = std::thread::spawn(move || {
+            bc.send_message(&an2, &big2).unwrap();
+            bc.send_message(&an2, &"last").unwrap();
+            bc
+        });
+        let mut back = Vec::new();
+        recv_until(&mut a, 2, &mut back);
+        let mut bc = sender.join().unwrap();
+        assert!(back[0].content::<String>().unwrap() == big, "{ser:?}");
+        assert_eq!(back[1].content::<String>().unwrap(), "last");
+        assert_eq!(in_a_blob_mapping(&back[0]), binary, "{ser:?}");
+        drop(back);
+        a.disconnect(None).unwrap();
+        bc.disconnect(None).unwrap();
+    }
+}
+
 /// The same through a threaded receiver's ring, and back from its sender.
 fn a_threaded_receiver_gets_a_large_payload_without_a_copy(b: BackendChoice) {
     let t = TestRoute::new(b);
@@ -550,29 +604,79 @@ fn a_threaded_receiver_gets_a_large_payload_without_a_copy(b: BackendChoice) {
     handle.shutdown().unwrap();
 }
 
+/// Reads what a memfd of the test's holds.
+fn memfd_text(fd: &std::os::fd::OwnedFd) -> Vec<u8> {
+    let mut buf = [0u8; 32];
+    let n = rustix::io::pread(fd, &mut buf, 0).unwrap();
+    buf[..n].to_vec()
+}
+
+fn memfd_with(text: &[u8]) -> std::os::fd::OwnedFd {
+    let fd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::io::write(&fd, text).unwrap();
+    fd
+}
+
+/// `from` sends "before", "with" (carrying a memfd holding `tag`) and
+/// "after" to `to`; the memfd comes with "with" only.
+fn fds_between(from: &mut Client, to: &mut Client, to_name: &str, tag: &[u8]) {
+    from.send_message(to_name, &"before").unwrap();
+    from.send_message_with_fds(to_name, &"with", vec![memfd_with(tag)])
+        .unwrap();
+    from.send_message(to_name, &"after").unwrap();
+    let mut got = Vec::new();
+    recv_until(to, 3, &mut got);
+    let texts: Vec<String> = got.iter().map(|m| m.content::<String>().unwrap()).collect();
+    assert_eq!(texts, ["before", "with", "after"]);
+    assert!(got[0].take_fds().is_empty() && got[2].take_fds().is_empty());
+    let fds = got[1].take_fds();
+    assert_eq!(fds.len(), 1);
+    assert_eq!(memfd_text(&fds[0]), tag);
+}
+
 /// A pipe's write end and a memfd attached to a message arrive with that
-/// message (not the ones around it) as working descriptors, inline and
-/// through a threaded receiver's ring; a peer not on a lane is refused
-/// them, and nothing is sent.
+/// message (not the ones around it) as working descriptors: over the
+/// socket (to a listener, whose process's beacon takes them; back from
+/// the listener on a Binary route, where the peer is ipcm for sure) and
+/// over a lane, inline and through a threaded receiver and sender. A
+/// sender with the lane off, and a listener answering on a Json route
+/// without a lane (the peer might be Perl), are refused, and nothing is
+/// sent.
 fn descriptors_travel_with_their_message(b: BackendChoice) {
     use std::os::fd::OwnedFd;
     let t = TestRoute::new(b);
     for ser in [Serializer::Binary, Serializer::Json] {
+        let binary = matches!(ser, Serializer::Binary);
         let info = Info::new(ser.clone(), t.route.path());
         let name = |s: &str| format!("{s}-{}", ser.class().len());
-        let (an, bn, cn) = (name("a"), name("b"), name("c"));
+        let (an, bn, cn, dn) = (name("a"), name("b"), name("c"), name("d"));
         let mut a = Client::connect(&info, &an, lane_opts(&t)).unwrap();
         let mut bc = Client::connect(&info, &bn, lane_opts(&t)).unwrap();
         let mut cc = Client::connect(&info, &cn, lane_opts(&t)).unwrap();
-        // c is on the socket: refused, nothing sent.
-        a.send_message(&cn, &0).unwrap();
-        let (_r, w) = std::io::pipe().unwrap();
-        let err = a
-            .send_message_with_fds(&cn, &"fds", vec![OwnedFd::from(w)])
+        // a -> c on the socket (a few messages: no lane).
+        fds_between(&mut a, &mut cc, &cn, b"to c");
+        assert_eq!(a.lane(&cn), Some(LaneKind::Socket));
+        // c answers on the connection a opened.
+        if binary {
+            fds_between(&mut cc, &mut a, &an, b"to a");
+        } else {
+            let err = cc
+                .send_message_with_fds(&an, &"fds", vec![memfd_with(b"no")])
+                .unwrap_err();
+            assert!(matches!(err, Error::NoLane { .. }), "{err}");
+        }
+        assert_eq!(cc.lane(&an), Some(LaneKind::Socket));
+        // A sender with the lane off passes none, and sends nothing.
+        let mut d = Client::connect(&info, &dn, lane_opts(&t).lane(false)).unwrap();
+        d.send_message(&cn, &0).unwrap();
+        let err = d
+            .send_message_with_fds(&cn, &"fds", vec![memfd_with(b"no")])
             .unwrap_err();
         assert!(matches!(err, Error::NoLane { .. }), "{err}");
+        d.send_message(&cn, &1).unwrap();
         let mut on_c = Vec::new();
-        recv_until(&mut cc, 1, &mut on_c);
+        recv_until(&mut cc, 2, &mut on_c);
+        assert_eq!(numbers(&on_c), [0, 1], "nothing sent for the refused one");
         let mut got = Vec::new();
         got.extend(warm_onto_lane(&mut a, &an, &mut bc, &bn));
         let (mut r, w) = std::io::pipe().unwrap();
@@ -613,9 +717,29 @@ fn descriptors_travel_with_their_message(b: BackendChoice) {
     // Through a threaded receiver.
     let info = Info::new(Serializer::Binary, t.route.path());
     let srv = Client::connect(&info, "srv", lane_opts(&t)).unwrap();
-    let (_stx, mut rx, handle) = srv.into_threaded().unwrap();
+    let (mut stx, mut rx, handle) = srv.into_threaded().unwrap();
     let mut a = Client::connect(&info, "a", lane_opts(&t)).unwrap();
     let mut n = warm_threaded(&mut a, &mut rx);
+    // The threaded sender passes descriptors too, over the lane.
+    let sender = std::thread::spawn(move || {
+        stx.send("a", &"before").unwrap();
+        stx.send_with_fds("a", &"with", vec![memfd_with(b"from srv")])
+            .unwrap();
+        stx.send("a", &"after").unwrap();
+        stx
+    });
+    let mut back = Vec::new();
+    recv_until(&mut a, 3, &mut back);
+    let _stx = sender.join().unwrap();
+    let texts: Vec<String> = back
+        .iter()
+        .map(|m| m.content::<String>().unwrap())
+        .collect();
+    assert_eq!(texts, ["before", "with", "after"]);
+    let fds = back[1].take_fds();
+    assert_eq!(fds.len(), 1);
+    assert_eq!(memfd_text(&fds[0]), b"from srv");
+    assert!(back[0].take_fds().is_empty() && back[2].take_fds().is_empty());
     let memfd = rustix::fs::memfd_create("t", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
     rustix::io::write(&memfd, b"threaded").unwrap();
     a.send_message_with_fds("srv", &"with", vec![memfd])

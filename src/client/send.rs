@@ -116,10 +116,13 @@ impl Client {
 
     /// Sends `content` to `peer` with `fds` attached (blocking, as
     /// [`Client::send_message`]); the peer gets them as `OwnedFd`s from
-    /// [`Message::take_fds`](crate::Message::take_fds). Only an ipcm peer
-    /// on a shared-memory lane takes descriptors ([`Error::NoLane`]
-    /// otherwise, nothing sent); at most 16 per message. The descriptors
-    /// are closed here once passed (the peer's are copies).
+    /// [`Message::take_fds`](crate::Message::take_fds), on a
+    /// shared-memory lane or on the socket. Only an ipcm peer whose
+    /// process takes descriptors (it holds a listening ipcm client with the
+    /// lane on, or is on a lane with this one) gets them
+    /// ([`Error::NoLane`] otherwise, nothing sent); at most 16 per message.
+    /// The descriptors are closed here once passed (the peer's are
+    /// copies).
     pub fn send_message_with_fds<T: Serialize + ?Sized>(
         &mut self,
         peer: &str,
@@ -130,6 +133,16 @@ impl Client {
         if fds.is_empty() {
             return self.send_message(peer, content);
         }
+        // The message first, so that a failure to encode it passes nothing.
+        let frame = self.encode(peer, Content::Value(content), false)?;
+        self.pass_fds(peer, fds)?;
+        self.send_frame(peer, frame, Delivery::Complete)
+    }
+
+    /// Passes `fds` to `peer`'s process and queues the `FDS` frame that
+    /// gives them to the next message queued to `peer` (the caller's, right
+    /// after this).
+    pub(crate) fn pass_fds(&mut self, peer: &str, fds: Vec<std::os::fd::OwnedFd>) -> Result<()> {
         let no_lane = |why: &str| Error::NoLane {
             peer: peer.to_string(),
             why: why.to_string(),
@@ -139,10 +152,8 @@ impl Client {
         }
         let id = self.conn_for_send(peer)?;
         let Some(target) = self.reactor.core().fds_target(id) else {
-            return Err(no_lane("no lane to it"));
+            return Err(no_lane("the lane is off, or the peer may not be ipcm"));
         };
-        // The message first, so that a failure to encode it passes nothing.
-        let frame = self.encode(peer, Content::Value(content), false)?;
         let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
         let ctl = crate::lane::send_fds(target, &borrowed).map_err(|e| no_lane(&e))?;
         drop(borrowed);
@@ -150,7 +161,7 @@ impl Client {
         if !self.reactor.core_mut().enqueue_control(id, ctl) {
             return Err(self.closed_error(id));
         }
-        self.send_frame(peer, frame, Delivery::Complete)
+        Ok(())
     }
 
     /// Why connection `id` went away; `Ok` if it had written `target`

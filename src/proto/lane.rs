@@ -559,7 +559,7 @@ impl Core {
     fn on_fds(&mut self, id: ConnId, nonce: &[u8; 16], count: u8) {
         let Some(c) = self.get(id) else { return };
         let taken = match c.lane_peer {
-            None => Err("descriptors on a connection without a lane".to_string()),
+            None => Err("descriptors from a process that is not known".to_string()),
             Some(_) if usize::from(count) > crate::lane::pass::MAX_FDS || count == 0 => {
                 Err(format!("{count} descriptors announced"))
             }
@@ -599,7 +599,7 @@ impl Core {
             _ if len > max as u64 => Err(format!(
                 "a large payload of {len} bytes exceeds the frame limit of {max}"
             )),
-            None => Err("a large payload on a connection without a lane".to_string()),
+            None => Err("a large payload from a process that is not known".to_string()),
             Some(p) => crate::lane::take_blob(p, nonce, len as usize),
         };
         match taken {
@@ -938,13 +938,66 @@ impl Core {
         !self.lanes.is_empty()
     }
 
-    /// The peer process (pid, uid) of `id` if it is on a lane both ways:
-    /// descriptors may go to it.
+    /// The peer process (pid, uid) of `id`, with our lane on: descriptors
+    /// may go to its beacon, if it has one (on a lane or not: the `FDS`
+    /// frame and the message share the connection's outbox, so they
+    /// arrive in order).
     pub fn fds_target(&self, id: ConnId) -> Option<(i32, u32)> {
-        let c = self.get(id)?;
-        match c.lane.as_deref().and_then(ConnLane::up) {
-            Some(up) if up.tx_on && up.rx_on => c.lane_peer,
-            _ => None,
+        self.beacon_target(self.get(id)?)
+    }
+
+    /// The peer process whose beacon may take large payloads and
+    /// descriptors from connection `c`, with our lane on. An initiator's
+    /// peer is the listener it connected to: its process's beacon says it
+    /// is ipcm (as for a lane's offer). An acceptor's peer is ipcm for
+    /// sure on a Binary route (a Perl client cannot join one), or once it
+    /// offered a lane; on a Json route without a lane it may be a Perl
+    /// client in a process that also holds an ipcm listener, so nothing
+    /// goes to it.
+    fn beacon_target(&self, c: &Conn) -> Option<(i32, u32)> {
+        if !self.cfg.lane.enabled || c.beaconless {
+            return None;
+        }
+        let ipcm = c.role == Role::Initiator
+            || c.lane.is_some()
+            || matches!(self.serializer, crate::serializer::Serializer::Binary);
+        if ipcm { c.lane_peer } else { None }
+    }
+
+    /// Records the process and user at the other end of `id`
+    /// (`SO_PEERCRED`), when it is attached.
+    pub fn set_peer_process(&mut self, id: ConnId, peer: Option<(i32, u32)>) {
+        if let Some(c) = self.get_mut(id) {
+            c.lane_peer = peer;
+        }
+    }
+
+    /// A large frame just queued at the back of `id`'s outbox, on a
+    /// connection without a lane, goes as a sealed memfd to the peer
+    /// process's beacon, and a `BLOB` frame takes its place on the socket
+    /// (with its byte count: nothing was told a position past it yet).
+    /// A peer process without a beacon (a Perl client, or ipcm with the
+    /// lane off) gets the frame itself, and is not asked again: it never
+    /// sees a byte of this.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn blob_on_socket(&mut self, id: ConnId) {
+        let Some(c) = self.get(id) else { return };
+        if c.lane.is_some() {
+            // On a lane, the ring's pump sends large frames as memfds.
+            return;
+        }
+        let Some(peer) = self.beacon_target(c) else {
+            return;
+        };
+        let Some(c) = self.get_mut(id) else { return };
+        let Some(f) = c.outbox.back_unstarted() else {
+            return;
+        };
+        match crate::lane::send_blob(peer, &f[HEADER_LEN..]) {
+            Ok(Some(ctl)) => c.outbox.replace_back(ctl),
+            Ok(None) => c.beaconless = true,
+            Err(why) => crate::lane::log_unavailable(&format!("large payload as a memfd: {why}")),
         }
     }
 

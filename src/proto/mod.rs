@@ -22,7 +22,7 @@ use slab::Slab;
 
 use crate::message::{ByteStr, IdSeq, Message, Name, coarse_stamp};
 use crate::serializer::{DecodeError, Serializer, binary};
-use crate::wire::{BufferPool, FrameDecoder, build_frame};
+use crate::wire::{BufferPool, FrameDecoder, HEADER_LEN, build_frame};
 use deadlines::AcceptBackoff;
 #[cfg(test)]
 use deadlines::{ACCEPT_RETRY_MAX, ACCEPT_RETRY_MIN, ACCEPT_WARN_QUIET};
@@ -125,9 +125,14 @@ struct Conn {
     traffic: u64,
     /// A lane was asked for (or cannot be).
     lane_tried: bool,
-    /// The peer process and user (`SO_PEERCRED`), once a lane is offered
-    /// or taken: large payloads go to that process's beacon.
+    /// The peer process and user (`SO_PEERCRED`, read when the connection
+    /// is attached, with the lane enabled): large payloads and descriptors
+    /// go to that process's beacon.
     lane_peer: Option<(i32, u32)>,
+    /// The peer process has no beacon (a Perl client, or ipcm with the
+    /// lane off): large payloads on the socket go whole, without asking
+    /// again.
+    beaconless: bool,
     /// Descriptors for the next message from this connection (an `FDS`
     /// frame came before it).
     next_fds: Option<Vec<std::os::fd::OwnedFd>>,
@@ -355,6 +360,7 @@ impl Core {
             traffic: 0,
             lane_tried: false,
             lane_peer: None,
+            beaconless: false,
             next_fds: None,
             lane: None,
             write_failed: None,
@@ -1025,11 +1031,15 @@ impl Core {
         // Frames go out in the order they were queued: a batch queued
         // before this frame is sealed ahead of it.
         conn.outbox.seal(ids);
+        let len = frame.len();
         conn.outbox.push(frame);
-        let total = conn.outbox.enqueued_total();
         if !conn.send_in_flight || conn.lane.is_some() {
             self.dirty.push(id);
         }
+        if len.saturating_sub(HEADER_LEN) >= self.cfg.lane.blob_min && self.cfg.lane.enabled {
+            self.blob_on_socket(id);
+        }
+        let total = self.get(id).map_or(0, |c| c.outbox.enqueued_total());
         Enqueue::Queued(total)
     }
 
@@ -1095,6 +1105,12 @@ impl Core {
             }
         }
         conn.uncounted += 1;
+        if conn.outbox.open_len() >= self.cfg.lane.blob_min && self.cfg.lane.enabled {
+            // A large message is a batch of its own: sealed now, it may go
+            // as a memfd.
+            conn.outbox.seal(ids);
+            self.blob_on_socket(id);
+        }
         Ok(Append::Queued)
     }
 

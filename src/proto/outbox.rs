@@ -294,6 +294,38 @@ impl Outbox {
         }
     }
 
+    /// Bytes of the open batch so far (its headers included; 0 when none
+    /// is open).
+    #[inline(always)]
+    pub fn open_len(&self) -> usize {
+        self.open.len()
+    }
+
+    /// The last queued frame, if no write has started on it and no write
+    /// in flight covers it.
+    pub(crate) fn back_unstarted(&self) -> Option<&Bytes> {
+        let keep = self.in_flight.max(usize::from(self.offset > 0));
+        if self.frames.len() > keep {
+            self.frames.back()
+        } else {
+            None
+        }
+    }
+
+    /// Puts `frame` in the place of the last queued frame (one that
+    /// [`Outbox::back_unstarted`] returns), as if that one had never been
+    /// queued: the byte counts are those of `frame`.
+    pub(crate) fn replace_back(&mut self, frame: Bytes) {
+        debug_assert!(self.back_unstarted().is_some());
+        debug_assert_eq!(self.open_count, 0, "an open batch is sealed first");
+        let Some(old) = self.frames.pop_back() else {
+            return;
+        };
+        self.queued -= old.len();
+        self.enqueued_total -= old.len() as u64;
+        self.push(frame);
+    }
+
     /// Bytes ever queued.
     pub fn enqueued_total(&self) -> u64 {
         self.enqueued_total
@@ -398,6 +430,26 @@ mod tests {
         assert!(o.is_empty());
         assert_eq!(o.written_total(), 6);
         assert_eq!(o.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn a_replaced_back_frame_counts_as_its_replacement() {
+        let mut o = Outbox::default();
+        o.push(Bytes::from_static(b"abcd"));
+        o.advance(1);
+        assert!(o.back_unstarted().is_none(), "the front one is started");
+        o.push(Bytes::from_static(b"large frame"));
+        assert_eq!(&o.back_unstarted().unwrap()[..], b"large frame");
+        o.replace_back(Bytes::from_static(b"ctl"));
+        assert_eq!(o.enqueued_total(), 7);
+        assert_eq!(o.queued_bytes(), 6);
+        let v: Vec<&[u8]> = o.frames().map(|f| &f[..]).collect();
+        assert_eq!(v, [&b"abcd"[..], b"ctl"]);
+        o.set_in_flight(2);
+        assert!(o.back_unstarted().is_none(), "a write in flight covers it");
+        o.advance(6);
+        assert!(o.is_empty());
+        assert_eq!(o.written_total(), o.enqueued_total());
     }
 
     #[test]

@@ -553,6 +553,11 @@ impl Reactor {
 
     /// Hands a connected socket for `id` to the backend.
     pub fn attach(&mut self, id: ConnId, fd: OwnedFd) -> io::Result<()> {
+        // One `getsockopt`: the process large payloads and descriptors
+        // come from and go to (read whether or not our lane is on: another
+        // client of ours may have sent to the peer's process).
+        let peer = crate::lane::beacon::peer_of(fd.as_fd());
+        self.core.set_peer_process(id, peer);
         if let Err(e) = self.backend.add_conn(id, fd) {
             self.core.close(id, None);
             self.core.take_closed_ids();
