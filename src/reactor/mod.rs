@@ -24,7 +24,7 @@ use crate::wire::BufferPool;
 pub use crate::backend_kind::BackendKind;
 
 /// Spins of a busy-polling reactor with lanes per look at the sockets.
-const LANE_SPINS_PER_POLL: u32 = 16;
+const LANE_SPINS_PER_POLL: u32 = 64;
 
 /// How long a reactor with lanes watches their rings before it sleeps
 /// (see `Reactor::spin_on_lanes`).
@@ -781,8 +781,24 @@ impl Reactor {
     /// waiting (inline calls, busy polling, the threaded loop) goes through
     /// it. The clock is read only while a deadline exists.
     pub fn turn(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        let mut timeout = self.handle_due(timeout);
         let lanes = self.core.lane_count_hint();
+        // Spinning on rings, the clock is read for the core's deadlines
+        // (all coarse: hello timeouts, accept retries, idle checks) on the
+        // spins that look at the sockets, not on every spin: a clock read
+        // cost as much as the rest of an empty spin (perf: a fifth of a
+        // busy ping-pong's time).
+        let skip_clock = lanes
+            && self.busy
+            && timeout == Some(Duration::ZERO)
+            && !self
+                .spins
+                .wrapping_add(1)
+                .is_multiple_of(LANE_SPINS_PER_POLL);
+        let mut timeout = if skip_clock {
+            timeout
+        } else {
+            self.handle_due(timeout)
+        };
         if lanes {
             if std::mem::take(&mut self.lane_asleep) {
                 self.core.lane_end_sleep();
