@@ -672,13 +672,23 @@ impl Sender {
     }
 
     fn send_acked(&mut self, peer: &str, frame: Bytes) -> Result<()> {
-        let peer: Arc<str> = Arc::from(peer);
-        let r = request(&self.shared, |ack| Cmd::Frame {
-            peer: peer.clone(),
+        self.request_for(peer, |peer, ack| Cmd::Frame {
+            peer,
             frame,
             count: 1,
             ack: Some(ack),
-        });
+        })
+    }
+
+    /// Hands over the command `make` builds for `peer` and waits for its
+    /// answer; once one succeeded, `peer` is known (its verdict is in).
+    fn request_for(
+        &mut self,
+        peer: &str,
+        make: impl FnOnce(Arc<str>, Reply<()>) -> Cmd,
+    ) -> Result<()> {
+        let peer: Arc<str> = Arc::from(peer);
+        let r = request(&self.shared, |ack| make(peer.clone(), ack));
         if r.is_ok() {
             self.known.insert(peer);
         }
@@ -707,17 +717,12 @@ impl Sender {
         }
         self.take_failure(peer)?;
         let frame = self.frame(peer, content)?;
-        let peer: Arc<str> = Arc::from(peer);
-        let r = request(&self.shared, |ack| Cmd::Fds {
-            peer: peer.clone(),
+        self.request_for(peer, |peer, ack| Cmd::Fds {
+            peer,
             frame,
             fds,
             ack,
-        });
-        if r.is_ok() {
-            self.known.insert(peer);
-        }
-        r
+        })
     }
 
     /// Hands the message to the reactor and returns. The first message to

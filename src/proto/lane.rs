@@ -129,9 +129,6 @@ pub(crate) struct Up {
     /// The rings' counts at the last idle check: (ours written, theirs
     /// read).
     seen: (u64, u64),
-    /// The peer process (pid, uid), for large payloads; `None`: none go
-    /// as memfds.
-    peer: Option<(i32, u32)>,
     /// Payload bytes from which a frame goes as a memfd.
     blob_min: usize,
     /// The mapping the ring ends point into: dropped after them.
@@ -185,10 +182,13 @@ pub(crate) fn socket_outbox(conn: &mut Conn) -> &mut Outbox {
 /// Moves what `outbox` holds into the ring, as far as it has room;
 /// queues a `WAKE` on the socket if the peer sleeps. True if anything
 /// moved.
+/// `peer`: the process and user at the other end, for large payloads
+/// (`Conn::lane_peer`).
 pub(crate) fn pump_tx(
     up: &mut Up,
     outbox: &mut Outbox,
     ids: &mut IdSeq,
+    peer: Option<(i32, u32)>,
 ) -> Result<bool, RingError> {
     outbox.seal(ids);
     let mut moved = false;
@@ -200,7 +200,7 @@ pub(crate) fn pump_tx(
             }
             break;
         }
-        match send_as_blob(up, outbox, room) {
+        match send_as_blob(up, outbox, room, peer) {
             Blob::Sent => {
                 moved = true;
                 continue;
@@ -224,7 +224,7 @@ pub(crate) fn pump_tx(
             } else {
                 &f[..]
             };
-            if n == RECORD_PARTS || (i > 0 && blob_eligible(up, f)) {
+            if n == RECORD_PARTS || (i > 0 && blob_eligible(up, peer, f)) {
                 // A frame to go as a memfd starts the next round.
                 break;
             }
@@ -254,8 +254,8 @@ pub(crate) fn pump_tx(
 const BLOB_FRAME: usize = 4 + 6 + 24;
 
 /// Whether frame `f` goes as a memfd when it is at the front.
-fn blob_eligible(up: &Up, f: &Bytes) -> bool {
-    up.peer.is_some() && f.len().saturating_sub(HEADER_LEN) >= up.blob_min.max(1)
+fn blob_eligible(up: &Up, peer: Option<(i32, u32)>, f: &Bytes) -> bool {
+    peer.is_some() && f.len().saturating_sub(HEADER_LEN) >= up.blob_min.max(1)
 }
 
 /// What [`send_as_blob`] did.
@@ -273,12 +273,12 @@ enum Blob {
 /// it into the ring (`room`: what the ring takes now). The outbox's byte
 /// count moves by the whole frame, as if it had gone into the ring:
 /// blocking sends wait for positions in the outbox's count.
-fn send_as_blob(up: &mut Up, outbox: &mut Outbox, room: usize) -> Blob {
-    let Some(peer) = up.peer else { return Blob::No };
+fn send_as_blob(up: &mut Up, outbox: &mut Outbox, room: usize, peer: Option<(i32, u32)>) -> Blob {
+    let Some(peer) = peer else { return Blob::No };
     let Some(f) = outbox.frames().next() else {
         return Blob::No;
     };
-    if outbox.front_offset() != 0 || !blob_eligible(up, f) {
+    if outbox.front_offset() != 0 || !blob_eligible(up, Some(peer), f) {
         return Blob::No;
     }
     if room < BLOB_FRAME {
@@ -362,14 +362,7 @@ impl Core {
 
     /// The initiator passed `region`'s memfd tagged `nonce`: queues the
     /// `OFFER`.
-    /// `peer`: the process and user at the other end (for large payloads).
-    pub fn lane_offered(
-        &mut self,
-        id: ConnId,
-        region: Region,
-        nonce: [u8; 16],
-        peer: Option<(i32, u32)>,
-    ) {
+    pub fn lane_offered(&mut self, id: ConnId, region: Region, nonce: [u8; 16]) {
         let capacity = region.capacity() as u32;
         let Core {
             conns, ids, dirty, ..
@@ -377,7 +370,6 @@ impl Core {
         let Some(c) = super::conn_mut(conns, id) else {
             return;
         };
-        c.lane_peer = peer;
         c.outbox.seal(ids);
         c.outbox.push(Control::Offer { nonce, capacity }.frame());
         c.lane = Some(Box::new(ConnLane::Offered(region)));
@@ -407,11 +399,7 @@ impl Core {
 
     /// The acceptor mapped the initiator's region: its frames go to its
     /// ring from now on.
-    /// `peer`: the process and user at the other end (for large payloads).
-    pub fn lane_accepted(&mut self, id: ConnId, region: Region, peer: Option<(i32, u32)>) {
-        if let Some(c) = self.get_mut(id) {
-            c.lane_peer = peer;
-        }
+    pub fn lane_accepted(&mut self, id: ConnId, region: Region) {
         self.lane_up(id, region, false);
     }
 
@@ -475,7 +463,6 @@ impl Core {
             decoder: FrameDecoder::new(max_frame),
             rx_done: false,
             seen: (0, 0),
-            peer: c.lane_peer,
             blob_min,
             _region: region,
         }))));

@@ -1230,11 +1230,12 @@ impl Core {
             lane,
             outbox,
             last_activity,
+            lane_peer,
             ..
         } = conn;
         let lane = lane.as_deref_mut()?;
         if let Some(up) = lane.tx_up() {
-            match lane::pump_tx(up, outbox, ids) {
+            match lane::pump_tx(up, outbox, ids, *lane_peer) {
                 Ok(true) => *last_activity = coarse_stamp(),
                 Ok(false) => {}
                 Err(e) => {

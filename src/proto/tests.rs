@@ -580,7 +580,7 @@ fn replacement_moves_data_off_a_lane_and_waiters_follow_it() {
         panic!("queued")
     };
     let region = crate::lane::shm::Region::create(4096).expect("a memfd region");
-    c.lane_offered(old, region, [7; 16], None);
+    c.lane_offered(old, region, [7; 16]);
     let Enqueue::Queued(t2) = c.enqueue(old, Bytes::from(m2.clone())) else {
         panic!("queued")
     };
@@ -645,7 +645,7 @@ fn a_full_inbox_sleeps_beside_a_ring_that_holds_data() {
     feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
     let theirs = Region::create(4096).expect("a memfd region");
     let fd = theirs.fd().try_clone_to_owned().unwrap();
-    c.lane_accepted(id, Region::open(fd, 4096).unwrap(), None);
+    c.lane_accepted(id, Region::open(fd, 4096).unwrap());
     // The initiator's switch: its frames come from its ring now.
     feed(&mut c, id, &Control::Switch.frame());
     let (mut tx, _rx) = theirs.ends(true).unwrap();
@@ -679,7 +679,8 @@ fn a_blob_that_cannot_be_had_closes_its_connection() {
         feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
         let theirs = Region::create(4096).expect("a memfd region");
         let fd = theirs.fd().try_clone_to_owned().unwrap();
-        c.lane_accepted(id, Region::open(fd, 4096).unwrap(), peer);
+        c.set_peer_process(id, peer);
+        c.lane_accepted(id, Region::open(fd, 4096).unwrap());
         feed(&mut c, id, &Control::Switch.frame());
         let (mut tx, _rx) = theirs.ends(true).unwrap();
         let mut pool = BufferPool::new(4096, 4);
@@ -705,7 +706,8 @@ fn a_blob_that_cannot_be_had_closes_its_connection() {
         let fd = theirs.fd().try_clone_to_owned().unwrap();
         let id = c.add_acceptor(Instant::now());
         feed(&mut c, id, &frame(r#"{"hello":"cli2"}"#));
-        c.lane_accepted(id, Region::open(fd, 4096).unwrap(), peer);
+        c.set_peer_process(id, peer);
+        c.lane_accepted(id, Region::open(fd, 4096).unwrap());
         feed(
             &mut c,
             id,

@@ -630,10 +630,7 @@ impl Reactor {
                 continue;
             };
             match crate::lane::offer(fd, capacity) {
-                Ok(Some((region, nonce))) => {
-                    let peer = crate::lane::beacon::peer_of(fd);
-                    self.core.lane_offered(id, region, nonce, peer)
-                }
+                Ok(Some((region, nonce))) => self.core.lane_offered(id, region, nonce),
                 Ok(None) => {}
                 Err(why) => crate::lane::log_unavailable(&why),
             }
@@ -645,10 +642,7 @@ impl Reactor {
                 continue;
             };
             match crate::lane::accept(fd, &nonce, capacity as usize) {
-                Ok(region) => {
-                    let peer = crate::lane::beacon::peer_of(fd);
-                    self.core.lane_accepted(id, region, peer)
-                }
+                Ok(region) => self.core.lane_accepted(id, region),
                 Err(why) => {
                     crate::lane::log_unavailable(&why);
                     self.core.lane_refused(id);
