@@ -199,23 +199,30 @@ fn sized_content(i: usize) -> String {
     format!("\"{i}:{}\"", "x".repeat(len))
 }
 
+/// How many [`sized_content`] messages each phase sends.
+const SIZED_N: usize = 1200;
+
+/// Writes what `from` has queued and reads what `to` has received.
+fn turn_both(from: &mut Client, to: &mut Client, got: &mut Vec<Message>) {
+    from.drain_pending();
+    got.extend(to.get_messages().unwrap());
+}
+
 /// Queues [`sized_content`] messages from `from` to `to` (both inline,
 /// turned in turn), checks they arrive whole and in order, and that
 /// `.stats` counts them.
 fn sized_messages_arrive(from: &mut Client, from_name: &str, to: &mut Client, to_name: &str) {
-    const N: usize = 1200;
+    const N: usize = SIZED_N;
     let mut got = Vec::new();
     let sent_before = from.stats().sent.get(to_name).copied().unwrap_or(0);
     for i in 0..N {
         // A full outbox refuses; turning both sides makes room.
         while let Err(e) = from.queue_json(to_name, &sized_content(i)) {
             assert!(matches!(e, Error::WouldBlock { .. }), "{e}");
-            from.drain_pending();
-            got.extend(to.get_messages().unwrap());
+            turn_both(from, to, &mut got);
         }
         if i % 7 == 0 {
-            from.drain_pending();
-            got.extend(to.get_messages().unwrap());
+            turn_both(from, to, &mut got);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -258,7 +265,7 @@ fn large_and_small_messages_keep_their_order_through_the_ring(b: BackendChoice) 
 
     // Blocking sends, which wait for room in the ring, into a threaded
     // receiver that drains it.
-    const N: usize = 1200;
+    const N: usize = SIZED_N;
     let srv = Client::connect(&info, "srv", opts).unwrap();
     let (_stx, mut rx, handle) = srv.into_threaded().unwrap();
     let reader = std::thread::spawn(move || {
@@ -904,7 +911,7 @@ fn a_perl_shaped_acceptor_sees_only_the_hello_and_messages(b: BackendChoice) {
         lane_opts(&t).lane_after_bytes(0).listen(false),
     )
     .unwrap();
-    const N: usize = 1200;
+    const N: usize = 3000;
     let reader = std::thread::spawn(move || {
         let (mut s, _) = l.accept().unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
