@@ -3,7 +3,7 @@
 //! `valgrind --tool=callgrind` at two message counts and divides the
 //! difference, which cancels setup and teardown.
 //!
-//! Arguments: `[binary|binary-owned|binary16k|json|json-owned|pingpong] [MESSAGES]`
+//! Arguments: `[binary|binary-owned|binary16k|json|json-owned|pingpong|pingpong-shm] [MESSAGES]`
 //! (defaults: binary, 10000; `pingpong` moves one Binary message each way
 //! at a time). The receiver reads with the borrowed view
 //! (`Client::receive`); the `-owned` variants take owned messages
@@ -30,7 +30,11 @@ fn main() {
     let owned = mode.ends_with("-owned");
     // `pingpong`: one message at a time, blocking send, busy-polling
     // receive (what one hop of a ping-pong costs in user space).
-    let ping_pong = mode == "pingpong";
+    // `pingpong-shm`: the same over a shared-memory lane (both clients
+    // in this process, so it is theirs once the first message is sent),
+    // received with the borrowed view as `compare`'s ping-pong does.
+    let ping_pong = mode == "pingpong" || mode == "pingpong-shm";
+    let shm = mode == "pingpong-shm";
     let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let route = Route::spawn(None).unwrap();
     let info = Info::new(ser, route.path());
@@ -50,9 +54,53 @@ fn main() {
     let mut bytes = 0;
     if ping_pong {
         drop((tx, rx));
-        let opts = Options::new().backend(BackendChoice::Epoll).busy_poll(true);
+        let opts = Options::new()
+            .backend(BackendChoice::Epoll)
+            .busy_poll(true)
+            .lane(shm)
+            .lane_after_bytes(0);
         let mut a = Client::connect(&info, "a", opts.clone()).unwrap();
         let mut b = Client::connect(&info, "b", opts).unwrap();
+        if shm {
+            a.send_json("b", content).unwrap();
+            let mut warm = 0;
+            while a.lane("b") != Some(ipcm::LaneKind::SharedMemory)
+                || b.lane("a") != Some(ipcm::LaneKind::SharedMemory)
+            {
+                warm += b.receive(Duration::from_millis(1)).unwrap().len();
+                a.receive(Duration::from_millis(1)).unwrap();
+            }
+            while warm == 0 {
+                warm += b.receive(Duration::from_millis(1)).unwrap().len();
+            }
+            // As `compare`'s busy ping-pong: the echo side takes owned
+            // messages and answers each; the pinging side reads borrowed.
+            for _ in 0..n {
+                a.send_json("b", content).unwrap();
+                inbox.clear();
+                while b
+                    .get_messages_timeout_into(&mut inbox, Duration::from_secs(30))
+                    .unwrap()
+                    == 0
+                {}
+                for m in &inbox {
+                    b.send_json(m.from(), m.content_json()).unwrap();
+                }
+                loop {
+                    let got = a.receive(Duration::from_secs(30)).unwrap();
+                    if !got.is_empty() {
+                        bytes += got.iter().map(|m| m.content_json().len()).sum::<usize>();
+                        break;
+                    }
+                }
+            }
+            assert_eq!(bytes, n * content.len());
+            a.disconnect(None).unwrap();
+            b.disconnect(None).unwrap();
+            route.unspawn().unwrap();
+            println!("{n} round trips over a lane");
+            return;
+        }
         for _ in 0..n {
             a.send_json("b", content).unwrap();
             inbox.clear();

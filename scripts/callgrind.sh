@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instructions per message on the hot paths (send + receive, user space),
 # counted by callgrind: stable under machine load, unlike timings.
-# Usage: scripts/callgrind.sh [binary|binary-owned|binary16k|json|json-owned|pingpong ...]
+# Usage: scripts/callgrind.sh [binary|binary-owned|binary16k|json|json-owned|pingpong|pingpong-shm ...]
 # (default: binary json; see benches/hot_path.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -232,10 +232,10 @@ impl Client {
     // path keeps no call layers (callgrind counts them).
     #[inline(always)]
     pub(super) fn send_frame(&mut self, peer: &str, frame: Bytes, how: Delivery) -> Result<()> {
-        // Only a blocking send waits, so only it reads the clock.
-        let deadline = match how {
+        // Only a blocking send waits, and it reads the clock only then.
+        let mut deadline = match how {
             Delivery::Complete => self.send_deadline(),
-            _ => None,
+            _ => Deadline::NONE,
         };
         let mut placed = self.enqueue_frame(peer, frame)?;
         let (id, target) = loop {
@@ -250,7 +250,7 @@ impl Client {
                     });
                 }
                 Placed::Full { id, frame, .. } => {
-                    self.wait_turn(deadline, "room in the outbox")?;
+                    self.wait_turn(&mut deadline, "room in the outbox")?;
                     placed = self.place(id, frame)?;
                 }
             }
@@ -259,7 +259,7 @@ impl Client {
         match how {
             Delivery::Queue => {}
             Delivery::Start => {
-                self.reactor.flush();
+                self.reactor.flush_after_send(id);
                 let (id, target) = self.reactor.core().locate(id, target);
                 if !self.reactor.core().is_open(id) {
                     // A frame already handed to the kernel counts as sent
@@ -268,8 +268,8 @@ impl Client {
                 }
             }
             Delivery::Complete => {
-                self.reactor.flush();
-                self.wait_written(id, target, deadline)?;
+                self.reactor.flush_after_send(id);
+                self.wait_written(id, target, &mut deadline)?;
             }
         }
         self.reactor.core_mut().count_sent_on(counted, peer, 1);
@@ -303,9 +303,9 @@ impl Client {
                 self.conn_for_send(peer)?
             }
         };
-        let deadline = match how {
+        let mut deadline = match how {
             Delivery::Complete => self.send_deadline(),
-            _ => None,
+            _ => Deadline::NONE,
         };
         loop {
             let core = self.reactor.core_mut();
@@ -324,7 +324,7 @@ impl Client {
                         limit: self.opts.limits.outbox_limit,
                     });
                 }
-                Append::Full { .. } => self.wait_turn(deadline, "room in the outbox")?,
+                Append::Full { .. } => self.wait_turn(&mut deadline, "room in the outbox")?,
                 Append::Gone => return Err(self.closed_error(id)),
             }
         }
@@ -334,7 +334,7 @@ impl Client {
         let Some(target) = self.reactor.core_mut().seal(id) else {
             return Err(self.closed_error(id));
         };
-        self.reactor.flush();
+        self.reactor.flush_after_send(id);
         match how {
             Delivery::Start => {
                 let (id, target) = self.reactor.core().locate(id, target);
@@ -343,7 +343,7 @@ impl Client {
                 }
                 Ok(())
             }
-            _ => self.wait_written(id, target, deadline),
+            _ => self.wait_written(id, target, &mut deadline),
         }
     }
 
@@ -353,7 +353,7 @@ impl Client {
         &mut self,
         mut id: ConnId,
         mut target: u64,
-        deadline: Option<(Instant, Duration)>,
+        deadline: &mut Deadline,
     ) -> Result<()> {
         loop {
             (id, target) = self.reactor.core().locate(id, target);
@@ -374,28 +374,17 @@ impl Client {
     }
 
     /// The deadline of a blocking send ([`Options::send_timeout`]).
-    fn send_deadline(&self) -> Option<(Instant, Duration)> {
-        self.opts.send_timeout.map(|t| (Instant::now() + t, t))
+    fn send_deadline(&self) -> Deadline {
+        Deadline::after(self.opts.send_timeout)
     }
 
     /// One reactor turn of a wait for `what`, which ends at `deadline`
     /// (the instant, and the timeout it came from, for the error);
     /// busy polling spins instead of sleeping.
-    pub(super) fn wait_turn(
-        &mut self,
-        deadline: Option<(Instant, Duration)>,
-        what: &'static str,
-    ) -> Result<()> {
+    pub(super) fn wait_turn(&mut self, deadline: &mut Deadline, what: &'static str) -> Result<()> {
         let mut wait = Duration::from_millis(500);
-        if let Some((d, timeout)) = deadline {
-            let now = Instant::now();
-            if now >= d {
-                return Err(Error::Timeout {
-                    what,
-                    secs: timeout.as_secs_f64(),
-                });
-            }
-            wait = wait.min(d - now);
+        if let Some(left) = deadline.left(what)? {
+            wait = wait.min(left);
         }
         if self.opts.busy_poll {
             std::hint::spin_loop();
@@ -576,10 +565,10 @@ impl Client {
     /// `timeout` passes ([`Error::Timeout`]). Connections that fail are
     /// dropped with a warning, as in [`Client::drain_pending`].
     pub fn flush_pending(&mut self, timeout: Option<Duration>) -> Result<()> {
-        let deadline = timeout.map(|t| (Instant::now() + t, t));
+        let mut deadline = Deadline::after(timeout);
         self.reactor.flush();
         while self.have_pending_sends() {
-            self.wait_turn(deadline, "queued messages to be written")?;
+            self.wait_turn(&mut deadline, "queued messages to be written")?;
             self.warn_failed_sends(" during flush");
         }
         Ok(())
@@ -707,5 +696,45 @@ mod tests {
                 assert_eq!(same_name(a, b), a == b, "{a:?} {b:?}");
             }
         }
+    }
+}
+
+/// A wait's deadline, `timeout` after the wait begins: the clock is read
+/// at the first [`Deadline::left`], so a send that completes without
+/// waiting reads no clock (a blocking send on a shared-memory lane
+/// usually does not wait; two clock reads were a tenth of its cost).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Deadline {
+    timeout: Option<Duration>,
+    at: Option<Instant>,
+}
+
+impl Deadline {
+    /// No deadline: waits are bounded only by their turn's own cap.
+    pub(super) const NONE: Deadline = Deadline {
+        timeout: None,
+        at: None,
+    };
+
+    /// A deadline `timeout` after the first look at it (none if `None`).
+    pub(super) fn after(timeout: Option<Duration>) -> Self {
+        Deadline { timeout, at: None }
+    }
+
+    /// The time left (`None`: no deadline), or [`Error::Timeout`] for
+    /// `what` once it has passed.
+    pub(super) fn left(&mut self, what: &'static str) -> Result<Option<Duration>> {
+        let Some(timeout) = self.timeout else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        let at = *self.at.get_or_insert(now + timeout);
+        if now >= at {
+            return Err(Error::Timeout {
+                what,
+                secs: timeout.as_secs_f64(),
+            });
+        }
+        Ok(Some(at - now))
     }
 }

@@ -216,6 +216,16 @@ pub(crate) fn pump_tx(
             Blob::No => {}
         }
         let limit = room.min(RECORD_MAX);
+        if let Some(s) = outbox.sole_frame()
+            && s.len() <= limit
+        {
+            // One frame that fits (a send flushed at once): no gathering.
+            let len = s.len();
+            up.tx.push_parts(&[s], len)?;
+            outbox.advance(len);
+            moved = true;
+            continue;
+        }
         let mut parts: [&[u8]; RECORD_PARTS] = [&[]; RECORD_PARTS];
         let (mut n, mut len) = (0, 0);
         for (i, f) in outbox.frames().enumerate() {
@@ -728,6 +738,7 @@ impl Core {
             self.release_lanes();
         }
         let mut got = false;
+        let mut gone = false;
         let mut i = 0;
         while i < self.lanes.len() {
             let id = self.lanes[i];
@@ -735,7 +746,10 @@ impl Core {
             if !self.paused {
                 got |= self.pump_rx(id, pool);
             }
-            let Some(c) = self.get_mut(id) else { continue };
+            let Some(c) = self.get_mut(id) else {
+                gone = true;
+                continue;
+            };
             let outbox_waits = !c.outbox.is_empty();
             if let Some(up) = c.lane.as_deref_mut().and_then(ConnLane::tx_up)
                 && outbox_waits
@@ -744,11 +758,13 @@ impl Core {
                 self.dirty.push(id);
             }
         }
-        self.lanes.retain(|&id| {
-            self.conns
-                .get(id.slot())
-                .is_some_and(|c| ConnId::new(id.slot(), c.generation) == id)
-        });
+        if gone {
+            self.lanes.retain(|&id| {
+                self.conns
+                    .get(id.slot())
+                    .is_some_and(|c| ConnId::new(id.slot(), c.generation) == id)
+            });
+        }
         got
     }
 

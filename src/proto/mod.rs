@@ -617,6 +617,13 @@ impl Core {
         }
     }
 
+    /// Whether [`Core::take_closed_ids`] has any to give (a check the
+    /// reactor makes on every dispatch, so it costs two loads).
+    #[inline]
+    pub fn has_closed_ids(&self) -> bool {
+        !self.to_close.is_empty() || !self.lane_broken.is_empty()
+    }
+
     /// Connections the reactor must close (and cancel I/O on).
     pub fn take_closed_ids(&mut self) -> Vec<ConnId> {
         for id in std::mem::take(&mut self.lane_broken) {
@@ -1215,6 +1222,90 @@ impl Core {
         Some(&conn.outbox)
     }
 
+    /// A send's short way onto a shared-memory lane, for a caller about to
+    /// flush: when `id` is the only connection with operations to start
+    /// and its socket has a receive in flight, moves what its outbox holds
+    /// into its ring now, as the reactor's dispatch would
+    /// ([`Core::start_send`]). True if that was all the dispatch had to do
+    /// (`id` is then no longer marked): nothing for the socket (no control
+    /// frame to write), nothing to close, no lane work. False leaves
+    /// everything as it was for a full flush (what moved into the ring
+    /// stays moved).
+    ///
+    /// A blocking send over a lane is then a copy into the ring and no
+    /// round through the backend (a tenth of a busy ping-pong's
+    /// instructions).
+    pub fn flush_to_lane(&mut self, id: ConnId) -> bool {
+        if self.dirty.len() != 1
+            || self.dirty[0] != id
+            || self.has_closed_ids()
+            || self.has_lane_work()
+            || self.accept.resume
+            || !self.lane_offers_out.is_empty()
+        {
+            return false;
+        }
+        let Core {
+            conns,
+            ids,
+            stats,
+            lane_broken,
+            ..
+        } = self;
+        let Some(conn) = conn_mut(conns, id) else {
+            return false;
+        };
+        if conn.write_failed.is_some() || !conn.recv_in_flight || conn.lane.is_none() {
+            return false;
+        }
+        if Self::pump_lane(conn, id, ids, stats, lane_broken).is_err() {
+            return false;
+        }
+        if !conn.send_in_flight && !lane::socket_outbox(conn).is_empty() {
+            return false;
+        }
+        self.dirty.clear();
+        true
+    }
+
+    /// Moves what `conn`'s lane outbox holds into its ring (if it is on
+    /// one), folding its sent count first. A broken ring is logged and
+    /// `id` queued for closing (`Err`).
+    #[inline(always)]
+    fn pump_lane(
+        conn: &mut Conn,
+        id: ConnId,
+        ids: &mut IdSeq,
+        stats: &mut Stats,
+        broken: &mut Vec<ConnId>,
+    ) -> Result<(), ()> {
+        fold_sent(stats, conn);
+        let Conn {
+            lane,
+            outbox,
+            last_activity,
+            lane_peer,
+            ..
+        } = conn;
+        let Some(up) = lane.as_deref_mut().and_then(|l| l.tx_up()) else {
+            return Ok(());
+        };
+        match lane::pump_tx(up, outbox, ids, *lane_peer) {
+            Ok(true) => *last_activity = coarse_stamp(),
+            Ok(false) => {}
+            Err(e) => {
+                log::error!(
+                    "ConnectionUnix: closing connection to '{}': {e}",
+                    conn.peer.as_deref().unwrap_or("")
+                );
+                // Closed at the reactor's next `take_closed_ids`.
+                broken.push(id);
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+
     /// [`Core::start_send`] on a connection with a lane: the ring's outbox
     /// is moved into the ring first, then the socket's is written.
     #[inline(never)]
@@ -1225,30 +1316,8 @@ impl Core {
         stats: &mut Stats,
         broken: &mut Vec<ConnId>,
     ) -> Option<&'a Outbox> {
-        fold_sent(stats, conn);
-        let Conn {
-            lane,
-            outbox,
-            last_activity,
-            lane_peer,
-            ..
-        } = conn;
-        let lane = lane.as_deref_mut()?;
-        if let Some(up) = lane.tx_up() {
-            match lane::pump_tx(up, outbox, ids, *lane_peer) {
-                Ok(true) => *last_activity = coarse_stamp(),
-                Ok(false) => {}
-                Err(e) => {
-                    log::error!(
-                        "ConnectionUnix: closing connection to '{}': {e}",
-                        conn.peer.as_deref().unwrap_or("")
-                    );
-                    // Closed at the reactor's next `take_closed_ids`.
-                    broken.push(id);
-                    return None;
-                }
-            }
-        }
+        conn.lane.as_ref()?;
+        Self::pump_lane(conn, id, ids, stats, broken).ok()?;
         if conn.send_in_flight || lane::socket_outbox(conn).is_empty() {
             return None;
         }

@@ -341,6 +341,15 @@ impl Outbox {
         self.offset
     }
 
+    /// The unwritten rest of the front frame, when it is the only one.
+    #[inline]
+    pub fn sole_frame(&self) -> Option<&[u8]> {
+        match self.frames.len() {
+            1 => Some(&self.frames[0][self.offset..]),
+            _ => None,
+        }
+    }
+
     /// The queued frames, first one whole (see [`Outbox::front_offset`]).
     pub fn frames(&self) -> impl Iterator<Item = &Bytes> {
         self.frames.iter()

@@ -588,8 +588,10 @@ impl Reactor {
             self.lane_work();
         }
         loop {
-            for id in self.core.take_closed_ids() {
-                self.backend.close(id);
+            if self.core.has_closed_ids() {
+                for id in self.core.take_closed_ids() {
+                    self.backend.close(id);
+                }
             }
             self.core.take_dirty(&mut self.scratch);
             if self.scratch.is_empty() {
@@ -711,6 +713,21 @@ impl Reactor {
         if self.completions.is_empty() {
             self.completions = batch;
         }
+    }
+
+    /// [`Reactor::flush`] after a send queued on `id`: a connection on a
+    /// shared-memory lane with nothing else to start moves its outbox
+    /// into its ring with no round through the backend
+    /// ([`Core::flush_to_lane`]); anything else is a full flush.
+    pub fn flush_after_send(&mut self, id: ConnId) {
+        if self.stalled.is_empty()
+            && self.core.is_paused() == self.receives_paused
+            && self.core.lane_count_hint()
+            && self.core.flush_to_lane(id)
+        {
+            return;
+        }
+        self.flush();
     }
 
     /// Starts pending operations and applies those that finish at once
