@@ -29,6 +29,7 @@ per_backend!(
     a_16_mib_message_on_the_socket_goes_as_a_memfd_too,
     a_threaded_receiver_gets_a_large_payload_without_a_copy,
     descriptors_travel_with_their_message,
+    lane_traffic_counts_as_activity,
 );
 
 // These read or write the whole process's mappings and descriptors: each
@@ -1433,4 +1434,62 @@ fn helper_process_entry() {
         }
         other => panic!("unknown role {other}"),
     }
+}
+
+fn epoch_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Messages on a lane stamp no activity as they pass (no clock read per
+/// message), yet `last_activity` and `close_idle_connections` see them,
+/// both ways, and a backdated connection with no traffic since is idle.
+fn lane_traffic_counts_as_activity(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    // Never released: the lanes' check then runs only every 5 s, so this
+    // test sees what the queries themselves find. Busy polling: a reader
+    // that never sleeps is sent no `WAKE` frames, so nothing crosses the
+    // sockets (whose frames stamp activity as they always did).
+    let opts = lane_opts(&t).lane_release_after(None).busy_poll(true);
+    let mut a = Client::connect(&info, "a", opts.clone()).unwrap();
+    let mut bc = Client::connect(&info, "b", opts).unwrap();
+    for i in 0..200 {
+        a.send_message("b", &i).unwrap();
+    }
+    let mut got = until_on_lane(&mut a, "a", &mut bc, "b");
+    recv_until(&mut bc, 200, &mut got);
+    // Backdated, with no traffic since: idle by the stamps.
+    assert!(a.set_last_activity("b", 1.0));
+    assert!(bc.set_last_activity("a", 1.0));
+    assert_eq!(a.last_activity("b"), Some(1.0));
+    assert_eq!(bc.last_activity("a"), Some(1.0));
+    // Traffic over the lane, both ways.
+    a.send_message("b", &"ping").unwrap();
+    let mut back = Vec::new();
+    recv_until(&mut bc, 1, &mut back);
+    bc.send_message("a", &"pong").unwrap();
+    let mut back = Vec::new();
+    recv_until(&mut a, 1, &mut back);
+    assert_eq!(a.lane("b"), Some(LaneKind::SharedMemory));
+    assert_eq!(bc.lane("a"), Some(LaneKind::SharedMemory));
+    let recent = epoch_now() - 5.0;
+    assert!(
+        a.last_activity("b").unwrap() >= recent,
+        "{:?}",
+        a.last_activity("b")
+    );
+    assert!(
+        bc.last_activity("a").unwrap() >= recent,
+        "{:?}",
+        bc.last_activity("a")
+    );
+    assert_eq!(a.close_idle_connections(60.0), 0, "active over the lane");
+    assert_eq!(bc.close_idle_connections(60.0), 0, "active over the lane");
+    // Backdated again, nothing moved since: closed as idle.
+    assert!(a.set_last_activity("b", 1.0));
+    assert_eq!(a.close_idle_connections(60.0), 1);
+    let _ = bc.disconnect(None);
 }

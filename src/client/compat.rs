@@ -285,6 +285,13 @@ impl Client {
     }
 
     /// Activity time (epoch seconds) of the connection to `peer`.
+    ///
+    /// On a shared-memory lane, messages stamp nothing as they pass (a
+    /// clock read per message would be a fortieth of a round trip): the
+    /// lane's periodic check stamps a connection whose rings moved
+    /// (every [`crate::Options::lane_release_after`], 5 s by default), and
+    /// this call and [`Client::close_idle_connections`] count a
+    /// connection whose rings moved since as active now.
     pub fn last_activity(&self, peer: &str) -> Option<f64> {
         self.reactor.core().last_activity(peer)
     }

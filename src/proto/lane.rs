@@ -129,6 +129,9 @@ pub(crate) struct Up {
     /// The rings' counts at the last idle check: (ours written, theirs
     /// read).
     seen: (u64, u64),
+    /// The rings' counts when the connection's activity was last stamped
+    /// (by the check, or [`Core::set_last_activity`]).
+    active_at: (u64, u64),
     /// Payload bytes from which a frame goes as a memfd.
     blob_min: usize,
     /// The mapping the ring ends point into: dropped after them.
@@ -258,6 +261,15 @@ pub(crate) fn pump_tx(
         up.sock.push(Control::Wake.frame());
     }
     Ok(moved)
+}
+
+/// How often lanes are checked for activity when they are never released
+/// ([`LaneConfig::release_after`] `None`).
+pub(crate) const ACTIVITY_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The period of the lanes' check: idle release and activity stamps.
+fn lane_check_period(release_after: Option<std::time::Duration>) -> std::time::Duration {
+    release_after.unwrap_or(ACTIVITY_CHECK)
 }
 
 /// Bytes of a `BLOB` control frame.
@@ -473,6 +485,7 @@ impl Core {
             decoder: FrameDecoder::new(max_frame),
             rx_done: false,
             seen: (0, 0),
+            active_at: (0, 0),
             blob_min,
             _region: region,
         }))));
@@ -480,10 +493,8 @@ impl Core {
         if !c.send_in_flight {
             dirty.push(id);
         }
-        if let Some(after) = release_after
-            && lane_check_at.is_none()
-        {
-            *lane_check_at = Some(std::time::Instant::now() + after);
+        if lane_check_at.is_none() {
+            *lane_check_at = Some(std::time::Instant::now() + lane_check_period(release_after));
         }
         log::debug!(
             "ConnectionUnix: connection {id:?} to '{}' moves to a shared-memory lane",
@@ -696,15 +707,41 @@ impl Core {
         self.lanes.retain(|&l| l != id);
     }
 
+    /// The activity time of `c`: its stamp, or now if it is on a lane
+    /// whose rings moved since the last check (the lane's messages stamp
+    /// nothing as they pass; see [`Core::lane_idle_check`]).
+    pub(super) fn activity(c: &Conn) -> f64 {
+        if let Some(ConnLane::Up(up)) = c.lane.as_deref()
+            && (up.tx.written(), up.rx.read_total()) != up.active_at
+        {
+            return crate::message::coarse_stamp();
+        }
+        c.last_activity
+    }
+
+    /// Stamps `c` active at `at`, its lane's traffic so far included.
+    pub(super) fn set_activity(c: &mut Conn, at: f64) {
+        c.last_activity = at;
+        if let Some(ConnLane::Up(up)) = c.lane.as_deref_mut() {
+            up.active_at = (up.tx.written(), up.rx.read_total());
+        }
+    }
+
     /// The idle check (see [`LaneConfig::release_after`]): a lane whose
     /// rings moved nothing either way since the last check, with nothing
     /// waiting, is released (our side now, the peer's on our `RELEASE`).
+    ///
+    /// It also notes the lanes' activity: a ring read or written moves no
+    /// clock per message (a clock read was a fortieth of a busy ping-pong's
+    /// round trip); a connection whose rings moved since the last check
+    /// is stamped active now (see [`Core::activity`]). The check runs
+    /// while lanes exist, every `release_after` (or every
+    /// [`ACTIVITY_CHECK`] if lanes are never released).
     pub(super) fn lane_idle_check(&mut self, now: std::time::Instant) {
         self.lane_check_at = None;
-        let Some(after) = self.cfg.lane.release_after else {
-            return;
-        };
+        let release_after = self.cfg.lane.release_after;
         let mut idle = Vec::new();
+        let mut stamp = None;
         for &id in &self.lanes {
             let Some(c) = self.conns.get_mut(id.slot()) else {
                 continue;
@@ -713,9 +750,13 @@ impl Core {
                 continue;
             };
             let seen = (up.tx.written(), up.rx.read_total());
+            if seen != up.active_at {
+                c.last_activity = *stamp.get_or_insert_with(crate::message::coarse_stamp);
+                up.active_at = seen;
+            }
             let still = seen == up.seen && !up.rx.has_data();
             up.seen = seen;
-            if still && up.tx_on && up.rx_on && !up.rx_done {
+            if release_after.is_some() && still && up.tx_on && up.rx_on && !up.rx_done {
                 idle.push(id);
             }
         }
@@ -723,7 +764,7 @@ impl Core {
             self.try_release_tx(id);
         }
         if !self.lanes.is_empty() {
-            self.lane_check_at = Some(now + after);
+            self.lane_check_at = Some(now + lane_check_period(release_after));
         }
     }
 
@@ -806,14 +847,14 @@ impl Core {
             }
         }
         self.flush_read_run();
-        if got && let Some(c) = self.get_mut(id) {
-            c.last_activity = crate::message::coarse_stamp();
-            if let Some(ConnLane::Up(up)) = c.lane.as_deref_mut()
-                && up.rx.take_room_wanted()
-            {
-                // The peer's producer waits for the room we just made.
-                self.queue_control(id, Control::Wake);
-            }
+        // Activity on a lane is noted by `lane_idle_check`, not here.
+        if got
+            && let Some(c) = self.get_mut(id)
+            && let Some(ConnLane::Up(up)) = c.lane.as_deref_mut()
+            && up.rx.take_room_wanted()
+        {
+            // The peer's producer waits for the room we just made.
+            self.queue_control(id, Control::Wake);
         }
         got
     }

@@ -470,7 +470,7 @@ impl Core {
     pub fn last_activity(&self, peer: &str) -> Option<f64> {
         self.conn_for(peer)
             .and_then(|id| self.get(id))
-            .map(|c| c.last_activity)
+            .map(Core::activity)
     }
 
     /// Overrides the activity time of the connection to `peer`.
@@ -478,7 +478,7 @@ impl Core {
         match self.conn_for(peer) {
             Some(id) => {
                 if let Some(c) = self.get_mut(id) {
-                    c.last_activity = at;
+                    Core::set_activity(c, at);
                 }
                 true
             }
@@ -493,7 +493,7 @@ impl Core {
         let idle: Vec<ConnId> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.last_activity < cutoff)
+            .filter(|(_, c)| Core::activity(c) < cutoff)
             .map(|(s, c)| ConnId::new(s, c.generation))
             .collect();
         for id in &idle {
@@ -1283,16 +1283,15 @@ impl Core {
         let Conn {
             lane,
             outbox,
-            last_activity,
             lane_peer,
             ..
         } = conn;
         let Some(up) = lane.as_deref_mut().and_then(|l| l.tx_up()) else {
             return Ok(());
         };
+        // Activity on a lane is noted by the lanes' check, not per send.
         match lane::pump_tx(up, outbox, ids, *lane_peer) {
-            Ok(true) => *last_activity = coarse_stamp(),
-            Ok(false) => {}
+            Ok(_) => {}
             Err(e) => {
                 log::error!(
                     "ConnectionUnix: closing connection to '{}': {e}",
