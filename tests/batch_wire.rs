@@ -290,6 +290,11 @@ fn malformed_batches_are_refused_whole_and_the_connection_goes_on(b: BackendChoi
     assert_eq!((got[0].from(), got[0].to()), ("evil", Some("rx")));
     assert_eq!(got[0].stamp_ord(), 7);
     assert_eq!(got[1].stamp_ord(), 9, "the null was message 1 of the batch");
+    assert_eq!(
+        rx.stats().read.get("evil"),
+        Some(&2),
+        "read counts the good messages, not the null nor the bad batches"
+    );
     assert!(got[0].id().ends_with("0000000000FF"), "{}", got[0].id());
     assert!(
         got[1].id().ends_with("000000000101"),

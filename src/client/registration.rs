@@ -182,7 +182,9 @@ impl Client {
             match handler.as_mut() {
                 Some(h) => h(self, msgs),
                 None => {
-                    let read = &mut self.reactor.core_mut().stats_mut().read;
+                    let core = self.reactor.core_mut();
+                    core.count_queued();
+                    let read = &mut core.stats_mut().read;
                     for m in &msgs {
                         if let Some(n) = read.get_mut(m.from()) {
                             *n = n.saturating_sub(1);

@@ -118,9 +118,13 @@ struct Conn {
     recv_in_flight: bool,
     send_in_flight: bool,
     last_activity: f64,
-    /// Messages queued on it and not yet added to the `sent` statistics
-    /// (added once per write started, not once per message).
+    /// Messages queued on it and not yet added to the `sent` statistics,
+    /// and batched messages read from it not yet added to `read` (both
+    /// added when the statistics are read or the connection closes, not
+    /// per message: a map lookup by name was a twentieth of a round trip
+    /// over a lane).
     uncounted: u64,
+    read_uncounted: u64,
     /// Bytes carried both ways, counted until a lane is asked for.
     traffic: u64,
     /// A lane was asked for (or cannot be).
@@ -325,13 +329,14 @@ impl Core {
         &self.cfg
     }
 
-    /// Statistics so far (messages still in an open batch are counted by
-    /// [`Core::count_queued`]).
+    /// Statistics so far (queued messages, and batched messages read, are
+    /// added by [`Core::count_queued`]).
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
 
-    /// Adds every connection's queued messages to the `sent` statistics.
+    /// Adds every connection's queued messages to the `sent` statistics,
+    /// and the batched messages read from it to `read`.
     pub fn count_queued(&mut self) {
         let Core { conns, stats, .. } = self;
         for (_, c) in conns.iter_mut() {
@@ -357,6 +362,7 @@ impl Core {
             send_in_flight: false,
             last_activity: coarse_stamp(),
             uncounted: 0,
+            read_uncounted: 0,
             traffic: 0,
             lane_tried: false,
             lane_peer: None,
@@ -896,18 +902,15 @@ impl Core {
                 return;
             }
         };
-        let Some(from) = self.get(id).and_then(|c| c.peer.clone()) else {
+        let Some(c) = self.get_mut(id) else {
             return;
         };
+        let Some(from) = c.peer.clone() else {
+            return;
+        };
+        let info = checked.info();
+        c.read_uncounted += u64::from(info.count - info.nulls);
         let from = Name::from_byte_str(from);
-        let count = u64::from(checked.info().count);
-        match &mut self.read_run {
-            Some((f, n)) if f.as_str() == from.as_str() => *n += count,
-            _ => {
-                self.flush_read_run();
-                self.read_run = Some((from.clone(), count));
-            }
-        }
         let batch = RecvBatch {
             from,
             batch: checked,
@@ -920,9 +923,6 @@ impl Core {
                 "ConnectionUnix: invalid message from '{}' skipped: 'content' is a required attribute ({nulls} in one batch)",
                 batch.from.as_str()
             );
-            if let Some((_, n)) = &mut self.read_run {
-                *n -= u64::from(nulls);
-            }
             let mut msgs = Vec::new();
             inbox::expand_into(&mut vec![Entry::Batch(batch)], &self.local, &mut msgs);
             self.inbox.extend(
@@ -1176,8 +1176,8 @@ impl Core {
     }
 
     /// Counts a message queued on `id` as sent to `peer` (added to the
-    /// statistics when the connection's next write starts, or now if it
-    /// has closed).
+    /// statistics when they are read or the connection closes, or now if
+    /// it has closed).
     #[inline]
     pub fn count_sent_on(&mut self, id: ConnId, peer: &str, count: u32) {
         match self.get_mut(id) {
@@ -1203,21 +1203,18 @@ impl Core {
     /// If `id` has bytes to write and no write in flight, marks the write
     /// as started and returns the outbox to write from.
     pub fn start_send(&mut self, id: ConnId) -> Option<&Outbox> {
-        let Core {
-            conns, ids, stats, ..
-        } = self;
+        let Core { conns, ids, .. } = self;
         let conn = conn_mut(conns, id)?;
         if conn.write_failed.is_some() {
             return None;
         }
         if conn.lane.is_some() {
-            return Self::start_send_lane(conn, id, ids, stats, &mut self.lane_broken);
+            return Self::start_send_lane(conn, id, ids, &mut self.lane_broken);
         }
         if conn.send_in_flight || conn.outbox.is_empty() {
             return None;
         }
         conn.outbox.seal(ids);
-        fold_sent(stats, conn);
         conn.send_in_flight = true;
         Some(&conn.outbox)
     }
@@ -1248,7 +1245,6 @@ impl Core {
         let Core {
             conns,
             ids,
-            stats,
             lane_broken,
             ..
         } = self;
@@ -1258,7 +1254,7 @@ impl Core {
         if conn.write_failed.is_some() || !conn.recv_in_flight || conn.lane.is_none() {
             return false;
         }
-        if Self::pump_lane(conn, id, ids, stats, lane_broken).is_err() {
+        if Self::pump_lane(conn, id, ids, lane_broken).is_err() {
             return false;
         }
         if !conn.send_in_flight && !lane::socket_outbox(conn).is_empty() {
@@ -1269,17 +1265,14 @@ impl Core {
     }
 
     /// Moves what `conn`'s lane outbox holds into its ring (if it is on
-    /// one), folding its sent count first. A broken ring is logged and
-    /// `id` queued for closing (`Err`).
+    /// one). A broken ring is logged and `id` queued for closing (`Err`).
     #[inline(always)]
     fn pump_lane(
         conn: &mut Conn,
         id: ConnId,
         ids: &mut IdSeq,
-        stats: &mut Stats,
         broken: &mut Vec<ConnId>,
     ) -> Result<(), ()> {
-        fold_sent(stats, conn);
         let Conn {
             lane,
             outbox,
@@ -1312,11 +1305,10 @@ impl Core {
         conn: &'a mut Conn,
         id: ConnId,
         ids: &mut IdSeq,
-        stats: &mut Stats,
         broken: &mut Vec<ConnId>,
     ) -> Option<&'a Outbox> {
         conn.lane.as_ref()?;
-        Self::pump_lane(conn, id, ids, stats, broken).ok()?;
+        Self::pump_lane(conn, id, ids, broken).ok()?;
         if conn.send_in_flight || lane::socket_outbox(conn).is_empty() {
             return None;
         }
@@ -1388,15 +1380,18 @@ fn conn_mut(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
         .filter(|c| c.generation == id.generation())
 }
 
-/// Adds `conn`'s uncounted messages to the `sent` statistics.
+/// Adds `conn`'s uncounted messages to the `sent` and `read` statistics.
 fn fold_sent(stats: &mut Stats, conn: &mut Conn) {
-    if conn.uncounted == 0 {
-        return;
-    }
     if let Some(peer) = &conn.peer {
-        Stats::add(&mut stats.sent, peer, conn.uncounted);
+        if conn.uncounted > 0 {
+            Stats::add(&mut stats.sent, peer, conn.uncounted);
+        }
+        if conn.read_uncounted > 0 {
+            Stats::add(&mut stats.read, peer, conn.read_uncounted);
+        }
     }
     conn.uncounted = 0;
+    conn.read_uncounted = 0;
 }
 
 #[cfg(test)]
