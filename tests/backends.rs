@@ -144,6 +144,10 @@ fn busy_polling_and_batch_apis_deliver_everything(backend: BackendChoice) {
         tx.queue_json("rx", "  "),
         Err(Error::ContentRequired)
     ));
+    assert!(matches!(
+        tx.queue_json("rx", "null"),
+        Err(Error::ContentRequired)
+    ));
     tx.flush_pending(Some(Duration::from_secs(10))).unwrap();
     assert!(!tx.have_pending_sends());
     let mut inbox = Vec::new();

@@ -157,7 +157,8 @@ impl Outbox {
         ids: &mut IdSeq,
     ) -> Result<Appended, Error> {
         let len = content.len();
-        if len == 0 || (len == 4 && content[..4] == *b"null") {
+        // One compare for any content longer than `null`.
+        if len <= 4 && (len == 0 || (len == 4 && content[..4] == *b"null")) {
             return Err(Error::ContentRequired);
         }
         let need = RECORD_LEN_SIZE + len;
