@@ -736,3 +736,74 @@ fn a_blob_that_cannot_be_had_closes_its_connection() {
     assert!(take(&mut c).is_empty());
     assert!(!c.is_open(id));
 }
+
+/// A send's short way into the ring (`Core::flush_to_lane`) moves the
+/// outbox into the ring when its connection alone has work and nothing
+/// waits for its socket; otherwise it leaves everything as it was, for
+/// the full flush (it must never skip another connection's work, nor a
+/// frame for the socket).
+#[test]
+fn a_send_goes_straight_into_the_ring_only_when_nothing_else_waits() {
+    use crate::lane::control::Control;
+    use crate::lane::shm::Region;
+    let mut c = core();
+    let mut pool = BufferPool::new(4096, 4);
+    let id = c.add_acceptor(Instant::now());
+    feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
+    let theirs = Region::create(4096).expect("a memfd region");
+    let fd = theirs.fd().try_clone_to_owned().unwrap();
+    c.lane_accepted(id, Region::open(fd, 4096).unwrap());
+    feed(&mut c, id, &Control::Switch.frame());
+    let (_tx, mut rx) = theirs.ends(true).unwrap();
+    let m1 = msg("srv", "cli", "1");
+    let mut drained = Vec::new();
+    c.take_dirty(&mut drained);
+    assert!(c.start_recv(id, &mut pool).is_some(), "a receive in flight");
+
+    // Our SWITCH still waits for the socket: the short way refuses and
+    // leaves the connection marked, so the full flush writes it. (m1 may
+    // be in the ring already, as the dispatch would put it: the peer reads
+    // the ring only after our SWITCH.)
+    let Enqueue::Queued(_) = c.enqueue(id, Bytes::from(m1.clone())) else {
+        panic!("queued")
+    };
+    assert!(!c.flush_to_lane(id), "a frame waits for the socket");
+    let mut marked = Vec::new();
+    c.take_dirty(&mut marked);
+    assert_eq!(marked, [id], "left for the full flush");
+    let sock = c.start_send(id).expect("the SWITCH is written");
+    let bytes: Vec<u8> = sock.frames().flat_map(|f| f.iter().copied()).collect();
+    assert_eq!(bytes, Control::Switch.frame().to_vec());
+    c.on_sent(id, Ok(bytes.len()));
+    let mut out = Vec::new();
+    assert!(rx.pop(&mut out).unwrap(), "m1 is in the ring");
+    assert_eq!(out, m1);
+
+    // Nothing else waits: the message goes into the ring at once, and the
+    // connection is no longer marked.
+    c.take_dirty(&mut drained);
+    let m2 = msg("srv", "cli", "2");
+    let Enqueue::Queued(t2) = c.enqueue(id, Bytes::from(m2.clone())) else {
+        panic!("queued")
+    };
+    assert!(c.flush_to_lane(id));
+    assert!(!c.has_operations_to_start());
+    assert_eq!(c.written_total(id), Some(t2), "a blocking send is done");
+    assert!(rx.pop(&mut out).unwrap());
+    assert_eq!(out, m2);
+
+    // Another connection has work to start: the short way leaves both.
+    let other = c.add_acceptor(Instant::now());
+    let m3 = msg("srv", "cli", "3");
+    let Enqueue::Queued(_) = c.enqueue(id, Bytes::from(m3.clone())) else {
+        panic!("queued")
+    };
+    assert!(!c.flush_to_lane(id), "{other:?} has work too");
+    assert!(!rx.pop(&mut out).unwrap(), "nothing moved");
+    marked.clear();
+    c.take_dirty(&mut marked);
+    assert!(
+        marked.contains(&id) && marked.contains(&other),
+        "{marked:?}"
+    );
+}
