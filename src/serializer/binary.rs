@@ -359,15 +359,14 @@ pub const MAX_BATCH_COUNT: u32 = 65_535;
 pub fn record_len_bytes(len: usize) -> [u8; 4] {
     debug_assert!(len <= MAX_RECORD);
     let l = len as u32;
-    if l < 0x80 {
-        return l.to_le_bytes();
-    }
-    [
-        (l & 0x7F) as u8,
-        ((l >> 7) & 0x7F) as u8,
-        ((l >> 14) & 0x7F) as u8,
-        ((l >> 21) & 0x7F) as u8,
-    ]
+    // One little-endian word either way, so the caller stores it whole
+    // (four byte stores were a fifth of `queue_json`'s time).
+    let w = if l < 0x80 {
+        l
+    } else {
+        (l & 0x7F) | ((l >> 7) & 0x7F) << 8 | ((l >> 14) & 0x7F) << 16 | ((l >> 21) & 0x7F) << 24
+    };
+    w.to_le_bytes()
 }
 
 /// A record length read back: `None` if a byte has its high bit set.
@@ -652,6 +651,14 @@ mod tests {
         }
         assert_eq!(record_len([0x80, 0, 0, 0]), None);
         assert_eq!(record_len([0, 0, 0, 0xFF]), None);
+        // The layout itself (docs/binary-format.md): seven bits a byte,
+        // least significant first; a length below 128 is its own byte.
+        assert_eq!(record_len_bytes(66), [66, 0, 0, 0]);
+        assert_eq!(record_len_bytes(200), [200 & 0x7F, 1, 0, 0]);
+        assert_eq!(
+            record_len_bytes((5 << 21) | (4 << 14) | (3 << 7) | 2),
+            [2, 3, 4, 5]
+        );
     }
 
     #[test]
