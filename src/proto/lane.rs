@@ -138,6 +138,14 @@ pub(crate) struct Up {
     _region: Region,
 }
 
+impl Up {
+    /// The rings' counts: (ours written, theirs read). Traffic moves them;
+    /// the idle check and the activity stamps compare them.
+    fn counts(&self) -> (u64, u64) {
+        (self.tx.written(), self.rx.read_total())
+    }
+}
+
 impl ConnLane {
     /// The established lane, once our frames go to the ring.
     pub(crate) fn tx_up(&mut self) -> Option<&mut Up> {
@@ -265,7 +273,7 @@ pub(crate) fn pump_tx(
 
 /// How often lanes are checked for activity when they are never released
 /// ([`LaneConfig::release_after`] `None`).
-pub(crate) const ACTIVITY_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
+const ACTIVITY_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The period of the lanes' check: idle release and activity stamps.
 fn lane_check_period(release_after: Option<std::time::Duration>) -> std::time::Duration {
@@ -712,7 +720,7 @@ impl Core {
     /// nothing as they pass; see [`Core::lane_idle_check`]).
     pub(super) fn activity(c: &Conn) -> f64 {
         if let Some(ConnLane::Up(up)) = c.lane.as_deref()
-            && (up.tx.written(), up.rx.read_total()) != up.active_at
+            && up.counts() != up.active_at
         {
             return crate::message::coarse_stamp();
         }
@@ -723,7 +731,7 @@ impl Core {
     pub(super) fn set_activity(c: &mut Conn, at: f64) {
         c.last_activity = at;
         if let Some(ConnLane::Up(up)) = c.lane.as_deref_mut() {
-            up.active_at = (up.tx.written(), up.rx.read_total());
+            up.active_at = up.counts();
         }
     }
 
@@ -749,7 +757,7 @@ impl Core {
             let Some(ConnLane::Up(up)) = c.lane.as_deref_mut() else {
                 continue;
             };
-            let seen = (up.tx.written(), up.rx.read_total());
+            let seen = up.counts();
             if seen != up.active_at {
                 c.last_activity = *stamp.get_or_insert_with(crate::message::coarse_stamp);
                 up.active_at = seen;

@@ -340,7 +340,7 @@ impl Core {
     pub fn count_queued(&mut self) {
         let Core { conns, stats, .. } = self;
         for (_, c) in conns.iter_mut() {
-            fold_sent(stats, c);
+            fold_counts(stats, c);
         }
     }
 
@@ -533,7 +533,7 @@ impl Core {
             self.prune_unresolved();
         }
         conn.outbox.seal(&mut self.ids);
-        fold_sent(&mut self.stats, &mut conn);
+        fold_counts(&mut self.stats, &mut conn);
         let written_total = lane::written_total(&conn);
         log::debug!(
             "ConnectionUnix: closing connection {:?} to '{}' ({:?}, {} bytes written){}",
@@ -1381,7 +1381,7 @@ fn conn_mut(conns: &mut Slab<Conn>, id: ConnId) -> Option<&mut Conn> {
 }
 
 /// Adds `conn`'s uncounted messages to the `sent` and `read` statistics.
-fn fold_sent(stats: &mut Stats, conn: &mut Conn) {
+fn fold_counts(stats: &mut Stats, conn: &mut Conn) {
     if let Some(peer) = &conn.peer {
         if conn.uncounted > 0 {
             Stats::add(&mut stats.sent, peer, conn.uncounted);

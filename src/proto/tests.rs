@@ -45,6 +45,22 @@ fn take(c: &mut Core) -> Vec<Message> {
     v
 }
 
+/// An acceptor that `cli` said hello to, on a lane (4 KiB rings) whose
+/// initiator has switched: its frames come from its ring now. `peer` is
+/// the initiator's process, as read at attach. Returns the connection and
+/// the initiator's side of the region.
+fn acceptor_on_lane(c: &mut Core, peer: Option<(i32, u32)>) -> (ConnId, crate::lane::shm::Region) {
+    use crate::lane::shm::Region;
+    let id = c.add_acceptor(Instant::now());
+    feed(c, id, &frame(r#"{"hello":"cli"}"#));
+    let theirs = Region::create(4096).expect("a memfd region");
+    let fd = theirs.fd().try_clone_to_owned().unwrap();
+    c.set_peer_process(id, peer);
+    c.lane_accepted(id, Region::open(fd, 4096).unwrap());
+    feed(c, id, &crate::lane::control::Control::Switch.frame());
+    (id, theirs)
+}
+
 #[test]
 fn hello_resolves_and_frames_in_the_same_read_are_delivered() {
     let mut c = core();
@@ -637,17 +653,9 @@ fn replacement_moves_data_off_a_lane_and_waiters_follow_it() {
 /// makes it look again.
 #[test]
 fn a_full_inbox_sleeps_beside_a_ring_that_holds_data() {
-    use crate::lane::control::Control;
-    use crate::lane::shm::Region;
     let mut c = core();
     c.set_inbox_limit(1);
-    let id = c.add_acceptor(Instant::now());
-    feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
-    let theirs = Region::create(4096).expect("a memfd region");
-    let fd = theirs.fd().try_clone_to_owned().unwrap();
-    c.lane_accepted(id, Region::open(fd, 4096).unwrap());
-    // The initiator's switch: its frames come from its ring now.
-    feed(&mut c, id, &Control::Switch.frame());
+    let (_id, theirs) = acceptor_on_lane(&mut c, None);
     let (mut tx, _rx) = theirs.ends(true).unwrap();
     let mut pool = BufferPool::new(4096, 4);
     assert!(tx.push(&msg("cli", "srv", "1")).unwrap());
@@ -675,13 +683,7 @@ fn a_blob_that_cannot_be_had_closes_its_connection() {
     use crate::lane::shm::Region;
     for peer in [None, Some((std::process::id() as i32, 0))] {
         let mut c = core();
-        let id = c.add_acceptor(Instant::now());
-        feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
-        let theirs = Region::create(4096).expect("a memfd region");
-        let fd = theirs.fd().try_clone_to_owned().unwrap();
-        c.set_peer_process(id, peer);
-        c.lane_accepted(id, Region::open(fd, 4096).unwrap());
-        feed(&mut c, id, &Control::Switch.frame());
+        let (id, theirs) = acceptor_on_lane(&mut c, peer);
         let (mut tx, _rx) = theirs.ends(true).unwrap();
         let mut pool = BufferPool::new(4096, 4);
         assert!(tx.push(&msg("cli", "srv", "1")).unwrap());
@@ -745,15 +747,9 @@ fn a_blob_that_cannot_be_had_closes_its_connection() {
 #[test]
 fn a_send_goes_straight_into_the_ring_only_when_nothing_else_waits() {
     use crate::lane::control::Control;
-    use crate::lane::shm::Region;
     let mut c = core();
     let mut pool = BufferPool::new(4096, 4);
-    let id = c.add_acceptor(Instant::now());
-    feed(&mut c, id, &frame(r#"{"hello":"cli"}"#));
-    let theirs = Region::create(4096).expect("a memfd region");
-    let fd = theirs.fd().try_clone_to_owned().unwrap();
-    c.lane_accepted(id, Region::open(fd, 4096).unwrap());
-    feed(&mut c, id, &Control::Switch.frame());
+    let (id, theirs) = acceptor_on_lane(&mut c, None);
     let (_tx, mut rx) = theirs.ends(true).unwrap();
     let m1 = msg("srv", "cli", "1");
     let mut drained = Vec::new();
