@@ -34,7 +34,7 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -120,8 +120,11 @@ impl System {
     }
 }
 
+/// Messages per throughput run: a byte budget (1 GiB in a full run, so
+/// that a 16 KiB run lasts a tenth of a second or more and a scheduling
+/// hiccup does not make its rate), within a count range.
 fn messages_for(size: usize, quick: bool) -> usize {
-    let bytes: usize = if quick { 48 << 20 } else { 256 << 20 };
+    let bytes: usize = if quick { 48 << 20 } else { 1 << 30 };
     let cap = if quick { 1_000_000 } else { 4_000_000 };
     (bytes / size).clamp(20_000, cap)
 }
@@ -495,9 +498,24 @@ fn ipcm_throughput(flavor: Flavor, size: usize, n: usize) -> f64 {
         inline = Some(rx);
     }
     let body = payload(size);
-    let start = Instant::now();
+    // The clock starts once the connection is up (for `ipcm-shm`, on its
+    // lane both ways), as raw's and tokio's start with their socket pair
+    // made: a stream's rate, not a connect's cost.
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lane_up = up.clone();
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let go = ready.clone();
     let sender = std::thread::spawn(move || {
         let mut tx = Client::connect(&info, "src", opts.listen(false)).unwrap();
+        queue(&mut tx, "sink", &body);
+        tx.flush_pending(Some(WAIT)).unwrap();
+        let deadline = Instant::now() + WAIT;
+        while flavor == Flavor::Shm && tx.lane("sink") != Some(ipcm::LaneKind::SharedMemory) {
+            assert!(Instant::now() < deadline, "the lane never came up");
+            tx.get_messages().unwrap();
+        }
+        lane_up.store(true, std::sync::atomic::Ordering::Release);
+        go.wait();
         let batch = (64usize * 1024).div_ceil(size + 64);
         for i in 0..n {
             queue(&mut tx, "sink", &body);
@@ -508,11 +526,26 @@ fn ipcm_throughput(flavor: Flavor, size: usize, n: usize) -> f64 {
         tx.flush_pending(Some(WAIT)).unwrap();
         tx
     });
-    let bytes = match (&mut inline, &mut threaded) {
-        (Some(rx), _) => ipcm_receive(rx, n),
-        (None, Some((_, rx, _))) => threaded_receive(rx, n),
-        (None, None) => unreachable!(),
-    };
+    let receive =
+        |inline: &mut Option<Client>, threaded: &mut Option<(_, ipcm::Receiver, _)>, n| match (
+            inline, threaded,
+        ) {
+            (Some(rx), _) => ipcm_receive(rx, n),
+            (None, Some((_, rx, _))) => threaded_receive(rx, n),
+            (None, None) => unreachable!(),
+        };
+    receive(&mut inline, &mut threaded, 1);
+    while !up.load(std::sync::atomic::Ordering::Acquire) {
+        // Turns that answer the lane's offer (nothing else arrives yet).
+        if let Some(rx) = inline.as_mut() {
+            assert!(rx.receive(Duration::from_millis(1)).unwrap().is_empty());
+        } else {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    ready.wait();
+    let start = Instant::now();
+    let bytes = receive(&mut inline, &mut threaded, n);
     let secs = start.elapsed().as_secs_f64();
     let mut tx = sender.join().unwrap();
     std::hint::black_box(bytes);

@@ -28,6 +28,7 @@
 
 use bytes::Bytes;
 
+use super::outbox::{LONE_PREFIX, lone_prefix};
 use super::{Conn, ConnId, Core, Outbox, Role};
 use crate::lane::control::{Control, is_control};
 use crate::lane::ring::{Consumer, Producer, RingError};
@@ -332,6 +333,48 @@ fn send_as_blob(up: &mut Up, outbox: &mut Outbox, room: usize, peer: Option<(i32
             crate::lane::log_unavailable(&format!("large payload as a memfd: {why}"));
             Blob::No
         }
+    }
+}
+
+/// Content bytes from which a message to a peer on a lane, with nothing
+/// queued before it, is written straight into the ring as a batch of its
+/// own ([`Core::append_to_ring`]): one copy instead of two (into the batch,
+/// then into the ring). Below it, batching many messages per ring record
+/// is worth the second copy.
+pub(crate) const DIRECT_MIN: usize = 4096;
+
+impl Core {
+    /// The short way of a large message (`content`, at least
+    /// [`DIRECT_MIN`] bytes) onto a lane: when `id`'s ring outbox holds
+    /// nothing and the ring has room, writes it into the ring now as a
+    /// batch of one, sealed (its stamp, ordinal and id given) and
+    /// published. `None` leaves everything as it was, for the usual
+    /// append: no lane, something queued before it, no room, a memfd's
+    /// size, or a ring that fails (found again by the usual path).
+    pub(super) fn append_to_ring(&mut self, id: ConnId, content: &[u8]) -> Option<super::Append> {
+        debug_assert!(content.len() >= DIRECT_MIN);
+        let Core {
+            conns, ids, dirty, ..
+        } = self;
+        let conn = super::conn_mut(conns, id)?;
+        if !conn.outbox.is_empty() || conn.write_failed.is_some() {
+            return None;
+        }
+        let peer = conn.lane_peer;
+        let up = conn.lane.as_deref_mut()?.tx_up()?;
+        let len = LONE_PREFIX + content.len();
+        if (peer.is_some() && len - HEADER_LEN >= up.blob_min.max(1)) || up.tx.room().ok()? < len {
+            return None;
+        }
+        let prefix = lone_prefix(content.len(), ids);
+        up.tx.push_parts(&[&prefix, content], len).ok()?;
+        if up.tx.take_wake() {
+            up.sock.push(Control::Wake.frame());
+            dirty.push(id);
+        }
+        conn.outbox.count_passed(len);
+        conn.uncounted += 1;
+        Some(super::Append::Queued)
     }
 }
 

@@ -1070,6 +1070,12 @@ impl Core {
     /// [`Core::append`] of content given as JSON bytes.
     #[inline(always)]
     pub fn append_raw(&mut self, id: ConnId, content: &[u8]) -> crate::Result<Append> {
+        if content.len() >= lane::DIRECT_MIN
+            && self.lane_count_hint()
+            && let Some(done) = self.append_to_ring(id, content)
+        {
+            return Ok(done);
+        }
         self.append_with(id, content.len(), |outbox, pool, ids| {
             outbox.append_raw(content, pool, ids)
         })

@@ -34,6 +34,37 @@ pub const BATCH_BYTES: usize = 32 * 1024;
 /// Bytes in front of the first record of a batch frame.
 const BATCH_PREFIX: usize = HEADER_LEN + BATCH_HEADER_SIZE;
 
+/// Bytes in front of the content of a batch of one message: frame header,
+/// batch header, record length.
+pub(crate) const LONE_PREFIX: usize = BATCH_PREFIX + RECORD_LEN_SIZE;
+
+/// The frame header and batch header of a batch of `count` messages whose
+/// frame payload is `payload` bytes, sealed now: its stamp (one clock
+/// read), ordinals and ids are given.
+fn batch_prefix(count: u32, payload: usize, ids: &mut IdSeq) -> [u8; BATCH_PREFIX] {
+    let (stamp, first_ord) = reserve_stamps(count);
+    let first_id = ids.take(count);
+    let mut out = [0; BATCH_PREFIX];
+    out[..HEADER_LEN].copy_from_slice(FrameHeader::new(payload as u32).as_bytes());
+    out[HEADER_LEN..].copy_from_slice(batch_header(count, stamp, first_ord, first_id).as_bytes());
+    out
+}
+
+/// The bytes in front of `len` bytes of content that make them a batch
+/// frame of one message, sealed now (see [`Outbox::count_passed`]): for a
+/// large message written where it is to go, not appended to a batch.
+pub(crate) fn lone_prefix(len: usize, ids: &mut IdSeq) -> [u8; LONE_PREFIX] {
+    debug_assert!(len <= MAX_RECORD);
+    let mut out = [0; LONE_PREFIX];
+    out[..BATCH_PREFIX].copy_from_slice(&batch_prefix(
+        1,
+        BATCH_HEADER_SIZE + RECORD_LEN_SIZE + len,
+        ids,
+    ));
+    out[BATCH_PREFIX..].copy_from_slice(&record_len_bytes(len));
+    out
+}
+
 /// Frames waiting to be written on one connection.
 #[derive(Debug, Default)]
 pub struct Outbox {
@@ -261,19 +292,24 @@ impl Outbox {
     #[inline(never)]
     fn seal_open(&mut self, ids: &mut IdSeq) -> u32 {
         let count = self.open_count;
-        let (stamp, first_ord) = reserve_stamps(count);
-        let first_id = ids.take(count);
-        let payload = self.open.len() - HEADER_LEN;
         // A batch holds at most BATCH_BYTES plus one record of at most
         // MAX_RECORD bytes: far below 4 GiB.
-        self.open[..HEADER_LEN].copy_from_slice(FrameHeader::new(payload as u32).as_bytes());
-        self.open[HEADER_LEN..BATCH_PREFIX]
-            .copy_from_slice(batch_header(count, stamp, first_ord, first_id).as_bytes());
+        let prefix = batch_prefix(count, self.open.len() - HEADER_LEN, ids);
+        self.open[..BATCH_PREFIX].copy_from_slice(&prefix);
         self.open_count = 0;
         self.room = 0;
         let frame = self.open.split().freeze();
         self.push(frame);
         count
+    }
+
+    /// Counts `n` bytes as queued and written at once: a frame that went
+    /// out with nothing queued before it, without passing through the
+    /// outbox ([`lone_prefix`]).
+    pub(crate) fn count_passed(&mut self, n: usize) {
+        debug_assert!(self.is_empty(), "nothing is queued before it");
+        self.enqueued_total += n as u64;
+        self.written_total += n as u64;
     }
 
     /// Takes the oldest sealed frame out (for a builder of batch frames

@@ -50,13 +50,28 @@ fn take(c: &mut Core) -> Vec<Message> {
 /// the initiator's process, as read at attach. Returns the connection and
 /// the initiator's side of the region.
 fn acceptor_on_lane(c: &mut Core, peer: Option<(i32, u32)>) -> (ConnId, crate::lane::shm::Region) {
+    acceptor_on_rings(c, &Serializer::Json, peer, 4096)
+}
+
+/// [`acceptor_on_lane`] with rings of `ring` bytes, on a route of
+/// `serializer` (the core's).
+fn acceptor_on_rings(
+    c: &mut Core,
+    serializer: &Serializer,
+    peer: Option<(i32, u32)>,
+    ring: usize,
+) -> (ConnId, crate::lane::shm::Region) {
     use crate::lane::shm::Region;
     let id = c.add_acceptor(Instant::now());
-    feed(c, id, &frame(r#"{"hello":"cli"}"#));
-    let theirs = Region::create(4096).expect("a memfd region");
+    let mut hello = BytesMut::new();
+    serializer.encode_hello("cli", &mut hello);
+    let mut hello_frame = BytesMut::new();
+    encode_frame(&hello, &mut hello_frame).unwrap();
+    feed(c, id, &hello_frame);
+    let theirs = Region::create(ring).expect("a memfd region");
     let fd = theirs.fd().try_clone_to_owned().unwrap();
     c.set_peer_process(id, peer);
-    c.lane_accepted(id, Region::open(fd, 4096).unwrap());
+    c.lane_accepted(id, Region::open(fd, ring).unwrap());
     feed(c, id, &crate::lane::control::Control::Switch.frame());
     (id, theirs)
 }
@@ -802,4 +817,90 @@ fn a_send_goes_straight_into_the_ring_only_when_nothing_else_waits() {
         marked.contains(&id) && marked.contains(&other),
         "{marked:?}"
     );
+}
+
+/// A large message on a lane goes into the ring as it is appended
+/// (`Core::append_to_ring`) only when nothing is queued before it; behind
+/// anything queued it joins the batch, so the order holds. Either way it
+/// is a whole batch, with ids and stamps that keep increasing, and a
+/// sleeping reader gets its `WAKE`.
+#[test]
+fn a_large_message_goes_straight_into_the_ring_only_behind_nothing() {
+    use crate::lane::control::Control;
+    use crate::serializer::binary::CheckedBatch;
+    let mut c = Core::new(Serializer::Binary, CoreConfig::default());
+    let (id, theirs) = acceptor_on_rings(&mut c, &Serializer::Binary, None, 64 * 1024);
+    let (_tx, mut rx) = theirs.ends(true).unwrap();
+    let big = |fill: char| format!("\"{}\"", String::from(fill).repeat(super::lane::DIRECT_MIN));
+    // Each frame the ring holds: its batch's ((stamp, first ordinal),
+    // contents).
+    let pop = |rx: &mut crate::lane::ring::Consumer| {
+        let mut out = Vec::new();
+        let mut got = Vec::new();
+        while rx.pop(&mut out).unwrap() {
+            if crate::lane::control::is_control(&out[HEADER_LEN..]) {
+                continue;
+            }
+            let b = CheckedBatch::parse(Bytes::copy_from_slice(&out[HEADER_LEN..])).unwrap();
+            let contents: Vec<String> = b.records().map(str::to_string).collect();
+            got.push(((b.info().stamp, b.info().first_ord), contents));
+        }
+        got
+    };
+
+    // Our SWITCH is written first.
+    let sock = c.start_send(id).expect("the SWITCH is to be written");
+    let n = sock.queued_bytes();
+    c.on_sent(id, Ok(n));
+
+    // Behind a small message still in the open batch: the large one joins
+    // it, and nothing reaches the ring before the flush.
+    let (small, b1) = ("1".to_string(), big('a'));
+    assert_eq!(c.append_raw(id, small.as_bytes()).unwrap(), Append::Queued);
+    assert_eq!(c.append_raw(id, b1.as_bytes()).unwrap(), Append::Queued);
+    assert!(pop(&mut rx).is_empty(), "nothing passed the open batch");
+    let target = c.seal(id);
+    assert!(c.start_send(id).is_none(), "nothing for the socket");
+    assert_eq!(c.written_total(id), target);
+    let first = pop(&mut rx);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].1, [small, b1]);
+
+    // Nothing queued: in the ring at once, a batch of its own, with a
+    // later ordinal, written as soon as queued and nothing left to start.
+    let mut marked = Vec::new();
+    c.take_dirty(&mut marked);
+    let b2 = big('b');
+    assert_eq!(c.append_raw(id, b2.as_bytes()).unwrap(), Append::Queued);
+    assert_eq!(c.queued_bytes(id), 0);
+    assert_eq!(c.written_total(id), c.seal(id));
+    let second = pop(&mut rx);
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].1, [b2]);
+    let ((s1, o1), (s2, o2)) = (first[0].0, second[0].0);
+    assert!(
+        s2 > s1 || (s2 == s1 && o2 > o1 + 1),
+        "stamps keep increasing"
+    );
+    marked.clear();
+    c.take_dirty(&mut marked);
+    assert!(marked.is_empty(), "nothing for the reactor: {marked:?}");
+
+    // The reader sleeps: the message goes all the same, and the socket
+    // gets a `WAKE` for it.
+    assert!(rx.prepare_sleep(), "the ring is empty");
+    let b3 = big('c');
+    assert_eq!(c.append_raw(id, b3.as_bytes()).unwrap(), Append::Queued);
+    c.take_dirty(&mut marked);
+    assert_eq!(marked, [id], "the WAKE is to be written");
+    let sock = c.start_send(id).expect("the socket has frames");
+    let bytes: Vec<u8> = sock.frames().flat_map(|f| f.iter().copied()).collect();
+    assert!(
+        bytes.ends_with(&Control::Wake.frame()),
+        "a WAKE on the socket"
+    );
+    rx.end_sleep();
+    assert_eq!(pop(&mut rx)[0].1, [b3]);
+    c.count_queued();
+    assert_eq!(c.stats().sent["cli"], 4, "every message counted once");
 }
