@@ -526,14 +526,13 @@ fn ipcm_throughput(flavor: Flavor, size: usize, n: usize) -> f64 {
         tx.flush_pending(Some(WAIT)).unwrap();
         tx
     });
-    let receive =
-        |inline: &mut Option<Client>, threaded: &mut Option<(_, ipcm::Receiver, _)>, n| match (
-            inline, threaded,
-        ) {
-            (Some(rx), _) => ipcm_receive(rx, n),
-            (None, Some((_, rx, _))) => threaded_receive(rx, n),
-            (None, None) => unreachable!(),
-        };
+    let receive = |inline: &mut Option<Client>,
+                   threaded: &mut Option<(_, ipcm::Receiver, _)>,
+                   n| match (inline, threaded) {
+        (Some(rx), _) => ipcm_receive(rx, n),
+        (None, Some((_, rx, _))) => threaded_receive(rx, n),
+        (None, None) => unreachable!(),
+    };
     receive(&mut inline, &mut threaded, 1);
     while !up.load(std::sync::atomic::Ordering::Acquire) {
         // Turns that answer the lane's offer (nothing else arrives yet).

@@ -195,19 +195,22 @@ pub(crate) fn socket_outbox(conn: &mut Conn) -> &mut Outbox {
 /// queues a `WAKE` on the socket if the peer sleeps. True if anything
 /// moved.
 /// `peer`: the process and user at the other end, for large payloads
-/// (`Conn::lane_peer`).
+/// (`Conn::lane_peer`). `wait`: a full ring asks the peer for a wake
+/// when it has room (the reactor waits for it); without it, what does not
+/// fit stays queued and the peer is not asked.
 pub(crate) fn pump_tx(
     up: &mut Up,
     outbox: &mut Outbox,
     ids: &mut IdSeq,
     peer: Option<(i32, u32)>,
+    wait: bool,
 ) -> Result<bool, RingError> {
     outbox.seal(ids);
     let mut moved = false;
     while !outbox.is_empty() {
         let room = up.tx.room()?;
         if room == 0 {
-            if up.tx.wait_for_room()? {
+            if wait && up.tx.wait_for_room()? {
                 continue;
             }
             break;
@@ -220,7 +223,7 @@ pub(crate) fn pump_tx(
             Blob::NeedsRoom => {
                 // Not a byte of it into the ring: it waits for room for
                 // its `BLOB` frame.
-                if up.tx.wait_for_room()? && up.tx.room()? >= BLOB_FRAME {
+                if wait && up.tx.wait_for_room()? && up.tx.room()? >= BLOB_FRAME {
                     continue;
                 }
                 break;
@@ -345,36 +348,59 @@ pub(crate) const DIRECT_MIN: usize = 4096;
 
 impl Core {
     /// The short way of a large message (`content`, at least
-    /// [`DIRECT_MIN`] bytes) onto a lane: when `id`'s ring outbox holds
-    /// nothing and the ring has room, writes it into the ring now as a
-    /// batch of one, sealed (its stamp, ordinal and id given) and
-    /// published. `None` leaves everything as it was, for the usual
-    /// append: no lane, something queued before it, no room, a memfd's
-    /// size, or a ring that fails (found again by the usual path).
+    /// [`DIRECT_MIN`] bytes) onto a lane: what `id`'s ring outbox holds
+    /// goes into the ring first, as far as it has room; if that empties
+    /// it and the ring has room for this one too, writes it into the ring
+    /// now as a batch of one, sealed (its stamp, ordinal and id given) and
+    /// published. `None` appends it the usual way: no lane, something
+    /// still queued before it, no room, a memfd's size, or a ring that
+    /// fails (found again by the usual path).
+    ///
+    /// Moving the queue first keeps a sender that fell behind (its ring
+    /// was full) from staying on the slow way, two copies per message,
+    /// for as long as anything is queued.
     pub(super) fn append_to_ring(&mut self, id: ConnId, content: &[u8]) -> Option<super::Append> {
         debug_assert!(content.len() >= DIRECT_MIN);
         let Core {
             conns, ids, dirty, ..
         } = self;
-        let conn = super::conn_mut(conns, id)?;
-        if !conn.outbox.is_empty() || conn.write_failed.is_some() {
+        let Conn {
+            outbox,
+            lane,
+            lane_peer,
+            write_failed,
+            uncounted,
+            ..
+        } = super::conn_mut(conns, id)?;
+        if write_failed.is_some() {
             return None;
         }
-        let peer = conn.lane_peer;
-        let up = conn.lane.as_deref_mut()?.tx_up()?;
+        let up = lane.as_deref_mut()?.tx_up()?;
+        let woken = if outbox.is_empty() {
+            false
+        } else {
+            let before = up.sock.queued_bytes();
+            pump_tx(up, outbox, ids, *lane_peer, false).ok()?;
+            up.sock.queued_bytes() > before
+        };
         let len = LONE_PREFIX + content.len();
-        if (peer.is_some() && len - HEADER_LEN >= up.blob_min.max(1)) || up.tx.room().ok()? < len {
-            return None;
+        let direct = outbox.is_empty()
+            && !(lane_peer.is_some() && len - HEADER_LEN >= up.blob_min.max(1))
+            && up.tx.room().is_ok_and(|r| r >= len);
+        if direct {
+            let prefix = lone_prefix(content.len(), ids);
+            up.tx.push_parts(&[&prefix, content], len).ok()?;
+            if up.tx.take_wake() {
+                up.sock.push(Control::Wake.frame());
+                dirty.push(id);
+            }
+            outbox.count_passed(len);
+            *uncounted += 1;
         }
-        let prefix = lone_prefix(content.len(), ids);
-        up.tx.push_parts(&[&prefix, content], len).ok()?;
-        if up.tx.take_wake() {
-            up.sock.push(Control::Wake.frame());
+        if woken {
             dirty.push(id);
         }
-        conn.outbox.count_passed(len);
-        conn.uncounted += 1;
-        Some(super::Append::Queued)
+        direct.then_some(super::Append::Queued)
     }
 }
 

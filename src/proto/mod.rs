@@ -1289,7 +1289,7 @@ impl Core {
             return Ok(());
         };
         // Activity on a lane is noted by the lanes' check, not per send.
-        match lane::pump_tx(up, outbox, ids, *lane_peer) {
+        match lane::pump_tx(up, outbox, ids, *lane_peer, true) {
             Ok(_) => {}
             Err(e) => {
                 log::error!(

@@ -820,87 +820,125 @@ fn a_send_goes_straight_into_the_ring_only_when_nothing_else_waits() {
 }
 
 /// A large message on a lane goes into the ring as it is appended
-/// (`Core::append_to_ring`) only when nothing is queued before it; behind
-/// anything queued it joins the batch, so the order holds. Either way it
-/// is a whole batch, with ids and stamps that keep increasing, and a
-/// sleeping reader gets its `WAKE`.
+/// (`Core::append_to_ring`), behind what was queued before it, which goes
+/// first as far as the ring takes it; what the ring cannot take yet stays
+/// queued, and the message with it. The order holds across both ways,
+/// every message arrives once, in a whole batch, with stamps that keep
+/// increasing, and a sleeping reader gets its `WAKE`.
 #[test]
-fn a_large_message_goes_straight_into_the_ring_only_behind_nothing() {
+fn a_large_message_goes_straight_into_the_ring_behind_what_was_queued() {
     use crate::lane::control::Control;
     use crate::serializer::binary::CheckedBatch;
     let mut c = Core::new(Serializer::Binary, CoreConfig::default());
     let (id, theirs) = acceptor_on_rings(&mut c, &Serializer::Binary, None, 64 * 1024);
     let (_tx, mut rx) = theirs.ends(true).unwrap();
-    let big = |fill: char| format!("\"{}\"", String::from(fill).repeat(super::lane::DIRECT_MIN));
-    // Each frame the ring holds: its batch's ((stamp, first ordinal),
-    // contents).
-    let pop = |rx: &mut crate::lane::ring::Consumer| {
-        let mut out = Vec::new();
-        let mut got = Vec::new();
-        while rx.pop(&mut out).unwrap() {
-            if crate::lane::control::is_control(&out[HEADER_LEN..]) {
-                continue;
-            }
-            let b = CheckedBatch::parse(Bytes::copy_from_slice(&out[HEADER_LEN..])).unwrap();
-            let contents: Vec<String> = b.records().map(str::to_string).collect();
-            got.push(((b.info().stamp, b.info().first_ord), contents));
-        }
-        got
-    };
-
+    let big = |n: usize| format!("\"{n}{}\"", "x".repeat(super::lane::DIRECT_MIN));
     // Our SWITCH is written first.
     let sock = c.start_send(id).expect("the SWITCH is to be written");
     let n = sock.queued_bytes();
     c.on_sent(id, Ok(n));
+    // What the ring holds (a stream of frames, a record may end inside
+    // one): each whole batch's contents, and the (stamp, ordinal) of every
+    // message.
+    let mut stream = Vec::new();
+    let mut pop = |rx: &mut crate::lane::ring::Consumer| {
+        let mut out = Vec::new();
+        while rx.pop(&mut out).unwrap() {
+            stream.extend_from_slice(&out);
+        }
+        let (mut batches, mut stamps) = (Vec::new(), Vec::new());
+        while stream.len() >= HEADER_LEN {
+            let len = u32::from_be_bytes(stream[..HEADER_LEN].try_into().unwrap()) as usize;
+            if stream.len() < HEADER_LEN + len {
+                break;
+            }
+            let payload: Vec<u8> = stream.drain(..HEADER_LEN + len).skip(HEADER_LEN).collect();
+            if crate::lane::control::is_control(&payload) {
+                continue;
+            }
+            let b = CheckedBatch::parse(Bytes::from(payload)).unwrap();
+            let contents: Vec<String> = b.records().map(str::to_string).collect();
+            let info = b.info();
+            stamps.extend((0..contents.len() as u64).map(|i| (info.stamp, info.first_ord + i)));
+            batches.push(contents);
+        }
+        (batches, stamps)
+    };
+    let mut sent = Vec::new();
+    let append = |c: &mut Core, sent: &mut Vec<String>, content: String| {
+        assert_eq!(
+            c.append_raw(id, content.as_bytes()).unwrap(),
+            Append::Queued
+        );
+        sent.push(content);
+    };
 
-    // Behind a small message still in the open batch: the large one joins
-    // it, and nothing reaches the ring before the flush.
-    let (small, b1) = ("1".to_string(), big('a'));
-    assert_eq!(c.append_raw(id, small.as_bytes()).unwrap(), Append::Queued);
-    assert_eq!(c.append_raw(id, b1.as_bytes()).unwrap(), Append::Queued);
-    assert!(pop(&mut rx).is_empty(), "nothing passed the open batch");
-    let target = c.seal(id);
-    assert!(c.start_send(id).is_none(), "nothing for the socket");
-    assert_eq!(c.written_total(id), target);
-    let first = pop(&mut rx);
-    assert_eq!(first.len(), 1);
-    assert_eq!(first[0].1, [small, b1]);
-
-    // Nothing queued: in the ring at once, a batch of its own, with a
-    // later ordinal, written as soon as queued and nothing left to start.
+    // Behind a small message in the open batch: the batch goes first, and
+    // the large one after it, nothing left queued nor to start.
     let mut marked = Vec::new();
     c.take_dirty(&mut marked);
-    let b2 = big('b');
-    assert_eq!(c.append_raw(id, b2.as_bytes()).unwrap(), Append::Queued);
+    append(&mut c, &mut sent, "1".to_string());
+    append(&mut c, &mut sent, big(0));
     assert_eq!(c.queued_bytes(id), 0);
     assert_eq!(c.written_total(id), c.seal(id));
-    let second = pop(&mut rx);
-    assert_eq!(second.len(), 1);
-    assert_eq!(second[0].1, [b2]);
-    let ((s1, o1), (s2, o2)) = (first[0].0, second[0].0);
-    assert!(
-        s2 > s1 || (s2 == s1 && o2 > o1 + 1),
-        "stamps keep increasing"
-    );
     marked.clear();
     c.take_dirty(&mut marked);
-    assert!(marked.is_empty(), "nothing for the reactor: {marked:?}");
+    assert!(marked.iter().all(|&m| m == id), "{marked:?}");
+    let (batches, mut stamps) = pop(&mut rx);
+    assert_eq!(batches, [vec!["1".to_string()], vec![big(0)]]);
+
+    // A reader that stopped: once the ring is full, messages stay queued,
+    // and the ring is not asked for a wake (no one waits for it yet).
+    let mut k = 1;
+    while c.queued_bytes(id) == 0 {
+        append(&mut c, &mut sent, big(k));
+        k += 1;
+        assert!(k < 100, "the ring fills");
+    }
+    append(&mut c, &mut sent, big(k));
+    let queued = c.queued_bytes(id);
+    assert!(
+        queued > super::lane::DIRECT_MIN,
+        "the last one whole: {queued}"
+    );
+    // The reader catches up: the next message moves the queue first.
+    let (batches, more) = pop(&mut rx);
+    stamps.extend(more);
+    let mut got: Vec<String> = batches.into_iter().flatten().collect();
+    append(&mut c, &mut sent, big(k + 1));
+    assert_eq!(c.queued_bytes(id), 0);
+    let (batches, more) = pop(&mut rx);
+    stamps.extend(more);
+    got.extend(batches.into_iter().flatten());
+    assert_eq!(
+        ["1".to_string(), big(0)]
+            .into_iter()
+            .chain(got)
+            .collect::<Vec<_>>(),
+        sent
+    );
+    assert!(
+        stamps.windows(2).all(|w| w[0] < w[1]),
+        "stamps keep increasing"
+    );
 
     // The reader sleeps: the message goes all the same, and the socket
     // gets a `WAKE` for it.
     assert!(rx.prepare_sleep(), "the ring is empty");
-    let b3 = big('c');
-    assert_eq!(c.append_raw(id, b3.as_bytes()).unwrap(), Append::Queued);
+    c.take_dirty(&mut marked);
+    marked.clear();
+    append(&mut c, &mut sent, big(0));
     c.take_dirty(&mut marked);
     assert_eq!(marked, [id], "the WAKE is to be written");
     let sock = c.start_send(id).expect("the socket has frames");
     let bytes: Vec<u8> = sock.frames().flat_map(|f| f.iter().copied()).collect();
-    assert!(
-        bytes.ends_with(&Control::Wake.frame()),
-        "a WAKE on the socket"
-    );
+    assert_eq!(bytes, Control::Wake.frame().to_vec());
     rx.end_sleep();
-    assert_eq!(pop(&mut rx)[0].1, [b3]);
+    assert_eq!(pop(&mut rx).0, [vec![big(0)]]);
     c.count_queued();
-    assert_eq!(c.stats().sent["cli"], 4, "every message counted once");
+    assert_eq!(
+        c.stats().sent["cli"],
+        sent.len() as u64,
+        "every message counted once"
+    );
 }
