@@ -205,8 +205,13 @@ pub(crate) fn pump_tx(
     peer: Option<(i32, u32)>,
     wait: bool,
 ) -> Result<bool, RingError> {
-    outbox.seal(ids);
     let mut moved = false;
+    let room = up.tx.room()?;
+    let tx = &mut up.tx;
+    if outbox.write_open(ids, room.min(RECORD_MAX), |b| tx.push_parts(&[b], b.len()))? {
+        moved = true;
+    }
+    outbox.seal(ids);
     while !outbox.is_empty() {
         let room = up.tx.room()?;
         if room == 0 {
@@ -364,44 +369,64 @@ impl Core {
         let Core {
             conns, ids, dirty, ..
         } = self;
+        let conn = super::conn_mut(conns, id)?;
+        pump_queued(conn, id, ids, dirty)?;
         let Conn {
             outbox,
             lane,
             lane_peer,
-            write_failed,
             uncounted,
             ..
-        } = super::conn_mut(conns, id)?;
-        if write_failed.is_some() {
+        } = conn;
+        let up = lane.as_deref_mut()?.tx_up()?;
+        let len = LONE_PREFIX + content.len();
+        if !outbox.is_empty()
+            || (lane_peer.is_some() && len - HEADER_LEN >= up.blob_min.max(1))
+            || !up.tx.room().is_ok_and(|r| r >= len)
+        {
             return None;
         }
-        let up = lane.as_deref_mut()?.tx_up()?;
-        let woken = if outbox.is_empty() {
-            false
-        } else {
-            let before = up.sock.queued_bytes();
-            pump_tx(up, outbox, ids, *lane_peer, false).ok()?;
-            up.sock.queued_bytes() > before
-        };
-        let len = LONE_PREFIX + content.len();
-        let direct = outbox.is_empty()
-            && !(lane_peer.is_some() && len - HEADER_LEN >= up.blob_min.max(1))
-            && up.tx.room().is_ok_and(|r| r >= len);
-        if direct {
-            let prefix = lone_prefix(content.len(), ids);
-            up.tx.push_parts(&[&prefix, content], len).ok()?;
-            if up.tx.take_wake() {
-                up.sock.push(Control::Wake.frame());
-                dirty.push(id);
-            }
-            outbox.count_passed(len);
-            *uncounted += 1;
-        }
-        if woken {
+        let prefix = lone_prefix(content.len(), ids);
+        up.tx.push_parts(&[&prefix, content], len).ok()?;
+        if up.tx.take_wake() {
+            up.sock.push(Control::Wake.frame());
             dirty.push(id);
         }
-        direct.then_some(super::Append::Queued)
+        outbox.count_passed(len);
+        *uncounted += 1;
+        Some(super::Append::Queued)
     }
+}
+
+/// Moves what `conn`'s ring outbox holds (`id`'s) into its ring, as far as
+/// the ring has room now, asking the peer for no wake (no one waits for
+/// it); marks `id` in `dirty` if a `WAKE` was queued for the socket.
+/// `None`: no lane to write to, or its ring failed (the usual path finds
+/// that again).
+///
+/// For appends on a lane: a full batch goes into the ring as it fills, its
+/// buffer kept for the next one ([`Outbox::write_open`]), and a sender
+/// that fell behind (its ring was full) catches up in the ring rather than
+/// through a second copy.
+pub(super) fn pump_queued(
+    conn: &mut Conn,
+    id: ConnId,
+    ids: &mut IdSeq,
+    dirty: &mut Vec<ConnId>,
+) -> Option<()> {
+    if conn.write_failed.is_some() {
+        return None;
+    }
+    let up = conn.lane.as_deref_mut()?.tx_up()?;
+    if conn.outbox.is_empty() {
+        return Some(());
+    }
+    let before = up.sock.queued_bytes();
+    pump_tx(up, &mut conn.outbox, ids, conn.lane_peer, false).ok()?;
+    if up.sock.queued_bytes() > before {
+        dirty.push(id);
+    }
+    Some(())
 }
 
 /// Takes the frames no write has started into `into`, for another

@@ -1106,6 +1106,10 @@ impl Core {
         // `Outbox::cap_room`); only past it is the limit looked at.
         let need = len + binary::RECORD_LEN_SIZE;
         if need > conn.outbox.room() {
+            if conn.lane.is_some() {
+                // The full batch goes into the ring now, not behind it.
+                let _ = lane::pump_queued(conn, id, ids, dirty);
+            }
             let queued = conn.outbox.queued_bytes();
             if queued > 0 && queued + need > limit {
                 return Ok(Append::Full { queued });

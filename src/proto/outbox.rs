@@ -303,6 +303,31 @@ impl Outbox {
         count
     }
 
+    /// Seals the open batch and hands it to `write` in place, when it is
+    /// all the outbox holds and is at most `limit` bytes: if `write`
+    /// takes it, it counts as queued and written, and its buffer is kept
+    /// for the next batch (a lane's batches are copied into the ring, so
+    /// one buffer serves them all). Returns whether a batch went.
+    pub(crate) fn write_open<E>(
+        &mut self,
+        ids: &mut IdSeq,
+        limit: usize,
+        write: impl FnOnce(&[u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        let len = self.open.len();
+        if self.open_count == 0 || !self.frames.is_empty() || len > limit {
+            return Ok(false);
+        }
+        let prefix = batch_prefix(self.open_count, len - HEADER_LEN, ids);
+        self.open[..BATCH_PREFIX].copy_from_slice(&prefix);
+        write(&self.open)?;
+        self.open.clear();
+        self.open_count = 0;
+        self.room = 0;
+        self.count_passed(len);
+        Ok(true)
+    }
+
     /// Counts `n` bytes as queued and written at once: a frame that went
     /// out with nothing queued before it, without passing through the
     /// outbox ([`lone_prefix`]).
