@@ -164,6 +164,9 @@ struct UringConn {
 /// The io_uring backend.
 pub struct UringBackend {
     ring: IoUring,
+    /// The kernel flags pending completion work in the submission ring
+    /// (`IORING_SETUP_TASKRUN_FLAG`).
+    taskrun_flag: bool,
     /// In-flight operations; the key (with a generation) is the SQE's user
     /// data.
     ops: Slab<(u32, Op)>,
@@ -244,15 +247,29 @@ impl UringBackend {
     /// the reason (setup refused, opcode missing) when io_uring is not
     /// usable here.
     pub fn new() -> io::Result<Self> {
-        let ring = IoUring::builder()
+        // The task-run flag (Linux 5.19, with cooperative task running)
+        // tells a turn that does not wait whether entering the kernel would
+        // post anything: without it, every such turn enters.
+        let (ring, taskrun_flag) = match IoUring::builder()
             .setup_cqsize(CQ_ENTRIES)
             .setup_coop_taskrun()
+            .setup_taskrun_flag()
             .build(SQ_ENTRIES)
-            .or_else(|_| {
+        {
+            Ok(ring) => (ring, true),
+            Err(_) => (
                 IoUring::builder()
                     .setup_cqsize(CQ_ENTRIES)
+                    .setup_coop_taskrun()
                     .build(SQ_ENTRIES)
-            })?;
+                    .or_else(|_| {
+                        IoUring::builder()
+                            .setup_cqsize(CQ_ENTRIES)
+                            .build(SQ_ENTRIES)
+                    })?,
+                false,
+            ),
+        };
         let mut probe = io_uring::Probe::new();
         ring.submitter().register_probe(&mut probe)?;
         for (code, name) in REQUIRED {
@@ -265,6 +282,7 @@ impl UringBackend {
         }
         Ok(UringBackend {
             ring,
+            taskrun_flag,
             ops: Slab::new(),
             next_gen: 1,
             conns: ConnTable::default(),
@@ -526,6 +544,11 @@ impl Backend for UringBackend {
         let ready = !self.ready.is_empty() || !self.ring.completion().is_empty();
         let (timeout, blocking) = self.waker.wait_timeout(ready, timeout);
         let res = match timeout {
+            Some(d) if d.is_zero() && self.nothing_to_enter_for() => {
+                // As after an enter with the queue empty.
+                self.deferred_close.clear();
+                Ok(0)
+            }
             Some(d) if d.is_zero() => self.submit(0, None),
             None => self.submit(1, None),
             Some(d) => self.submit(1, Some(d)),
@@ -546,6 +569,21 @@ impl Backend for UringBackend {
         self.rearm_wake();
         out.append(&mut self.ready);
         Ok(())
+    }
+}
+
+impl UringBackend {
+    /// Whether an enter that neither submits nor waits would do nothing:
+    /// no SQE queued, and the kernel flags no completion work pending (it
+    /// runs that work on an enter) and no overflowed completions. A turn
+    /// that only looks (a sender's drain, a receive that found messages
+    /// on a lane) then costs no system call.
+    fn nothing_to_enter_for(&mut self) -> bool {
+        if !self.taskrun_flag {
+            return false;
+        }
+        let sq = self.ring.submission();
+        sq.is_empty() && !sq.taskrun() && !sq.cq_overflow()
     }
 }
 

@@ -110,6 +110,48 @@ fn provided_buffers_receive_for_idle_connections() {
     }
 }
 
+/// A turn that does not wait enters the kernel only for something to
+/// submit or for completion work the kernel flags (`nothing_to_enter_for`):
+/// an idle poll makes no system call, and polls that never wait still
+/// collect a receive completed while this thread made no system call.
+#[test]
+fn polls_that_never_wait_still_collect_completions() {
+    let Some(mut be) = backend() else { return };
+    let mut pool = BufferPool::new(4096, 64);
+    let (a, b) = pair();
+    let id = ConnId::from_u64(12);
+    be.add_conn(id, a).unwrap();
+    be.recv(id, RecvBuf::Pooled, &mut pool);
+    let mut out = Vec::new();
+    be.poll(Some(Duration::ZERO), &mut out, &mut pool).unwrap();
+    assert!(out.is_empty());
+    if be.taskrun_flag {
+        assert!(be.nothing_to_enter_for(), "idle: no enter");
+    } else {
+        eprintln!("no IORING_SETUP_TASKRUN_FLAG here: every poll enters");
+    }
+    // Written by another thread: a system call of this one would run the
+    // completion work on its way out, enter or not.
+    let writer = std::thread::spawn(move || {
+        rustix::io::write(&b, b"hello").unwrap();
+        b
+    });
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while out.is_empty() {
+        be.poll(Some(Duration::ZERO), &mut out, &mut pool).unwrap();
+        assert!(Instant::now() < deadline, "the receive never came out");
+    }
+    drop(writer.join().unwrap());
+    match out.pop() {
+        Some(Completion::Recv { conn, buf, result }) => {
+            assert_eq!(conn, id);
+            assert_eq!(result.unwrap(), 5);
+            assert_eq!(&buf[..], b"hello");
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 /// A backend listening on a socket in a fresh directory (kept alive by
 /// the returned guard), and the socket's path.
 fn listening() -> Option<(UringBackend, tempfile::TempDir, std::path::PathBuf)> {
