@@ -267,9 +267,12 @@ fn tokio_throughput(size: usize, n: usize) -> f64 {
         runtime().block_on(async move {
             let mut tx = framed(a);
             let batch = (64 * 1024 / (size + 4)).max(1);
-            for i in 0..n {
+            let mut left = batch;
+            for _ in 0..n {
                 tx.feed(body.clone()).await.unwrap();
-                if (i + 1) % batch == 0 {
+                left -= 1;
+                if left == 0 {
+                    left = batch;
                     SinkExt::<Bytes>::flush(&mut tx).await.unwrap();
                 }
             }
@@ -408,9 +411,12 @@ fn async_throughput(size: usize, n: usize) -> f64 {
             let (mut tx, _rx, handle) = c.into_async().unwrap();
             // As the tokio row: fed to the Sink, flushed every 64 KiB.
             let batch = (64 * 1024 / (size + 4)).max(1);
-            for i in 0..n {
+            let mut left = batch;
+            for _ in 0..n {
                 tx.feed(("sink", &*body)).await.unwrap();
-                if (i + 1) % batch == 0 {
+                left -= 1;
+                if left == 0 {
+                    left = batch;
                     SinkExt::<(&str, &RawValue)>::flush(&mut tx).await.unwrap();
                 }
             }
@@ -517,9 +523,12 @@ fn ipcm_throughput(flavor: Flavor, size: usize, n: usize) -> f64 {
         lane_up.store(true, std::sync::atomic::Ordering::Release);
         go.wait();
         let batch = (64usize * 1024).div_ceil(size + 64);
-        for i in 0..n {
+        let mut left = batch;
+        for _ in 0..n {
             queue(&mut tx, "sink", &body);
-            if (i + 1) % batch == 0 {
+            left -= 1;
+            if left == 0 {
+                left = batch;
                 tx.drain_pending();
             }
         }

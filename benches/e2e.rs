@@ -43,9 +43,12 @@ impl Pair {
             let mut tx = Client::connect(&info, "src", opts.listen(false)).unwrap();
             let batch = (64usize * 1024).div_ceil(size + 64) as u64;
             while let Ok(n) = orders.recv() {
-                for i in 0..n {
+                let mut left = batch;
+                for _ in 0..n {
                     queue(&mut tx, "sink", &body);
-                    if (i + 1) % batch == 0 {
+                    left -= 1;
+                    if left == 0 {
+                        left = batch;
                         tx.drain_pending();
                     }
                 }
