@@ -206,10 +206,11 @@ pub(crate) fn pump_tx(
     wait: bool,
 ) -> Result<bool, RingError> {
     let mut moved = false;
-    let room = up.tx.room()?;
-    let tx = &mut up.tx;
-    if outbox.write_open(ids, room.min(RECORD_MAX), |b| tx.push_parts(&[b], b.len()))? {
-        moved = true;
+    if outbox.open_len() > 0 {
+        // An open batch alone goes from its buffer (see `write_open`).
+        let room = up.tx.room()?.min(RECORD_MAX);
+        let tx = &mut up.tx;
+        moved = outbox.write_open(ids, room, |b| tx.push_parts(&[b], b.len()))?;
     }
     outbox.seal(ids);
     while !outbox.is_empty() {
