@@ -962,28 +962,52 @@ mod tests {
         });
     }
 
+    /// Pushes `stream` through a ring over `mem`, popping as it
+    /// goes, and checks that it comes out whole and in order. Record `k`
+    /// (counted from 0) takes `cut(k, avail)` = (its length, at most
+    /// `avail`; the length of its first part) while the ring has room;
+    /// the pops take `pop_limit(k)` bytes, `k` the records pushed so far.
+    /// Returns the producer and the number of records.
+    fn pass_stream(
+        mem: &mut Mem,
+        stream: &[u8],
+        mut cut: impl FnMut(usize, usize) -> (usize, usize),
+        pop_limit: impl Fn(usize) -> usize,
+    ) -> (Producer, usize) {
+        let (mut tx, mut rx) = pair(mem);
+        let (mut sent, mut got) = (0, bytes::BytesMut::new());
+        let mut k = 0usize;
+        while got.len() < stream.len() {
+            let room = tx.room().unwrap();
+            let left = stream.len() - sent;
+            if room > 0 && left > 0 {
+                let (len, first) = cut(k, room.min(left));
+                let (a, b) = stream[sent..sent + len].split_at(first);
+                tx.push_parts(&[a, b], len).unwrap();
+                sent += len;
+                k += 1;
+            }
+            rx.pop_into(&mut got, pop_limit(k)).unwrap();
+        }
+        assert!(got[..] == stream[..]);
+        (tx, k)
+    }
+
     /// A byte stream cut into records wherever room ends, from parts of
     /// every alignment, comes out whole and in order.
     #[test]
     fn parts_pushed_as_room_allows_come_out_as_the_same_stream() {
         let mut mem = Mem::new(4096);
-        let (mut tx, mut rx) = pair(&mut mem);
         let stream: Vec<u8> = (0..200_000u32).map(|i| (i * 31 % 251) as u8).collect();
-        let (mut sent, mut got) = (0, bytes::BytesMut::new());
-        let mut cut = 1usize;
-        while got.len() < stream.len() {
-            let room = tx.room().unwrap();
-            if room > 0 && sent < stream.len() {
-                let len = room.min(stream.len() - sent).min(cut * 13 % 3000 + 1);
-                let mid = sent + len / 3;
-                tx.push_parts(&[&stream[sent..mid], &stream[mid..sent + len]], len)
-                    .unwrap();
-                sent += len;
-                cut += 1;
-            }
-            rx.pop_into(&mut got, cut % 5000).unwrap();
-        }
-        assert!(got[..] == stream[..]);
+        let (mut tx, _) = pass_stream(
+            &mut mem,
+            &stream,
+            |k, avail| {
+                let len = avail.min((k + 1) * 13 % 3000 + 1);
+                (len, len / 3)
+            },
+            |k| (k + 1) % 5000,
+        );
         assert!(tx.is_drained().unwrap());
         assert!(matches!(
             tx.push_parts(&[&[0; 10]], 10)
@@ -998,27 +1022,19 @@ mod tests {
     #[test]
     fn streamed_parts_come_out_whole_at_every_alignment() {
         let mut mem = Mem::new(1 << 16);
-        let (mut tx, mut rx) = pair(&mut mem);
         let stream: Vec<u8> = (0..2_000_000u32).map(|i| (i * 131 % 251) as u8).collect();
-        let (mut sent, mut got) = (0, bytes::BytesMut::new());
-        let mut k = 0usize;
-        while got.len() < stream.len() {
-            let room = tx.room().unwrap();
-            let left = stream.len() - sent;
-            if room > 0 && left > 0 {
-                let len = room.min(left).min(STREAM_MIN * 3 + k % 61);
+        let (_, k) = pass_stream(
+            &mut mem,
+            &stream,
+            |k, avail| {
+                let len = avail.min(STREAM_MIN * 3 + k % 61);
                 // A small part (odd length: the next one starts unaligned)
                 // before a streamed one, when there is room for both.
                 let small = if len > STREAM_MIN + 40 { 1 + k % 39 } else { 0 };
-                let a = &stream[sent..sent + small];
-                let b = &stream[sent + small..sent + len];
-                tx.push_parts(&[a, b], len).unwrap();
-                sent += len;
-                k += 1;
-            }
-            rx.pop_into(&mut got, 1 << 20).unwrap();
-        }
-        assert!(got[..] == stream[..]);
+                (len, small)
+            },
+            |_| 1 << 20,
+        );
         assert!(k > 100, "{k} records");
     }
 

@@ -206,7 +206,7 @@ pub(crate) fn pump_tx(
     wait: bool,
 ) -> Result<bool, RingError> {
     let mut moved = false;
-    if outbox.open_len() > 0 {
+    if outbox.open_len() > 0 && outbox.frames().next().is_none() {
         // An open batch alone goes from its buffer (see `write_open`).
         let room = up.tx.room()?.min(RECORD_MAX);
         let tx = &mut up.tx;

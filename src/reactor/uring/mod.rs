@@ -247,9 +247,9 @@ impl UringBackend {
     /// the reason (setup refused, opcode missing) when io_uring is not
     /// usable here.
     pub fn new() -> io::Result<Self> {
-        // The task-run flag (Linux 5.19, with cooperative task running)
-        // tells a turn that does not wait whether entering the kernel would
-        // post anything: without it, every such turn enters.
+        // Cooperative task running and its flag (both Linux 5.19): the
+        // flag tells a turn that does not wait whether entering the kernel
+        // would post anything. Without them, every such turn enters.
         let (ring, taskrun_flag) = match IoUring::builder()
             .setup_cqsize(CQ_ENTRIES)
             .setup_coop_taskrun()
@@ -260,13 +260,7 @@ impl UringBackend {
             Err(_) => (
                 IoUring::builder()
                     .setup_cqsize(CQ_ENTRIES)
-                    .setup_coop_taskrun()
-                    .build(SQ_ENTRIES)
-                    .or_else(|_| {
-                        IoUring::builder()
-                            .setup_cqsize(CQ_ENTRIES)
-                            .build(SQ_ENTRIES)
-                    })?,
+                    .build(SQ_ENTRIES)?,
                 false,
             ),
         };
