@@ -25,16 +25,17 @@ per_backend!(
     busy_polling_answers_over_the_lane_and_still_reads_sockets,
     an_idle_lane_is_released_then_offered_again,
     a_threaded_client_releases_an_idle_lane_and_carries_on,
-    a_16_mib_message_arrives_in_a_sealed_memfd_without_a_copy,
-    a_16_mib_message_on_the_socket_goes_as_a_memfd_too,
-    a_threaded_receiver_gets_a_large_payload_without_a_copy,
     descriptors_travel_with_their_message,
     lane_traffic_counts_as_activity,
 );
 
-// These read or write the whole process's mappings and descriptors: each
-// runs in a process of its own.
+// These read or write the whole process's mappings and descriptors (the
+// large-payload ones look their content up in /proc/self/maps): each runs
+// in a process of its own.
 per_backend_isolated!(
+    a_16_mib_message_arrives_in_a_sealed_memfd_without_a_copy,
+    a_16_mib_message_on_the_socket_goes_as_a_memfd_too,
+    a_threaded_receiver_gets_a_large_payload_without_a_copy,
     a_perl_shaped_acceptor_sees_only_the_hello_and_messages,
     a_scribbled_ring_closes_its_connection_and_nothing_else,
     upgrade_and_close_cycles_leave_no_descriptor_or_mapping,
