@@ -16,6 +16,7 @@ use ipcm::{BackendChoice, Client, Error, Info, LaneKind, Message, Serializer};
 per_backend!(
     messages_cross_the_switch_in_order_and_complete,
     large_and_small_messages_keep_their_order_through_the_ring,
+    a_large_ring_wraps_early_and_fills_when_the_reader_lags,
     a_threaded_receiver_reads_the_lane_in_order,
     a_reader_that_stops_fills_the_ring_then_the_outbox_not_memory,
     a_perl_shaped_initiator_never_sees_a_control_frame,
@@ -293,6 +294,46 @@ fn large_and_small_messages_keep_their_order_through_the_ring(b: BackendChoice) 
     assert_eq!(a.stats().sent["srv"], N as u64);
     a.disconnect(None).unwrap();
     handle.shutdown().unwrap();
+}
+
+/// A ring larger than the part a producer keeps to while its reader keeps
+/// up (256 KiB): streamed with the reader keeping up, the producer goes
+/// back to the ring's start whenever it finds it empty; with a reader that
+/// lags, the whole ring fills, and large messages then written far behind
+/// the reader (with ordinary stores, not streamed ones) arrive whole.
+fn a_large_ring_wraps_early_and_fills_when_the_reader_lags(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    let info = Info::new(Serializer::Binary, t.route.path());
+    let opts = lane_opts(&t)
+        .lane_after_bytes(0)
+        .lane_ring_bytes(2 << 20)
+        .outbox_limit(8 << 20);
+    let mut a = Client::connect(&info, "a", opts.clone()).unwrap();
+    let mut bc = Client::connect(&info, "b", opts).unwrap();
+    a.send_message("b", &"warm").unwrap();
+    assert_eq!(until_on_lane(&mut a, "a", &mut bc, "b").len(), 1);
+    // The reader keeps up: about 11 MiB through the ring's first part.
+    sized_messages_arrive(&mut a, "a", &mut bc, "b");
+    // The reader lags: 3 MiB queued before it reads anything.
+    let content = |i: usize| format!("\"{i}:{}\"", "y".repeat(16_000 + i % 61));
+    const N: usize = 192;
+    for i in 0..N {
+        a.queue_json("b", &content(i)).unwrap();
+        a.drain_pending();
+    }
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < N {
+        assert!(Instant::now() < deadline, "{} of {N}", got.len());
+        a.drain_pending();
+        got.extend(bc.get_messages_timeout(Duration::from_millis(5)).unwrap());
+    }
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.content_json(), content(i), "message {i}");
+    }
+    assert_eq!(a.lane("b"), Some(LaneKind::SharedMemory));
+    a.disconnect(None).unwrap();
+    bc.disconnect(None).unwrap();
 }
 
 fn a_reader_that_stops_fills_the_ring_then_the_outbox_not_memory(b: BackendChoice) {

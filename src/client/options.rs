@@ -95,8 +95,11 @@ impl Options {
     }
 
     /// Record bytes of each of a lane's two rings (a power of two of at
-    /// least 4 KiB; default 256 KiB): a lane maps twice this much shared
+    /// least 4 KiB; default 4 MiB): a lane maps twice this much shared
     /// memory, and a full ring makes sends wait as a full outbox does.
+    /// While its reader keeps up, a ring's writer stays within its first
+    /// 256 KiB (and that is all the memory it touches); the rest fills
+    /// only when the reader falls behind.
     pub fn lane_ring_bytes(mut self, bytes: usize) -> Self {
         self.limits.lane.ring_bytes = bytes;
         self

@@ -19,7 +19,10 @@
 //! zero bytes), the payload, and zero padding to a multiple of 8. A record
 //! never wraps: where the next one does not fit before the end, the
 //! producer writes a header of length [`PAD`] and the record starts at
-//! offset 0. The producer writes a record whole, then publishes `tail`
+//! offset 0. A producer also pads to the end when it finds the ring empty
+//! past its first [`COMPACT`] bytes, so that a stream whose consumer keeps
+//! up stays in that part of the ring (in cache, and the only memory it
+//! touches). The producer writes a record whole, then publishes `tail`
 //! (release); the consumer reads `tail` (acquire), copies the record out,
 //! then publishes `head` (release).
 //!
@@ -206,7 +209,9 @@ const STREAM_MIN: usize = 4096;
 /// line back from that core's cache; at a 256 KiB ring that halved the
 /// producer's rate (7.6 against 13 GB/s, measured with two threads on
 /// this project's machines). Not for small records: a consumer that keeps
-/// up would then read them from memory rather than from our cache.
+/// up would then read them from memory rather than from our cache. Not
+/// either for records written [`FAR_BACKLOG`] or more ahead of the
+/// consumer, whose lines have left its core's cache anyway.
 ///
 /// The stores are weakly ordered: [`stream_fence`] must follow before
 /// the record is published. Soundness as for [`copy_bytes`]: one
@@ -306,7 +311,34 @@ pub struct Producer {
     /// producer's path (a ping-pong would move it between the cores on
     /// every message).
     head_seen: u64,
+    /// `tail` from which `head` is read again even with room to spare:
+    /// so that [`Producer::backlog`] and the emptiness [`COMPACT`] looks
+    /// for are never more than [`REFRESH_EVERY`] bytes old.
+    refresh_at: u64,
 }
+
+/// Bytes at the start of a ring that a producer keeps to while its
+/// consumer keeps up: past them, a producer that finds the ring empty
+/// pads to the end and goes on from the start. A lane whose reader keeps
+/// up touches (and keeps in cache) only this much of its ring; the rest
+/// fills only when the reader falls behind. Lines a record is written to
+/// are then far from those the reader reads, out of its core's private
+/// cache (see `docs/lane.md`, "Ring size").
+pub const COMPACT: usize = 256 * 1024;
+
+/// Bytes written between two reads of the consumer's `head` while the
+/// ring has room to spare: `head` is on a line the consumer writes, so
+/// not every record reads it.
+const REFRESH_EVERY: u64 = 64 * 1024;
+
+/// Bytes of backlog (written, not yet read) from which a large record goes
+/// with ordinary stores rather than non-temporal ones: the lines it is
+/// written to were then read by the consumer long enough ago to have left
+/// that core's private cache (1 MiB of L2 on this project's machines), so
+/// taking them costs no snoop of the other core, and the consumer later
+/// finds the record in the shared cache rather than in memory. Nearer the
+/// consumer, non-temporal stores win (`docs/lane.md`, "Ring size").
+pub const FAR_BACKLOG: usize = 1024 * 1024;
 
 /// The consuming end of a ring.
 #[derive(Debug)]
@@ -334,8 +366,9 @@ pub unsafe fn init(base: *mut u8, len: usize) -> Result<(), RingError> {
 
 /// Copies `parts` (exactly `len` bytes in all) into the region from byte
 /// `at`: a large record with the string copy, a small one a word at a time
-/// (its last word padded with zeros).
-fn store_parts(region: &Region, at: usize, parts: &[&[u8]], len: usize) {
+/// (its last word padded with zeros); with `stream`, parts of at least
+/// [`STREAM_MIN`] bytes with non-temporal stores.
+fn store_parts(region: &Region, at: usize, parts: &[&[u8]], len: usize, stream: bool) {
     if HAS_STRING_COPY && len >= STRING_COPY_MIN {
         let dst = region.bytes(at, len);
         let mut done = 0;
@@ -346,7 +379,7 @@ fn store_parts(region: &Region, at: usize, parts: &[&[u8]], len: usize) {
             // our own memory, the destination the shared mapping, which
             // no Rust reference covers.
             unsafe {
-                if part.len() >= STREAM_MIN {
+                if stream && part.len() >= STREAM_MIN {
                     stream_bytes(dst.add(done), part.as_ptr(), part.len());
                     streamed = true;
                 } else {
@@ -413,6 +446,7 @@ impl Producer {
             region,
             tail: 0,
             head_seen: 0,
+            refresh_at: REFRESH_EVERY,
         })
     }
 
@@ -426,10 +460,16 @@ impl Producer {
     fn free(&mut self) -> Result<usize, RingError> {
         let cap = self.region.capacity;
         let seen = cap - self.tail.wrapping_sub(self.head_seen) as usize;
-        if seen >= cap / 2 {
+        if seen >= cap / 2 && self.tail < self.refresh_at {
             return Ok(seen);
         }
         self.fresh_free()
+    }
+
+    /// Bytes written that the consumer had not read when `head` was last
+    /// read (at most [`REFRESH_EVERY`] bytes of writing ago).
+    pub fn backlog(&self) -> usize {
+        self.tail.wrapping_sub(self.head_seen) as usize
     }
 
     /// [`Producer::free`] from `head` read now.
@@ -444,6 +484,7 @@ impl Producer {
             return Err(RingError::Corrupt("head outside the written range"));
         }
         self.head_seen = head;
+        self.refresh_at = self.tail + REFRESH_EVERY;
         Ok(self.region.capacity - used as usize)
     }
 
@@ -456,12 +497,17 @@ impl Producer {
     /// The largest payload one record written now can carry (0: the ring
     /// is full). Where too little is left before the end for a header and
     /// a word, the rest of the ring is padded first.
+    ///
+    /// Past [`COMPACT`] bytes into the ring, a ring found empty is padded
+    /// to its end too, so that the next record starts at offset 0 (the
+    /// pad is published with that record).
     pub fn room(&mut self) -> Result<usize, RingError> {
         let cap = self.region.capacity;
         let mut free = self.free()?;
         let pos = (self.tail as usize) & (cap - 1);
         let mut to_end = cap - pos;
-        if to_end < RECORD_HEADER + 8 {
+        let back = pos >= COMPACT && free == cap;
+        if to_end < RECORD_HEADER + 8 || back {
             if free < to_end {
                 return Ok(0);
             }
@@ -477,8 +523,16 @@ impl Producer {
     }
 
     /// Writes one record of the concatenated `parts` (`len` bytes in all,
-    /// at most [`Producer::room`]) and publishes it.
+    /// at most [`Producer::room`]) and publishes it. Parts of at least
+    /// 4 KiB go with non-temporal stores ([`stream_bytes`]) unless the
+    /// consumer is [`FAR_BACKLOG`] bytes or more behind.
     pub fn push_parts(&mut self, parts: &[&[u8]], len: usize) -> Result<(), RingError> {
+        let stream = self.backlog() < FAR_BACKLOG;
+        self.push_with(parts, len, stream)
+    }
+
+    #[inline]
+    fn push_with(&mut self, parts: &[&[u8]], len: usize, stream: bool) -> Result<(), RingError> {
         debug_assert_eq!(parts.iter().map(|p| p.len()).sum::<usize>(), len);
         let room = self.room()?;
         if len > room || len == 0 {
@@ -490,7 +544,7 @@ impl Producer {
         self.region
             .word(at)
             .store(header(len as u32), Ordering::Relaxed);
-        store_parts(&self.region, at + RECORD_HEADER, parts, len);
+        store_parts(&self.region, at + RECORD_HEADER, parts, len, stream);
         self.tail += padded(len) as u64;
         // SeqCst: ordered before the load of the consumer's wake flag in
         // `take_wake` (the consumer stores its flag, then loads `tail`).
@@ -528,7 +582,7 @@ impl Producer {
         self.region
             .word(at)
             .store(header(len as u32), Ordering::Relaxed);
-        store_parts(&self.region, at + RECORD_HEADER, &[payload], len);
+        store_parts(&self.region, at + RECORD_HEADER, &[payload], len, true);
         self.tail += need as u64;
         self.region.word(TAIL).store(self.tail, Ordering::SeqCst);
         Ok(true)
@@ -1036,6 +1090,95 @@ mod tests {
             |_| 1 << 20,
         );
         assert!(k > 100, "{k} records");
+    }
+
+    /// A producer whose consumer keeps up stays within the ring's first
+    /// [`COMPACT`] bytes (and the distance to its next look at `head`),
+    /// whatever the ring's size: going back to the start when it finds
+    /// the ring empty.
+    #[test]
+    fn a_consumer_that_keeps_up_keeps_the_producer_near_the_start() {
+        let cap = 1 << 20;
+        let mut mem = Mem::new(cap);
+        let (mut tx, mut rx) = pair(&mut mem);
+        let (mut out, mut highest, mut k) = (bytes::BytesMut::new(), 0, 0u32);
+        while tx.written() < 4 * cap as u64 {
+            let len = (1000 + (k as usize * 37) % 3000).min(tx.room().unwrap());
+            let at = (tx.written() as usize) & (cap - 1);
+            highest = highest.max(at + RECORD_HEADER + len);
+            tx.push_parts(&[&vec![k as u8; len]], len).unwrap();
+            out.clear();
+            assert_eq!(rx.pop_into(&mut out, usize::MAX).unwrap(), len);
+            assert!(out.iter().all(|b| *b == k as u8));
+            k += 1;
+        }
+        let bound = COMPACT + REFRESH_EVERY as usize + RECORD_HEADER + 4000;
+        assert!(highest <= bound, "wrote up to {highest}, bound {bound}");
+        assert!(highest > COMPACT, "went past the compact start");
+    }
+
+    /// A consumer that falls behind lets the whole ring fill: the
+    /// producer goes back to the start only over an empty ring.
+    #[test]
+    fn a_consumer_that_falls_behind_lets_the_whole_ring_fill() {
+        let cap = 1 << 20;
+        let mut mem = Mem::new(cap);
+        let (mut tx, mut rx) = pair(&mut mem);
+        let one = vec![7u8; 4000];
+        let mut out = bytes::BytesMut::new();
+        for lap in 0..3 {
+            // Pushed without reading until full.
+            let mut pushed = 0;
+            while tx.room().unwrap() >= one.len() {
+                tx.push_parts(&[&one], one.len()).unwrap();
+                pushed += 1;
+            }
+            assert!(
+                pushed * 4008 > cap - 2 * 4008,
+                "lap {lap}: {pushed} records"
+            );
+            assert!(tx.backlog() > cap - 2 * 4008);
+            out.clear();
+            while rx.pop_into(&mut out, usize::MAX).unwrap() > 0 {}
+            assert_eq!(out.len(), pushed * one.len());
+            assert!(out.iter().all(|b| *b == 7));
+        }
+    }
+
+    /// Large records written far behind the consumer (ordinary stores,
+    /// [`FAR_BACKLOG`]) and near it (non-temporal) come out whole, from
+    /// parts of every alignment.
+    #[test]
+    fn large_records_far_behind_the_consumer_come_out_whole() {
+        let cap = 4 << 20;
+        let mut mem = Mem::new(cap);
+        let (mut tx, mut rx) = pair(&mut mem);
+        let stream: Vec<u8> = (0..24_000_000u32).map(|i| (i * 131 % 251) as u8).collect();
+        let (mut sent, mut got, mut k) = (0, bytes::BytesMut::new(), 0usize);
+        let (mut far, mut near) = (0, 0);
+        while got.len() < stream.len() {
+            let room = tx.room().unwrap();
+            let left = stream.len() - sent;
+            if room > 0 && left > 0 {
+                let len = left.min(room).min(STREAM_MIN * 4 - k % 61);
+                let small = (1 + k % 39).min(len);
+                let (a, b) = stream[sent..sent + len].split_at(small);
+                if tx.backlog() >= FAR_BACKLOG {
+                    far += 1;
+                } else {
+                    near += 1;
+                }
+                tx.push_parts(&[a, b], len).unwrap();
+                sent += len;
+                k += 1;
+            } else {
+                // The consumer reads only once the ring is full, so the
+                // backlog stays above FAR_BACKLOG most of the time.
+                rx.pop_into(&mut got, cap / 2).unwrap();
+            }
+        }
+        assert!(got[..] == stream[..]);
+        assert!(far > 100 && near > 10, "{far} far, {near} near");
     }
 
     fn fill(tx: &mut Producer) {

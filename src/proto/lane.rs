@@ -72,7 +72,7 @@ impl Default for LaneConfig {
         LaneConfig {
             enabled: true,
             after_bytes: 64 * 1024,
-            ring_bytes: 256 * 1024,
+            ring_bytes: 4 * 1024 * 1024,
             max_ring_bytes: 64 * 1024 * 1024,
             release_after: Some(std::time::Duration::from_secs(5)),
             blob_min: 1024 * 1024,
