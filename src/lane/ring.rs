@@ -211,7 +211,8 @@ const STREAM_MIN: usize = 4096;
 /// this project's machines). Not for small records: a consumer that keeps
 /// up would then read them from memory rather than from our cache. Not
 /// either for records written [`FAR_BACKLOG`] or more ahead of the
-/// consumer, whose lines have left its core's cache anyway.
+/// consumer: it is then the slower side, and reads them faster from
+/// cache.
 ///
 /// The stores are weakly ordered: [`stream_fence`] must follow before
 /// the record is published. Soundness as for [`copy_bytes`]: one
@@ -332,12 +333,13 @@ pub const COMPACT: usize = 256 * 1024;
 const REFRESH_EVERY: u64 = 64 * 1024;
 
 /// Bytes of backlog (written, not yet read) from which a large record goes
-/// with ordinary stores rather than non-temporal ones: the lines it is
-/// written to were then read by the consumer long enough ago to have left
-/// that core's private cache (1 MiB of L2 on this project's machines), so
-/// taking them costs no snoop of the other core, and the consumer later
-/// finds the record in the shared cache rather than in memory. Nearer the
-/// consumer, non-temporal stores win (`docs/lane.md`, "Ring size").
+/// with ordinary stores rather than non-temporal ones. A backlog this
+/// large means the consumer is the slower side: ordinary stores leave the
+/// record in cache, where the consumer's copy reads it faster than from
+/// memory, and the producer has time for what they cost it. While the
+/// consumer keeps up, the producer is the slower side, and non-temporal
+/// stores, the cheapest for it, win (`docs/lane.md`, "Ring size, and
+/// which stores").
 pub const FAR_BACKLOG: usize = 1024 * 1024;
 
 /// The consuming end of a ring.
