@@ -510,8 +510,44 @@ impl Client {
 
     /// [`Client::queue_message`] for content that is already JSON text
     /// (sent as is, as [`Client::send_json`] does).
+    #[inline]
     pub fn queue_json(&mut self, peer: &str, content_json: &str) -> Result<()> {
+        // The hot path, kept small (few registers to save): a Binary
+        // route, a usable client, the peer last sent to. Anything else,
+        // and any outcome but a queued message, goes the general way.
+        if matches!(self.serializer, Serializer::Binary)
+            && !self.disconnected
+            && crate::fork::generation() == self.fork_generation
+            && let Some(id) = self.cached_conn(peer)
+        {
+            let content = trim_json(content_json).as_bytes();
+            return match self.reactor.core_mut().append_raw(id, content) {
+                Ok(Append::Queued) => Ok(()),
+                other => self.queued_outcome(peer, id, other),
+            };
+        }
         self.queue_content::<()>(peer, Content::Raw(content_json))
+    }
+
+    /// What a queued append on the hot path ([`Client::queue_json`]) that
+    /// did not simply queue means, as [`Client::send_batched`] would say.
+    #[cold]
+    #[inline(never)]
+    fn queued_outcome(
+        &mut self,
+        peer: &str,
+        id: ConnId,
+        appended: crate::Result<Append>,
+    ) -> Result<()> {
+        match appended? {
+            Append::Queued => Ok(()),
+            Append::Full { queued } => Err(Error::WouldBlock {
+                peer: peer.to_string(),
+                queued,
+                limit: self.opts.limits.outbox_limit,
+            }),
+            Append::Gone => Err(self.closed_error(id)),
+        }
     }
 
     pub(super) fn queue_content<T: Serialize + ?Sized>(
