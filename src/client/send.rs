@@ -526,6 +526,14 @@ impl Client {
                 other => self.queued_outcome(peer, id, other),
             };
         }
+        self.queue_json_general(peer, content_json)
+    }
+
+    /// [`Client::queue_json`] off its hot path (a Json route, a peer not
+    /// sent to last, a client that cannot send), as one call: inlined,
+    /// the general path would weigh on every caller's hot path.
+    #[inline(never)]
+    fn queue_json_general(&mut self, peer: &str, content_json: &str) -> Result<()> {
         self.queue_content::<()>(peer, Content::Raw(content_json))
     }
 
