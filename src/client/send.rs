@@ -517,7 +517,7 @@ impl Client {
         // and any outcome but a queued message, goes the general way.
         if matches!(self.serializer, Serializer::Binary)
             && !self.disconnected
-            && crate::fork::generation() == self.fork_generation
+            && crate::fork::generation_registered() == self.fork_generation
             && let Some(id) = self.cached_conn(peer)
         {
             let content = trim_json(content_json).as_bytes();
