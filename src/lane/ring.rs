@@ -322,9 +322,8 @@ pub struct Producer {
 /// consumer keeps up: past them, a producer that finds the ring empty
 /// pads to the end and goes on from the start. A lane whose reader keeps
 /// up touches (and keeps in cache) only this much of its ring; the rest
-/// fills only when the reader falls behind. Lines a record is written to
-/// are then far from those the reader reads, out of its core's private
-/// cache (see `docs/lane.md`, "Ring size").
+/// fills only when the reader falls behind (`docs/lane.md`, "Ring size,
+/// and which stores").
 pub const COMPACT: usize = 256 * 1024;
 
 /// Bytes written between two reads of the consumer's `head` while the
