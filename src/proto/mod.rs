@@ -161,6 +161,9 @@ pub struct Closed {
     pub written_total: u64,
 }
 
+/// Closes [`Core::closed_written`] remembers (a few KiB per client).
+const CLOSED_HISTORY: usize = 256;
+
 /// The buffer a receive fills.
 #[derive(Debug)]
 pub enum RecvBuf {
@@ -253,6 +256,11 @@ pub struct Core {
     moves: std::collections::VecDeque<Move>,
     to_close: Vec<ConnId>,
     closed: Vec<Closed>,
+    /// The last [`CLOSED_HISTORY`] closes: connection, bytes written, and
+    /// the write error's number. Whether a frame went out before its
+    /// connection closed can still be told after [`Core::take_closed`]
+    /// handed the record to someone else (a receive's warning, say).
+    closed_history: std::collections::VecDeque<(ConnId, u64, Option<i32>)>,
     arena: BytesMut,
     /// Retired send arenas, reclaimed once their frames are all written.
     arenas: crate::wire::BufferPool,
@@ -304,6 +312,7 @@ impl Core {
             moves: std::collections::VecDeque::new(),
             to_close: Vec::new(),
             closed: Vec::new(),
+            closed_history: std::collections::VecDeque::new(),
             arena: BytesMut::new(),
             arenas: crate::wire::BufferPool::new(64 * 1024, 4),
             unresolved: std::collections::VecDeque::new(),
@@ -556,12 +565,27 @@ impl Core {
             }
         }
         self.to_close.push(id);
+        if self.closed_history.len() == CLOSED_HISTORY {
+            self.closed_history.pop_front();
+        }
+        let errno = write_error.as_ref().and_then(io::Error::raw_os_error);
+        self.closed_history.push_back((id, written_total, errno));
         self.closed.push(Closed {
             id,
             peer: conn.peer,
             write_error,
             written_total,
         });
+    }
+
+    /// For a connection among the last [`CLOSED_HISTORY`] closed: the bytes
+    /// written on it before it closed, and its write error's number.
+    pub fn closed_written(&self, id: ConnId) -> Option<(u64, Option<i32>)> {
+        self.closed_history
+            .iter()
+            .rev()
+            .find(|c| c.0 == id)
+            .map(|&(_, written, errno)| (written, errno))
     }
 
     /// After the live connection to `peer` closed: a retired connection to
