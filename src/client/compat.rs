@@ -155,7 +155,9 @@ impl Client {
 
     /// Fails with `Client used from wrong PID` in another process.
     pub fn pid_check(&self) -> Result<()> {
-        if crate::fork::generation() != self.fork_generation {
+        // Every client read the generation when it was made, so the
+        // child handler is registered: one load.
+        if crate::fork::generation_registered() != self.fork_generation {
             return Err(Error::WrongPid);
         }
         Ok(())

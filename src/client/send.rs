@@ -195,6 +195,18 @@ impl Client {
         })
     }
 
+    /// The refusal of a send that found `peer`'s outbox full with
+    /// `queued` bytes.
+    #[cold]
+    #[inline(never)]
+    fn outbox_full(&self, peer: &str, queued: usize) -> Error {
+        Error::WouldBlock {
+            peer: peer.to_string(),
+            queued,
+            limit: self.opts.limits.outbox_limit,
+        }
+    }
+
     pub(super) fn closed_error(&mut self, id: ConnId) -> Error {
         match self.closed_outcome(id, u64::MAX) {
             Err(e) => e,
@@ -249,11 +261,7 @@ impl Client {
                 Placed::Local => return Ok(()),
                 Placed::Queued { id, target } => break (id, target),
                 Placed::Full { queued, .. } if how != Delivery::Complete => {
-                    return Err(Error::WouldBlock {
-                        peer: peer.to_string(),
-                        queued,
-                        limit: self.opts.limits.outbox_limit,
-                    });
+                    return Err(self.outbox_full(peer, queued));
                 }
                 Placed::Full { id, frame, .. } => {
                     self.wait_turn(&mut deadline, "room in the outbox")?;
@@ -324,11 +332,7 @@ impl Client {
             match appended {
                 Append::Queued => break,
                 Append::Full { queued } if how != Delivery::Complete => {
-                    return Err(Error::WouldBlock {
-                        peer: peer.to_string(),
-                        queued,
-                        limit: self.opts.limits.outbox_limit,
-                    });
+                    return Err(self.outbox_full(peer, queued));
                 }
                 Append::Full { .. } => self.wait_turn(&mut deadline, "room in the outbox")?,
                 Append::Gone => return Err(self.closed_error(id)),
@@ -555,11 +559,7 @@ impl Client {
     ) -> Result<()> {
         match appended? {
             Append::Queued => Ok(()),
-            Append::Full { queued } => Err(Error::WouldBlock {
-                peer: peer.to_string(),
-                queued,
-                limit: self.opts.limits.outbox_limit,
-            }),
+            Append::Full { queued } => Err(self.outbox_full(peer, queued)),
             Append::Gone => Err(self.closed_error(id)),
         }
     }

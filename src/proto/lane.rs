@@ -140,6 +140,17 @@ pub(crate) struct Up {
 }
 
 impl Up {
+    /// After a publish: queues a `WAKE` on the socket if the reader
+    /// sleeps; whether it did.
+    #[inline(always)]
+    fn wake_reader(&mut self) -> bool {
+        let asleep = self.tx.take_wake();
+        if asleep {
+            self.sock.push(Control::Wake.frame());
+        }
+        asleep
+    }
+
     /// The rings' counts: (ours written, theirs read). Traffic moves them;
     /// the idle check and the activity stamps compare them.
     fn counts(&self) -> (u64, u64) {
@@ -275,8 +286,8 @@ pub(crate) fn pump_tx(
         outbox.advance(len);
         moved = true;
     }
-    if moved && up.tx.take_wake() {
-        up.sock.push(Control::Wake.frame());
+    if moved {
+        up.wake_reader();
     }
     Ok(moved)
 }
@@ -389,8 +400,7 @@ impl Core {
         }
         let prefix = lone_prefix(content.len(), ids);
         up.tx.push_parts(&[&prefix, content], len).ok()?;
-        if up.tx.take_wake() {
-            up.sock.push(Control::Wake.frame());
+        if up.wake_reader() {
             dirty.push(id);
         }
         outbox.count_passed(len);
