@@ -7,7 +7,7 @@ use bytes::{Bytes, BytesMut};
 use crate::proto::{ConnId, Core, CoreConfig, Enqueue, RecvBuf};
 use crate::route::{Info, names};
 use crate::serializer::Serializer;
-use crate::wire::{BufferPool, FrameDecoder, FrameError, HEADER_LEN, encode_frame};
+use crate::wire::{BufferPool, FrameDecoder, FrameError, HEADER_LEN, RecvInto, encode_frame};
 
 /// Largest frame the targets allow (small, so limits are reached).
 const MAX_FRAME: usize = 64 * 1024;
@@ -55,6 +55,8 @@ pub fn frame_decoder(data: &[u8]) {
                 }
             }
         }
+        // As a connection does after each receive.
+        dec.release(&mut pool);
         let bound = (2 * dec.partial_len()).max(2 * BUF) + HEADER_LEN;
         assert!(
             dec.capacity() <= bound,
@@ -286,7 +288,7 @@ pub fn core_events(data: &[u8]) {
                 if let Some(start) = core.start_recv(id, &mut pool) {
                     let buf = match start {
                         RecvBuf::Partial(b) => b,
-                        RecvBuf::Pooled => BytesMut::new(),
+                        RecvBuf::Pooled => RecvInto::default(),
                     };
                     core.on_recv(id, buf, Ok(0), &mut pool);
                 }
@@ -378,17 +380,12 @@ fn feed(core: &mut Core, pool: &mut BufferPool, id: ConnId, chunk: &[u8]) {
         let Some(start) = core.start_recv(id, pool) else {
             return;
         };
-        let mut buf = match start {
-            RecvBuf::Partial(b) => b,
-            RecvBuf::Pooled => pool.take(),
-        };
-        let room = buf.capacity() - buf.len();
-        let n = room.min(rest.len());
+        let mut buf = start.into_target(pool);
+        let n = buf.fill_from(rest);
         if n == 0 {
             core.on_recv(id, buf, Err(std::io::ErrorKind::WouldBlock.into()), pool);
             return;
         }
-        buf.extend_from_slice(&rest[..n]);
         rest = &rest[n..];
         core.on_recv(id, buf, Ok(n), pool);
         if !core.is_open(id) {

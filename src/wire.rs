@@ -22,6 +22,14 @@ pub const DEFAULT_BUF_SIZE: usize = 64 * 1024;
 /// Smallest free space worth a receive; below it the buffer is grown first.
 const MIN_RECV_SPACE: usize = 4 * 1024;
 
+/// A pooled buffer's room past its receive window, as a fraction of the
+/// window (5/8: 40 KiB behind a 64 KiB window). A receive into a fresh
+/// buffer stops at the window, so that a frame it leaves incomplete at the
+/// end, up to this long, is completed in place by the next receive rather
+/// than copied into a fresh buffer (see [`RecvInto`]).
+const SLACK_NUM: usize = 5;
+const SLACK_DEN: usize = 8;
+
 /// The frame header: payload length, `u32` big-endian, no other fields.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned,
@@ -103,6 +111,8 @@ where
 #[derive(Debug)]
 pub struct BufferPool {
     free: Vec<BytesMut>,
+    /// Room kept past the receive window of a fresh buffer.
+    slack: usize,
     /// Empty handles on allocations whose frames may still be in use,
     /// oldest first.
     allocations: std::collections::VecDeque<BytesMut>,
@@ -113,11 +123,23 @@ pub struct BufferPool {
 impl BufferPool {
     /// A pool of `buf_size`-byte buffers keeping at most `max_idle` spares.
     pub fn new(buf_size: usize, max_idle: usize) -> Self {
+        let buf_size = buf_size.max(MIN_RECV_SPACE);
         BufferPool {
             free: Vec::new(),
+            slack: buf_size / SLACK_DEN * SLACK_NUM,
             allocations: std::collections::VecDeque::new(),
-            buf_size: buf_size.max(MIN_RECV_SPACE),
+            buf_size,
             max_idle,
+        }
+    }
+
+    /// Bytes a receive may put into a buffer with `spare` bytes free: all
+    /// but the slack when the rest is still worth a receive, else all.
+    pub fn window(&self, spare: usize) -> usize {
+        if spare >= self.slack + MIN_RECV_SPACE {
+            spare - self.slack
+        } else {
+            spare
         }
     }
 
@@ -131,12 +153,13 @@ impl BufferPool {
         self.free.len()
     }
 
-    /// An empty buffer with at least `buf_size` bytes of free space.
+    /// An empty buffer with at least `buf_size` bytes of free space, and
+    /// the slack past them.
     ///
     /// Prefers a spare whose allocation no delivered frame still uses (it is
     /// reclaimed in place); allocates only when every spare is still shared.
     pub fn take(&mut self) -> BytesMut {
-        let size = self.buf_size;
+        let size = self.buf_size + self.slack;
         if let Some(i) = self.free.iter_mut().rposition(|b| b.try_reclaim(size)) {
             return self.free.swap_remove(i);
         }
@@ -209,6 +232,117 @@ pub enum FrameError {
     },
 }
 
+/// Where one receive puts what it reads: after the bytes of `head`, at
+/// most [`RecvInto::head_max`] bytes, then, for a split receive, into
+/// `next`.
+///
+/// A split receive completes the frame that `head` ends with, in place,
+/// and reads what follows into a fresh buffer (`readv` with two parts):
+/// a frame never straddles two buffers, so none is copied from one into
+/// the next.
+#[derive(Debug, Default)]
+pub struct RecvInto {
+    /// The buffer receiving first.
+    pub head: BytesMut,
+    head_max: usize,
+    /// The buffer receiving what the head has no room for.
+    pub next: Option<BytesMut>,
+    next_max: usize,
+}
+
+impl RecvInto {
+    /// A receive into `buf` alone, up to the pool's window.
+    pub fn fresh(buf: BytesMut, pool: &BufferPool) -> Self {
+        let max = pool.window(buf.capacity() - buf.len());
+        RecvInto {
+            head: buf,
+            head_max: max,
+            next: None,
+            next_max: 0,
+        }
+    }
+
+    /// A receive into `buf` alone, up to `max` bytes (at most its spare
+    /// capacity).
+    pub fn within(buf: BytesMut, max: usize) -> Self {
+        let max = max.min(buf.capacity() - buf.len());
+        RecvInto {
+            head: buf,
+            head_max: max,
+            next: None,
+            next_max: 0,
+        }
+    }
+
+    /// Bytes this receive can take in all.
+    pub fn room(&self) -> usize {
+        self.head_max + self.next_max
+    }
+
+    /// The spare memory to receive into, as `(pointer, length)` pairs: the
+    /// head's, then the next buffer's (for a split receive).
+    pub fn parts(&mut self) -> ([(*mut u8, usize); 2], usize) {
+        let head = self.head.spare_capacity_mut().as_mut_ptr().cast::<u8>();
+        let mut out = [(head, self.head_max), (std::ptr::null_mut(), 0)];
+        let mut n = 1;
+        if let Some(next) = self.next.as_mut() {
+            out[1] = (
+                next.spare_capacity_mut().as_mut_ptr().cast::<u8>(),
+                self.next_max,
+            );
+            n = 2;
+        }
+        (out, n)
+    }
+
+    /// Records that `n` bytes were received into [`RecvInto::parts`].
+    ///
+    /// # Safety
+    /// The first `n` bytes of the parts, in order, must have been written
+    /// (`n` at most [`RecvInto::room`]).
+    pub unsafe fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.room());
+        let into_head = n.min(self.head_max);
+        // SAFETY: the caller's contract: the first `into_head` bytes of the
+        // head's spare capacity (its first part) are written.
+        unsafe { self.head.set_len(self.head.len() + into_head) };
+        if let Some(next) = self.next.as_mut() {
+            let rest = (n - into_head).min(self.next_max);
+            // SAFETY: as above, for the next buffer's first `rest` bytes
+            // (the second part).
+            unsafe { next.set_len(next.len() + rest) };
+        }
+    }
+
+    /// Receives `data` by copying (tests and the fuzzer): as much of it as
+    /// [`RecvInto::room`] takes, returned.
+    pub fn fill_from(&mut self, data: &[u8]) -> usize {
+        let n = self.room().min(data.len());
+        let (parts, count) = self.parts();
+        let mut done = 0;
+        for &(ptr, len) in &parts[..count] {
+            let k = len.min(n - done);
+            // SAFETY: `ptr` is the start of `len` bytes of spare capacity
+            // lent by `parts`, and `k <= len`; the source is `data`, which
+            // cannot overlap a buffer this value owns.
+            unsafe { std::ptr::copy_nonoverlapping(data[done..].as_ptr(), ptr, k) };
+            done += k;
+        }
+        // SAFETY: the first `n` bytes of the parts were written above.
+        unsafe { self.advance(n) };
+        n
+    }
+
+    /// Gives the buffers back to the pool (a receive that will not start
+    /// or whose connection is gone).
+    pub fn give_back(self, pool: &mut BufferPool) {
+        pool.put(self.head);
+        if let Some(next) = self.next {
+            pool.put(next);
+        }
+    }
+}
+
 /// Splits a byte stream into frames without copying.
 ///
 /// Bytes may arrive in any chunking. Each complete frame's payload is a
@@ -216,9 +350,21 @@ pub enum FrameError {
 /// pooled buffer gets its own allocation, grown as its bytes arrive (at most
 /// twice what has arrived), so a hostile length prefix never makes the
 /// decoder allocate up front.
+///
+/// Receives into a pooled buffer stop at its window (see
+/// [`BufferPool::window`]); the frame left incomplete at its end is then
+/// completed in the slack behind the window by a split receive
+/// ([`RecvInto`]), whose second buffer becomes the decoder's once the first
+/// one's frames are out.
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: BytesMut,
+    /// What a split receive put after `buf`'s last frame; empty, a fresh
+    /// pooled buffer kept for the next split.
+    next: Option<BytesMut>,
+    /// The handle on a buffer emptied when `next` took its place, for the
+    /// pool.
+    spent: Option<BytesMut>,
     max_frame: usize,
     out: bool,
     /// `buf` is (a part of) an allocation from a receive, to go back to
@@ -231,6 +377,8 @@ impl FrameDecoder {
     pub fn new(max_frame: usize) -> Self {
         FrameDecoder {
             buf: BytesMut::new(),
+            next: None,
+            spent: None,
             max_frame,
             out: false,
             pooled: false,
@@ -240,13 +388,15 @@ impl FrameDecoder {
     /// Bytes of an incomplete frame currently held.
     #[cfg_attr(not(feature = "unstable"), allow(dead_code))]
     pub fn partial_len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() + self.next.as_ref().map_or(0, BytesMut::len)
     }
 
     /// Capacity currently held by this decoder.
     #[cfg_attr(not(feature = "unstable"), allow(dead_code))]
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
+            + self.next.as_ref().map_or(0, BytesMut::capacity)
+            + self.spent.as_ref().map_or(0, BytesMut::capacity)
     }
 
     /// The total length (header included) of the frame at the front, once
@@ -255,43 +405,124 @@ impl FrameDecoder {
         FrameHeader::parse(&self.buf).map(|h| HEADER_LEN + h.payload_len() as usize)
     }
 
-    /// Lends out the buffer to receive into, with free space, when it holds
-    /// a partial frame; `None` when it holds nothing (then any pooled buffer
-    /// will do, chosen when data arrives, so idle connections hold none).
+    /// Once `buf`'s frames are all out, what a split receive put after them
+    /// becomes `buf`.
+    fn promote(&mut self) {
+        if self.buf.is_empty()
+            && let Some(next) = self.next.take_if(|n| !n.is_empty())
+        {
+            let old = std::mem::replace(&mut self.buf, next);
+            if self.pooled {
+                self.spent = Some(old);
+            }
+            self.pooled = true;
+        }
+    }
+
+    /// Lends out where to receive into when the decoder holds a partial
+    /// frame; `None` when it holds nothing (then any pooled buffer will do,
+    /// chosen when data arrives, so idle connections hold none).
     ///
-    /// Must be followed by [`FrameDecoder::filled`] with the filled buffer.
-    pub fn recv_buf(&mut self, pool: &mut BufferPool) -> Option<BytesMut> {
+    /// Must be followed by [`FrameDecoder::filled`] with what was lent.
+    pub fn recv_buf(&mut self, pool: &mut BufferPool) -> Option<RecvInto> {
+        self.lend(pool, true)
+    }
+
+    /// [`FrameDecoder::recv_buf`] for a source that appends whole buffers
+    /// at a time (a lane's ring): one buffer, no window, no split.
+    pub fn recv_buf_whole(&mut self, pool: &mut BufferPool) -> Option<BytesMut> {
+        self.lend(pool, false).map(|r| r.head)
+    }
+
+    fn lend(&mut self, pool: &mut BufferPool, split: bool) -> Option<RecvInto> {
         debug_assert!(!self.out, "receive buffer lent twice");
+        self.promote();
+        if let Some(spent) = self.spent.take() {
+            pool.put(spent);
+        }
         self.out = true;
         if self.buf.is_empty() {
             self.give_back(pool);
             return None;
         }
         let len = self.buf.len();
-        let need = self.front_need().unwrap_or(HEADER_LEN);
-        if need > pool.buf_size() {
+        let need = self.front_need();
+        let known = need.unwrap_or(HEADER_LEN);
+        let spare = self.buf.capacity() - len;
+        if known > pool.buf_size() {
             // Large frame: grow with what has arrived, never to the prefix.
-            if self.buf.capacity() < need {
-                let target = need.min((len * 2).max(pool.buf_size()));
+            if self.buf.capacity() < known {
+                let target = known.min((len * 2).max(pool.buf_size()));
                 if target > self.buf.capacity() {
                     self.buf.reserve(target - len);
                 }
             }
-        } else if self.buf.capacity() - len < MIN_RECV_SPACE.min(need.saturating_sub(len)).max(1)
-            || self.buf.capacity() < need
-        {
-            let mut fresh = pool.take();
-            fresh.extend_from_slice(&self.buf);
-            self.buf.clear();
-            self.give_back(pool);
-            return Some(fresh);
+            let buf = std::mem::take(&mut self.buf);
+            let room = buf.capacity() - buf.len();
+            return Some(RecvInto::within(buf, room));
         }
-        Some(std::mem::take(&mut self.buf))
+        if !split {
+            if spare < MIN_RECV_SPACE.min(known.saturating_sub(len)).max(1)
+                || self.buf.capacity() < known
+            {
+                return Some(RecvInto::within(self.refill(pool), usize::MAX));
+            }
+            return Some(RecvInto::within(std::mem::take(&mut self.buf), usize::MAX));
+        }
+        let window = pool.window(spare);
+        if window < spare || need.is_some_and(|need| need <= len) {
+            // Still inside the window (or complete frames are still
+            // buffered, which receives take out first): go on receiving
+            // here.
+            return Some(RecvInto::within(std::mem::take(&mut self.buf), window));
+        }
+        match need {
+            Some(need) if need - len <= spare => {
+                // Complete the frame in place; what follows goes into a
+                // fresh buffer.
+                let next = self.next.take().unwrap_or_else(|| pool.take_recv());
+                let next_max = pool.window(next.capacity() - next.len());
+                Some(RecvInto {
+                    head: std::mem::take(&mut self.buf),
+                    head_max: need - len,
+                    next: Some(next),
+                    next_max,
+                })
+            }
+            // The frame does not fit (or its header is incomplete): its
+            // bytes so far move to a fresh buffer.
+            _ => Some(RecvInto::fresh(self.refill(pool), pool)),
+        }
     }
 
-    /// Takes back the buffer lent by [`FrameDecoder::recv_buf`], now holding
-    /// the received bytes after the old ones.
-    pub fn filled(&mut self, buf: BytesMut) {
+    /// A fresh buffer holding the partial frame, which leaves `buf`.
+    fn refill(&mut self, pool: &mut BufferPool) -> BytesMut {
+        let mut fresh = match self.next.take() {
+            Some(b) if b.capacity() >= self.buf.len() => b,
+            Some(b) => {
+                pool.put(b);
+                pool.take()
+            }
+            None => pool.take(),
+        };
+        fresh.extend_from_slice(&self.buf);
+        self.buf.clear();
+        self.give_back(pool);
+        fresh
+    }
+
+    /// Takes back what [`FrameDecoder::recv_buf`] lent (or a fresh pooled
+    /// buffer), now holding the received bytes after the old ones.
+    pub fn filled(&mut self, into: RecvInto) {
+        self.filled_whole(into.head);
+        if let Some(next) = into.next {
+            debug_assert!(self.next.is_none());
+            self.next = Some(next);
+        }
+    }
+
+    /// [`FrameDecoder::filled`] for [`FrameDecoder::recv_buf_whole`].
+    pub fn filled_whole(&mut self, buf: BytesMut) {
         self.out = false;
         self.buf = buf;
         self.pooled = true;
@@ -311,21 +542,24 @@ impl FrameDecoder {
     pub fn push_slice(&mut self, data: &[u8], pool: &mut BufferPool) {
         let mut rest = data;
         while !rest.is_empty() {
-            let mut buf = self.recv_buf(pool).unwrap_or_else(|| pool.take());
-            if buf.capacity() == buf.len() {
+            let mut into = self
+                .recv_buf(pool)
+                .unwrap_or_else(|| RecvInto::fresh(pool.take_recv(), pool));
+            if into.room() == 0 {
                 // Only when complete frames are still buffered.
-                buf.reserve(rest.len());
+                into.head.reserve(rest.len());
+                let room = into.head.capacity() - into.head.len();
+                into.head_max = room;
             }
-            let room = buf.capacity() - buf.len();
-            let n = room.min(rest.len());
-            buf.extend_from_slice(&rest[..n]);
+            let n = into.fill_from(rest);
             rest = &rest[n..];
-            self.filled(buf);
+            self.filled(into);
         }
     }
 
     /// The next complete frame's payload, if one is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        self.promote();
         let Some(need) = self.front_need() else {
             return Ok(None);
         };
@@ -344,17 +578,31 @@ impl FrameDecoder {
         Ok(Some(frame.freeze()))
     }
 
-    /// Gives the buffer back to the pool if it holds no partial frame.
+    /// Gives back to the pool what holds no partial frame: the buffer when
+    /// it is empty, and the spare one a split receive left unused.
     pub fn release(&mut self, pool: &mut BufferPool) {
-        if self.buf.is_empty() && !self.out {
+        if self.out {
+            return;
+        }
+        self.promote();
+        if let Some(spent) = self.spent.take() {
+            pool.put(spent);
+        }
+        if let Some(next) = self.next.take_if(|n| n.is_empty()) {
+            pool.put(next);
+        }
+        if self.buf.is_empty() {
             self.give_back(pool);
         }
     }
 
     /// Drops any partial frame (at end of stream) and returns its length.
     pub fn discard(&mut self) -> usize {
-        let n = self.buf.len();
+        let n = self.partial_len();
         self.buf.clear();
+        if let Some(next) = self.next.as_mut() {
+            next.clear();
+        }
         n
     }
 }
@@ -416,6 +664,90 @@ mod tests {
         }
     }
 
+    /// Receives `stream` the way a backend does: into what the decoder
+    /// lends (or a fresh pooled buffer), at most `chunk` bytes a receive,
+    /// taking the frames out after each.
+    fn receive_all(stream: &[u8], chunk: usize, pool: &mut BufferPool) -> Vec<Bytes> {
+        let mut dec = FrameDecoder::new(1 << 20);
+        let mut got = Vec::new();
+        let mut rest = stream;
+        while !rest.is_empty() {
+            let mut into = dec
+                .recv_buf(pool)
+                .unwrap_or_else(|| RecvInto::fresh(pool.take_recv(), pool));
+            let n = into.fill_from(&rest[..chunk.min(rest.len())]);
+            assert!(n > 0, "a receive has room");
+            rest = &rest[n..];
+            dec.filled(into);
+            got.extend(drain(&mut dec));
+            dec.release(pool);
+        }
+        assert_eq!(dec.partial_len(), 0);
+        got
+    }
+
+    #[test]
+    fn a_frame_left_at_the_window_is_completed_in_place() {
+        let mut pool = BufferPool::new(4096, 4);
+        let mut dec = FrameDecoder::new(1 << 20);
+        // Frames of 1,004 bytes: the first receive stops at the 4,096-byte
+        // window, inside the fifth frame.
+        let stream: Vec<u8> = (0..8u8).flat_map(|i| frame(&[i; 1000])).collect();
+        let mut into = RecvInto::fresh(pool.take_recv(), &pool);
+        let base = into.head.as_ptr() as usize;
+        let cap = into.head.capacity();
+        assert_eq!(into.room(), 4096, "a fresh receive stops at the window");
+        let n = into.fill_from(&stream);
+        dec.filled(into);
+        let first = drain(&mut dec);
+        assert_eq!(first.len(), 4);
+        // The next receive completes the fifth frame in the same buffer
+        // and reads on into a fresh one.
+        let mut into = dec.recv_buf(&mut pool).expect("a partial frame is held");
+        let (parts, count) = into.parts();
+        assert_eq!(count, 2, "a split receive");
+        assert_eq!(parts[0], ((base + n) as *mut u8, 5 * 1004 - n));
+        into.fill_from(&stream[n..]);
+        dec.filled(into);
+        let rest = drain(&mut dec);
+        assert_eq!(rest.len(), 4);
+        let fifth = rest[0].as_ptr() as usize;
+        assert!(
+            (base..base + cap).contains(&fifth),
+            "the fifth frame was not copied"
+        );
+        let sixth = rest[1].as_ptr() as usize;
+        assert!(
+            !(base..base + cap).contains(&sixth),
+            "the sixth is in the next buffer"
+        );
+        for (i, f) in first.iter().chain(&rest).enumerate() {
+            assert_eq!(&f[..], &[i as u8; 1000][..]);
+        }
+        assert_eq!(dec.partial_len(), 0);
+    }
+
+    #[test]
+    fn split_receives_deliver_any_stream_whole() {
+        // Frame sizes around the window and the slack, the header cut at
+        // every point, receives of every size class.
+        let sizes = [
+            0usize, 1, 3, 100, 1000, 2555, 2556, 2557, 4000, 4092, 4093, 5000, 9000,
+        ];
+        let payloads: Vec<Vec<u8>> = (0..200)
+            .map(|i| vec![i as u8; sizes[(i * 7) % sizes.len()]])
+            .collect();
+        let stream: Vec<u8> = payloads.iter().flat_map(|p| frame(p)).collect();
+        for chunk in [1, 3, 4, 5, 1003, 4096, 6000, 7000, stream.len()] {
+            let mut pool = BufferPool::new(4096, 4);
+            let got = receive_all(&stream, chunk, &mut pool);
+            assert_eq!(got.len(), payloads.len(), "chunk {chunk}");
+            for (g, p) in got.iter().zip(&payloads) {
+                assert_eq!(&g[..], &p[..], "chunk {chunk}");
+            }
+        }
+    }
+
     #[test]
     fn frames_are_slices_of_the_receive_buffer() {
         let mut pool = BufferPool::new(4096, 4);
@@ -428,7 +760,7 @@ mod tests {
         let base = buf.as_ptr() as usize;
         buf.extend_from_slice(&frame(b"abc"));
         buf.extend_from_slice(&frame(b"defg"));
-        dec.filled(buf);
+        dec.filled_whole(buf);
         let a = dec.next_frame().unwrap().unwrap();
         let b = dec.next_frame().unwrap().unwrap();
         assert_eq!(a.as_ptr() as usize, base + 4);
@@ -490,7 +822,7 @@ mod tests {
         let mut buf = pool.take();
         let base = buf.as_ptr() as usize;
         buf.extend_from_slice(&frame(b"hello"));
-        dec.filled(buf);
+        dec.filled_whole(buf);
         let f = dec.next_frame().unwrap().unwrap();
         dec.release(&mut pool);
         drop(f);
@@ -509,7 +841,7 @@ mod tests {
         // into, so the remnant is kept only as a handle.
         buf.extend_from_slice(&frame(&vec![b'x'; cap - HEADER_LEN]));
         assert_eq!(buf.capacity(), cap);
-        dec.filled(buf);
+        dec.filled_whole(buf);
         let f = dec.next_frame().unwrap().unwrap();
         dec.release(&mut pool);
         assert_eq!(pool.idle(), 0, "no room to lend out");

@@ -937,11 +937,11 @@ impl Core {
             }
             let mut buf = up
                 .decoder
-                .recv_buf(pool)
+                .recv_buf_whole(pool)
                 .unwrap_or_else(|| pool.take_recv());
             let space = (buf.capacity() - buf.len()).max(1);
             let r = up.rx.pop_into(&mut buf, space);
-            up.decoder.filled(buf);
+            up.decoder.filled_whole(buf);
             match r {
                 Ok(0) => {
                     up.decoder.release(pool);

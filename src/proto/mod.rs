@@ -22,7 +22,7 @@ use slab::Slab;
 
 use crate::message::{ByteStr, IdSeq, Message, Name, coarse_stamp};
 use crate::serializer::{DecodeError, Serializer, binary};
-use crate::wire::{BufferPool, FrameDecoder, HEADER_LEN, build_frame};
+use crate::wire::{BufferPool, FrameDecoder, HEADER_LEN, RecvInto, build_frame};
 use deadlines::AcceptBackoff;
 #[cfg(test)]
 use deadlines::{ACCEPT_RETRY_MAX, ACCEPT_RETRY_MIN, ACCEPT_WARN_QUIET};
@@ -170,8 +170,9 @@ pub enum RecvBuf {
     /// Any pooled buffer, picked when data arrives (the connection holds
     /// no partial frame).
     Pooled,
-    /// This buffer, which holds a partial frame; new bytes go after it.
-    Partial(BytesMut),
+    /// These buffers, the first of which holds a partial frame; new bytes
+    /// go after it (see [`RecvInto`]).
+    Partial(RecvInto),
 }
 
 impl RecvBuf {
@@ -179,7 +180,15 @@ impl RecvBuf {
     /// start: its connection is gone).
     pub(crate) fn give_back(self, pool: &mut BufferPool) {
         if let RecvBuf::Partial(b) = self {
-            pool.put(b);
+            b.give_back(pool);
+        }
+    }
+
+    /// Where to receive: the lent buffers, or a fresh pooled one.
+    pub(crate) fn into_target(self, pool: &mut BufferPool) -> RecvInto {
+        match self {
+            RecvBuf::Partial(b) => b,
+            RecvBuf::Pooled => RecvInto::fresh(pool.take_recv(), pool),
         }
     }
 }
@@ -703,12 +712,12 @@ impl Core {
     pub fn on_recv(
         &mut self,
         id: ConnId,
-        buf: BytesMut,
+        buf: RecvInto,
         result: io::Result<usize>,
         pool: &mut BufferPool,
     ) {
         let Some(conn) = self.get_mut(id) else {
-            pool.put(buf);
+            buf.give_back(pool);
             return;
         };
         conn.recv_in_flight = false;

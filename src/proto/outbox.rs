@@ -23,12 +23,12 @@ use zerocopy::IntoBytes;
 
 /// Payload bytes after which a batch is sealed (a record that would take
 /// it past this starts the next batch; one larger record is a batch of
-/// its own). Half a receive buffer: a frame that straddles two receive
-/// buffers is copied into the next one, and with 32 KiB frames in 64 KiB
-/// buffers a 16 KiB message costs the receiver a quarter of a copy, not
-/// a whole one (callgrind: 25,058 instead of 36,996 instructions per 16 KiB
-/// message, most of them `rep movsb` bytes), while 64 B messages still
-/// go some 500 to a batch.
+/// its own). Half a receive buffer's window: a receive stops at the
+/// window of a pooled buffer, and the frame it leaves incomplete there is
+/// completed in the 40 KiB of slack behind it (`wire::RecvInto`) when it
+/// fits, which a batch of 32 KiB plus one record of up to 8 KiB always
+/// does; a longer frame is copied into the next buffer. 64 B messages
+/// still go some 500 to a batch.
 pub const BATCH_BYTES: usize = 32 * 1024;
 
 /// Bytes in front of the first record of a batch frame.

@@ -20,20 +20,25 @@ fn msg(from: &str, to: &str, content: &str) -> Vec<u8> {
 }
 
 /// Delivers `bytes` as one receive completion.
+/// Delivers `bytes` as receive completions, as many as the lent buffers
+/// need.
 fn feed(c: &mut Core, id: ConnId, bytes: &[u8]) {
     let mut pool = BufferPool::new(4096, 4);
-    let mut buf = match c.start_recv(id, &mut pool).expect("receive can start") {
-        RecvBuf::Pooled => pool.take(),
-        RecvBuf::Partial(b) => b,
-    };
-    buf.extend_from_slice(bytes);
-    c.on_recv(id, buf, Ok(bytes.len()), &mut pool);
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let start = c.start_recv(id, &mut pool).expect("receive can start");
+        let mut buf = start.into_target(&mut pool);
+        let n = buf.fill_from(rest);
+        assert!(n > 0, "a receive has room");
+        rest = &rest[n..];
+        c.on_recv(id, buf, Ok(n), &mut pool);
+    }
 }
 
 fn eof(c: &mut Core, id: ConnId) {
     let mut pool = BufferPool::new(4096, 4);
     let buf = match c.start_recv(id, &mut pool).expect("receive can start") {
-        RecvBuf::Pooled => BytesMut::new(),
+        RecvBuf::Pooled => RecvInto::default(),
         RecvBuf::Partial(b) => b,
     };
     c.on_recv(id, buf, Ok(0), &mut pool);
@@ -485,7 +490,7 @@ fn completions_for_a_closed_connection_never_reach_its_successor() {
     assert_ne!(new, old);
     let mut late = buf;
     late.extend_from_slice(&frame(r#"{"hello":"intruder"}"#));
-    c.on_recv(old, late, Ok(10), &mut pool);
+    c.on_recv(old, RecvInto::within(late, 0), Ok(10), &mut pool);
     assert!(c.conn_for("intruder").is_none());
     assert!(c.is_open(new));
 }

@@ -138,11 +138,8 @@ impl EpollBackend {
         keep: bool,
     ) {
         let Some(armed) = c.recv.take() else { return };
-        let mut buf = match armed {
-            RecvBuf::Partial(b) => b,
-            RecvBuf::Pooled => pool.take_recv(),
-        };
-        let len = buf.len();
+        let pooled = matches!(armed, RecvBuf::Pooled);
+        let mut buf = armed.into_target(pool);
         match read_ready(c.fd.as_fd(), &mut buf) {
             Some((result, more)) => {
                 // A short read drained the socket; the next arrival raises
@@ -157,9 +154,9 @@ impl EpollBackend {
             }
             None => {
                 c.readable = false;
-                c.recv = Some(if len == 0 && !keep {
+                c.recv = Some(if pooled && !keep {
                     // Nothing arrived: the pool buffer goes back.
-                    pool.put(buf);
+                    buf.give_back(pool);
                     RecvBuf::Pooled
                 } else {
                     RecvBuf::Partial(buf)

@@ -16,10 +16,8 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-
 use crate::proto::{ConnId, Core, Outbox, RecvBuf};
-use crate::wire::BufferPool;
+use crate::wire::{BufferPool, RecvInto};
 
 pub use crate::backend_kind::BackendKind;
 
@@ -263,14 +261,14 @@ pub enum Completion {
     /// stopped accepting; it starts again at [`Backend::resume_accept`],
     /// which the reactor calls when the core's back-off deadline is due.
     AcceptFailed(io::Error),
-    /// A receive finished; `buf` is the [`RecvBuf::Partial`] buffer with the
+    /// A receive finished; `buf` is what [`RecvBuf::Partial`] lent with the
     /// new bytes appended, or a pooled buffer holding just the new bytes.
     /// `Ok(0)` is end of stream.
     Recv {
         /// The connection.
         conn: ConnId,
-        /// The buffer lent with [`Backend::recv`].
-        buf: BytesMut,
+        /// The buffers lent with [`Backend::recv`].
+        buf: RecvInto,
         /// Bytes received, or the error.
         result: io::Result<usize>,
     },
@@ -460,7 +458,7 @@ pub struct Reactor {
     receives_paused: bool,
     /// Receives that finished while the inbox was full, applied once the
     /// application has taken messages (each connection has at most one).
-    stalled: std::collections::VecDeque<(ConnId, BytesMut, io::Result<usize>)>,
+    stalled: std::collections::VecDeque<(ConnId, RecvInto, io::Result<usize>)>,
     /// Busy polling (see [`Reactor::set_busy_poll`]).
     busy: bool,
     /// Spins so far (busy polling with lanes).

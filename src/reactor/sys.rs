@@ -142,18 +142,18 @@ pub(crate) fn accept_retry_now(errno: i32) -> bool {
     .contains(&errno)
 }
 
-/// One direct receive on a socket that may be readable, into `buf`:
-/// `None` if it had nothing (`EAGAIN`; `buf` unchanged), else the result
-/// and whether the socket may hold more (a read that filled the buffer
-/// drained nothing for sure, and no new edge will say so).
+/// One direct receive on a socket that may be readable, into `into`:
+/// `None` if it had nothing (`EAGAIN`; `into` unchanged), else the result
+/// and whether the socket may hold more (a read that filled what it was
+/// given drained nothing for sure, and no new edge will say so).
 pub(crate) fn read_ready(
     fd: BorrowedFd<'_>,
-    buf: &mut bytes::BytesMut,
+    into: &mut crate::wire::RecvInto,
 ) -> Option<(io::Result<usize>, bool)> {
-    let spare = buf.capacity() - buf.len();
-    match read_into(fd, buf) {
+    let room = into.room();
+    match read_into(fd, into) {
         Err(rustix::io::Errno::AGAIN) => None,
-        Ok(n) => Some((Ok(n), n > 0 && n == spare)),
+        Ok(n) => Some((Ok(n), n > 0 && n == room)),
         Err(e) => Some((Err(e.into()), false)),
     }
 }
@@ -301,20 +301,29 @@ pub(crate) fn touched_frames(pos: (usize, usize)) -> usize {
 /// the bytes read are appended to `buf`.
 pub(crate) fn read_into(
     fd: BorrowedFd<'_>,
-    buf: &mut bytes::BytesMut,
+    into: &mut crate::wire::RecvInto,
 ) -> Result<usize, rustix::io::Errno> {
-    let len = buf.len();
+    let (parts, count) = into.parts();
+    let iov = parts.map(|(ptr, len)| libc::iovec {
+        iov_base: ptr.cast(),
+        iov_len: len,
+    });
     loop {
-        match rustix::io::read(fd, buf.spare_capacity_mut()) {
-            Ok((init, _)) => {
-                let n = init.len();
-                // SAFETY: `read` initialised the first `n` bytes of the
-                // spare capacity, directly after the `len` valid ones.
-                unsafe { buf.set_len(len + n) };
-                return Ok(n);
-            }
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e),
+        // SAFETY: each of the first `count` iovecs is spare capacity lent
+        // by `parts` (writable, `iov_len` bytes, in buffers `into` owns and
+        // nothing else uses during the call); `readv` writes at most that.
+        let r = unsafe { libc::readv(fd.as_raw_fd(), iov.as_ptr(), count as libc::c_int) };
+        if r >= 0 {
+            // SAFETY: `readv` wrote the first `r` bytes of the parts, in
+            // order.
+            unsafe { into.advance(r as usize) };
+            return Ok(r as usize);
+        }
+        match rustix::io::Errno::from_raw_os_error(
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        ) {
+            rustix::io::Errno::INTR => continue,
+            e => return Err(e),
         }
     }
 }

@@ -18,7 +18,7 @@ pub(super) struct HotSet {
     /// Receives on hot connections, performed by direct non-blocking reads
     /// instead of SQEs: on each spinning poll, or after an epoll wait on
     /// them and the ring (see `wait_parked`).
-    pub(super) parked: Vec<(ConnId, BytesMut)>,
+    pub(super) parked: Vec<(ConnId, RecvInto)>,
     /// Waits with parked receives: the ring's descriptor and the hot
     /// sockets (created on first use).
     pub(super) set: Option<crate::reactor::sys::ReadySet>,
@@ -38,7 +38,7 @@ impl UringBackend {
         let mut parked = std::mem::take(&mut self.hot.parked);
         parked.retain_mut(|(id, buf)| {
             let Some(c) = self.conns.get_mut(*id) else {
-                pool.put(std::mem::take(buf));
+                std::mem::take(buf).give_back(pool);
                 return false;
             };
             if !all && !c.readable {

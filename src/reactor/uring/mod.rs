@@ -79,7 +79,7 @@ use slab::Slab;
 
 use super::{Backend, BackendKind, Completion, ConnTable, Waker};
 use crate::proto::{ConnId, Outbox, RecvBuf};
-use crate::wire::BufferPool;
+use crate::wire::{BufferPool, RecvInto};
 
 /// Buffer group of the provided receive buffers.
 const BGID: u16 = 0x1c;
@@ -120,14 +120,25 @@ impl SendState {
     }
 }
 
+/// The parts of an in-flight split receive (see [`RecvInto`]).
+struct RecvParts([libc::iovec; 2]);
+
+// SAFETY: the pointers are into the buffers of the `RecvInto` that the
+// same `Op::Recv` owns; moving the op to another thread moves that memory
+// with it, and nothing else shares it.
+unsafe impl Send for RecvParts {}
+
 enum Op {
     Accept {
         multishot: bool,
     },
-    /// `buf: None` selects a provided buffer.
+    /// `buf: None` selects a provided buffer; `iov` is a split receive's
+    /// parts (`READV`).
     Recv {
         conn: ConnId,
-        buf: Option<BytesMut>,
+        buf: Option<RecvInto>,
+        /// Only has to outlive the kernel's read of it.
+        _iov: Option<Box<RecvParts>>,
     },
     Send {
         conn: ConnId,
@@ -417,10 +428,7 @@ impl Backend for UringBackend {
         if self.hot.recent.contains(id) {
             // A hot connection: the polls read it directly (see
             // `read_parked` and `wait_parked`), into a buffer of our own.
-            let buf = match buf {
-                RecvBuf::Pooled => pool.take_recv(),
-                RecvBuf::Partial(b) => b,
-            };
+            let buf = buf.into_target(pool);
             self.hot.parked.push((id, buf));
             return;
         }

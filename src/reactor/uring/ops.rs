@@ -182,7 +182,7 @@ impl UringBackend {
         }
         match self.ops.remove(key).1 {
             Op::Accept { .. } | Op::Cancel => {}
-            Op::Recv { conn, buf } => self.received_into(user_data, conn, buf, res, flags),
+            Op::Recv { conn, buf, .. } => self.received_into(user_data, conn, buf, res, flags),
             Op::Send { conn, state } => self.sent(user_data, conn, state, res),
             Op::Provide { bid } => self.provide_done(bid, res),
             Op::Wake { .. } => {
@@ -244,7 +244,7 @@ impl UringBackend {
         &mut self,
         user_data: u64,
         conn: ConnId,
-        buf: Option<BytesMut>,
+        buf: Option<RecvInto>,
         res: i32,
         flags: u32,
     ) {
@@ -252,17 +252,20 @@ impl UringBackend {
             Some(b) => b,
             None => {
                 self.provided.selecting -= 1;
-                cqueue::buffer_select(flags)
+                let b = cqueue::buffer_select(flags)
                     .and_then(|bid| self.take_provided(bid))
-                    .unwrap_or_default()
+                    .unwrap_or_default();
+                let room = b.capacity() - b.len();
+                RecvInto::within(b, room)
             }
         };
         if res > 0 {
-            let len = buf.len() + res as usize;
-            debug_assert!(len <= buf.capacity());
-            // SAFETY: the kernel wrote `res` bytes right after the buffer's
-            // `len` initialised bytes, within its capacity.
-            unsafe { buf.set_len(len.min(buf.capacity())) };
+            let n = (res as usize).min(buf.room());
+            debug_assert_eq!(n, res as usize);
+            // SAFETY: the kernel wrote `res` bytes into the parts the
+            // receive was given (for a provided buffer, from its start,
+            // within its capacity), in order.
+            unsafe { buf.advance(n) };
             self.received(conn);
         }
         let result = if res == -libc::ENOBUFS || res == -libc::ECANCELED {
@@ -310,21 +313,31 @@ impl UringBackend {
         let fd = types::Fd(c.fd.as_raw_fd());
         match buf {
             RecvBuf::Partial(mut b) => {
-                let spare = b.spare_capacity_mut();
-                let (ptr, len) = (
-                    spare.as_mut_ptr().cast::<u8>(),
-                    spare.len().min(u32::MAX as usize) as u32,
-                );
+                let (parts, count) = b.parts();
+                let iov = (count > 1).then(|| {
+                    Box::new(RecvParts(parts.map(|(ptr, len)| libc::iovec {
+                        iov_base: ptr.cast(),
+                        iov_len: len,
+                    })))
+                });
+                let entry = match &iov {
+                    Some(iov) => opcode::Readv::new(fd, iov.0.as_ptr(), count as u32).build(),
+                    None => {
+                        let (ptr, len) = parts[0];
+                        opcode::Recv::new(fd, ptr, len.min(u32::MAX as usize) as u32).build()
+                    }
+                };
                 let key = self.insert_op(Op::Recv {
                     conn: id,
                     buf: Some(b),
+                    _iov: iov,
                 });
                 if let Some(c) = self.conn(id) {
                     c.recv_op = Some(key);
                 }
-                let entry = opcode::Recv::new(fd, ptr, len).build();
-                // SAFETY: the buffer's heap memory is owned by `ops[key]`
-                // (moving the `BytesMut` does not move it) until reaped.
+                // SAFETY: the buffers' heap memory, and the iovecs naming
+                // it, are owned by `ops[key]` (moving a `BytesMut` or a
+                // `Box` does not move what it points to) until reaped.
                 unsafe { self.push(entry.user_data(key)) };
             }
             RecvBuf::Pooled => {
@@ -334,6 +347,7 @@ impl UringBackend {
                 let key = self.insert_op(Op::Recv {
                     conn: id,
                     buf: None,
+                    _iov: None,
                 });
                 if let Some(c) = self.conn(id) {
                     c.recv_op = Some(key);

@@ -34,7 +34,9 @@ impl UringBackend {
                 }
             };
             let mut buf = pool.take_recv();
-            let len = buf.capacity().min(i32::MAX as usize) as i32;
+            // Up to the window: a frame left incomplete at the end is
+            // completed in the slack behind it.
+            let len = pool.window(buf.capacity()).min(i32::MAX as usize) as i32;
             let ptr = buf.as_mut_ptr();
             self.provided.bufs[bid] = Some(buf);
             self.provided.count += 1;
