@@ -480,7 +480,12 @@ impl FrameDecoder {
             Some(need) if need - len <= spare => {
                 // Complete the frame in place; what follows goes into a
                 // fresh buffer.
-                let next = self.next.take().unwrap_or_else(|| pool.take_recv());
+                // A whole buffer, not a spare's tail: its window leaves
+                // slack for the frame its own receive will cut.
+                let next = self
+                    .next
+                    .take_if(|n| n.capacity() - n.len() >= pool.buf_size())
+                    .unwrap_or_else(|| pool.take());
                 let next_max = pool.window(next.capacity() - next.len());
                 Some(RecvInto {
                     head: std::mem::take(&mut self.buf),
