@@ -153,13 +153,23 @@ impl BufferPool {
         self.free.len()
     }
 
-    /// An empty buffer with at least `buf_size` bytes of free space, and
-    /// the slack past them.
+    /// An empty buffer with at least `buf_size` bytes of free space (for
+    /// batches and a lane's reads: no slack).
     ///
     /// Prefers a spare whose allocation no delivered frame still uses (it is
     /// reclaimed in place); allocates only when every spare is still shared.
     pub fn take(&mut self) -> BytesMut {
-        let size = self.buf_size + self.slack;
+        self.take_sized(self.buf_size)
+    }
+
+    /// [`BufferPool::take`] with the slack past the window: a socket
+    /// receive's buffer. (Batch buffers stay without it: a lane's sender
+    /// with 104 KiB batch buffers moved 12–25 % fewer 64 B messages.)
+    pub fn take_window(&mut self) -> BytesMut {
+        self.take_sized(self.buf_size + self.slack)
+    }
+
+    fn take_sized(&mut self, size: usize) -> BytesMut {
         if let Some(i) = self.free.iter_mut().rposition(|b| b.try_reclaim(size)) {
             return self.free.swap_remove(i);
         }
@@ -190,7 +200,7 @@ impl BufferPool {
         if let Some(i) = self.free.iter().rposition(|b| b.capacity() >= min) {
             return self.free.swap_remove(i);
         }
-        self.take()
+        self.take_window()
     }
 
     /// Returns an empty buffer to the pool (non-empty ones are dropped).
@@ -485,7 +495,7 @@ impl FrameDecoder {
                 let next = self
                     .next
                     .take_if(|n| n.capacity() - n.len() >= pool.buf_size())
-                    .unwrap_or_else(|| pool.take());
+                    .unwrap_or_else(|| pool.take_window());
                 let next_max = pool.window(next.capacity() - next.len());
                 Some(RecvInto {
                     head: std::mem::take(&mut self.buf),
@@ -506,9 +516,9 @@ impl FrameDecoder {
             Some(b) if b.capacity() >= self.buf.len() => b,
             Some(b) => {
                 pool.put(b);
-                pool.take()
+                pool.take_window()
             }
-            None => pool.take(),
+            None => pool.take_window(),
         };
         fresh.extend_from_slice(&self.buf);
         self.buf.clear();
