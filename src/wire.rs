@@ -196,11 +196,21 @@ impl BufferPool {
     /// share buffers instead of each taking a fresh one), else as
     /// [`BufferPool::take`].
     pub fn take_recv(&mut self) -> BytesMut {
+        self.take_spare().unwrap_or_else(|| self.take_window())
+    }
+
+    /// [`BufferPool::take_recv`] without the slack (a lane's reads, which
+    /// take whole records and cut no frame).
+    pub fn take_recv_plain(&mut self) -> BytesMut {
+        self.take_spare().unwrap_or_else(|| self.take())
+    }
+
+    /// The most recently returned spare with at least a quarter of
+    /// `buf_size` free.
+    fn take_spare(&mut self) -> Option<BytesMut> {
         let min = self.buf_size / 4;
-        if let Some(i) = self.free.iter().rposition(|b| b.capacity() >= min) {
-            return self.free.swap_remove(i);
-        }
-        self.take_window()
+        let i = self.free.iter().rposition(|b| b.capacity() >= min)?;
+        Some(self.free.swap_remove(i))
     }
 
     /// Returns an empty buffer to the pool (non-empty ones are dropped).
@@ -417,10 +427,16 @@ impl FrameDecoder {
 
     /// Once `buf`'s frames are all out, what a split receive put after them
     /// becomes `buf`.
+    #[inline]
     fn promote(&mut self) {
-        if self.buf.is_empty()
-            && let Some(next) = self.next.take_if(|n| !n.is_empty())
-        {
+        if self.next.is_some() && self.buf.is_empty() {
+            self.promote_next();
+        }
+    }
+
+    #[cold]
+    fn promote_next(&mut self) {
+        if let Some(next) = self.next.take_if(|n| !n.is_empty()) {
             let old = std::mem::replace(&mut self.buf, next);
             if self.pooled {
                 self.spent = Some(old);
@@ -435,56 +451,73 @@ impl FrameDecoder {
     ///
     /// Must be followed by [`FrameDecoder::filled`] with what was lent.
     pub fn recv_buf(&mut self, pool: &mut BufferPool) -> Option<RecvInto> {
-        self.lend(pool, true)
-    }
-
-    /// [`FrameDecoder::recv_buf`] for a source that appends whole buffers
-    /// at a time (a lane's ring): one buffer, no window, no split.
-    pub fn recv_buf_whole(&mut self, pool: &mut BufferPool) -> Option<BytesMut> {
-        self.lend(pool, false).map(|r| r.head)
-    }
-
-    fn lend(&mut self, pool: &mut BufferPool, split: bool) -> Option<RecvInto> {
         debug_assert!(!self.out, "receive buffer lent twice");
         self.promote();
-        if let Some(spent) = self.spent.take() {
-            pool.put(spent);
+        if self.spent.is_some() {
+            self.put_spent(pool);
         }
         self.out = true;
         if self.buf.is_empty() {
             self.give_back(pool);
             return None;
         }
+        Some(self.lend(pool))
+    }
+
+    /// [`FrameDecoder::recv_buf`] for a source that appends whole buffers
+    /// at a time (a lane's ring): one buffer, no window, no split (so the
+    /// decoder never holds a second one).
+    pub fn recv_buf_whole(&mut self, pool: &mut BufferPool) -> Option<BytesMut> {
+        debug_assert!(!self.out, "receive buffer lent twice");
+        debug_assert!(self.next.is_none() && self.spent.is_none());
+        self.out = true;
+        if self.buf.is_empty() {
+            self.give_back(pool);
+            return None;
+        }
+        let len = self.buf.len();
+        let need = self.front_need().unwrap_or(HEADER_LEN);
+        if need > pool.buf_size() {
+            return Some(self.lend_large(need, pool).head);
+        }
+        if self.buf.capacity() - len < MIN_RECV_SPACE.min(need.saturating_sub(len)).max(1)
+            || self.buf.capacity() < need
+        {
+            return Some(self.refill(pool));
+        }
+        Some(std::mem::take(&mut self.buf))
+    }
+
+    /// Lends the buffer of a frame longer than a pooled buffer, grown with
+    /// what has arrived (never to the prefix).
+    fn lend_large(&mut self, need: usize, pool: &BufferPool) -> RecvInto {
+        let len = self.buf.len();
+        if self.buf.capacity() < need {
+            let target = need.min((len * 2).max(pool.buf_size()));
+            if target > self.buf.capacity() {
+                self.buf.reserve(target - len);
+            }
+        }
+        let buf = std::mem::take(&mut self.buf);
+        let room = buf.capacity() - buf.len();
+        RecvInto::within(buf, room)
+    }
+
+    /// [`FrameDecoder::recv_buf`] once the buffer holds a partial frame.
+    fn lend(&mut self, pool: &mut BufferPool) -> RecvInto {
         let len = self.buf.len();
         let need = self.front_need();
         let known = need.unwrap_or(HEADER_LEN);
         let spare = self.buf.capacity() - len;
         if known > pool.buf_size() {
-            // Large frame: grow with what has arrived, never to the prefix.
-            if self.buf.capacity() < known {
-                let target = known.min((len * 2).max(pool.buf_size()));
-                if target > self.buf.capacity() {
-                    self.buf.reserve(target - len);
-                }
-            }
-            let buf = std::mem::take(&mut self.buf);
-            let room = buf.capacity() - buf.len();
-            return Some(RecvInto::within(buf, room));
-        }
-        if !split {
-            if spare < MIN_RECV_SPACE.min(known.saturating_sub(len)).max(1)
-                || self.buf.capacity() < known
-            {
-                return Some(RecvInto::within(self.refill(pool), usize::MAX));
-            }
-            return Some(RecvInto::within(std::mem::take(&mut self.buf), usize::MAX));
+            return self.lend_large(known, pool);
         }
         let window = pool.window(spare);
         if window < spare || need.is_some_and(|need| need <= len) {
             // Still inside the window (or complete frames are still
             // buffered, which receives take out first): go on receiving
             // here.
-            return Some(RecvInto::within(std::mem::take(&mut self.buf), window));
+            return RecvInto::within(std::mem::take(&mut self.buf), window);
         }
         match need {
             Some(need) if need - len <= spare => {
@@ -497,16 +530,16 @@ impl FrameDecoder {
                     .take_if(|n| n.capacity() - n.len() >= pool.buf_size())
                     .unwrap_or_else(|| pool.take_window());
                 let next_max = pool.window(next.capacity() - next.len());
-                Some(RecvInto {
+                RecvInto {
                     head: std::mem::take(&mut self.buf),
                     head_max: need - len,
                     next: Some(next),
                     next_max,
-                })
+                }
             }
             // The frame does not fit (or its header is incomplete): its
             // bytes so far move to a fresh buffer.
-            _ => Some(RecvInto::fresh(self.refill(pool), pool)),
+            _ => RecvInto::fresh(self.refill(pool), pool),
         }
     }
 
@@ -600,14 +633,30 @@ impl FrameDecoder {
             return;
         }
         self.promote();
-        if let Some(spent) = self.spent.take() {
-            pool.put(spent);
+        if self.spent.is_some() {
+            self.put_spent(pool);
         }
-        if let Some(next) = self.next.take_if(|n| n.is_empty()) {
-            pool.put(next);
+        if self.next.is_some() {
+            self.put_next(pool);
         }
         if self.buf.is_empty() {
             self.give_back(pool);
+        }
+    }
+
+    /// Hands the spent buffer back to the pool.
+    #[cold]
+    fn put_spent(&mut self, pool: &mut BufferPool) {
+        if let Some(spent) = self.spent.take() {
+            pool.put(spent);
+        }
+    }
+
+    /// Hands an unused next buffer back to the pool.
+    #[cold]
+    fn put_next(&mut self, pool: &mut BufferPool) {
+        if let Some(next) = self.next.take_if(|n| n.is_empty()) {
+            pool.put(next);
         }
     }
 

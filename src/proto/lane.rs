@@ -938,7 +938,7 @@ impl Core {
             let mut buf = up
                 .decoder
                 .recv_buf_whole(pool)
-                .unwrap_or_else(|| pool.take());
+                .unwrap_or_else(|| pool.take_recv_plain());
             let space = (buf.capacity() - buf.len()).max(1);
             let r = up.rx.pop_into(&mut buf, space);
             up.decoder.filled_whole(buf);

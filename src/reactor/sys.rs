@@ -303,6 +303,24 @@ pub(crate) fn read_into(
     fd: BorrowedFd<'_>,
     into: &mut crate::wire::RecvInto,
 ) -> Result<usize, rustix::io::Errno> {
+    if into.next.is_none() {
+        let max = into.room();
+        let len = into.head.len();
+        loop {
+            let spare = &mut into.head.spare_capacity_mut()[..max];
+            match rustix::io::read(fd, spare) {
+                Ok((init, _)) => {
+                    let n = init.len();
+                    // SAFETY: `read` initialised the first `n` bytes of the
+                    // spare capacity, directly after the `len` valid ones.
+                    unsafe { into.head.set_len(len + n) };
+                    return Ok(n);
+                }
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
     let (parts, count) = into.parts();
     let iov = parts.map(|(ptr, len)| libc::iovec {
         iov_base: ptr.cast(),
