@@ -79,20 +79,24 @@ fn main() {
                 warm += b.receive(Duration::from_millis(1)).unwrap().len();
             }
         }
+        let mut reply = (String::new(), String::new());
         for _ in 0..n {
             a.send_json("b", content).unwrap();
-            inbox.clear();
-            while b
-                .get_messages_timeout_into(&mut inbox, Duration::from_secs(30))
-                .unwrap()
-                == 0
-            {}
             if shm {
-                // As `compare`'s busy ping-pong: the echo side answers each
-                // owned message; the pinging side reads borrowed.
-                for m in &inbox {
-                    b.send_json(m.from(), m.content_json()).unwrap();
+                // As `compare`'s busy ping-pong: both sides read in place;
+                // the echo side copies the sender and content out, then
+                // answers.
+                loop {
+                    let got = b.receive(Duration::from_secs(30)).unwrap();
+                    if let Some(m) = got.iter().next() {
+                        reply.0.clear();
+                        reply.0.push_str(m.from());
+                        reply.1.clear();
+                        reply.1.push_str(m.content_json());
+                        break;
+                    }
                 }
+                b.send_json(&reply.0, &reply.1).unwrap();
                 loop {
                     let got = a.receive(Duration::from_secs(30)).unwrap();
                     if !got.is_empty() {
@@ -102,6 +106,12 @@ fn main() {
                 }
                 continue;
             }
+            inbox.clear();
+            while b
+                .get_messages_timeout_into(&mut inbox, Duration::from_secs(30))
+                .unwrap()
+                == 0
+            {}
             b.send_json("a", inbox[0].content_json()).unwrap();
             inbox.clear();
             while a

@@ -36,19 +36,31 @@ pub fn queue(tx: &mut Client, peer: &str, content: &str) {
 }
 
 /// The echo end of a ping-pong, on its own thread: sends every message
-/// back to its sender until the content `0` arrives.
+/// back to its sender until the content `0` arrives. It reads in place,
+/// as the pinging side does (`Client::receive`), copying each message's
+/// sender and content into buffers it reuses, then answers.
 pub fn spawn_echo(mut echo: Client) -> JoinHandle<()> {
     std::thread::spawn(move || {
-        let mut batch = Vec::with_capacity(64);
+        let mut replies: Vec<(String, String)> = Vec::with_capacity(64);
         loop {
-            batch.clear();
-            echo.get_messages_timeout_into(&mut batch, WAIT).unwrap();
-            for m in &batch {
-                if m.content_json() == "0" {
+            let mut n = 0;
+            for m in &echo.receive(WAIT).unwrap() {
+                if n == replies.len() {
+                    replies.push(Default::default());
+                }
+                let (to, content) = &mut replies[n];
+                to.clear();
+                to.push_str(m.from());
+                content.clear();
+                content.push_str(m.content_json());
+                n += 1;
+            }
+            for (to, content) in &replies[..n] {
+                if content == "0" {
                     echo.disconnect(None).unwrap();
                     return;
                 }
-                echo.send_json(m.from(), m.content_json()).unwrap();
+                echo.send_json(to, content).unwrap();
             }
         }
     })
