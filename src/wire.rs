@@ -252,9 +252,8 @@ pub enum FrameError {
     },
 }
 
-/// Where one receive puts what it reads: after the bytes of `head`, at
-/// most [`RecvInto::head_max`] bytes, then, for a split receive, into
-/// `next`.
+/// Where one receive puts what it reads: after the bytes of `head` (up
+/// to a limit), then, for a split receive, into `next`.
 ///
 /// A split receive completes the frame that `head` ends with, in place,
 /// and reads what follows into a fresh buffer (`readv` with two parts):
@@ -379,8 +378,9 @@ impl RecvInto {
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: BytesMut,
-    /// What a split receive put after `buf`'s last frame; empty, a fresh
-    /// pooled buffer kept for the next split.
+    /// What a split receive put after `buf`'s last frame (until `buf`'s
+    /// frames are out); empty, the unused second buffer of a receive that
+    /// stopped short, until [`FrameDecoder::release`] or the next split.
     next: Option<BytesMut>,
     /// The handle on a buffer emptied when `next` took its place, for the
     /// pool.

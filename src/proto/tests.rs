@@ -19,7 +19,6 @@ fn msg(from: &str, to: &str, content: &str) -> Vec<u8> {
     ))
 }
 
-/// Delivers `bytes` as one receive completion.
 /// Delivers `bytes` as receive completions, as many as the lent buffers
 /// need.
 fn feed(c: &mut Core, id: ConnId, bytes: &[u8]) {

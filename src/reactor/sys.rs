@@ -297,8 +297,9 @@ pub(crate) fn touched_frames(pos: (usize, usize)) -> usize {
     pos.0 + usize::from(pos.1 > 0)
 }
 
-/// One non-blocking read into `buf`'s spare capacity (`EINTR` retried);
-/// the bytes read are appended to `buf`.
+/// One non-blocking read into what `into` lends (`EINTR` retried): a
+/// `read` into its one buffer, or a `readv` over both parts of a split
+/// receive; the bytes read are appended where they landed.
 pub(crate) fn read_into(
     fd: BorrowedFd<'_>,
     into: &mut crate::wire::RecvInto,
