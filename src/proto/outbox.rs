@@ -214,7 +214,7 @@ impl Outbox {
         unsafe {
             let dst = self.open.as_mut_ptr().add(at);
             std::ptr::copy_nonoverlapping(record_len_bytes(len).as_ptr(), dst, RECORD_LEN_SIZE);
-            std::ptr::copy_nonoverlapping(content.as_ptr(), dst.add(RECORD_LEN_SIZE), len);
+            copy_record(content.as_ptr(), dst.add(RECORD_LEN_SIZE), len);
             self.open.set_len(at + need);
         }
         self.open_count += 1;
@@ -483,9 +483,85 @@ impl Outbox {
     }
 }
 
+/// Copies a record's `len` content bytes from `src` to `dst`. Small
+/// contents (up to 64 bytes, the common case of a batched message) are
+/// copied inline with two overlapping moves of a power of two; a call to
+/// `memcpy` cost a sixth of a lane sender's time at 64 B (perf).
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes, `dst` for writes of
+/// `len` bytes, and the two must not overlap.
+#[inline(always)]
+unsafe fn copy_record(src: *const u8, dst: *mut u8, len: usize) {
+    /// Moves the first and the last `N` bytes of `len` (`N <= len <= 2N`):
+    /// together they cover all `len`.
+    ///
+    /// # Safety
+    /// As [`copy_record`]'s, with `N <= len`.
+    #[inline(always)]
+    unsafe fn two<const N: usize>(src: *const u8, dst: *mut u8, len: usize) {
+        // SAFETY: `N <= len`, so both moves read `[src, src + len)` and
+        // write `[dst, dst + len)` only, which the caller makes valid; the
+        // unaligned reads and writes need no alignment. The values are
+        // read before either write, so the overlap of the two moves (when
+        // `len < 2N`) writes the same bytes twice.
+        unsafe {
+            let a = std::ptr::read_unaligned(src.cast::<[u8; N]>());
+            let b = std::ptr::read_unaligned(src.add(len - N).cast::<[u8; N]>());
+            std::ptr::write_unaligned(dst.cast::<[u8; N]>(), a);
+            std::ptr::write_unaligned(dst.add(len - N).cast::<[u8; N]>(), b);
+        }
+    }
+    // SAFETY: each arm's size bound meets `two`'s `N <= len`; the rest is
+    // the caller's promise, passed on.
+    unsafe {
+        match len {
+            32..=64 => two::<32>(src, dst, len),
+            16..=31 => two::<16>(src, dst, len),
+            8..=15 => two::<8>(src, dst, len),
+            4..=7 => two::<4>(src, dst, len),
+            0..=3 => {
+                for i in 0..len {
+                    *dst.add(i) = *src.add(i);
+                }
+            }
+            _ => std::ptr::copy_nonoverlapping(src, dst, len),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_copies_are_exact_at_every_small_length() {
+        // Every length the inline moves cover, and a few past them, at
+        // every source and destination offset within a word: exactly the
+        // content is written, nothing before or after it.
+        let src: Vec<u8> = (0..200u32).map(|i| (i * 7 + 1) as u8).collect();
+        for len in 0..=130 {
+            for s_off in 0..8 {
+                for d_off in 0..8 {
+                    let mut dst = [0xEEu8; 160 + 16];
+                    // SAFETY: `src[s_off..]` holds at least 130 + 8 bytes
+                    // and `dst[d_off..]` at least 168; they are distinct
+                    // arrays.
+                    unsafe { copy_record(src[s_off..].as_ptr(), dst[d_off..].as_mut_ptr(), len) };
+                    assert!(dst[..d_off].iter().all(|&b| b == 0xEE), "len {len}: before");
+                    assert_eq!(
+                        &dst[d_off..d_off + len],
+                        &src[s_off..s_off + len],
+                        "len {len}"
+                    );
+                    assert!(
+                        dst[d_off + len..].iter().all(|&b| b == 0xEE),
+                        "len {len}: after"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn advance_walks_frames_without_interleaving() {
