@@ -489,10 +489,24 @@ impl Core {
         into.append(&mut self.lane_offers);
     }
 
+    /// Connections whose socket went quiet or busy again since the last
+    /// call (see [`Backend::set_quiet`](crate::reactor::Backend::set_quiet)).
+    pub fn take_quiet_changes(&mut self, into: &mut Vec<(ConnId, bool)>) {
+        into.append(&mut self.quiet_changes);
+    }
+
     /// Whether the reactor has lane work to do.
     #[inline]
     pub fn has_lane_work(&self) -> bool {
         !self.lane_wanted.is_empty() || !self.lane_offers.is_empty()
+    }
+
+    /// Whether sockets went quiet or loud since the last
+    /// [`Core::take_quiet_changes`] (a hint for the backend, no work that
+    /// holds up a send).
+    #[inline]
+    pub fn has_quiet_changes(&self) -> bool {
+        !self.quiet_changes.is_empty()
     }
 
     /// The initiator passed `region`'s memfd tagged `nonce`: queues the
@@ -577,6 +591,7 @@ impl Core {
             dirty,
             lanes,
             lane_check_at,
+            quiet_changes,
             ..
         } = self;
         let Some(c) = super::conn_mut(conns, id) else {
@@ -603,6 +618,8 @@ impl Core {
             _region: region,
         }))));
         lanes.push(id);
+        // The socket now carries only the lane's control frames.
+        quiet_changes.push((id, true));
         if !c.send_in_flight {
             dirty.push(id);
         }
@@ -818,6 +835,7 @@ impl Core {
         c.lane_tried = false;
         c.traffic = 0;
         self.lanes.retain(|&l| l != id);
+        self.quiet_changes.push((id, false));
     }
 
     /// The activity time of `c`: its stamp, or now if it is on a lane

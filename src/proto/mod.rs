@@ -284,6 +284,10 @@ pub struct Core {
     lane_offers: Vec<(ConnId, [u8; 16], u32)>,
     /// Connections with an established lane.
     lanes: Vec<ConnId>,
+    /// Connections whose socket went quiet (a lane came up: `true`) or
+    /// carries traffic again (the lane went down: `false`), for the
+    /// reactor to tell its backend (see [`Backend::set_quiet`](crate::reactor::Backend::set_quiet)).
+    quiet_changes: Vec<(ConnId, bool)>,
     /// Lane connections whose ring broke, to be closed.
     lane_broken: Vec<ConnId>,
     /// Our offers awaiting an answer.
@@ -328,6 +332,7 @@ impl Core {
             accept: AcceptBackoff::default(),
             lane_wanted: Vec::new(),
             lane_offers: Vec::new(),
+            quiet_changes: Vec::new(),
             lanes: Vec::new(),
             lane_broken: Vec::new(),
             lane_offers_out: Vec::new(),

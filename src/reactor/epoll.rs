@@ -50,6 +50,9 @@ struct EpollConn {
     /// An armed receive: `Some(Pooled)` takes a pool buffer when data is
     /// there.
     recv: Option<RecvBuf>,
+    /// The socket carries only a lane's control frames (see
+    /// [`Backend::set_quiet`]): never hot.
+    quiet: bool,
 }
 
 /// The epoll backend.
@@ -74,6 +77,9 @@ pub struct EpollBackend {
     /// Connections that became readable with a receive started while
     /// receives were paused.
     deferred: Vec<ConnId>,
+    /// Connections open, and how many of them are quiet.
+    open: usize,
+    quiet: usize,
 }
 
 /// While busy polling, one zero-timeout poll in this many calls `epoll_wait`.
@@ -97,6 +103,8 @@ impl EpollBackend {
             spins: 0,
             paused: false,
             deferred: Vec::new(),
+            open: 0,
+            quiet: 0,
         })
     }
 
@@ -171,6 +179,15 @@ impl EpollBackend {
     /// readiness or not (a read that finds nothing costs what an empty
     /// `epoll_wait` costs, and one that finds data saves the `epoll_wait`
     /// that would have announced it). False when there was none to read.
+    /// Busy polling with every connection on a lane (their sockets quiet,
+    /// see [`Backend::set_quiet`]): nothing needs a look at the sockets
+    /// sooner than every [`BUSY_EPOLL_EVERY`]th poll (the spins read the
+    /// rings; a wait's system call per poll cost a tenth of a lane's round
+    /// trip).
+    fn all_quiet(&self) -> bool {
+        self.quiet > 0 && self.quiet == self.open
+    }
+
     fn read_hot(&mut self, pool: &mut BufferPool) -> bool {
         let EpollBackend {
             conns, ready, hot, ..
@@ -223,7 +240,8 @@ impl Backend for EpollBackend {
 
     fn add_conn(&mut self, id: ConnId, fd: OwnedFd) -> io::Result<()> {
         self.set.watch_socket(fd.as_fd(), id.as_u64())?;
-        self.conns.insert(
+        self.open += 1;
+        let replaced = self.conns.insert(
             id,
             EpollConn {
                 id,
@@ -234,8 +252,16 @@ impl Backend for EpollBackend {
                 writable: true,
                 want_write: false,
                 recv: None,
+                quiet: false,
             },
         );
+        if let Some(old) = replaced {
+            // A slot reused without a close (not done by the reactor, but
+            // the counts stay true whatever the caller does).
+            self.set.unwatch(old.fd.as_fd());
+            self.open -= 1;
+            self.quiet -= usize::from(old.quiet);
+        }
         Ok(())
     }
 
@@ -317,6 +343,24 @@ impl Backend for EpollBackend {
     fn close(&mut self, id: ConnId) {
         if let Some(c) = self.conns.remove(id) {
             self.set.unwatch(c.fd.as_fd());
+            self.open -= 1;
+            self.quiet -= usize::from(c.quiet);
+            self.hot.forget(id);
+        }
+    }
+
+    fn set_quiet(&mut self, id: ConnId, quiet: bool, _pool: &mut BufferPool) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        if c.quiet != quiet {
+            c.quiet = quiet;
+            if quiet {
+                self.quiet += 1;
+                self.hot.forget(id);
+            } else {
+                self.quiet -= 1;
+            }
         }
     }
 
@@ -369,7 +413,9 @@ impl Backend for EpollBackend {
     ) -> io::Result<()> {
         if self.busy && timeout == Some(Duration::ZERO) && self.ready.is_empty() {
             self.spins = self.spins.wrapping_add(1);
-            if !self.spins.is_multiple_of(BUSY_EPOLL_EVERY) && self.read_hot(pool) {
+            if !self.spins.is_multiple_of(BUSY_EPOLL_EVERY)
+                && (self.read_hot(pool) || self.all_quiet())
+            {
                 out.append(&mut self.ready);
                 return Ok(());
             }
@@ -417,8 +463,84 @@ impl Backend for EpollBackend {
         }
         if self.busy {
             self.hot.note_received(&self.ready);
+            for id in self.hot.ids() {
+                if self.conns.get(id).is_some_and(|c| c.quiet) {
+                    self.hot.forget(id);
+                }
+            }
         }
         out.append(&mut self.ready);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        b.set_nonblocking(true).unwrap();
+        (a.into(), b.into())
+    }
+
+    /// Spins until a completion comes out (at most 2 s).
+    fn spin_until_received(be: &mut EpollBackend, pool: &mut BufferPool) -> Vec<Completion> {
+        let mut out = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while out.is_empty() {
+            be.poll(Some(Duration::ZERO), &mut out, pool).unwrap();
+            assert!(std::time::Instant::now() < deadline, "nothing came out");
+        }
+        out
+    }
+
+    /// Busy polling: a connection that brought data is read directly; a
+    /// quiet one (its messages moved to a lane) is not, and while every
+    /// connection is quiet the spins skip `epoll_wait` but for one poll in
+    /// [`BUSY_EPOLL_EVERY`], which still brings what arrives. The counts
+    /// follow closes and a loud connection.
+    #[test]
+    fn quiet_connections_are_not_hot_and_skip_the_wait() {
+        let mut be = EpollBackend::new().unwrap();
+        let mut pool = BufferPool::new(4096, 8);
+        be.set_busy_poll(true);
+        let (a, b) = pair();
+        let (c, _d) = pair();
+        let (one, two) = (ConnId::from_u64(3), ConnId::from_u64(4));
+        be.add_conn(one, a).unwrap();
+        be.add_conn(two, c).unwrap();
+        be.recv(one, RecvBuf::Pooled, &mut pool);
+        rustix::io::write(&b, b"hello").unwrap();
+        spin_until_received(&mut be, &mut pool);
+        assert!(be.hot.contains(one), "data made it hot");
+        be.set_quiet(one, true, &mut pool);
+        assert!(!be.hot.contains(one), "quiet: not hot");
+        assert!(!be.all_quiet(), "the other connection is not quiet");
+        be.set_quiet(two, true, &mut pool);
+        be.set_quiet(two, true, &mut pool);
+        assert!(be.all_quiet());
+        assert_eq!((be.open, be.quiet), (2, 2), "set twice, counted once");
+        // The spins skip the wait, yet the data comes out, and the
+        // connection stays cold.
+        be.recv(one, RecvBuf::Pooled, &mut pool);
+        rustix::io::write(&b, b"again").unwrap();
+        let out = spin_until_received(&mut be, &mut pool);
+        assert!(
+            matches!(&out[..], [Completion::Recv { conn, result: Ok(5), .. }] if *conn == one),
+            "{out:?}"
+        );
+        assert!(!be.hot.contains(one), "still not hot");
+        be.close(two);
+        assert_eq!((be.open, be.quiet), (1, 1));
+        be.set_quiet(one, false, &mut pool);
+        assert!(!be.all_quiet());
+        be.recv(one, RecvBuf::Pooled, &mut pool);
+        rustix::io::write(&b, b"loud!").unwrap();
+        spin_until_received(&mut be, &mut pool);
+        assert!(be.hot.contains(one), "loud again: hot");
+        be.close(one);
+        assert_eq!((be.open, be.quiet), (0, 0));
     }
 }

@@ -212,12 +212,13 @@ impl<T> Default for ConnTable<T> {
 }
 
 impl<T> ConnTable<T> {
-    pub(crate) fn insert(&mut self, id: ConnId, value: T) {
+    /// Inserts `value` for `id`, returning what its slot held before.
+    pub(crate) fn insert(&mut self, id: ConnId, value: T) -> Option<T> {
         let slot = id.slot();
         if self.slots.len() <= slot {
             self.slots.resize_with(slot + 1, || None);
         }
-        self.slots[slot] = Some((id, value));
+        self.slots[slot].replace((id, value)).map(|(_, v)| v)
     }
 
     pub(crate) fn get(&self, id: ConnId) -> Option<&T> {
@@ -371,6 +372,13 @@ pub trait Backend: Send {
     /// Tells the backend its owner spins on zero-timeout polls (busy
     /// polling), so it may look for data in cheaper ways than a full poll.
     fn set_busy_poll(&mut self, _spin: bool) {}
+
+    /// A hint: `conn`'s socket now carries only occasional control frames
+    /// (its messages travel on a shared-memory lane), or, with `false`,
+    /// messages again. A backend that reads busy connections directly
+    /// (a system call per look) stops doing so for a quiet one and waits
+    /// for its data the cheap way.
+    fn set_quiet(&mut self, _conn: ConnId, _quiet: bool, _pool: &mut BufferPool) {}
 
     /// While `pause` is set (the core's inbox is full), receives already
     /// started but not yet performed wait instead of reading; they resume
@@ -582,7 +590,7 @@ impl Reactor {
         if self.core.take_accept_resume() {
             self.backend.resume_accept();
         }
-        if self.core.has_lane_work() {
+        if self.core.has_lane_work() || self.core.has_quiet_changes() {
             self.lane_work();
         }
         loop {
@@ -622,6 +630,11 @@ impl Reactor {
     /// of peers: the system calls of the beacon (`lane::beacon`).
     #[cold]
     fn lane_work(&mut self) {
+        let mut quiet = Vec::new();
+        self.core.take_quiet_changes(&mut quiet);
+        for (id, q) in quiet {
+            self.backend.set_quiet(id, q, &mut self.pool);
+        }
         let mut wanted = Vec::new();
         self.core.take_lane_wanted(&mut wanted);
         let capacity = self.core.config().lane.ring_bytes;

@@ -72,12 +72,15 @@ impl UringBackend {
     /// hot; otherwise a connection that receives twice without a send in
     /// between is a stream, not a conversation, and cools down.
     pub(super) fn received(&mut self, id: ConnId) {
-        if self.hot.busy {
-            self.hot.recent.note(id);
-        }
         let Some(c) = self.conns.get_mut(id) else {
             return;
         };
+        if c.quiet {
+            return;
+        }
+        if self.hot.busy {
+            self.hot.recent.note(id);
+        }
         c.reads_since_send = c.reads_since_send.saturating_add(1);
         if !self.hot.busy && c.reads_since_send >= 2 {
             self.hot.recent.forget(id);

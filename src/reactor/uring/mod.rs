@@ -165,6 +165,10 @@ struct UringConn {
     watched: bool,
     /// Receives that brought data since the last send (saturating).
     reads_since_send: u8,
+    /// The socket carries only a lane's control frames (see
+    /// [`Backend::set_quiet`]): never hot, its receive stays an armed SQE,
+    /// whose completion a spin sees without a system call.
+    quiet: bool,
     recv_op: Option<u64>,
     /// The armed receive's place in the order of pushed SQEs.
     recv_seq: u64,
@@ -404,6 +408,7 @@ impl Backend for UringBackend {
                 hup: false,
                 watched: false,
                 reads_since_send: 0,
+                quiet: false,
                 recv_op: None,
                 recv_seq: 0,
                 send_op: None,
@@ -437,6 +442,18 @@ impl Backend for UringBackend {
 
     fn send(&mut self, id: ConnId, outbox: &Outbox) -> usize {
         self.send_inner(id, outbox)
+    }
+
+    fn set_quiet(&mut self, id: ConnId, quiet: bool, pool: &mut BufferPool) {
+        let Some(c) = self.conns.get_mut(id) else {
+            return;
+        };
+        c.quiet = quiet;
+        if quiet {
+            // Its parked receive becomes an armed SQE now.
+            self.hot.recent.forget(id);
+            self.unpark_cold(pool);
+        }
     }
     fn close(&mut self, id: ConnId) {
         self.unwatch(id);

@@ -372,7 +372,7 @@ impl UringBackend {
         if c.send_op.is_some() {
             return 0;
         }
-        if std::mem::take(&mut c.reads_since_send) > 0 {
+        if std::mem::take(&mut c.reads_since_send) > 0 && !c.quiet {
             // A connection read and then written, turn by turn (a request
             // answered, a reply awaited): its receives are parked and
             // waited on directly, for latency (see `wait_parked`).

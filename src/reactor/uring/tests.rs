@@ -291,3 +291,54 @@ fn a_wake_after_a_stray_wake_completion_ends_the_wait() {
         assert!(out.is_empty());
     }
 }
+
+/// Busy polling reads a hot connection directly (a system call per look);
+/// once its socket is quiet (its messages moved to a lane) its parked
+/// receive becomes an armed SQE at once, data on it still comes out of
+/// spinning polls, and it does not turn hot again until it is loud.
+#[test]
+fn a_quiet_connection_is_never_read_directly() {
+    let Some(mut be) = backend() else { return };
+    let mut pool = BufferPool::new(4096, 8);
+    be.set_busy_poll(true);
+    let (a, b) = pair();
+    let id = ConnId::from_u64(21);
+    be.add_conn(id, a).unwrap();
+    be.hot.recent.note(id);
+    be.recv(id, RecvBuf::Pooled, &mut pool);
+    assert_eq!(be.hot.parked.len(), 1, "hot: parked for direct reads");
+    be.set_quiet(id, true, &mut pool);
+    assert!(be.hot.parked.is_empty(), "quiet: unparked at once");
+    assert!(be.conns.get(id).unwrap().recv_op.is_some(), "an armed SQE");
+    for round in 0..2 {
+        rustix::io::write(&b, b"hello").unwrap();
+        receives_hello(&mut be, &mut pool, id, Duration::ZERO);
+        assert!(!be.hot.recent.contains(id), "round {round}: not hot");
+        // A send after a read (which makes a conversation hot) and the
+        // next receive, started as the reactor starts it, keep it armed.
+        let mut outbox = crate::proto::Outbox::default();
+        outbox.push(bytes::Bytes::from_static(b"x"));
+        be.send(id, &outbox);
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !out.iter().any(|c| matches!(c, Completion::Sent { .. })) {
+            be.poll(Some(Duration::ZERO), &mut out, &mut pool).unwrap();
+            assert!(Instant::now() < deadline, "the send never completed");
+        }
+        assert!(!be.hot.recent.contains(id), "round {round}: not hot");
+        be.recv(id, RecvBuf::Pooled, &mut pool);
+        assert!(be.hot.parked.is_empty(), "round {round}: not parked");
+        assert!(be.conns.get(id).unwrap().recv_op.is_some());
+    }
+    let mut x = [0u8; 2];
+    assert_eq!(
+        rustix::io::read(&b, &mut x).unwrap(),
+        2,
+        "both sends arrived"
+    );
+    // Loud again: its data makes it hot, as before.
+    be.set_quiet(id, false, &mut pool);
+    rustix::io::write(&b, b"hello").unwrap();
+    receives_hello(&mut be, &mut pool, id, Duration::ZERO);
+    assert!(be.hot.recent.contains(id), "busy polling: hot again");
+}
