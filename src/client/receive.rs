@@ -151,6 +151,9 @@ impl Client {
     /// Logs the connections that closed with a write error (their queued
     /// messages were not all sent); `when` follows "failed".
     pub(super) fn warn_failed_sends(&mut self, when: &str) {
+        if !self.reactor.core().has_closed() {
+            return;
+        }
         for c in self.reactor.core_mut().take_closed() {
             if let (Some(e), Some(p)) = (c.write_error, c.peer) {
                 log::warn!(

@@ -676,6 +676,12 @@ impl Core {
         std::mem::take(&mut self.to_close)
     }
 
+    /// Whether connections went away since the last [`Core::take_closed`].
+    #[inline]
+    pub fn has_closed(&self) -> bool {
+        !self.closed.is_empty()
+    }
+
     /// Why connections went away since the last call.
     pub fn take_closed(&mut self) -> Vec<Closed> {
         std::mem::take(&mut self.closed)

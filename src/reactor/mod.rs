@@ -573,6 +573,17 @@ impl Reactor {
     }
 
     /// Starts every operation the core wants.
+    /// Whether [`Reactor::dispatch`] would find nothing to do but the
+    /// dirty connections (which [`Core::has_operations_to_start`] tells).
+    #[inline]
+    fn nothing_to_dispatch(&mut self) -> bool {
+        self.stalled.is_empty()
+            && self.core.is_paused() == self.receives_paused
+            && !self.core.has_lane_work()
+            && !self.core.has_quiet_changes()
+            && !self.core.lane_offer_pending()
+    }
+
     fn dispatch(&mut self) {
         while !self.core.is_paused()
             && let Some((conn, buf, result)) = self.stalled.pop_front()
@@ -840,10 +851,11 @@ impl Reactor {
                 // spin for nothing).
                 self.spins = self.spins.wrapping_add(1);
                 if !self.spins.is_multiple_of(LANE_SPINS_PER_POLL) {
-                    if !got && !self.core.has_operations_to_start() {
-                        // An empty spin: nothing to start or apply (sends
-                        // flush themselves), so the next look at the
-                        // rings comes sooner.
+                    if !self.core.has_operations_to_start() && (!got || self.nothing_to_dispatch())
+                    {
+                        // An empty spin, or messages that left nothing to
+                        // start or apply (sends flush themselves): the
+                        // next look at the rings comes sooner.
                         return Ok(());
                     }
                     self.dispatch();
