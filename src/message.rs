@@ -685,12 +685,33 @@ impl std::fmt::Debug for MessageId {
 }
 
 impl MessageId {
-    /// Formats 16 UUID bytes the way ipcm writes ids.
+    /// Formats 16 UUID bytes the way ipcm writes ids (upper-case
+    /// hexadecimal, `8-4-4-4-12`, as `uuid`'s `encode_upper` writes them:
+    /// a test compares the two).
+    ///
+    /// Two digits a byte from a table: about half the instructions of
+    /// `encode_upper`, which looks up each digit on its own (callgrind,
+    /// on the Json route's send path).
     pub fn from_bytes(bytes: [u8; 16]) -> Self {
-        let mut buf = [0u8; 36];
-        uuid::Uuid::from_bytes(bytes)
-            .hyphenated()
-            .encode_upper(&mut buf);
+        const PAIRS: [[u8; 2]; 256] = {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            let mut t = [[0u8; 2]; 256];
+            let mut i = 0;
+            while i < 256 {
+                t[i] = [HEX[i >> 4], HEX[i & 15]];
+                i += 1;
+            }
+            t
+        };
+        let mut buf = [b'-'; 36];
+        // The byte each group starts at, and where its digits go.
+        for (from, to, n) in [(0, 0, 4), (4, 9, 2), (6, 14, 2), (8, 19, 2), (10, 24, 6)] {
+            for i in 0..n {
+                let [a, b] = PAIRS[usize::from(bytes[from + i])];
+                buf[to + 2 * i] = a;
+                buf[to + 2 * i + 1] = b;
+            }
+        }
         MessageId(buf)
     }
 
@@ -766,6 +787,33 @@ pub(crate) fn is_truthy(raw: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_formatted_as_uuid_formats_them() {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut cases = vec![[0u8; 16], [0xFF; 16], *b"0123456789abcdef"];
+        cases.extend((0..10_000).map(|_| {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&next().to_le_bytes());
+            b[8..].copy_from_slice(&next().to_le_bytes());
+            b
+        }));
+        // Every byte value in every position.
+        cases.extend((0..=255u8).map(|v| std::array::from_fn(|i| v.wrapping_add(i as u8 * 17))));
+        for bytes in cases {
+            let mut want = [0u8; 36];
+            uuid::Uuid::from_bytes(bytes)
+                .hyphenated()
+                .encode_upper(&mut want);
+            assert_eq!(MessageId::from_bytes(bytes).0, want, "{bytes:?}");
+        }
+    }
 
     #[test]
     fn ids_are_upper_case_uuid_v7() {

@@ -84,8 +84,70 @@ pub fn push_raw_ascii(raw: &str, out: &mut BytesMut) {
 
 /// Appends `s` as a JSON string literal (ASCII-only).
 pub fn push_str(s: &str, out: &mut BytesMut) {
+    if is_plain_ascii(s.as_bytes()) {
+        // What serde_json writes for such a string: its bytes, quoted
+        // (nothing in 0x20..=0x7e but `"` and `\` is escaped). A name or
+        // an id takes this way, without the serializer's machinery.
+        out.reserve(s.len() + 2);
+        out.extend_from_slice(b"\"");
+        out.extend_from_slice(s.as_bytes());
+        out.extend_from_slice(b"\"");
+        return;
+    }
     // Serializing a &str into memory cannot fail.
     let _ = to_ascii_json(s, out);
+}
+
+/// Whether every byte is printable ASCII (0x20..=0x7e) other than `"`
+/// and `\\`: a JSON string's text that needs no escape.
+#[inline]
+fn is_plain_ascii(b: &[u8]) -> bool {
+    b.iter()
+        .all(|&c| (0x20..=0x7e).contains(&c) && c != b'"' && c != b'\\')
+}
+
+/// Appends a stamp as serde_json writes an `f64` (the shortest decimal
+/// that reads back as the same number), without serde_json for the
+/// stamps ipcm makes: a whole number of 10 µs ticks divided by 100,000
+/// ([`crate::message::next_stamp`]), from 1 s to 10^10 s.
+///
+/// Such a stamp is the `f64` nearest to the decimal `secs.fffff`; an
+/// `f64` there is at most 3.8e-6 from its neighbours, closer than two
+/// decimals of five places (1e-5), so no other decimal of as few digits
+/// reads back as it: that decimal, its trailing zeros dropped, is the
+/// shortest, and serde_json writes it (`.0` for a whole second). Any
+/// other stamp goes through serde_json. The tests compare the two over
+/// every tick of a span and random ticks of the whole range.
+pub(crate) fn push_stamp(stamp: f64, out: &mut BytesMut) -> serde_json::Result<()> {
+    if (1.0..1e10).contains(&stamp) {
+        // The nearest tick (a truncating conversion of a positive value
+        // plus a half: no call to `round`), checked below.
+        let t = (stamp * 100_000.0 + 0.5) as u64;
+        if t as f64 / 100_000.0 == stamp {
+            let mut buf = itoa::Buffer::new();
+            out.extend_from_slice(buf.format(t / 100_000).as_bytes());
+            let frac = t % 100_000;
+            if frac == 0 {
+                out.extend_from_slice(b".0");
+                return Ok(());
+            }
+            // "1fffff": the five decimals with their leading zeros, behind
+            // a 1 that becomes the point.
+            let mut digits = *buf
+                .format(100_000 + frac)
+                .as_bytes()
+                .first_chunk::<6>()
+                .expect("six digits");
+            digits[0] = b'.';
+            let mut end = 6;
+            while digits[end - 1] == b'0' {
+                end -= 1;
+            }
+            out.extend_from_slice(&digits[..end]);
+            return Ok(());
+        }
+    }
+    to_ascii_json(&stamp, out)
 }
 
 /// A string that borrows from the input when it has no escapes.
@@ -358,6 +420,82 @@ fn exact_decimal(t: &[u8]) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stamp_text(stamp: f64) -> String {
+        let mut out = BytesMut::new();
+        push_stamp(stamp, &mut out).unwrap();
+        String::from_utf8(out.to_vec()).unwrap()
+    }
+
+    /// The stamp writer's short way gives serde_json's text: for every
+    /// tick of a span (every pattern of the five decimals, whole seconds
+    /// included), for random ticks across 1 s to 10^10 s, at the range's
+    /// edges, and for stamps that are no whole tick (serde_json's way).
+    #[test]
+    fn stamps_are_written_as_serde_json_writes_them() {
+        let check = |stamp: f64| {
+            assert_eq!(
+                stamp_text(stamp),
+                serde_json::to_string(&stamp).unwrap(),
+                "{stamp:?}"
+            );
+        };
+        let base = 1_795_565_113u64 * 100_000;
+        for t in base - 3..base + 200_003 {
+            check(t as f64 / 100_000.0);
+        }
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for _ in 0..300_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Ticks from 1 s to 10^10 s, and the same scaled down so that
+            // short integer parts come up as often as long ones.
+            let t = 100_000 + x % (1_000_000_000_000_000 - 100_000);
+            check(t as f64 / 100_000.0);
+            check((100_000 + t % 10_000_000_000) as f64 / 100_000.0);
+        }
+        for stamp in [
+            1.0,
+            1.00001,
+            9_999_999_999.999_99,
+            0.99999,
+            1e10,
+            1795565113.716251,
+            1795565113.0000001,
+            0.5,
+            -1795565113.71625,
+            f64::MAX,
+            1e-7,
+        ] {
+            check(stamp);
+        }
+    }
+
+    #[test]
+    fn plain_strings_are_written_as_serde_json_writes_them() {
+        for s in [
+            "",
+            "src",
+            "sink",
+            "a b",
+            "~",
+            "\u{7f}",
+            "é",
+            "a\"b",
+            "a\\b",
+            "\n",
+            "\u{1f}",
+            "x\u{0}",
+            "2C814B02-7532-46B1-AE22-59791AC81A49",
+        ] {
+            let mut out = BytesMut::new();
+            push_str(s, &mut out);
+            let mut want = BytesMut::new();
+            to_ascii_json(s, &mut want).unwrap();
+            assert_eq!(out, want, "{s:?}");
+        }
+    }
 
     #[test]
     fn long_stamps_parse_to_the_nearest_double() {

@@ -520,7 +520,7 @@ fn encode_json_envelope<T: Serialize + ?Sized>(
                 return Err(e.into());
             }
         }
-        Content::Raw(r) => push_raw_ascii(r.trim(), out),
+        Content::Raw(r) => push_raw_ascii(trim_exact(r), out),
     }
     if &out[content_at..] == b"null" || out.len() == content_at {
         out.truncate(start);
@@ -539,9 +539,9 @@ fn encode_json_envelope<T: Serialize + ?Sized>(
     }
     let (stamp, ord) = stamp_pair(msg.stamp, msg.stamp_ord);
     out.extend_from_slice(b",\"stamp\":");
-    to_ascii_json(&stamp, out)?;
+    json::push_stamp(stamp, out)?;
     out.extend_from_slice(b",\"stamp_ord\":");
-    out.extend_from_slice(itoa_u64(ord, &mut [0u8; 20]));
+    out.extend_from_slice(itoa::Buffer::new().format(ord).as_bytes());
     if msg.broadcast {
         out.extend_from_slice(b",\"broadcast\":1");
     }
@@ -574,17 +574,14 @@ pub(crate) fn stamp_pair(stamp: Option<f64>, ord: Option<u64>) -> (f64, u64) {
     }
 }
 
-fn itoa_u64(mut v: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
+/// `str::trim`, with two byte tests for the usual text: one whose first
+/// and last bytes are visible ASCII has no whitespace at either end.
+#[inline]
+fn trim_exact(text: &str) -> &str {
+    match text.as_bytes() {
+        [first, .., last] if first.is_ascii_graphic() && last.is_ascii_graphic() => text,
+        _ => text.trim(),
     }
-    &buf[i..]
 }
 
 #[cfg(test)]
@@ -611,6 +608,25 @@ mod tests {
             Serializer::from_spec(&serde_json::json!("Nope")),
             Err(Error::UnsupportedSerializer(c)) if c == "IPC::Manager::Serializer::Nope"
         ));
+    }
+
+    #[test]
+    fn trim_exact_is_str_trim() {
+        for t in [
+            "",
+            " ",
+            "x",
+            "\"abc\"",
+            " 1 ",
+            "\t[1]\n",
+            "{}\u{3000}",
+            "\u{a0}7",
+            "é",
+            "1\u{2029}",
+            "\u{85}",
+        ] {
+            assert_eq!(trim_exact(t), t.trim(), "{t:?}");
+        }
     }
 
     #[test]
