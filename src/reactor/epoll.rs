@@ -175,19 +175,19 @@ impl EpollBackend {
 }
 
 impl EpollBackend {
-    /// Busy polling: reads the hot connections that have a receive armed,
-    /// readiness or not (a read that finds nothing costs what an empty
-    /// `epoll_wait` costs, and one that finds data saves the `epoll_wait`
-    /// that would have announced it). False when there was none to read.
     /// Busy polling with every connection on a lane (their sockets quiet,
-    /// see [`Backend::set_quiet`]): nothing needs a look at the sockets
-    /// sooner than every [`BUSY_EPOLL_EVERY`]th poll (the spins read the
-    /// rings; a wait's system call per poll cost a tenth of a lane's round
-    /// trip).
+    /// see [`Backend::set_quiet`]): the spins read the rings, and the
+    /// sockets (control frames, the listener, the waker) get an
+    /// `epoll_wait` only every [`BUSY_EPOLL_EVERY`]th poll, not a system
+    /// call on each.
     fn all_quiet(&self) -> bool {
         self.quiet > 0 && self.quiet == self.open
     }
 
+    /// Busy polling: reads the hot connections that have a receive armed,
+    /// readiness or not (a read that finds nothing costs what an empty
+    /// `epoll_wait` costs, and one that finds data saves the `epoll_wait`
+    /// that would have announced it). False when there was none to read.
     fn read_hot(&mut self, pool: &mut BufferPool) -> bool {
         let EpollBackend {
             conns, ready, hot, ..
