@@ -791,6 +791,26 @@ fn idle_cost(backend: BackendChoice, count: usize) -> Option<f64> {
 
 // ----- reporting -------------------------------------------------------------
 
+/// The machine's state, for reading a run: nanoseconds per step of a
+/// fixed single-threaded loop (a dependent chain of multiplies and table
+/// reads in L1, about 50 ms). The same binary on the same machine gives
+/// the same number when nothing else runs; a slow spell (another tenant
+/// on the host) makes it larger.
+fn machine_loop_ns() -> f64 {
+    const STEPS: u64 = 20_000_000;
+    let table: Vec<u64> = (0..1024u64)
+        .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect();
+    let start = Instant::now();
+    let mut x: u64 = 1;
+    for i in 0..STEPS {
+        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(i);
+        x ^= table[(x >> 54) as usize];
+    }
+    std::hint::black_box(x);
+    start.elapsed().as_nanos() as f64 / STEPS as f64
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
@@ -888,6 +908,12 @@ fn main() {
             System::Iceoryx2 => iox::throughput(size, n),
         };
         println!("{} {size} B: {rate:.0} msgs/s", system.name());
+        return;
+    }
+    if args.iter().any(|a| a == "--only-machine") {
+        // `--only-machine`: the machine-state loop alone (see
+        // `machine_loop_ns`), to read single runs beside it.
+        println!("machine loop: {:.2} ns a step", machine_loop_ns());
         return;
     }
     if let Some(at) = args.iter().position(|a| a == "--only-pp") {
@@ -999,7 +1025,9 @@ fn main() {
         })
         .map(|s| (*s, Vec::new(), Vec::new()))
         .collect();
+    let mut machine = Vec::with_capacity(rounds);
     for round in 0..rounds {
+        machine.push(machine_loop_ns());
         for row in &mut rows {
             let n = messages_for(row.size, quick);
             let rate = match row.system {
@@ -1034,9 +1062,10 @@ fn main() {
             p99.push(pct(&lat, 0.99));
         }
         eprintln!(
-            "round {}/{rounds} done at {:.0}s",
+            "round {}/{rounds} done at {:.0}s (machine loop {:.2} ns a step)",
             round + 1,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            machine[round]
         );
     }
 
@@ -1218,6 +1247,16 @@ fn main() {
                 paired(&busy.iter().find(|b| b.0 == shm).unwrap().1, &b.1)
             )
         });
+    let mut sorted = machine.clone();
+    sorted.sort_by(f64::total_cmp);
+    println!(
+        "machine: a fixed user-space loop took {:.2}-{:.2} ns a step over the rounds (median {:.2}); \
+         a slow spell of the shared machine shows as a larger number, and hits \
+         user-space work (the lane, iceoryx2, ipcm's own code) more than the kernel's copies",
+        sorted[0],
+        sorted[sorted.len() - 1],
+        median(&machine)
+    );
     println!(
         "summary (lane): busy ping-pong p50 {shm_busy:.2}us (<=1.0), x raw spinning {:.2} (<=0.3){iox}; blocking ping-pong p50 x raw {:.2} (<=1.0); 64B x raw {:.2} (>=1.0); 16KiB x raw {:.2} (>=2); fan-in 100/1 {lane_fan:.2} (>=0.7)",
         busy_of(shm),
