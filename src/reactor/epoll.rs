@@ -77,8 +77,7 @@ pub struct EpollBackend {
     /// Connections that became readable with a receive started while
     /// receives were paused.
     deferred: Vec<ConnId>,
-    /// Connections open, and how many of them are quiet.
-    open: usize,
+    /// How many of the connections are quiet.
     quiet: usize,
 }
 
@@ -103,7 +102,6 @@ impl EpollBackend {
             spins: 0,
             paused: false,
             deferred: Vec::new(),
-            open: 0,
             quiet: 0,
         })
     }
@@ -181,7 +179,7 @@ impl EpollBackend {
     /// `epoll_wait` only every [`BUSY_EPOLL_EVERY`]th poll, not a system
     /// call on each.
     fn all_quiet(&self) -> bool {
-        self.quiet > 0 && self.quiet == self.open
+        self.quiet > 0 && self.quiet == self.conns.len()
     }
 
     /// Busy polling: reads the hot connections that have a receive armed,
@@ -240,7 +238,6 @@ impl Backend for EpollBackend {
 
     fn add_conn(&mut self, id: ConnId, fd: OwnedFd) -> io::Result<()> {
         self.set.watch_socket(fd.as_fd(), id.as_u64())?;
-        self.open += 1;
         let replaced = self.conns.insert(
             id,
             EpollConn {
@@ -259,7 +256,6 @@ impl Backend for EpollBackend {
             // A slot reused without a close (not done by the reactor, but
             // the counts stay true whatever the caller does).
             self.set.unwatch(old.fd.as_fd());
-            self.open -= 1;
             self.quiet -= usize::from(old.quiet);
         }
         Ok(())
@@ -343,7 +339,6 @@ impl Backend for EpollBackend {
     fn close(&mut self, id: ConnId) {
         if let Some(c) = self.conns.remove(id) {
             self.set.unwatch(c.fd.as_fd());
-            self.open -= 1;
             self.quiet -= usize::from(c.quiet);
             self.hot.forget(id);
         }
@@ -462,12 +457,9 @@ impl Backend for EpollBackend {
             }
         }
         if self.busy {
-            self.hot.note_received(&self.ready);
-            for id in self.hot.ids() {
-                if self.conns.get(id).is_some_and(|c| c.quiet) {
-                    self.hot.forget(id);
-                }
-            }
+            let conns = &self.conns;
+            self.hot
+                .note_received(&self.ready, |id| conns.get(id).is_some_and(|c| !c.quiet));
         }
         out.append(&mut self.ready);
         Ok(())
@@ -521,7 +513,11 @@ mod tests {
         be.set_quiet(two, true, &mut pool);
         be.set_quiet(two, true, &mut pool);
         assert!(be.all_quiet());
-        assert_eq!((be.open, be.quiet), (2, 2), "set twice, counted once");
+        assert_eq!(
+            (be.conns.len(), be.quiet),
+            (2, 2),
+            "set twice, counted once"
+        );
         // The spins skip the wait, yet the data comes out, and the
         // connection stays cold.
         be.recv(one, RecvBuf::Pooled, &mut pool);
@@ -533,7 +529,7 @@ mod tests {
         );
         assert!(!be.hot.contains(one), "still not hot");
         be.close(two);
-        assert_eq!((be.open, be.quiet), (1, 1));
+        assert_eq!((be.conns.len(), be.quiet), (1, 1));
         be.set_quiet(one, false, &mut pool);
         assert!(!be.all_quiet());
         be.recv(one, RecvBuf::Pooled, &mut pool);
@@ -541,6 +537,6 @@ mod tests {
         spin_until_received(&mut be, &mut pool);
         assert!(be.hot.contains(one), "loud again: hot");
         be.close(one);
-        assert_eq!((be.open, be.quiet), (0, 0));
+        assert_eq!((be.conns.len(), be.quiet), (0, 0));
     }
 }

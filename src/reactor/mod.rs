@@ -203,11 +203,16 @@ impl Waker {
 #[derive(Debug)]
 pub(crate) struct ConnTable<T> {
     slots: Vec<Option<(ConnId, T)>>,
+    /// Slots in use.
+    len: usize,
 }
 
 impl<T> Default for ConnTable<T> {
     fn default() -> Self {
-        ConnTable { slots: Vec::new() }
+        ConnTable {
+            slots: Vec::new(),
+            len: 0,
+        }
     }
 }
 
@@ -218,7 +223,14 @@ impl<T> ConnTable<T> {
         if self.slots.len() <= slot {
             self.slots.resize_with(slot + 1, || None);
         }
-        self.slots[slot].replace((id, value)).map(|(_, v)| v)
+        let old = self.slots[slot].replace((id, value)).map(|(_, v)| v);
+        self.len += usize::from(old.is_none());
+        old
+    }
+
+    /// How many connections it holds.
+    pub(crate) fn len(&self) -> usize {
+        self.len
     }
 
     pub(crate) fn get(&self, id: ConnId) -> Option<&T> {
@@ -238,6 +250,7 @@ impl<T> ConnTable<T> {
     pub(crate) fn remove(&mut self, id: ConnId) -> Option<T> {
         let entry = self.slots.get_mut(id.slot())?;
         if entry.as_ref().is_some_and(|(i, _)| *i == id) {
+            self.len -= 1;
             return entry.take().map(|(_, v)| v);
         }
         None

@@ -371,8 +371,12 @@ impl HotConns {
     }
 
     /// Marks hot the connections whose receives in `completions` brought
-    /// data.
-    pub(crate) fn note_received(&mut self, completions: &[Completion]) {
+    /// data, of those `may_be_hot` allows.
+    pub(crate) fn note_received(
+        &mut self,
+        completions: &[Completion],
+        may_be_hot: impl Fn(ConnId) -> bool,
+    ) {
         for c in completions {
             if let Completion::Recv {
                 conn,
@@ -380,6 +384,7 @@ impl HotConns {
                 ..
             } = c
                 && *n > 0
+                && may_be_hot(*conn)
             {
                 self.note(*conn);
             }

@@ -156,7 +156,7 @@ pub(crate) fn encode_message<T: Serialize + ?Sized>(
             out.truncate(start);
             Error::from(e)
         })?,
-        Content::Raw(r) => out.put_slice(r.trim().as_bytes()),
+        Content::Raw(r) => out.put_slice(super::trim_exact(r).as_bytes()),
     }
     let content_len = out.len() - content_at;
     if content_len == 0 || &out[content_at..] == b"null" {

@@ -575,9 +575,11 @@ pub(crate) fn stamp_pair(stamp: Option<f64>, ord: Option<u64>) -> (f64, u64) {
 }
 
 /// `str::trim`, with two byte tests for the usual text: one whose first
-/// and last bytes are visible ASCII has no whitespace at either end.
+/// and last bytes are visible ASCII has no whitespace at either end. (The
+/// batched send's `trim_json` differs on purpose: it leaves a non-ASCII
+/// end as it is.)
 #[inline]
-fn trim_exact(text: &str) -> &str {
+pub(crate) fn trim_exact(text: &str) -> &str {
     match text.as_bytes() {
         [first, .., last] if first.is_ascii_graphic() && last.is_ascii_graphic() => text,
         _ => text.trim(),
