@@ -75,7 +75,7 @@ mod wire;
 #[doc(hidden)]
 pub mod internals {
     pub use crate::message::{new_message_id_bytes, next_stamp, now_stamp};
-    pub use crate::proto::{Core, CoreConfig};
+    pub use crate::proto::{Core, CoreConfig, DEFAULT_SOCKET_SEND_BUFFER};
     pub use crate::reactor::{Backend, Reactor, make_backend};
     pub use crate::spawn::sanity_delta;
     pub use crate::wire::{BufferPool, FrameDecoder, encode_frame};

@@ -461,7 +461,103 @@ fn a_conversing_peer_that_dies_mid_frame_loses_nothing_complete(backend: Backend
     a.disconnect(None).unwrap();
 }
 
+/// `SO_SNDBUF` as the kernel reports it for a request of `asked` bytes
+/// (capped at `wmem_max`, then doubled), or with none (`wmem_default`).
+fn expected_sndbuf(asked: Option<usize>) -> usize {
+    let sysctl = |name: &str| -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{name}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    match asked {
+        Some(bytes) => 2 * bytes.min(sysctl("wmem_max")),
+        None => sysctl("wmem_default"),
+    }
+}
+
+fn sndbuf(fd: std::os::fd::BorrowedFd<'_>) -> usize {
+    rustix::net::sockopt::socket_send_buffer_size(fd).unwrap()
+}
+
+fn large_messages_get_the_large_socket_send_buffer_and_small_runs_give_it_back(
+    backend: BackendChoice,
+) {
+    let big = "x".repeat(4096);
+    for asked in [
+        Some(ipcm::internals::DEFAULT_SOCKET_SEND_BUFFER),
+        Some(96 * 1024),
+        None,
+    ] {
+        let t = TestRoute::new(backend);
+        // The socket carries the messages (a lane would take them after
+        // its first 64 KiB).
+        let opts = t.opts().socket_send_buffer(asked).lane(false);
+        let info = t.info();
+        let mut a = Client::connect(&info, "a", opts.clone()).unwrap();
+        let mut b = Client::connect(&info, "b", opts).unwrap();
+        let default = expected_sndbuf(None);
+        let large = asked.map_or(default, |_| expected_sndbuf(asked));
+        let ends = |a: &Client, b: &Client| {
+            (
+                sndbuf(a.connection_handle("b").expect("a's connection")),
+                sndbuf(b.connection_handle("a").expect("b's connection")),
+            )
+        };
+        // Small messages both ways: both ends keep the default.
+        a.send_message("b", "ping").unwrap();
+        assert_eq!(poll(&mut b, 1).len(), 1);
+        b.send_message("a", "pong").unwrap();
+        assert_eq!(poll(&mut a, 1).len(), 1);
+        assert_eq!(
+            ends(&a, &b),
+            (default, default),
+            "{backend:?} {asked:?}: small"
+        );
+        // Large messages: their sender's socket (here the connecting end)
+        // gets the large buffer from its next write on; the other end
+        // does not.
+        a.send_message("b", &big).unwrap();
+        a.send_message("b", &big).unwrap();
+        assert_eq!(poll(&mut b, 2).len(), 2);
+        assert_eq!(
+            ends(&a, &b),
+            (large, default),
+            "{backend:?} {asked:?}: large from a"
+        );
+        // So does the accepting end once it sends one.
+        b.send_message("a", &big).unwrap();
+        b.send_message("a", &big).unwrap();
+        assert_eq!(poll(&mut a, 2).len(), 2);
+        assert_eq!(
+            ends(&a, &b),
+            (large, large),
+            "{backend:?} {asked:?}: large both ways"
+        );
+        // A long run of small messages gives it back; nothing is lost.
+        // (Read as they go: a blocking send waits for a reader.)
+        let mut got = Vec::new();
+        for i in 0..=4096u32 {
+            a.send_message("b", &i).unwrap();
+            if i % 256 == 255 || i == 4096 {
+                got.extend(poll(&mut b, if i == 4096 { 1 } else { 256 }));
+            }
+        }
+        let got: Vec<u32> = got.iter().map(|m| m.content().unwrap()).collect();
+        assert_eq!(got, (0..=4096).collect::<Vec<u32>>());
+        assert_eq!(
+            ends(&a, &b),
+            (default, large),
+            "{backend:?} {asked:?}: small run from a"
+        );
+        a.disconnect(None).unwrap();
+        b.disconnect(None).unwrap();
+    }
+}
+
 per_backend!(
+    large_messages_get_the_large_socket_send_buffer_and_small_runs_give_it_back,
     a_conversing_peer_that_dies_mid_frame_loses_nothing_complete,
     inbox_limit_bounds_each_batch_and_the_rest_follows,
     conversations_lose_nothing_on_hot_connections,

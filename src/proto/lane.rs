@@ -29,7 +29,7 @@
 use bytes::Bytes;
 
 use super::outbox::{LONE_PREFIX, lone_prefix};
-use super::{Conn, ConnId, Core, Outbox, Role};
+use super::{Conn, ConnId, Core, Outbox, Role, SocketHint};
 use crate::lane::control::{Control, is_control};
 use crate::lane::ring::{Consumer, Producer, RingError};
 use crate::lane::shm::Region;
@@ -489,10 +489,10 @@ impl Core {
         into.append(&mut self.lane_offers);
     }
 
-    /// Connections whose socket went quiet or busy again since the last
-    /// call (see [`Backend::set_quiet`](crate::reactor::Backend::set_quiet)).
-    pub fn take_quiet_changes(&mut self, into: &mut Vec<(ConnId, bool)>) {
-        into.append(&mut self.quiet_changes);
+    /// What connections' sockets are to be told since the last call
+    /// ([`SocketHint`]).
+    pub fn take_socket_hints(&mut self, into: &mut Vec<(ConnId, SocketHint)>) {
+        into.append(&mut self.socket_hints);
     }
 
     /// Whether the reactor has lane work to do.
@@ -501,12 +501,11 @@ impl Core {
         !self.lane_wanted.is_empty() || !self.lane_offers.is_empty()
     }
 
-    /// Whether sockets went quiet or loud since the last
-    /// [`Core::take_quiet_changes`] (a hint for the backend, no work that
-    /// holds up a send).
+    /// Whether there are [`SocketHint`]s since the last
+    /// [`Core::take_socket_hints`] (hints, no work that holds up a send).
     #[inline]
-    pub fn has_quiet_changes(&self) -> bool {
-        !self.quiet_changes.is_empty()
+    pub fn has_socket_hints(&self) -> bool {
+        !self.socket_hints.is_empty()
     }
 
     /// The initiator passed `region`'s memfd tagged `nonce`: queues the
@@ -591,7 +590,7 @@ impl Core {
             dirty,
             lanes,
             lane_check_at,
-            quiet_changes,
+            socket_hints,
             ..
         } = self;
         let Some(c) = super::conn_mut(conns, id) else {
@@ -619,7 +618,7 @@ impl Core {
         }))));
         lanes.push(id);
         // The socket now carries only the lane's control frames.
-        quiet_changes.push((id, true));
+        socket_hints.push((id, SocketHint::Quiet(true)));
         if !c.send_in_flight {
             dirty.push(id);
         }
@@ -835,7 +834,7 @@ impl Core {
         c.lane_tried = false;
         c.traffic = 0;
         self.lanes.retain(|&l| l != id);
-        self.quiet_changes.push((id, false));
+        self.socket_hints.push((id, SocketHint::Quiet(false)));
     }
 
     /// The activity time of `c`: its stamp, or now if it is on a lane

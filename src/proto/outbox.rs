@@ -85,6 +85,10 @@ pub struct Outbox {
     /// (within [`BATCH_BYTES`] and the buffer's capacity); 0 when none is
     /// open.
     room: usize,
+    /// The sizes of the messages queued (whether the socket wants the
+    /// large send buffer), and a change of that wish not yet taken.
+    sizes: super::sockbuf::SizeWatch,
+    size_wish: Option<bool>,
 }
 
 // The byte limit keeps a batch below the count limit (a record takes at
@@ -115,7 +119,16 @@ impl Outbox {
     /// Appends a frame (behind the open batch, which the caller seals
     /// first).
     pub fn push(&mut self, frame: Bytes) {
+        self.push_counted(frame, 1);
+    }
+
+    /// [`Outbox::push`] of a frame of `messages` messages.
+    #[inline]
+    fn push_counted(&mut self, frame: Bytes, messages: u32) {
         debug_assert_eq!(self.open_count, 0, "an open batch is sealed first");
+        if let Some(wish) = self.sizes.note(frame.len(), messages) {
+            self.size_wish = Some(wish);
+        }
         self.queued += frame.len();
         self.enqueued_total += frame.len() as u64;
         self.frames.push_back(frame);
@@ -299,8 +312,14 @@ impl Outbox {
         self.open_count = 0;
         self.room = 0;
         let frame = self.open.split().freeze();
-        self.push(frame);
+        self.push_counted(frame, count);
         count
+    }
+
+    /// A change of whether this connection's socket wants the large send
+    /// buffer (its messages turned large, or small for a long run), once.
+    pub(crate) fn take_size_wish(&mut self) -> Option<bool> {
+        self.size_wish.take()
     }
 
     /// Seals the open batch and hands it to `write` in place, when it is

@@ -16,7 +16,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::proto::{ConnId, Core, Outbox, RecvBuf};
+use crate::proto::{ConnId, Core, Outbox, RecvBuf, SocketHint};
 use crate::wire::{BufferPool, RecvInto};
 
 pub use crate::backend_kind::BackendKind;
@@ -480,6 +480,9 @@ pub struct Reactor {
     /// Receives that finished while the inbox was full, applied once the
     /// application has taken messages (each connection has at most one).
     stalled: std::collections::VecDeque<(ConnId, RecvInto, io::Result<usize>)>,
+    /// The system's `SO_SNDBUF` default as the kernel reports it, read
+    /// before the first socket's was made large.
+    default_send_buffer: Option<usize>,
     /// Busy polling (see [`Reactor::set_busy_poll`]).
     busy: bool,
     /// Spins so far (busy polling with lanes).
@@ -509,6 +512,7 @@ impl Reactor {
             scratch: Vec::new(),
             receives_paused: false,
             stalled: std::collections::VecDeque::new(),
+            default_send_buffer: None,
             busy: false,
             spins: 0,
             lane_asleep: false,
@@ -593,7 +597,7 @@ impl Reactor {
         self.stalled.is_empty()
             && self.core.is_paused() == self.receives_paused
             && !self.core.has_lane_work()
-            && !self.core.has_quiet_changes()
+            && !self.core.has_socket_hints()
             && !self.core.lane_offer_pending()
     }
 
@@ -614,7 +618,7 @@ impl Reactor {
         if self.core.take_accept_resume() {
             self.backend.resume_accept();
         }
-        if self.core.has_lane_work() || self.core.has_quiet_changes() {
+        if self.core.has_lane_work() || self.core.has_socket_hints() {
             self.lane_work();
         }
         loop {
@@ -654,10 +658,13 @@ impl Reactor {
     /// of peers: the system calls of the beacon (`lane::beacon`).
     #[cold]
     fn lane_work(&mut self) {
-        let mut quiet = Vec::new();
-        self.core.take_quiet_changes(&mut quiet);
-        for (id, q) in quiet {
-            self.backend.set_quiet(id, q, &mut self.pool);
+        let mut hints = Vec::new();
+        self.core.take_socket_hints(&mut hints);
+        for (id, hint) in hints {
+            match hint {
+                SocketHint::Quiet(q) => self.backend.set_quiet(id, q, &mut self.pool),
+                SocketHint::LargeSendBuffer(large) => self.set_send_buffer(id, large),
+            }
         }
         let mut wanted = Vec::new();
         self.core.take_lane_wanted(&mut wanted);
@@ -685,6 +692,36 @@ impl Reactor {
                     self.core.lane_refused(id);
                 }
             }
+        }
+    }
+
+    /// Gives `id`'s socket the large send buffer
+    /// ([`CoreConfig::socket_send_buffer`](crate::proto::CoreConfig)) or
+    /// the system's default back. Best effort: a refused `setsockopt`
+    /// leaves the buffer as it was, which costs only speed.
+    fn set_send_buffer(&mut self, id: ConnId, large: bool) {
+        let Some(bytes) = self.core.config().socket_send_buffer else {
+            return;
+        };
+        let Some(fd) = self.backend.conn_fd(id) else {
+            return;
+        };
+        use rustix::net::sockopt::{set_socket_send_buffer_size, socket_send_buffer_size};
+        // The system's default, read from the first socket before it is
+        // changed: the kernel reports twice what is set, so setting half
+        // of it restores it exactly.
+        let default = match self.default_send_buffer {
+            Some(d) => d,
+            // Nothing was made large yet: nothing to give back.
+            None if !large => return,
+            None => match socket_send_buffer_size(fd) {
+                Ok(d) => *self.default_send_buffer.insert(d),
+                Err(_) => return,
+            },
+        };
+        let want = if large { bytes } else { default / 2 };
+        if let Err(e) = set_socket_send_buffer_size(fd, want) {
+            log::debug!("ConnectionUnix: SO_SNDBUF {want} refused: {e}");
         }
     }
 
