@@ -601,7 +601,7 @@ impl Core {
         let mut sock = std::mem::take(&mut c.outbox);
         sock.push(Control::Switch.frame());
         let switch_at = sock.enqueued_total();
-        c.outbox = Outbox::continuing(switch_at);
+        c.outbox = Outbox::continuing(&sock);
         c.lane = Some(Box::new(ConnLane::Up(Box::new(Up {
             tx,
             rx,

@@ -1097,7 +1097,6 @@ impl Core {
         if queued > 0 && queued + frame.len() > limit {
             return Enqueue::Full { queued, frame };
         }
-
         // Frames go out in the order they were queued: a batch queued
         // before this frame is sealed ahead of it.
         conn.outbox.seal(ids);

@@ -106,12 +106,16 @@ pub enum Appended {
 }
 
 impl Outbox {
-    /// An empty outbox whose byte counts start at `total` (it continues
-    /// another's stream).
-    pub(crate) fn continuing(total: u64) -> Self {
+    /// An empty outbox that continues `before`'s stream: its byte counts
+    /// start at `before`'s total, and it goes on watching the sizes of
+    /// the connection's messages (the socket's send buffer is the
+    /// connection's, whichever outbox fills it).
+    pub(crate) fn continuing(before: &Outbox) -> Self {
+        let total = before.enqueued_total;
         Outbox {
             enqueued_total: total,
             written_total: total,
+            sizes: before.sizes.clone(),
             ..Outbox::default()
         }
     }
@@ -648,7 +652,9 @@ mod tests {
             o.push(Bytes::copy_from_slice(f));
         }
         o.advance(1);
-        let mut t = Outbox::continuing(100);
+        let mut before = Outbox::default();
+        before.push(Bytes::from(vec![0u8; 100]));
+        let mut t = Outbox::continuing(&before);
         t.push(Bytes::from_static(b"xyz"));
         let mut runs = Vec::new();
         o.take_unstarted_into(&mut t, |f| f[0] == b'C', &mut runs);
@@ -661,5 +667,21 @@ mod tests {
         assert_eq!(o.queued_bytes(), 1 + 2 + 2);
         assert_eq!(o.enqueued_total(), 6);
         assert_eq!(t.enqueued_total(), 111);
+    }
+
+    #[test]
+    fn a_continuing_outbox_keeps_watching_the_message_sizes() {
+        let mut a = Outbox::default();
+        a.push(Bytes::from(vec![b'x'; 4096]));
+        assert_eq!(a.take_size_wish(), Some(true), "a large frame asks");
+        assert_eq!(a.take_size_wish(), None, "once");
+        // The lane takes over: the next outbox knows the socket is large,
+        // so a long run of small frames gives the buffer back.
+        let mut b = Outbox::continuing(&a);
+        assert_eq!(b.enqueued_total(), 4096);
+        for _ in 0..super::super::sockbuf::SMALL_RUN {
+            b.push(Bytes::from_static(b"small"));
+        }
+        assert_eq!(b.take_size_wish(), Some(false));
     }
 }

@@ -31,7 +31,7 @@ pub enum SocketHint {
 }
 
 /// One connection's run of message sizes.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct SizeWatch {
     large: bool,
     small_run: u32,
