@@ -1111,6 +1111,35 @@ fn main() {
         )
         .unwrap();
     }
+    // Each round's rate, in the order run: a row whose rounds split into
+    // two clusters (a scheduling placement, a slow spell) shows it here,
+    // where its median alone would not.
+    writeln!(
+        table,
+        "\nmsgs/s in each round (the medians above are of these)"
+    )
+    .unwrap();
+    for row in &rows {
+        let each: Vec<String> = row
+            .rates
+            .iter()
+            .map(|&r| {
+                if r >= 1e6 {
+                    format!("{:.2}M", r / 1e6)
+                } else {
+                    format!("{:.0}k", r / 1e3)
+                }
+            })
+            .collect();
+        writeln!(
+            table,
+            "{:<11} {:>7}  {}",
+            row.system.name(),
+            row.size,
+            each.join(" ")
+        )
+        .unwrap();
+    }
     print!("{table}");
 
     println!("\nping-pong, 64 B, busy polling (raw: spinning non-blocking sockets)");
