@@ -481,6 +481,15 @@ fn sndbuf(fd: std::os::fd::BorrowedFd<'_>) -> usize {
     rustix::net::sockopt::socket_send_buffer_size(fd).unwrap()
 }
 
+/// `from` sends `content` to `to` (named `to_name`) `times` times, and `to`
+/// receives them all.
+fn exchange(from: &mut Client, to: &mut Client, to_name: &str, content: &str, times: usize) {
+    for _ in 0..times {
+        from.send_message(to_name, content).unwrap();
+    }
+    assert_eq!(poll(to, times).len(), times);
+}
+
 fn large_messages_get_the_large_socket_send_buffer_and_small_runs_give_it_back(
     backend: BackendChoice,
 ) {
@@ -506,10 +515,8 @@ fn large_messages_get_the_large_socket_send_buffer_and_small_runs_give_it_back(
             )
         };
         // Small messages both ways: both ends keep the default.
-        a.send_message("b", "ping").unwrap();
-        assert_eq!(poll(&mut b, 1).len(), 1);
-        b.send_message("a", "pong").unwrap();
-        assert_eq!(poll(&mut a, 1).len(), 1);
+        exchange(&mut a, &mut b, "b", "ping", 1);
+        exchange(&mut b, &mut a, "a", "pong", 1);
         assert_eq!(
             ends(&a, &b),
             (default, default),
@@ -518,18 +525,14 @@ fn large_messages_get_the_large_socket_send_buffer_and_small_runs_give_it_back(
         // Large messages: their sender's socket (here the connecting end)
         // gets the large buffer from its next write on; the other end
         // does not.
-        a.send_message("b", &big).unwrap();
-        a.send_message("b", &big).unwrap();
-        assert_eq!(poll(&mut b, 2).len(), 2);
+        exchange(&mut a, &mut b, "b", &big, 2);
         assert_eq!(
             ends(&a, &b),
             (large, default),
             "{backend:?} {asked:?}: large from a"
         );
         // So does the accepting end once it sends one.
-        b.send_message("a", &big).unwrap();
-        b.send_message("a", &big).unwrap();
-        assert_eq!(poll(&mut a, 2).len(), 2);
+        exchange(&mut b, &mut a, "a", &big, 2);
         assert_eq!(
             ends(&a, &b),
             (large, large),

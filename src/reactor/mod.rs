@@ -618,7 +618,10 @@ impl Reactor {
         if self.core.take_accept_resume() {
             self.backend.resume_accept();
         }
-        if self.core.has_lane_work() || self.core.has_socket_hints() {
+        if self.core.has_socket_hints() {
+            self.apply_socket_hints();
+        }
+        if self.core.has_lane_work() {
             self.lane_work();
         }
         loop {
@@ -654,10 +657,10 @@ impl Reactor {
         }
     }
 
-    /// Offers lanes on initiators' busy connections and takes the offers
-    /// of peers: the system calls of the beacon (`lane::beacon`).
+    /// Tells sockets and the backend what the core asked for
+    /// ([`SocketHint`]).
     #[cold]
-    fn lane_work(&mut self) {
+    fn apply_socket_hints(&mut self) {
         let mut hints = Vec::new();
         self.core.take_socket_hints(&mut hints);
         for (id, hint) in hints {
@@ -666,6 +669,12 @@ impl Reactor {
                 SocketHint::LargeSendBuffer(large) => self.set_send_buffer(id, large),
             }
         }
+    }
+
+    /// Offers lanes on initiators' busy connections and takes the offers
+    /// of peers: the system calls of the beacon (`lane::beacon`).
+    #[cold]
+    fn lane_work(&mut self) {
         let mut wanted = Vec::new();
         self.core.take_lane_wanted(&mut wanted);
         let capacity = self.core.config().lane.ring_bytes;
