@@ -149,11 +149,26 @@ pub fn scan_envelope(data: &[u8]) {
 /// and the same contents appended by a sender's outbox check and read back
 /// the same.
 pub fn binary_batch(data: &[u8]) {
-    use crate::serializer::binary::CheckedBatch;
+    use crate::serializer::binary::{CheckedBatch, INDEX_BLOCK};
+    // The indexed check (what a receiving core uses) agrees with the plain
+    // one on every input: both refuse, or both accept with the same
+    // records, read the same ways.
+    let mut blocks = BufferPool::new(INDEX_BLOCK, 2);
+    let indexed = CheckedBatch::parse_indexed(Bytes::copy_from_slice(data), &mut blocks);
     let Ok(batch) = CheckedBatch::parse(Bytes::copy_from_slice(data)) else {
+        assert!(indexed.is_err(), "only the indexed check accepted");
         return;
     };
+    let indexed = indexed.expect("only the plain check accepted");
     let contents: Vec<&str> = batch.records().collect();
+    assert!(indexed.records().eq(contents.iter().copied()));
+    let mut cursor = indexed.records();
+    for c in &contents {
+        let read = indexed.records_len() - cursor.remaining();
+        assert_eq!(indexed.records_from(read).next(), Some(*c));
+        assert_eq!(cursor.next(), Some(*c));
+    }
+    assert_eq!(cursor.next(), None);
     assert_eq!(contents.len(), batch.info().count as usize);
     assert!(contents.iter().all(|c| !c.is_empty()));
     let mut out = Vec::new();

@@ -269,6 +269,9 @@ pub struct Core {
     peers_epoch: u64,
     inbox: Vec<Entry>,
     inbox_bytes: usize,
+    /// Where the record indexes of received batches are carved from
+    /// ([`binary::CheckedBatch::parse_indexed`]).
+    index_blocks: BufferPool,
     /// This client's id: the `to` of the batches it receives.
     local: Name,
     /// Ids of the batches it sends.
@@ -334,6 +337,7 @@ impl Core {
             read_run: None,
             inbox: Vec::new(),
             inbox_bytes: 0,
+            index_blocks: BufferPool::new(binary::INDEX_BLOCK, 4),
             local: Name::copy_from(""),
             ids: IdSeq::new(),
             paused: false,
@@ -956,7 +960,7 @@ impl Core {
             );
         }
         let len = frame.len();
-        let checked = match binary::CheckedBatch::parse(frame) {
+        let checked = match binary::CheckedBatch::parse_indexed(frame, &mut self.index_blocks) {
             Ok(b) => b,
             Err(e) => {
                 let peer = self.peer_of(id).unwrap_or("");

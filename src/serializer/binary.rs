@@ -41,6 +41,7 @@ use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 use super::{Content, DecodeError, Outgoing};
 use crate::error::Error;
 use crate::message::{ByteStr, Message, MsgId, Name, new_message_id_bytes};
+use crate::wire::BufferPool;
 
 /// Magic bytes that start every binary payload.
 pub const MAGIC: [u8; 4] = *b"IPCB";
@@ -432,8 +433,13 @@ enum RecordFault {
 }
 
 /// Walks the records of a batch: their count and how many are `null`.
+/// The end of record `n` (its byte offset in `body`) goes to `index[n]`,
+/// for the records the index has room for.
 #[inline]
-fn walk_records(body: &[u8]) -> Result<(u32, u32), (u32, RecordFault)> {
+fn walk_records(
+    body: &[u8],
+    index: &mut [[u8; INDEX_ENTRY]],
+) -> Result<(u32, u32), (u32, RecordFault)> {
     let (mut rest, mut n, mut nulls) = (body, 0u32, 0u32);
     while !rest.is_empty() {
         let Some((len_bytes, after)) = rest.split_first_chunk::<RECORD_LEN_SIZE>() else {
@@ -451,6 +457,10 @@ fn walk_records(body: &[u8]) -> Result<(u32, u32), (u32, RecordFault)> {
             4 if *content == *b"null" => nulls += 1,
             _ => {}
         }
+        if let Some(slot) = index.get_mut(n as usize) {
+            // At most the body's length, which a frame keeps below 4 GiB.
+            *slot = ((body.len() - after.len()) as u32).to_ne_bytes();
+        }
         // At most a fifth of the payload's length: no overflow.
         n = n.wrapping_add(1);
         rest = after;
@@ -463,6 +473,16 @@ fn walk_records(body: &[u8]) -> Result<(u32, u32), (u32, RecordFault)> {
 /// whole (its frame is malformed); one that passes can be walked with
 /// [`BatchRecords`] with no further check.
 pub fn parse_batch(payload: &[u8]) -> Result<BatchInfo, String> {
+    parse_batch_indexed(payload, &mut [])
+}
+
+/// [`parse_batch`], writing the end of each record (its byte offset in
+/// the record area, native-endian `u32`) to `index`, for as many records
+/// as it has room for.
+fn parse_batch_indexed(
+    payload: &[u8],
+    index: &mut [[u8; INDEX_ENTRY]],
+) -> Result<BatchInfo, String> {
     let (h, body) = BatchHeader::read_from_prefix(payload).map_err(|_| {
         format!(
             "binary batch of {} bytes is shorter than its {BATCH_HEADER_SIZE}-byte header",
@@ -487,7 +507,7 @@ pub fn parse_batch(payload: &[u8]) -> Result<BatchInfo, String> {
     if !ascii && simdutf8::basic::from_utf8(body).is_err() {
         return Err("binary batch: a content is not UTF-8, or a record length is malformed".into());
     }
-    let (n, nulls) = walk_records(body).map_err(|(n, fault)| match fault {
+    let (n, nulls) = walk_records(body, index).map_err(|(n, fault)| match fault {
         RecordFault::CutLength => format!("binary batch: record {n} is cut inside its length"),
         RecordFault::BadLength => format!("binary batch: record {n} has a malformed length"),
         RecordFault::Overrun { len, left } => {
@@ -522,19 +542,91 @@ pub fn nth_id(first: &[u8; 16], index: u32) -> [u8; 16] {
 
 /// A received batch payload that [`parse_batch`] accepted.
 ///
-/// Its fields are private and [`CheckedBatch::parse`] is the only way to
-/// make one, so its record area is known to be valid UTF-8.
+/// Its fields are private and [`CheckedBatch::parse`] (or
+/// [`CheckedBatch::parse_indexed`]) is the only way to make one, so every
+/// `CheckedBatch` holds a payload that passed the check, and an index that
+/// the check wrote for that payload.
 #[derive(Debug, Clone)]
 pub struct CheckedBatch {
     payload: Bytes,
     info: BatchInfo,
+    /// The end of every record (native-endian `u32`, [`INDEX_ENTRY`] bytes
+    /// each), written by the check; empty when the batch was not indexed.
+    index: Bytes,
 }
+
+/// Bytes of one record's entry in a batch's index.
+const INDEX_ENTRY: usize = 4;
+
+/// Batches of fewer messages are not indexed: walking their lengths
+/// costs no more than reading an index.
+pub const INDEX_MIN_COUNT: u32 = 8;
+
+/// Where the indexes of received batches are carved from: blocks of
+/// this many bytes, reclaimed in place once every batch indexed in one
+/// is dropped. A batch whose index would need more than a quarter of a
+/// block is not indexed.
+pub const INDEX_BLOCK: usize = 64 * 1024;
 
 impl CheckedBatch {
     /// Checks `payload` ([`parse_batch`]).
     pub fn parse(payload: Bytes) -> Result<Self, String> {
         let info = parse_batch(&payload)?;
-        Ok(CheckedBatch { payload, info })
+        Ok(CheckedBatch {
+            payload,
+            info,
+            index: Bytes::new(),
+        })
+    }
+
+    /// Checks `payload` as [`CheckedBatch::parse`] does and, for a batch
+    /// of [`INDEX_MIN_COUNT`] messages or more, records where each of its
+    /// records ends, in an index taken from `blocks` (see [`INDEX_BLOCK`]).
+    ///
+    /// Reading the batch then needs no record's length: without the index
+    /// each record's position depends on a load of the one before it, a
+    /// chain of dependent loads that the CPU cannot overlap; with it, the
+    /// positions are known up front. The check walks the lengths anyway,
+    /// so writing the index costs one store a record.
+    pub fn parse_indexed(payload: Bytes, blocks: &mut BufferPool) -> Result<Self, String> {
+        let announced = match BatchHeader::ref_from_prefix(&payload[..]) {
+            Ok((h, _)) => h.count.get(),
+            Err(_) => 0,
+        };
+        // The announced count is the peer's word: the index is sized by
+        // it only up to what the payload could hold (a record is at least
+        // five bytes) and a quarter of a block.
+        let most = payload.len().saturating_sub(BATCH_HEADER_SIZE) / (RECORD_LEN_SIZE + 1);
+        let slots = (announced as usize).min(most);
+        let need = slots * INDEX_ENTRY;
+        if announced < INDEX_MIN_COUNT || need > INDEX_BLOCK / 4 {
+            return CheckedBatch::parse(payload);
+        }
+        let mut block = blocks.take_recv_plain();
+        if block.capacity() - block.len() < need {
+            blocks.put(block);
+            block = blocks.take();
+        }
+        debug_assert!(block.is_empty());
+        block.resize(need, 0);
+        let (entries, _) = block.as_chunks_mut::<INDEX_ENTRY>();
+        let info = match parse_batch_indexed(&payload, entries) {
+            Ok(info) => info,
+            Err(e) => {
+                block.clear();
+                blocks.put(block);
+                return Err(e);
+            }
+        };
+        // `parse_batch_indexed` accepted the batch, so it holds exactly
+        // `announced` records and wrote every slot.
+        let index = block.split().freeze();
+        blocks.put(block);
+        Ok(CheckedBatch {
+            payload,
+            info,
+            index,
+        })
     }
 
     /// What the header says.
@@ -547,6 +639,12 @@ impl CheckedBatch {
         &self.payload
     }
 
+    /// Whether the check recorded where each record ends.
+    #[cfg(test)]
+    pub fn is_indexed(&self) -> bool {
+        !self.index.is_empty()
+    }
+
     /// The contents, in order.
     #[inline]
     pub fn records(&self) -> BatchRecords<'_> {
@@ -555,7 +653,11 @@ impl CheckedBatch {
         // `payload[BATCH_HEADER_SIZE..]` as UTF-8; `Bytes` is immutable,
         // and the field is private, so it is still that payload.
         let body = unsafe { std::str::from_utf8_unchecked(body) };
-        BatchRecords { body }
+        BatchRecords {
+            body,
+            at: 0,
+            ends: self.index.as_chunks::<INDEX_ENTRY>().0,
+        }
     }
 }
 
@@ -584,13 +686,19 @@ pub(crate) fn expand(batch: &CheckedBatch, from: &Name, to: &Name, out: &mut Vec
 /// The contents of a [`CheckedBatch`], in order, each a slice of the frame.
 #[derive(Debug, Clone)]
 pub struct BatchRecords<'a> {
+    /// The whole record area.
     body: &'a str,
+    /// Where the next record starts.
+    at: usize,
+    /// The ends of the records not yet read, when the batch is indexed
+    /// (else empty, and each record's length is read before it).
+    ends: &'a [[u8; INDEX_ENTRY]],
 }
 
 impl BatchRecords<'_> {
     /// Bytes of records not yet read.
     pub fn remaining(&self) -> usize {
-        self.body.len()
+        self.body.len() - self.at
     }
 }
 
@@ -600,7 +708,10 @@ impl CheckedBatch {
     /// what remained).
     pub fn records_from(&self, read: usize) -> BatchRecords<'_> {
         let mut r = self.records();
-        r.body = r.body.get(read..).unwrap_or_default();
+        // Read by their lengths from there (the index is by record, not
+        // by byte).
+        r.ends = &[];
+        r.at = read.min(r.body.len());
         r
     }
 
@@ -615,24 +726,30 @@ impl<'a> Iterator for BatchRecords<'a> {
 
     #[inline(always)]
     fn next(&mut self) -> Option<&'a str> {
-        let (len_bytes, rest) = self
-            .body
-            .as_bytes()
-            .split_first_chunk::<RECORD_LEN_SIZE>()?;
-        let len = record_len(*len_bytes)?;
-        let (content, rest) = rest.split_at_checked(len)?;
-        // SAFETY: `body` is valid UTF-8 and every record length byte is
-        // ASCII (`record_len` refused any other): `content` and `rest` both
-        // start right after an ASCII byte and end right before one (or at
-        // the end), so each starts and ends on a character boundary of
-        // valid UTF-8 and is itself valid UTF-8.
-        let (content, rest) = unsafe {
-            (
-                std::str::from_utf8_unchecked(content),
-                std::str::from_utf8_unchecked(rest),
-            )
+        let start = self.at + RECORD_LEN_SIZE;
+        let end = if let Some((end, rest)) = self.ends.split_first() {
+            self.ends = rest;
+            u32::from_ne_bytes(*end) as usize
+        } else {
+            let len_bytes = self.body.as_bytes().get(self.at..start)?;
+            start + record_len(len_bytes.try_into().ok()?)?
         };
-        self.body = rest;
+        // Both checks are on numbers only (no load of the body).
+        if start > end || end > self.body.len() {
+            return None;
+        }
+        // SAFETY: `body` is valid UTF-8 and every record length byte is
+        // ASCII (the check refused any other). `start` is right after a
+        // record's length bytes, and `end` is the end of the body or the
+        // start of the next record's length bytes: the end that the
+        // record's own length gives, read just above or written to the
+        // index by the check that walked these same, immutable bytes. So
+        // the slice starts right after an ASCII byte and ends right before
+        // one (or at the end): both are character boundaries of valid
+        // UTF-8, and the slice is itself valid UTF-8; and it is in bounds
+        // (checked just above).
+        let content = unsafe { self.body.get_unchecked(start..end) };
+        self.at = end;
         Some(content)
     }
 }
@@ -673,6 +790,96 @@ mod tests {
         let wrapped = nth_id(&top, 1);
         assert_eq!(wrapped[..10], first[..10], "the prefix stays");
         assert_eq!(wrapped[10..], [0; 6], "the counter wraps modulo 2^48");
+    }
+
+    /// A batch payload of `contents`, announcing `count` messages.
+    fn batch_of(contents: &[&str], count: u32) -> Bytes {
+        let mut out = BytesMut::new();
+        out.put_slice(batch_header(count, 1.5, 9, [7; 16]).as_bytes());
+        for c in contents {
+            out.put_slice(&record_len_bytes(c.len()));
+            out.put_slice(c.as_bytes());
+        }
+        out.freeze()
+    }
+
+    #[test]
+    fn an_indexed_batch_reads_the_same_records_as_a_walked_one() {
+        let mut blocks = BufferPool::new(INDEX_BLOCK, 2);
+        let long = "x".repeat(300);
+        for n in [1usize, 7, 8, 9, 100, 3000] {
+            let owned: Vec<String> = (0..n)
+                .map(|i| match i % 3 {
+                    0 => format!("{i}"),
+                    1 => format!("\"é{i}\""),
+                    _ => long.clone(),
+                })
+                .collect();
+            let contents: Vec<&str> = owned.iter().map(String::as_str).collect();
+            let payload = batch_of(&contents, n as u32);
+            let plain = CheckedBatch::parse(payload.clone()).unwrap();
+            let indexed = CheckedBatch::parse_indexed(payload, &mut blocks).unwrap();
+            assert!(!plain.is_indexed());
+            assert_eq!(
+                indexed.is_indexed(),
+                n >= INDEX_MIN_COUNT as usize,
+                "{n} messages"
+            );
+            assert!(indexed.records().eq(contents.iter().copied()), "{n}");
+            assert!(plain.records().eq(contents.iter().copied()), "{n}");
+            // Part way through, by byte position (the threaded cursor's
+            // way), the records that follow.
+            let mut r = indexed.records();
+            r.nth(n / 2);
+            let from = indexed.records_from(indexed.records_len() - r.remaining());
+            assert!(from.eq(contents[n / 2 + 1..].iter().copied()), "{n}");
+        }
+    }
+
+    #[test]
+    fn a_hostile_count_neither_sizes_the_index_nor_passes() {
+        let mut blocks = BufferPool::new(INDEX_BLOCK, 2);
+        let contents = ["1"; 20];
+        for count in [19, 21, 1 << 20, u32::MAX] {
+            let e =
+                CheckedBatch::parse_indexed(batch_of(&contents, count), &mut blocks).unwrap_err();
+            assert!(e.contains("announces"), "{count}: {e}");
+        }
+        // A record cut short, after enough whole ones to be indexed.
+        let mut cut = BytesMut::from(&batch_of(&contents, 20)[..]);
+        cut.truncate(cut.len() - 1);
+        cut.put_slice(b"\x80");
+        assert!(CheckedBatch::parse_indexed(cut.freeze(), &mut blocks).is_err());
+        // The blocks still serve after the refusals, and then without
+        // allocating: every index lives in one block while its batches
+        // are kept, and is reclaimed in place once they are dropped.
+        // Fifty rounds carve 400 KB of indexes; a block is carved from its
+        // start, so an index outside every block seen so far starts one.
+        let payload = batch_of(&contents, 20);
+        let mut starts: Vec<usize> = Vec::new();
+        for _ in 0..50 {
+            let kept: Vec<CheckedBatch> = (0..100)
+                .map(|_| CheckedBatch::parse_indexed(payload.clone(), &mut blocks).unwrap())
+                .collect();
+            for b in &kept {
+                assert!(b.is_indexed());
+                let at = b.index.as_ptr() as usize;
+                if !starts.iter().any(|&s| (s..s + INDEX_BLOCK).contains(&at)) {
+                    starts.push(at);
+                }
+            }
+        }
+        assert!(starts.len() <= 2, "{} blocks allocated", starts.len());
+    }
+
+    #[test]
+    fn a_batch_too_large_to_index_is_walked() {
+        let mut blocks = BufferPool::new(INDEX_BLOCK, 2);
+        let n = INDEX_BLOCK / 4 / INDEX_ENTRY + 1;
+        let contents = vec!["0"; n];
+        let b = CheckedBatch::parse_indexed(batch_of(&contents, n as u32), &mut blocks).unwrap();
+        assert!(!b.is_indexed());
+        assert_eq!(b.records().count(), n);
     }
 
     #[test]
