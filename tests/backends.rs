@@ -559,7 +559,66 @@ fn large_messages_get_the_large_socket_send_buffer_and_small_runs_give_it_back(
     }
 }
 
+/// Voluntary context switches of the calling thread so far: the times it
+/// slept in the kernel.
+fn thread_sleeps() -> i64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `getrusage` writes one `rusage` through the pointer, which
+    // points to one (zeroed, so initialised whatever it writes).
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_THREAD, u.as_mut_ptr()) };
+    assert_eq!(rc, 0, "getrusage(RUSAGE_THREAD)");
+    // SAFETY: zeroed above, then filled in.
+    unsafe { u.assume_init() }.ru_nvcsw
+}
+
+/// A wait looks for work for `spin_before_sleep` before it sleeps: a
+/// message that comes meanwhile is taken without sleeping; with no spin
+/// the wait sleeps; and the spin never keeps a wait past its timeout.
+fn a_wait_spins_before_it_sleeps_and_never_past_its_timeout(backend: BackendChoice) {
+    let t = TestRoute::new(backend);
+    for (spin, sleeps) in [(Duration::ZERO, true), (Duration::from_secs(5), false)] {
+        // On the socket (a lane's wait watches its ring instead).
+        let opts = t.opts().spin_before_sleep(spin).lane(false);
+        let mut rx = Client::connect(&t.info(), "rx", opts.clone()).unwrap();
+        let mut tx = Client::connect(&t.info(), "tx", opts.listen(false)).unwrap();
+        tx.send_message("rx", "warm").unwrap();
+        assert_eq!(poll(&mut rx, 1).len(), 1);
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            tx.send_message("rx", "late").unwrap();
+            tx
+        });
+        let before = thread_sleeps();
+        let got = rx.get_messages_timeout(Duration::from_secs(10)).unwrap();
+        let slept = thread_sleeps() - before;
+        assert_eq!(got.len(), 1, "{backend:?} {spin:?}");
+        assert_eq!(got[0].content::<String>().unwrap(), "late");
+        assert_eq!(
+            slept > 0,
+            sleeps,
+            "{backend:?} spin {spin:?}: {slept} sleeps while waiting"
+        );
+        // Nothing comes: a 50 ms wait ends after 50 ms, however long the
+        // spin.
+        let start = Instant::now();
+        assert!(
+            rx.get_messages_timeout(Duration::from_millis(50))
+                .unwrap()
+                .is_empty()
+        );
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(50) && took < Duration::from_secs(2),
+            "{backend:?} spin {spin:?}: a 50 ms wait took {took:?}"
+        );
+        let mut tx = sender.join().unwrap();
+        tx.disconnect(None).unwrap();
+        rx.disconnect(None).unwrap();
+    }
+}
+
 per_backend!(
+    a_wait_spins_before_it_sleeps_and_never_past_its_timeout,
     large_messages_get_the_large_socket_send_buffer_and_small_runs_give_it_back,
     a_conversing_peer_that_dies_mid_frame_loses_nothing_complete,
     inbox_limit_bounds_each_batch_and_the_rest_follows,

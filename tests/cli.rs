@@ -491,8 +491,9 @@ fn bench_reports_throughput_and_round_trips_labelled_with_backend_and_serializer
         "{text}"
     );
     assert!(
-        text.contains("round trip, unloaded ping-pong, blocking waits: p50")
-            && text.contains("round trip, unloaded ping-pong, busy polling:")
+        text.contains(
+            "round trip, unloaded ping-pong, blocking waits (spin 20 us, then sleep): p50"
+        ) && text.contains("round trip, unloaded ping-pong, busy polling:")
             && text.contains("p99.9"),
         "{text}"
     );
@@ -503,6 +504,25 @@ fn bench_reports_throughput_and_round_trips_labelled_with_backend_and_serializer
     assert!(
         !text.contains('\r'),
         "no progress bar when stdout is not a terminal"
+    );
+    // Waits that sleep at once say so.
+    let out = ipcm()
+        .args([
+            "bench",
+            "--messages",
+            "2000",
+            "--round-trips",
+            "100",
+            "--spin-before-sleep-us",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("blocking waits (spin 0 us, then sleep): p50"),
+        "{text}"
     );
 }
 

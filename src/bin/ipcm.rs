@@ -193,6 +193,10 @@ struct BenchArgs {
     /// which is what compares the backends).
     #[arg(long, value_enum, default_value_t = OnOff::On)]
     lane: OnOff,
+    /// How long, in microseconds, a blocking wait looks for work before it
+    /// sleeps (the clients' `Options::spin_before_sleep`; 0: sleep at once).
+    #[arg(long, default_value_t = Options::default().spin_before_sleep.as_micros() as u64)]
+    spin_before_sleep_us: u64,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -204,7 +208,10 @@ enum OnOff {
 impl BenchArgs {
     /// The options every client of the bench starts from.
     fn opts(&self, backend: BackendChoice) -> Options {
-        Options::new().backend(backend).lane(self.lane == OnOff::On)
+        Options::new()
+            .backend(backend)
+            .lane(self.lane == OnOff::On)
+            .spin_before_sleep(Duration::from_micros(self.spin_before_sleep_us))
     }
 
     fn messages(&self) -> u64 {
@@ -697,8 +704,9 @@ fn bench(args: &BenchArgs) -> Out {
                     r.paths[0]
                 );
                 println!(
-                    "{:>8}: round trip, unloaded ping-pong, blocking waits: {} ({})",
+                    "{:>8}: round trip, unloaded ping-pong, blocking waits (spin {} us, then sleep): {} ({})",
                     r.backend,
+                    args.spin_before_sleep_us,
                     r.blocking.text(),
                     r.paths[1]
                 );

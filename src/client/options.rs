@@ -34,6 +34,14 @@ pub struct Options {
     /// blocking sends poll the sockets without blocking until there is
     /// something to do. Costs a core while waiting; cuts wake-up latency.
     pub busy_poll: bool,
+    /// How long a wait looks for work before it sleeps in the kernel
+    /// (20 µs by default; zero: it sleeps at once). A message that comes
+    /// this soon is taken without a wake-up on either side: the sender
+    /// does not pay to wake this thread, and this thread does not pay to
+    /// be scheduled again. Costs up to that much CPU time per wait that
+    /// ends in sleep. With a shared-memory lane the wait watches the
+    /// lane's ring; on sockets it polls them without blocking.
+    pub spin_before_sleep: Duration,
 }
 
 impl Default for Options {
@@ -50,6 +58,7 @@ impl Default for Options {
             allow_uids: Vec::new(),
             allow_any_uid: false,
             busy_poll: false,
+            spin_before_sleep: crate::reactor::DEFAULT_SPIN_BEFORE_SLEEP,
         }
     }
 }
@@ -170,6 +179,12 @@ impl Options {
     /// Sets [`Options::allow_any_uid`].
     pub fn allow_any_uid(mut self, any: bool) -> Self {
         self.allow_any_uid = any;
+        self
+    }
+
+    /// Sets [`Options::spin_before_sleep`].
+    pub fn spin_before_sleep(mut self, spin: Duration) -> Self {
+        self.spin_before_sleep = spin;
         self
     }
 

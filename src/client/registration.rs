@@ -74,6 +74,7 @@ impl Client {
         core.set_local_id(id);
         let mut reactor = Reactor::new(core, backend);
         reactor.set_busy_poll(opts.busy_poll);
+        reactor.set_spin_before_sleep(opts.spin_before_sleep);
         if !opts.allow_any_uid {
             let mut uids = vec![rustix::process::geteuid().as_raw()];
             uids.extend(route_owner);

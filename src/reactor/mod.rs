@@ -24,9 +24,9 @@ pub use crate::backend_kind::BackendKind;
 /// Spins of a busy-polling reactor with lanes per look at the sockets.
 const LANE_SPINS_PER_POLL: u32 = 64;
 
-/// How long a reactor with lanes watches their rings before it sleeps
-/// (see `Reactor::spin_on_lanes`).
-const LANE_SPIN: Duration = Duration::from_micros(20);
+/// How long a reactor looks for work before it sleeps, by default (see
+/// [`Reactor::set_spin_before_sleep`]).
+pub const DEFAULT_SPIN_BEFORE_SLEEP: Duration = Duration::from_micros(20);
 
 /// Which backend to use when connecting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -487,6 +487,8 @@ pub struct Reactor {
     busy: bool,
     /// Spins so far (busy polling with lanes).
     spins: u32,
+    /// How long a turn that would sleep looks for work first.
+    spin_before_sleep: Duration,
     /// The lanes' consumers announced a sleep (`Core::lane_prepare_sleep`).
     lane_asleep: bool,
 }
@@ -515,6 +517,7 @@ impl Reactor {
             default_send_buffer: None,
             busy: false,
             spins: 0,
+            spin_before_sleep: DEFAULT_SPIN_BEFORE_SLEEP,
             lane_asleep: false,
         }
     }
@@ -841,12 +844,12 @@ impl Reactor {
     }
 
     /// Before sleeping with lanes: watches their rings for a short while
-    /// (at most [`LANE_SPIN`], and never past `timeout`), since a peer
-    /// that writes to a ring this soon would otherwise pay for a wake-up
-    /// over the socket on both sides (two system calls and a scheduler
-    /// round trip for one record).
+    /// (at most the spin before sleep, and never past `timeout`), since a
+    /// peer that writes to a ring this soon would otherwise pay for a
+    /// wake-up over the socket on both sides (two system calls and a
+    /// scheduler round trip for one record).
     fn spin_on_lanes(&mut self, timeout: Option<Duration>) {
-        let limit = timeout.map_or(LANE_SPIN, |t| t.min(LANE_SPIN));
+        let limit = timeout.map_or(self.spin_before_sleep, |t| t.min(self.spin_before_sleep));
         let waker = self.backend.waker();
         let start = Instant::now();
         loop {
@@ -861,6 +864,25 @@ impl Reactor {
             if start.elapsed() >= limit {
                 return;
             }
+        }
+    }
+
+    /// Before sleeping without lanes: polls the backend without waiting
+    /// for a short while (at most the spin before sleep, and never past
+    /// `timeout`), until something completes. A peer that writes this
+    /// soon then finds this thread awake: its write needs no wake-up, which
+    /// the writer pays for in the kernel (a streaming 64 B sender ran 8–10 %
+    /// slower when its reader slept between its writes).
+    fn spin_on_sockets(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let limit = timeout.map_or(self.spin_before_sleep, |t| t.min(self.spin_before_sleep));
+        let start = Instant::now();
+        loop {
+            self.backend
+                .poll(Some(Duration::ZERO), &mut self.completions, &mut self.pool)?;
+            if !self.completions.is_empty() || start.elapsed() >= limit {
+                return Ok(());
+            }
+            std::hint::spin_loop();
         }
     }
 
@@ -928,6 +950,12 @@ impl Reactor {
             }
         }
         self.dispatch();
+        if !lanes && timeout != Some(Duration::ZERO) && !self.spin_before_sleep.is_zero() {
+            self.spin_on_sockets(timeout)?;
+            if !self.completions.is_empty() {
+                timeout = Some(Duration::ZERO);
+            }
+        }
         if lanes && timeout != Some(Duration::ZERO) {
             self.spin_on_lanes(timeout);
             self.lane_asleep = true;
@@ -993,6 +1021,13 @@ impl Reactor {
     /// See [`Backend::moved_to_this_thread`].
     pub fn moved_to_this_thread(&mut self) {
         self.backend.moved_to_this_thread();
+    }
+
+    /// How long a turn that would sleep looks for work first (zero: it
+    /// sleeps at once). With lanes it watches their rings; without, it
+    /// polls the sockets without waiting.
+    pub fn set_spin_before_sleep(&mut self, spin: Duration) {
+        self.spin_before_sleep = spin;
     }
 
     /// See [`Backend::set_busy_poll`].
