@@ -58,6 +58,13 @@ pub struct ThreadedOptions {
     /// Payload bytes the reactor keeps beyond a full ring before it stops
     /// reading sockets.
     pub inbox_limit: usize,
+    /// Whether the reactor's thread, before it sleeps, polls the sockets
+    /// for [`crate::Options::spin_before_sleep`] as an inline client does
+    /// (off by default; its spin on a lane's ring stays). A threaded client
+    /// runs two threads, and the reactor's spin takes the core that the
+    /// application's thread needs when threads outnumber cores: on two
+    /// cores, a threaded ping-pong's p50 went from 35 to 88 µs with it on.
+    pub spin_on_sockets: bool,
 }
 
 impl Default for ThreadedOptions {
@@ -68,6 +75,7 @@ impl Default for ThreadedOptions {
             send_queue: 64 * 1024,
             send_queue_bytes: 8 * 1024 * 1024,
             inbox_limit: 8 * 1024 * 1024,
+            spin_on_sockets: false,
         }
     }
 }
@@ -1457,6 +1465,7 @@ impl Client {
         opts: ThreadedOptions,
     ) -> Result<(Sender, Receiver, ReactorHandle)> {
         self.set_inbox_limit(opts.inbox_limit);
+        self.set_spin_on_sockets(opts.spin_on_sockets);
         let ready = rustix::event::eventfd(
             0,
             rustix::event::EventfdFlags::CLOEXEC | rustix::event::EventfdFlags::NONBLOCK,

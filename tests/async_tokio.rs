@@ -198,6 +198,7 @@ fn a_stopped_receiver_holds_senders_pending_with_bounded_memory(b: BackendChoice
         send_queue: 64,
         send_queue_bytes: 128 * 1024,
         inbox_limit: 64 * 1024,
+        ..ThreadedOptions::default()
     };
     runtime().block_on(async {
         let sink = ipcm::Client::connect(&t.info(), "sink", t.opts()).unwrap();
@@ -283,6 +284,7 @@ fn cancelled_sends_and_receives_lose_and_duplicate_nothing(b: BackendChoice) {
         send_queue: 8,
         send_queue_bytes: 16 * 1024,
         inbox_limit: 16 * 1024,
+        ..ThreadedOptions::default()
     };
     runtime().block_on(async {
         let sink = ipcm::Client::connect(&t.info(), "sink", t.opts()).unwrap();

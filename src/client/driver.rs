@@ -73,6 +73,12 @@ impl Client {
             .map_err(|e| Error::io("reactor wait failed", e))
     }
 
+    /// Whether a wait that would sleep polls the sockets first (see
+    /// [`Reactor::set_spin_on_sockets`]).
+    pub(crate) fn set_spin_on_sockets(&mut self, on: bool) {
+        self.reactor.set_spin_on_sockets(on);
+    }
+
     /// The reactor now runs on the calling thread (threaded mode).
     pub(crate) fn moved_to_this_thread(&mut self) {
         self.reactor.moved_to_this_thread();

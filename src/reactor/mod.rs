@@ -489,6 +489,8 @@ pub struct Reactor {
     spins: u32,
     /// How long a turn that would sleep looks for work first.
     spin_before_sleep: Duration,
+    /// Whether that look includes polling the sockets (else only rings).
+    spin_on_sockets: bool,
     /// The lanes' consumers announced a sleep (`Core::lane_prepare_sleep`).
     lane_asleep: bool,
 }
@@ -518,6 +520,7 @@ impl Reactor {
             busy: false,
             spins: 0,
             spin_before_sleep: DEFAULT_SPIN_BEFORE_SLEEP,
+            spin_on_sockets: true,
             lane_asleep: false,
         }
     }
@@ -950,7 +953,11 @@ impl Reactor {
             }
         }
         self.dispatch();
-        if !lanes && timeout != Some(Duration::ZERO) && !self.spin_before_sleep.is_zero() {
+        if !lanes
+            && self.spin_on_sockets
+            && timeout != Some(Duration::ZERO)
+            && !self.spin_before_sleep.is_zero()
+        {
             self.spin_on_sockets(timeout)?;
             if !self.completions.is_empty() {
                 timeout = Some(Duration::ZERO);
@@ -1028,6 +1035,12 @@ impl Reactor {
     /// polls the sockets without waiting.
     pub fn set_spin_before_sleep(&mut self, spin: Duration) {
         self.spin_before_sleep = spin;
+    }
+
+    /// Whether the look for work before sleeping polls the sockets (on by
+    /// default; off, a turn without lanes sleeps at once).
+    pub fn set_spin_on_sockets(&mut self, on: bool) {
+        self.spin_on_sockets = on;
     }
 
     /// See [`Backend::set_busy_poll`].
