@@ -27,7 +27,9 @@
 //! last line printed is a one-line summary of the headline ratios.
 //!
 //! Other sections: ping-pong round trips with blocking waits and with busy
-//! polling, fan-in (1,000 senders into one listener against 1 → 1), and the
+//! polling (the table's blocking round trips are ipcm's defaults, whose
+//! waits look for the reply for 20 µs before sleeping; a section after it
+//! has ipcm's waits sleep at once, as raw's do), fan-in (1,000 senders into one listener against 1 → 1), and the
 //! memory of 10,000 idle connections (measured in a child process).
 
 use std::fmt::Write as _;
@@ -605,7 +607,20 @@ fn threaded_ping_pong(size: usize, n: usize) -> Vec<f64> {
     lat
 }
 
-fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, spin: bool) -> Vec<f64> {
+/// How an ipcm ping-pong's clients wait for the reply.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Blocking waits with the default options: a wait looks for work for
+    /// `Options::spin_before_sleep` (20 µs), then sleeps.
+    Default,
+    /// Blocking waits that sleep at once (`spin_before_sleep` zero), as
+    /// raw's and tokio's do.
+    Sleep,
+    /// Busy polling.
+    Busy,
+}
+
+fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, wait: Wait) -> Vec<f64> {
     if flavor == Flavor::Threaded {
         return threaded_ping_pong(size, n);
     }
@@ -613,7 +628,10 @@ fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, spin: bool) -> Vec<f64>
         return async_ping_pong(size, n);
     }
     let (route, info, opts) = ipcm_route(flavor);
-    let opts = opts.busy_poll(spin);
+    let mut opts = opts.busy_poll(wait == Wait::Busy);
+    if wait == Wait::Sleep {
+        opts = opts.spin_before_sleep(Duration::ZERO);
+    }
     let echo = Client::connect(&info, "echo", opts.clone()).unwrap();
     let echo_thread = support::spawn_echo(echo);
     let mut ping = Client::connect(&info, "ping", opts).unwrap();
@@ -917,13 +935,20 @@ fn main() {
         return;
     }
     if let Some(at) = args.iter().position(|a| a == "--only-pp") {
-        // `--only-pp SYSTEM busy|blocking [ROUND_TRIPS]`: one 64 B
-        // ping-pong run, for profiling.
+        // `--only-pp SYSTEM busy|blocking|sleep [ROUND_TRIPS]`: one 64 B
+        // ping-pong run, for profiling (`sleep`: ipcm's waits sleep at
+        // once).
         let system = *systems()
             .iter()
             .find(|s| Some(s.name()) == args.get(at + 1).map(String::as_str))
-            .expect("--only-pp SYSTEM busy|blocking [ROUND_TRIPS]");
-        let spin = args.get(at + 2).map(String::as_str) == Some("busy");
+            .expect("--only-pp SYSTEM busy|blocking|sleep [ROUND_TRIPS]");
+        let how = args.get(at + 2).map(String::as_str);
+        let spin = how == Some("busy");
+        let wait = match how {
+            Some("busy") => Wait::Busy,
+            Some("sleep") => Wait::Sleep,
+            _ => Wait::Default,
+        };
         let n = args
             .get(at + 3)
             .and_then(|a| a.parse().ok())
@@ -931,7 +956,7 @@ fn main() {
         let mut lat = match system {
             System::Raw => raw_ping_pong(64, n, spin),
             System::Tokio => tokio_ping_pong(64, n),
-            System::Ipcm(f) => ipcm_ping_pong(f, 64, n, spin),
+            System::Ipcm(f) => ipcm_ping_pong(f, 64, n, wait),
             System::Iceoryx2 => iox::ping_pong(64, n),
         };
         lat.sort_by(f64::total_cmp);
@@ -1025,6 +1050,18 @@ fn main() {
         })
         .map(|s| (*s, Vec::new(), Vec::new()))
         .collect();
+    // Blocking ping-pongs whose ipcm waits sleep at once: the table's
+    // round trips are ipcm's defaults, which look for the reply for 20 µs
+    // before sleeping; these compare like with like against raw's.
+    let mut asleep: Vec<(System, Vec<f64>, Vec<f64>)> = [
+        System::Raw,
+        System::Ipcm(Flavor::Uring),
+        System::Ipcm(Flavor::Epoll),
+        System::Ipcm(Flavor::Shm),
+    ]
+    .iter()
+    .map(|s| (*s, Vec::new(), Vec::new()))
+    .collect();
     let mut machine = Vec::with_capacity(rounds);
     for round in 0..rounds {
         machine.push(machine_loop_ns());
@@ -1041,7 +1078,7 @@ fn main() {
             let mut lat = match row.system {
                 System::Raw => raw_ping_pong(row.size, pn, false),
                 System::Tokio => tokio_ping_pong(row.size, pn),
-                System::Ipcm(f) => ipcm_ping_pong(f, row.size, pn, false),
+                System::Ipcm(f) => ipcm_ping_pong(f, row.size, pn, Wait::Default),
                 // No blocking wait to measure: its ping-pong is in the
                 // busy table.
                 System::Iceoryx2 => vec![f64::NAN],
@@ -1053,9 +1090,19 @@ fn main() {
         for (system, p50, p99) in &mut busy {
             let mut lat = match system {
                 System::Raw => raw_ping_pong(64, pings, true),
-                System::Ipcm(f) => ipcm_ping_pong(*f, 64, pings, true),
+                System::Ipcm(f) => ipcm_ping_pong(*f, 64, pings, Wait::Busy),
                 System::Iceoryx2 => iox::ping_pong(64, pings),
                 System::Tokio => unreachable!(),
+            };
+            lat.sort_by(f64::total_cmp);
+            p50.push(pct(&lat, 0.5));
+            p99.push(pct(&lat, 0.99));
+        }
+        for (system, p50, p99) in &mut asleep {
+            let mut lat = match system {
+                System::Raw => raw_ping_pong(64, pings, false),
+                System::Ipcm(f) => ipcm_ping_pong(*f, 64, pings, Wait::Sleep),
+                _ => unreachable!(),
             };
             lat.sort_by(f64::total_cmp);
             p50.push(pct(&lat, 0.5));
@@ -1160,6 +1207,26 @@ fn main() {
         .unwrap();
     }
 
+    println!(
+        "\nping-pong, 64 B, blocking waits that sleep at once (ipcm: spin_before_sleep 0; the table's rtt columns are ipcm's defaults, which look for the reply for 20 us first)"
+    );
+    let raw_asleep = asleep[0].1.clone();
+    for (system, p50, p99) in &asleep {
+        let (a, b) = (median(p50), median(p99));
+        println!(
+            "{:<11} p50 {a:>7.2}us  p99 {b:>7.2}us  p50 x raw {:.2}",
+            system.name(),
+            paired(p50, &raw_asleep)
+        );
+        writeln!(
+            csv,
+            "{}-sleep,64,,,{a:.2},{b:.2},{:.4},,{rounds},",
+            system.name(),
+            paired(p50, &raw_asleep)
+        )
+        .unwrap();
+    }
+
     println!();
     // Fan-in: the same sender loop with 1 and with 1,000 clients, for a
     // listener on each backend.
@@ -1242,6 +1309,12 @@ fn main() {
             .find(|b| b.0 == sys)
             .map_or(f64::NAN, |b| paired(&b.1, &raw_busy))
     };
+    let asleep_of = |sys| {
+        asleep
+            .iter()
+            .find(|b| b.0 == sys)
+            .map_or(f64::NAN, |b| paired(&b.1, &raw_asleep))
+    };
     let fan_txt = fan
         .iter()
         .map(|(n, ratio)| format!("{n} {ratio:.2}"))
@@ -1253,12 +1326,14 @@ fn main() {
         .collect::<Vec<_>>()
         .join(" ");
     println!(
-        "summary (io_uring/epoll): 64B x raw {u64r:.2}/{e64r:.2} (target >=0.5), x tokio {:.2}/{:.2} (>=2); 1KiB x raw {u1kr:.2}/{e1kr:.2} (>=0.9); 16KiB x raw {u16r:.2}/{e16r:.2} (>=1.0); json 64B {:.2}M msgs/s (>=4M); threaded 64B x inline io_uring {threaded:.2} (>=0.8); async 64B x tokio {async_tput:.2} (>=1), ping-pong p50 x tokio {async_rtt:.2} (<=1.2); ping-pong p50 x raw blocking {:.2}/{:.2} (<=1.1), busy {:.2}/{:.2} (<=1.2); fan-in 1000/1 {fan_txt} (>=0.7); idle conn {idle_txt} (<4096B)",
+        "summary (io_uring/epoll): 64B x raw {u64r:.2}/{e64r:.2} (target >=0.5), x tokio {:.2}/{:.2} (>=2); 1KiB x raw {u1kr:.2}/{e1kr:.2} (>=0.9); 16KiB x raw {u16r:.2}/{e16r:.2} (>=1.0); json 64B {:.2}M msgs/s (>=4M); threaded 64B x inline io_uring {threaded:.2} (>=0.8); async 64B x tokio {async_tput:.2} (>=1), ping-pong p50 x tokio {async_rtt:.2} (<=1.2); ping-pong p50 x raw blocking {:.2}/{:.2} (<=1.1; sleeping at once {:.2}/{:.2}), busy {:.2}/{:.2} (<=1.2); fan-in 1000/1 {fan_txt} (>=0.7); idle conn {idle_txt} (<4096B)",
         vs(u, System::Tokio, 64),
         vs(e, System::Tokio, 64),
         r(System::Ipcm(Flavor::Json), 64) / 1e6,
         rtt(u),
         rtt(e),
+        asleep_of(u),
+        asleep_of(e),
         busy_of(u),
         busy_of(e),
     );
@@ -1287,9 +1362,10 @@ fn main() {
         median(&machine)
     );
     println!(
-        "summary (lane): busy ping-pong p50 {shm_busy:.2}us (<=1.0), x raw spinning {:.2} (<=0.3){iox}; blocking ping-pong p50 x raw {:.2} (<=1.0); 64B x raw {:.2} (>=1.0); 16KiB x raw {:.2} (>=2); fan-in 100/1 {lane_fan:.2} (>=0.7)",
+        "summary (lane): busy ping-pong p50 {shm_busy:.2}us (<=1.0), x raw spinning {:.2} (<=0.3){iox}; blocking ping-pong p50 x raw {:.2} (<=1.0; sleeping at once {:.2}); 64B x raw {:.2} (>=1.0); 16KiB x raw {:.2} (>=2); fan-in 100/1 {lane_fan:.2} (>=0.7)",
         busy_of(shm),
         rtt(shm),
+        asleep_of(shm),
         vs(shm, System::Raw, 64),
         vs(shm, System::Raw, 16384),
     );

@@ -34,7 +34,7 @@ impl Entry {
     pub fn bytes(&self) -> usize {
         match self {
             Entry::One(m) => m.content_json().len() + 64,
-            Entry::Batch(b) => b.batch.payload().len(),
+            Entry::Batch(b) => b.batch.held_bytes(),
         }
     }
 

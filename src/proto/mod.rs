@@ -959,7 +959,6 @@ impl Core {
                 fds.len()
             );
         }
-        let len = frame.len();
         let checked = match binary::CheckedBatch::parse_indexed(frame, &mut self.index_blocks) {
             Ok(b) => b,
             Err(e) => {
@@ -976,6 +975,7 @@ impl Core {
         };
         let info = checked.info();
         c.read_uncounted += u64::from(info.count - info.nulls);
+        let len = checked.held_bytes();
         let from = Name::from_byte_str(from);
         let batch = RecvBatch {
             from,

@@ -645,6 +645,12 @@ impl CheckedBatch {
         !self.index.is_empty()
     }
 
+    /// Bytes the payload and its index hold (what the inbox and the
+    /// threaded mode's receive ring count against their limits).
+    pub fn held_bytes(&self) -> usize {
+        self.payload.len() + self.index.len()
+    }
+
     /// The contents, in order.
     #[inline]
     pub fn records(&self) -> BatchRecords<'_> {
