@@ -588,18 +588,24 @@ impl CheckedBatch {
     /// chain of dependent loads that the CPU cannot overlap; with it, the
     /// positions are known up front. The check walks the lengths anyway,
     /// so writing the index costs one store a record.
+    #[inline]
     pub fn parse_indexed(payload: Bytes, blocks: &mut BufferPool) -> Result<Self, String> {
-        let announced = match BatchHeader::ref_from_prefix(&payload[..]) {
-            Ok((h, _)) => h.count.get(),
-            Err(_) => 0,
-        };
+        // The announced count, read directly (a short payload reads as
+        // none; the check refuses it).
+        let announced = payload
+            .get(std::mem::offset_of!(BatchHeader, count)..)
+            .and_then(|b| b.first_chunk::<4>())
+            .map_or(0, |b| u32::from_le_bytes(*b));
+        if announced < INDEX_MIN_COUNT {
+            return CheckedBatch::parse(payload);
+        }
         // The announced count is the peer's word: the index is sized by
         // it only up to what the payload could hold (a record is at least
         // five bytes) and a quarter of a block.
         let most = payload.len().saturating_sub(BATCH_HEADER_SIZE) / (RECORD_LEN_SIZE + 1);
         let slots = (announced as usize).min(most);
         let need = slots * INDEX_ENTRY;
-        if announced < INDEX_MIN_COUNT || need > INDEX_BLOCK / 4 {
+        if need > INDEX_BLOCK / 4 {
             return CheckedBatch::parse(payload);
         }
         let mut block = blocks.take_recv_plain();
