@@ -331,12 +331,18 @@ fn tokio_ping_pong(size: usize, n: usize) -> Vec<f64> {
 
 fn ipcm_route(flavor: Flavor) -> (Route, Info, Options) {
     let route = Route::spawn(None).unwrap();
+    let (ser, opts) = ipcm_route_options(flavor);
+    let info = Info::new(ser, route.path());
+    (route, info, opts)
+}
+
+/// The serializer, backend and options of a flavor's clients.
+fn ipcm_route_options(flavor: Flavor) -> (Serializer, Options) {
     let ser = if flavor == Flavor::Json {
         Serializer::Json
     } else {
         Serializer::Binary
     };
-    let info = Info::new(ser, route.path());
     let backend = match flavor {
         Flavor::Epoll => BackendChoice::Epoll,
         Flavor::Uring | Flavor::Json | Flavor::Threaded | Flavor::Async | Flavor::Shm => {
@@ -351,7 +357,7 @@ fn ipcm_route(flavor: Flavor) -> (Route, Info, Options) {
         .outbox_limit(256 * 1024)
         .lane(flavor == Flavor::Shm)
         .lane_after_bytes(0);
-    (route, info, opts)
+    (ser, opts)
 }
 
 fn uring_or_epoll() -> BackendChoice {
@@ -784,6 +790,52 @@ fn fan_in_lane(senders: usize, n: usize) -> f64 {
     total as f64 / secs
 }
 
+/// The lane's busy ping-pong with its echo in another process (this
+/// binary, re-run in the `echo` role), as two ipcm peers usually are. In
+/// one process the two clients also share the process's stamp clock (one
+/// cache line, written by every send), which two processes do not.
+fn ipcm_ping_pong_processes(size: usize, n: usize) -> Vec<f64> {
+    use std::io::BufRead;
+    let (route, info, opts) = ipcm_route(Flavor::Shm);
+    let opts = opts.busy_poll(true);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("IPCM_COMPARE_ROLE", "echo")
+        .env("IPCM_COMPARE_INFO", info.to_info_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready", "the echo process did not start");
+    let mut ping = Client::connect(&info, "ping", opts).unwrap();
+    let body = payload(size);
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let t = Instant::now();
+        ping.send_json("echo", &body).unwrap();
+        while ping.receive(WAIT).unwrap().is_empty() {}
+        if i >= n / 10 {
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    ping.send_json("echo", "0").unwrap();
+    assert!(child.wait().unwrap().success(), "the echo process failed");
+    ping.disconnect(None).unwrap();
+    route.unspawn().unwrap();
+    lat
+}
+
+/// The `echo` role: the echo end of [`ipcm_ping_pong_processes`].
+fn echo_process() {
+    let info = Info::parse(&std::env::var("IPCM_COMPARE_INFO").unwrap()).unwrap();
+    let (_, opts) = ipcm_route_options(Flavor::Shm);
+    let echo = Client::connect(&info, "echo", opts.busy_poll(true)).unwrap();
+    println!("ready");
+    support::spawn_echo(echo).join().unwrap();
+}
+
 /// Bytes of listener memory (RSS delta) per idle connection, with `count`
 /// connections held open by a child process (this binary, re-run in the
 /// idle-clients role).
@@ -907,6 +959,10 @@ fn main() {
         support::hold_idle_clients();
         return;
     }
+    if std::env::var("IPCM_COMPARE_ROLE").as_deref() == Ok("echo") {
+        echo_process();
+        return;
+    }
     let args: Vec<String> = std::env::args().collect();
     if let Some(at) = args.iter().position(|a| a == "--only") {
         // `--only SYSTEM SIZE [MESSAGES]`: one throughput run, for profiling.
@@ -932,6 +988,22 @@ fn main() {
         // `--only-machine`: the machine-state loop alone (see
         // `machine_loop_ns`), to read single runs beside it.
         println!("machine loop: {:.2} ns a step", machine_loop_ns());
+        return;
+    }
+    if let Some(at) = args.iter().position(|a| a == "--only-pp-processes") {
+        // `--only-pp-processes [ROUND_TRIPS]`: the lane's busy ping-pong
+        // with its echo in another process.
+        let n = args
+            .get(at + 1)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(20_000);
+        let mut lat = ipcm_ping_pong_processes(64, n);
+        lat.sort_by(f64::total_cmp);
+        println!(
+            "ipcm-shm ping-pong, two processes: p50 {:.2}us p99 {:.2}us",
+            pct(&lat, 0.5),
+            pct(&lat, 0.99)
+        );
         return;
     }
     if let Some(at) = args.iter().position(|a| a == "--only-pp") {
@@ -1062,6 +1134,8 @@ fn main() {
     .iter()
     .map(|s| (*s, Vec::new(), Vec::new()))
     .collect();
+    // The lane's busy ping-pong with its echo in another process.
+    let (mut procs_p50, mut procs_p99) = (Vec::new(), Vec::new());
     let mut machine = Vec::with_capacity(rounds);
     for round in 0..rounds {
         machine.push(machine_loop_ns());
@@ -1098,6 +1172,10 @@ fn main() {
             p50.push(pct(&lat, 0.5));
             p99.push(pct(&lat, 0.99));
         }
+        let mut lat = ipcm_ping_pong_processes(64, pings);
+        lat.sort_by(f64::total_cmp);
+        procs_p50.push(pct(&lat, 0.5));
+        procs_p99.push(pct(&lat, 0.99));
         for (system, p50, p99) in &mut asleep {
             let mut lat = match system {
                 System::Raw => raw_ping_pong(64, pings, false),
@@ -1206,6 +1284,17 @@ fn main() {
         )
         .unwrap();
     }
+
+    let (a, b) = (median(&procs_p50), median(&procs_p99));
+    let procs_x_raw = paired(&procs_p50, &raw_busy);
+    println!(
+        "ipcm-shm, echo in another process: p50 {a:.2}us  p99 {b:.2}us  p50 x raw {procs_x_raw:.2} (the rows above run both ends in one process)"
+    );
+    writeln!(
+        csv,
+        "ipcm-shm-busy-processes,64,,,{a:.2},{b:.2},{procs_x_raw:.4},,{rounds},"
+    )
+    .unwrap();
 
     println!(
         "\nping-pong, 64 B, blocking waits that sleep at once (ipcm: spin_before_sleep 0; the table's rtt columns are ipcm's defaults, which look for the reply for 20 us first)"
@@ -1362,7 +1451,8 @@ fn main() {
         median(&machine)
     );
     println!(
-        "summary (lane): busy ping-pong p50 {shm_busy:.2}us (<=1.0), x raw spinning {:.2} (<=0.3){iox}; blocking ping-pong p50 x raw {:.2} (<=1.0; sleeping at once {:.2}); 64B x raw {:.2} (>=1.0); 16KiB x raw {:.2} (>=2); fan-in 100/1 {lane_fan:.2} (>=0.7)",
+        "summary (lane): busy ping-pong p50 {shm_busy:.2}us (<=1.0; echo in another process {:.2}us), x raw spinning {:.2} (<=0.3){iox}; blocking ping-pong p50 x raw {:.2} (<=1.0; sleeping at once {:.2}); 64B x raw {:.2} (>=1.0); 16KiB x raw {:.2} (>=2); fan-in 100/1 {lane_fan:.2} (>=0.7)",
+        median(&procs_p50),
         busy_of(shm),
         rtt(shm),
         asleep_of(shm),
