@@ -613,6 +613,23 @@ fn threaded_ping_pong(size: usize, n: usize) -> Vec<f64> {
     lat
 }
 
+/// `n` timed round trips (after `n / 10` untimed ones) from `ping` to
+/// the client `echo`, then the `0` that stops the echo; microseconds.
+fn pings_to_echo(ping: &mut Client, size: usize, n: usize) -> Vec<f64> {
+    let body = payload(size);
+    let mut lat = Vec::with_capacity(n);
+    for i in 0..n + n / 10 {
+        let t = Instant::now();
+        ping.send_json("echo", &body).unwrap();
+        while ping.receive(WAIT).unwrap().is_empty() {}
+        if i >= n / 10 {
+            lat.push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    ping.send_json("echo", "0").unwrap();
+    lat
+}
+
 /// How an ipcm ping-pong's clients wait for the reply.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Wait {
@@ -641,17 +658,7 @@ fn ipcm_ping_pong(flavor: Flavor, size: usize, n: usize, wait: Wait) -> Vec<f64>
     let echo = Client::connect(&info, "echo", opts.clone()).unwrap();
     let echo_thread = support::spawn_echo(echo);
     let mut ping = Client::connect(&info, "ping", opts).unwrap();
-    let body = payload(size);
-    let mut lat = Vec::with_capacity(n);
-    for i in 0..n + n / 10 {
-        let t = Instant::now();
-        ping.send_json("echo", &body).unwrap();
-        while ping.receive(WAIT).unwrap().is_empty() {}
-        if i >= n / 10 {
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    ping.send_json("echo", "0").unwrap();
+    let lat = pings_to_echo(&mut ping, size, n);
     echo_thread.join().unwrap();
     ping.disconnect(None).unwrap();
     route.unspawn().unwrap();
@@ -810,17 +817,7 @@ fn ipcm_ping_pong_processes(size: usize, n: usize) -> Vec<f64> {
         .unwrap();
     assert_eq!(ready.trim(), "ready", "the echo process did not start");
     let mut ping = Client::connect(&info, "ping", opts).unwrap();
-    let body = payload(size);
-    let mut lat = Vec::with_capacity(n);
-    for i in 0..n + n / 10 {
-        let t = Instant::now();
-        ping.send_json("echo", &body).unwrap();
-        while ping.receive(WAIT).unwrap().is_empty() {}
-        if i >= n / 10 {
-            lat.push(t.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    ping.send_json("echo", "0").unwrap();
+    let lat = pings_to_echo(&mut ping, size, n);
     assert!(child.wait().unwrap().success(), "the echo process failed");
     ping.disconnect(None).unwrap();
     route.unspawn().unwrap();

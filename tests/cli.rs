@@ -471,20 +471,7 @@ fn bench_reports_throughput_and_round_trips_labelled_with_backend_and_serializer
     for m in ["throughput", "blocking", "busy_poll"] {
         assert_eq!(first["path"][m], "socket", "{m}");
     }
-    let out = ipcm()
-        .args([
-            "bench",
-            "--messages",
-            "2000",
-            "--round-trips",
-            "100",
-            "--serializer",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = short_bench(&["--serializer", "json"]);
     assert!(text.contains("JSON serializer"), "{text}");
     assert!(
         text.contains("throughput") && text.contains("msgs/s"),
@@ -506,24 +493,23 @@ fn bench_reports_throughput_and_round_trips_labelled_with_backend_and_serializer
         "no progress bar when stdout is not a terminal"
     );
     // Waits that sleep at once say so.
-    let out = ipcm()
-        .args([
-            "bench",
-            "--messages",
-            "2000",
-            "--round-trips",
-            "100",
-            "--spin-before-sleep-us",
-            "0",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
+    let text = short_bench(&["--spin-before-sleep-us", "0"]);
     assert!(
         text.contains("blocking waits (spin 0 us, then sleep): p50"),
         "{text}"
     );
+}
+
+/// The text of a short `ipcm bench` run (2,000 messages, 100 round trips)
+/// with `extra` arguments; the run must succeed.
+fn short_bench(extra: &[&str]) -> String {
+    let out = ipcm()
+        .args(["bench", "--messages", "2000", "--round-trips", "100"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()
 }
 
 #[test]
