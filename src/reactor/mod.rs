@@ -964,7 +964,9 @@ impl Reactor {
             }
         }
         if lanes && timeout != Some(Duration::ZERO) {
-            self.spin_on_lanes(timeout);
+            if !self.spin_before_sleep.is_zero() {
+                self.spin_on_lanes(timeout);
+            }
             self.lane_asleep = true;
             if !self.core.lane_prepare_sleep() {
                 // A ring holds something: look, do not sleep.
