@@ -41,7 +41,66 @@ per_backend!(
     a_threaded_reactor_reaps_a_silent_connection_on_time,
     connections_arriving_while_the_reactor_moves_are_accepted,
     a_peer_that_stops_reading_fills_the_send_queue_not_memory,
+    the_reactor_thread_polls_sockets_before_sleeping_only_when_asked,
 );
+
+/// Voluntary context switches (times it slept) of this process's thread
+/// named `name`, from `/proc/self/task`: that thread's own count. Threads
+/// that exit while the directory is read are skipped.
+fn thread_sleeps_named(name: &str) -> Option<u64> {
+    std::fs::read_dir("/proc/self/task")
+        .ok()?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|dir| std::fs::read_to_string(dir.join("comm")).is_ok_and(|c| c.trim_end() == name))
+        .find_map(|dir| {
+            let status = std::fs::read_to_string(dir.join("status")).ok()?;
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+}
+
+/// `ThreadedOptions::spin_on_sockets`: off (the default), the reactor's
+/// thread sleeps at once when its sockets are quiet; on, it polls them
+/// for `Options::spin_before_sleep` first, and a message that comes
+/// meanwhile is taken without its sleeping.
+fn the_reactor_thread_polls_sockets_before_sleeping_only_when_asked(b: BackendChoice) {
+    let t = TestRoute::new(b);
+    for spin_on_sockets in [false, true] {
+        let id = if spin_on_sockets { "spin1" } else { "spin0" };
+        // A look longer than the test: with it, the reactor's thread
+        // never sleeps while the test runs.
+        let opts = t
+            .opts()
+            .lane(false)
+            .spin_before_sleep(Duration::from_secs(2));
+        let rx = Client::connect(&t.info(), id, opts.clone()).unwrap();
+        let (_rtx, mut rrx, handle) = rx
+            .into_threaded_with(ThreadedOptions {
+                spin_on_sockets,
+                ..ThreadedOptions::default()
+            })
+            .unwrap();
+        let mut tx = Client::connect(&t.info(), &format!("{id}-tx"), opts.listen(false)).unwrap();
+        for m in ["first", "late"] {
+            // The sockets stay quiet for 50 ms before each message.
+            std::thread::sleep(Duration::from_millis(50));
+            tx.send_message(id, m).unwrap();
+            let got = rrx.recv_timeout(Duration::from_secs(10)).expect(m);
+            assert_eq!(got.content::<String>().unwrap(), m);
+        }
+        let slept = thread_sleeps_named(&format!("ipcm-{id}")).expect("the reactor thread");
+        assert_eq!(
+            slept > 0,
+            !spin_on_sockets,
+            "{b:?} spin_on_sockets {spin_on_sockets}: the reactor's thread slept {slept} times"
+        );
+        tx.disconnect(None).unwrap();
+        handle.shutdown().unwrap();
+    }
+}
 
 // Measures the whole process's RSS: in a process of its own.
 per_backend_isolated!(full_ring_applies_backpressure_with_bounded_memory);

@@ -872,17 +872,26 @@ impl Reactor {
 
     /// Before sleeping without lanes: polls the backend without waiting
     /// for a short while (at most the spin before sleep, and never past
-    /// `timeout`), until something completes. A peer that writes this
-    /// soon then finds this thread awake: its write needs no wake-up, which
-    /// the writer pays for in the kernel (a streaming 64 B sender ran 8–10 %
-    /// slower when its reader slept between its writes).
+    /// `timeout`), until something completes or another thread wakes the
+    /// reactor. A peer that writes this soon then finds this thread awake:
+    /// its write needs no wake-up, which the writer pays for in the kernel
+    /// (a streaming 64 B sender ran 8–10 % slower when its reader slept
+    /// between its writes).
+    ///
+    /// A wake while the reactor is awake only sets a flag (the eventfd is
+    /// written for a reactor that announced its sleep), which no poll
+    /// sees: the spin ends on it, and the wait that follows takes the flag
+    /// and does not sleep, as after any wake.
     fn spin_on_sockets(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         let limit = timeout.map_or(self.spin_before_sleep, |t| t.min(self.spin_before_sleep));
         let start = Instant::now();
         loop {
             self.backend
                 .poll(Some(Duration::ZERO), &mut self.completions, &mut self.pool)?;
-            if !self.completions.is_empty() || start.elapsed() >= limit {
+            if !self.completions.is_empty()
+                || self.backend.waker().woken()
+                || start.elapsed() >= limit
+            {
                 return Ok(());
             }
             std::hint::spin_loop();
