@@ -618,7 +618,6 @@ fn a_wait_spins_before_it_sleeps_and_never_past_its_timeout(backend: BackendChoi
 }
 
 per_backend!(
-    a_wait_spins_before_it_sleeps_and_never_past_its_timeout,
     large_messages_get_the_large_socket_send_buffer_and_small_runs_give_it_back,
     a_conversing_peer_that_dies_mid_frame_loses_nothing_complete,
     inbox_limit_bounds_each_batch_and_the_rest_follows,
@@ -627,9 +626,10 @@ per_backend!(
     waker_interrupts_a_blocking_wait_and_is_free_when_awake,
 );
 
-// These count the whole process's descriptors or CPU time: each runs in a
-// process of its own.
+// These count the whole process's descriptors or CPU time, or a thread's
+// context switches: each runs in a process of its own.
 per_backend_isolated!(
+    a_wait_spins_before_it_sleeps_and_never_past_its_timeout,
     ten_thousand_connection_cycles_leak_nothing,
     client_create_drop_cycles_leak_no_descriptors,
     idle_reactor_uses_no_cpu,

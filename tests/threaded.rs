@@ -41,7 +41,6 @@ per_backend!(
     a_threaded_reactor_reaps_a_silent_connection_on_time,
     connections_arriving_while_the_reactor_moves_are_accepted,
     a_peer_that_stops_reading_fills_the_send_queue_not_memory,
-    the_reactor_thread_polls_sockets_before_sleeping_only_when_asked,
 );
 
 /// Voluntary context switches (times it slept) of this process's thread
@@ -102,8 +101,12 @@ fn the_reactor_thread_polls_sockets_before_sleeping_only_when_asked(b: BackendCh
     }
 }
 
-// Measures the whole process's RSS: in a process of its own.
-per_backend_isolated!(full_ring_applies_backpressure_with_bounded_memory);
+// Measure the whole process's RSS, or read /proc/self: each in a process
+// of its own.
+per_backend_isolated!(
+    full_ring_applies_backpressure_with_bounded_memory,
+    the_reactor_thread_polls_sockets_before_sleeping_only_when_asked,
+);
 
 fn receiver_gets_messages_in_order_and_its_fd_signals(b: BackendChoice) {
     let _g = serial();
