@@ -846,13 +846,19 @@ impl Reactor {
         }
     }
 
+    /// How long a look before sleeping lasts: the spin before sleep, never
+    /// past `timeout`.
+    fn spin_limit(&self, timeout: Option<Duration>) -> Duration {
+        timeout.map_or(self.spin_before_sleep, |t| t.min(self.spin_before_sleep))
+    }
+
     /// Before sleeping with lanes: watches their rings for a short while
     /// (at most the spin before sleep, and never past `timeout`), since a
     /// peer that writes to a ring this soon would otherwise pay for a
     /// wake-up over the socket on both sides (two system calls and a
     /// scheduler round trip for one record).
     fn spin_on_lanes(&mut self, timeout: Option<Duration>) {
-        let limit = timeout.map_or(self.spin_before_sleep, |t| t.min(self.spin_before_sleep));
+        let limit = self.spin_limit(timeout);
         let waker = self.backend.waker();
         let start = Instant::now();
         loop {
@@ -883,7 +889,7 @@ impl Reactor {
     /// sees: the spin ends on it, and the wait that follows takes the flag
     /// and does not sleep, as after any wake.
     fn spin_on_sockets(&mut self, timeout: Option<Duration>) -> io::Result<()> {
-        let limit = timeout.map_or(self.spin_before_sleep, |t| t.min(self.spin_before_sleep));
+        let limit = self.spin_limit(timeout);
         let start = Instant::now();
         loop {
             self.backend
