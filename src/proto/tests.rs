@@ -693,6 +693,39 @@ fn a_full_inbox_sleeps_beside_a_ring_that_holds_data() {
     assert_eq!(got[0].content_json().to_string(), "2");
 }
 
+/// One reading of a ring takes about `LANE_READ_BUDGET` bytes, then hands
+/// them on; the rest comes with the next polls, in order, none lost.
+#[test]
+fn a_ring_is_read_a_budget_at_a_time() {
+    let mut c = core();
+    let (_id, theirs) = acceptor_on_rings(&mut c, &Serializer::Json, None, 1 << 20);
+    let (mut tx, _rx) = theirs.ends(true).unwrap();
+    let mut pool = BufferPool::new(64 * 1024, 4);
+    let pad = "x".repeat(8000);
+    let n = 3 * super::lane::LANE_READ_BUDGET / 8000;
+    for i in 0..n {
+        let m = msg("cli", "srv", &format!("[{i},\"{pad}\"]"));
+        assert!(tx.push(&m).unwrap(), "the ring holds {n} records");
+    }
+    let mut got = Vec::new();
+    let mut polls = 0;
+    while c.lane_poll(&mut pool) {
+        polls += 1;
+        let batch = take(&mut c);
+        let bytes: usize = batch.iter().map(|m| m.content_json().len()).sum();
+        assert!(
+            bytes <= super::lane::LANE_READ_BUDGET + 2 * 8100,
+            "poll {polls} took {bytes} bytes"
+        );
+        got.extend(batch);
+    }
+    assert!(polls >= 3, "{polls} polls for three budgets");
+    assert_eq!(got.len(), n);
+    for (i, m) in got.iter().enumerate() {
+        assert!(m.content_json().starts_with(&format!("[{i},")), "order");
+    }
+}
+
 /// A `BLOB` whose memfd never came (or from a peer with no known process)
 /// closes its connection: the peer said a message was there. Nothing is
 /// delivered in its place, and nothing panics.
