@@ -996,6 +996,9 @@ impl Core {
             }
         }
         self.flush_read_run();
+        if got {
+            crate::message::prefetch_stamp_clock();
+        }
         // Activity on a lane is noted by `lane_idle_check`, not here.
         if got
             && let Some(c) = self.get_mut(id)

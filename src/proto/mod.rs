@@ -807,6 +807,9 @@ impl Core {
         // message (a map lookup per message costs a listener with a
         // thousand peers a good part of its time).
         self.flush_read_run();
+        if got_frame {
+            crate::message::prefetch_stamp_clock();
+        }
         if got_frame && let Some(c) = self.get_mut(id) {
             c.last_activity = coarse_stamp();
         }
