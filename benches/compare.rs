@@ -29,8 +29,9 @@
 //! Other sections: ping-pong round trips with blocking waits and with busy
 //! polling (the table's blocking round trips are ipcm's defaults, whose
 //! waits look for the reply for 20 µs before sleeping; a section after it
-//! has ipcm's waits sleep at once, as raw's do), fan-in (1,000 senders into one listener against 1 → 1), and the
-//! memory of 10,000 idle connections (measured in a child process).
+//! has ipcm's waits sleep at once, as raw's do), fan-in (1,000 senders
+//! into one listener against 1 → 1), and the memory of 10,000 idle
+//! connections (measured in a child process).
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -896,6 +897,48 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// A ping-pong's round trips, sorted, as one more p50 and p99.
+fn push_p50_p99(p50: &mut Vec<f64>, p99: &mut Vec<f64>, mut lat: Vec<f64>) {
+    lat.sort_by(f64::total_cmp);
+    p50.push(pct(&lat, 0.5));
+    p99.push(pct(&lat, 0.99));
+}
+
+/// Prints a ping-pong section's rows (the first is raw's) with their
+/// CSV rows `<system>-<suffix>`; returns raw's p50s, which the ratios
+/// are paired with.
+fn pp_section(
+    csv: &mut String,
+    rows: &[(System, Vec<f64>, Vec<f64>)],
+    suffix: &str,
+    rounds: usize,
+) -> Vec<f64> {
+    let raw = rows[0].1.clone();
+    for (system, p50, p99) in rows {
+        let (a, b) = (median(p50), median(p99));
+        let x_raw = paired(p50, &raw);
+        println!(
+            "{:<11} p50 {a:>7.2}us  p99 {b:>7.2}us  p50 x raw {x_raw:.2}",
+            system.name()
+        );
+        writeln!(
+            csv,
+            "{}-{suffix},64,,,{a:.2},{b:.2},{x_raw:.4},,{rounds},",
+            system.name()
+        )
+        .unwrap();
+    }
+    raw
+}
+
+/// `system`'s p50 in a ping-pong section, paired with raw's (NaN if the
+/// section has no such row).
+fn pp_x_raw(rows: &[(System, Vec<f64>, Vec<f64>)], system: System, raw: &[f64]) -> f64 {
+    rows.iter()
+        .find(|r| r.0 == system)
+        .map_or(f64::NAN, |r| paired(&r.1, raw))
+}
+
 struct Row {
     system: System,
     size: usize,
@@ -1011,9 +1054,7 @@ fn main() {
             .iter()
             .find(|s| Some(s.name()) == args.get(at + 1).map(String::as_str))
             .expect("--only-pp SYSTEM busy|blocking|sleep [ROUND_TRIPS]");
-        let how = args.get(at + 2).map(String::as_str);
-        let spin = how == Some("busy");
-        let wait = match how {
+        let wait = match args.get(at + 2).map(String::as_str) {
             Some("busy") => Wait::Busy,
             Some("sleep") => Wait::Sleep,
             _ => Wait::Default,
@@ -1023,7 +1064,7 @@ fn main() {
             .and_then(|a| a.parse().ok())
             .unwrap_or(20_000);
         let mut lat = match system {
-            System::Raw => raw_ping_pong(64, n, spin),
+            System::Raw => raw_ping_pong(64, n, wait == Wait::Busy),
             System::Tokio => tokio_ping_pong(64, n),
             System::Ipcm(f) => ipcm_ping_pong(f, 64, n, wait),
             System::Iceoryx2 => iox::ping_pong(64, n),
@@ -1146,7 +1187,7 @@ fn main() {
             };
             row.rates.push(rate);
             let pn = if row.size > 1024 { pings / 4 } else { pings };
-            let mut lat = match row.system {
+            let lat = match row.system {
                 System::Raw => raw_ping_pong(row.size, pn, false),
                 System::Tokio => tokio_ping_pong(row.size, pn),
                 System::Ipcm(f) => ipcm_ping_pong(f, row.size, pn, Wait::Default),
@@ -1154,34 +1195,29 @@ fn main() {
                 // busy table.
                 System::Iceoryx2 => vec![f64::NAN],
             };
-            lat.sort_by(f64::total_cmp);
-            row.p50.push(pct(&lat, 0.5));
-            row.p99.push(pct(&lat, 0.99));
+            push_p50_p99(&mut row.p50, &mut row.p99, lat);
         }
         for (system, p50, p99) in &mut busy {
-            let mut lat = match system {
+            let lat = match system {
                 System::Raw => raw_ping_pong(64, pings, true),
                 System::Ipcm(f) => ipcm_ping_pong(*f, 64, pings, Wait::Busy),
                 System::Iceoryx2 => iox::ping_pong(64, pings),
                 System::Tokio => unreachable!(),
             };
-            lat.sort_by(f64::total_cmp);
-            p50.push(pct(&lat, 0.5));
-            p99.push(pct(&lat, 0.99));
+            push_p50_p99(p50, p99, lat);
         }
-        let mut lat = ipcm_ping_pong_processes(64, pings);
-        lat.sort_by(f64::total_cmp);
-        procs_p50.push(pct(&lat, 0.5));
-        procs_p99.push(pct(&lat, 0.99));
+        push_p50_p99(
+            &mut procs_p50,
+            &mut procs_p99,
+            ipcm_ping_pong_processes(64, pings),
+        );
         for (system, p50, p99) in &mut asleep {
-            let mut lat = match system {
+            let lat = match system {
                 System::Raw => raw_ping_pong(64, pings, false),
                 System::Ipcm(f) => ipcm_ping_pong(*f, 64, pings, Wait::Sleep),
                 _ => unreachable!(),
             };
-            lat.sort_by(f64::total_cmp);
-            p50.push(pct(&lat, 0.5));
-            p99.push(pct(&lat, 0.99));
+            push_p50_p99(p50, p99, lat);
         }
         eprintln!(
             "round {}/{rounds} done at {:.0}s (machine loop {:.2} ns a step)",
@@ -1265,22 +1301,7 @@ fn main() {
     print!("{table}");
 
     println!("\nping-pong, 64 B, busy polling (raw: spinning non-blocking sockets)");
-    let raw_busy = busy[0].1.clone();
-    for (system, p50, p99) in &busy {
-        let (a, b) = (median(p50), median(p99));
-        println!(
-            "{:<11} p50 {a:>7.2}us  p99 {b:>7.2}us  p50 x raw {:.2}",
-            system.name(),
-            paired(p50, &raw_busy)
-        );
-        writeln!(
-            csv,
-            "{}-busy,64,,,{a:.2},{b:.2},{:.4},,{rounds},",
-            system.name(),
-            paired(p50, &raw_busy)
-        )
-        .unwrap();
-    }
+    let raw_busy = pp_section(&mut csv, &busy, "busy", rounds);
 
     let (a, b) = (median(&procs_p50), median(&procs_p99));
     let procs_x_raw = paired(&procs_p50, &raw_busy);
@@ -1296,22 +1317,7 @@ fn main() {
     println!(
         "\nping-pong, 64 B, blocking waits that sleep at once (ipcm: spin_before_sleep 0; the table's rtt columns are ipcm's defaults, which look for the reply for 20 us first)"
     );
-    let raw_asleep = asleep[0].1.clone();
-    for (system, p50, p99) in &asleep {
-        let (a, b) = (median(p50), median(p99));
-        println!(
-            "{:<11} p50 {a:>7.2}us  p99 {b:>7.2}us  p50 x raw {:.2}",
-            system.name(),
-            paired(p50, &raw_asleep)
-        );
-        writeln!(
-            csv,
-            "{}-sleep,64,,,{a:.2},{b:.2},{:.4},,{rounds},",
-            system.name(),
-            paired(p50, &raw_asleep)
-        )
-        .unwrap();
-    }
+    let raw_asleep = pp_section(&mut csv, &asleep, "sleep", rounds);
 
     println!();
     // Fan-in: the same sender loop with 1 and with 1,000 clients, for a
@@ -1390,17 +1396,8 @@ fn main() {
     let async_tput = vs(a, System::Tokio, 64);
     let async_rtt = paired(&get(a, 64).p50, &get(System::Tokio, 64).p50);
     let rtt = |sys| paired(&get(sys, 64).p50, &get(System::Raw, 64).p50);
-    let busy_of = |sys| {
-        busy.iter()
-            .find(|b| b.0 == sys)
-            .map_or(f64::NAN, |b| paired(&b.1, &raw_busy))
-    };
-    let asleep_of = |sys| {
-        asleep
-            .iter()
-            .find(|b| b.0 == sys)
-            .map_or(f64::NAN, |b| paired(&b.1, &raw_asleep))
-    };
+    let busy_of = |sys| pp_x_raw(&busy, sys, &raw_busy);
+    let asleep_of = |sys| pp_x_raw(&asleep, sys, &raw_asleep);
     let fan_txt = fan
         .iter()
         .map(|(n, ratio)| format!("{n} {ratio:.2}"))
