@@ -34,7 +34,9 @@
 //! sides use sequentially consistent accesses, so either the consumer's
 //! second look sees the record or the producer sees the flag: a wake-up
 //! is never lost (Dekker's pattern). `room` is the same handshake with
-//! the roles swapped, for a producer that found the ring full. A peer that
+//! the roles swapped, for a producer that found the ring full; the
+//! consumer wakes a waiting producer only once the ring is at most half
+//! full, so that one wake-up buys half a ring. A peer that
 //! scribbles on the flags causes spurious wake-ups (harmless) or withholds
 //! its own (it then waits for nothing but itself).
 //!
@@ -802,6 +804,23 @@ impl Consumer {
     pub fn has_data(&self) -> bool {
         self.broken.is_none() && self.region.word(TAIL).load(Ordering::SeqCst) != self.head
     }
+
+    /// Whether a producer that waits for room is worth waking now: the
+    /// ring is at most half full. A producer faster than its consumer
+    /// fills the ring and waits; woken at once, it would write a record or
+    /// two and wait again, a wake-up (a system call on each side) every
+    /// few records. Woken at half, it writes half a ring in one go, while
+    /// the consumer still has the other half to read. A `tail` no producer
+    /// could have published answers yes (the next read reports it).
+    pub fn room_to_offer(&self) -> bool {
+        let unread = self
+            .region
+            .word(TAIL)
+            .load(Ordering::Acquire)
+            .wrapping_sub(self.head);
+        let cap = self.region.capacity as u64;
+        unread <= cap / 2 || unread > cap
+    }
 }
 
 #[cfg(test)]
@@ -1215,6 +1234,23 @@ mod tests {
         assert!(rx.pop(&mut out).unwrap());
         assert!(rx.take_room_wanted(), "the waiting producer is woken");
         assert!(!rx.take_room_wanted(), "once");
+    }
+
+    #[test]
+    fn room_is_offered_from_half_the_ring() {
+        let mut mem = Mem::new(4096);
+        let (mut tx, mut rx) = pair(&mut mem);
+        assert!(rx.room_to_offer(), "empty");
+        for _ in 0..3 {
+            tx.push(&[7; 1000]).unwrap();
+        }
+        assert!(!rx.room_to_offer(), "three quarters full");
+        let mut out = Vec::new();
+        assert!(rx.pop(&mut out).unwrap());
+        assert!(rx.room_to_offer(), "half full");
+        // A tail no producer could publish: offered (the read reports it).
+        rx.region.word(TAIL).store(1 << 40, Ordering::Relaxed);
+        assert!(rx.room_to_offer());
     }
 
     #[test]

@@ -1003,9 +1003,12 @@ impl Core {
         if got
             && let Some(c) = self.get_mut(id)
             && let Some(ConnLane::Up(up)) = c.lane.as_deref_mut()
+            && up.rx.room_to_offer()
             && up.rx.take_room_wanted()
         {
-            // The peer's producer waits for the room we just made.
+            // The peer's producer waits for room, and half the ring is
+            // free (`Consumer::room_to_offer`; an emptied ring always
+            // is, so a producer that waits is always woken in the end).
             self.queue_control(id, Control::Wake);
         }
         got

@@ -726,6 +726,50 @@ fn a_ring_is_read_a_budget_at_a_time() {
     }
 }
 
+/// A producer that waits for room is woken once half the ring is free,
+/// not at the first record read (a wake-up a record or two), and before
+/// the ring is empty (the consumer still reads while the producer
+/// refills).
+#[test]
+fn a_waiting_producer_is_woken_when_half_the_ring_is_free() {
+    use crate::lane::control::Control;
+    let mut c = core();
+    let (id, theirs) = acceptor_on_rings(&mut c, &Serializer::Json, None, 1 << 20);
+    let (mut tx, _rx) = theirs.ends(true).unwrap();
+    let mut pool = BufferPool::new(64 * 1024, 4);
+    let pad = "x".repeat(8000);
+    let mut n = 0;
+    while tx
+        .push(&msg("cli", "srv", &format!("[{n},\"{pad}\"]")))
+        .unwrap()
+    {
+        n += 1;
+    }
+    // No room for another message: the producer announces that it waits
+    // (whatever sliver is left).
+    tx.wait_for_room().unwrap();
+    // What the socket already holds (our own `SWITCH`) goes first.
+    if let Some(sock) = c.start_send(id) {
+        let n = sock.queued_bytes();
+        c.on_sent(id, Ok(n));
+    }
+    assert_eq!(c.queued_bytes(id), 0);
+    let (mut got, mut woken_at) = (0, None);
+    while c.lane_poll(&mut pool) {
+        got += take(&mut c).len();
+        if woken_at.is_none() && c.queued_bytes(id) > 0 {
+            woken_at = Some(got);
+            let sock = c.start_send(id).expect("the socket has frames");
+            let bytes: Vec<u8> = sock.frames().flat_map(|f| f.iter().copied()).collect();
+            assert_eq!(bytes, Control::Wake.frame().to_vec());
+        }
+    }
+    assert_eq!(got, n, "every message");
+    let at = woken_at.expect("the waiting producer is woken");
+    assert!(at >= n / 2 - 2 && at < n, "woken after {at} of {n} records");
+    assert!(tx.room().unwrap() > 0);
+}
+
 /// A `BLOB` whose memfd never came (or from a peer with no known process)
 /// closes its connection: the peer said a message was there. Nothing is
 /// delivered in its place, and nothing panics.

@@ -502,8 +502,13 @@ fn parse_batch_indexed(
     }
     // A short ASCII body (the usual small message) is checked a word at a
     // time; simdutf8's setup costs more than that below a few hundred
-    // bytes.
-    let ascii = body.len() <= 256 && body.is_ascii();
+    // bytes. A longer one is checked for ASCII a register of blocks at a
+    // time (`ascii`), and only a body that is not goes through simdutf8.
+    let ascii = if body.len() <= 256 {
+        body.is_ascii()
+    } else {
+        super::ascii::is_ascii(body)
+    };
     if !ascii && simdutf8::basic::from_utf8(body).is_err() {
         return Err("binary batch: a content is not UTF-8, or a record length is malformed".into());
     }

@@ -3,6 +3,7 @@
 //! Perl-compatible JSON, Perl-compatible zstd-compressed JSON, or the
 //! Rust-only binary format.
 
+mod ascii;
 pub mod binary;
 pub mod json;
 mod scan;
