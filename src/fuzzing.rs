@@ -454,6 +454,8 @@ pub fn lane_ring(data: &[u8]) {
                 let Some(&[a, b]) = next(2) else { break };
                 let n = (usize::from(a) << 8 | usize::from(b)) % (max + 16);
                 seq = seq.wrapping_add(1);
+                // Bytes below 0x80 or not, as the sequence goes: both what
+                // the copy vouches for and what it must not.
                 let rec = vec![seq; n];
                 match tx.push(&rec) {
                     Ok(true) => model.push_back(rec),
@@ -462,7 +464,7 @@ pub fn lane_ring(data: &[u8]) {
                     Err(_) => assert!(scribbled, "the producer saw corruption nobody made"),
                 }
             }
-            1 | 2 => match rx.pop(&mut out) {
+            1 => match rx.pop(&mut out) {
                 Ok(got) => {
                     assert!(!broken, "a broken ring was read again");
                     assert!(out.len() <= max, "a payload past the ring's largest");
@@ -475,6 +477,44 @@ pub fn lane_ring(data: &[u8]) {
                     broken = true;
                 }
             },
+            2 => {
+                // Several records at once, into a buffer whose copy vouches
+                // for what it found ASCII: every byte it vouches for is.
+                let Some(&[l]) = next(1) else { break };
+                let limit = usize::from(l) * 32;
+                let mut buf = bytes::BytesMut::with_capacity(usize::from(l) * 16);
+                let mut ascii = Vec::new();
+                match rx.pop_into(&mut buf, limit, &mut ascii) {
+                    Ok(n) => {
+                        assert!(!broken, "a broken ring was read again");
+                        assert_eq!(n, buf.len());
+                        let base = buf.as_ptr() as usize;
+                        for r in &ascii {
+                            assert!(r.start >= base && r.end <= base + buf.len());
+                            assert!(buf[r.start - base..r.end - base].is_ascii(), "vouched");
+                        }
+                        if !scribbled {
+                            // The records `pop_into` takes, by its rule:
+                            // the first whatever its size, then each that
+                            // keeps the total within the limit.
+                            let mut at = 0;
+                            while let Some(want) = model.front() {
+                                if at > 0 && at + want.len() > limit {
+                                    break;
+                                }
+                                assert!(buf[at..at + want.len()] == want[..], "in order");
+                                at += want.len();
+                                model.pop_front();
+                            }
+                            assert_eq!(at, n, "what was taken is what was pushed");
+                        }
+                    }
+                    Err(_) => {
+                        assert!(scribbled, "corruption reported on an honest ring");
+                        broken = true;
+                    }
+                }
+            }
             _ => {
                 let Some(w) = next(10) else { break };
                 let off = (usize::from(w[0]) << 8 | usize::from(w[1])) % (len / 8) * 8;

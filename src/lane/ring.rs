@@ -200,6 +200,102 @@ unsafe fn copy_bytes(dst: *mut u8, src: *const u8, len: usize) {
     }
 }
 
+/// Payload bytes from which a record is copied out and checked for ASCII
+/// in the same pass ([`copy_checked`]), where the CPU can.
+const CHECKED_COPY_MIN: usize = 1024;
+
+/// Bytes at the front of a record that [`copy_checked`] copies without
+/// looking at them: a frame's length and a batch's header (52 bytes) are
+/// binary, so a record that starts a frame would never check as ASCII
+/// whole; past these, the rest of a record that holds one batch frame is
+/// that batch's records, all ASCII when their contents are.
+pub const UNCHECKED_HEAD: usize = 64;
+
+/// Whether this CPU has what [`copy_checked`] needs.
+#[cfg(target_arch = "x86_64")]
+fn can_copy_checked() -> bool {
+    std::arch::is_x86_feature_detected!("avx512bw")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn can_copy_checked() -> bool {
+    false
+}
+
+/// Copies `len` bytes from `src` to `dst` as [`copy_bytes`] does, 64 bytes
+/// a register, and returns whether every byte past the first
+/// [`UNCHECKED_HEAD`] is below 0x80, judged on the bytes written to `dst`:
+/// the check and the copy are the same loads, so what the peer writes to
+/// the source meanwhile cannot make the answer wrong about the copy.
+///
+/// A batch's contents are checked as UTF-8 before they are handed out as
+/// `&str`; a copy out of a ring that already knows its bytes are ASCII
+/// spares that check a second pass over them (a tenth of a 16 KiB
+/// stream's reader, measured). Soundness of the access as for
+/// [`copy_bytes`]: one inline-assembly block, opaque to the compiler; the
+/// masked load and store of the tail touch only the bytes the mask
+/// selects, and the CPU suppresses faults on the others.
+///
+/// # Safety
+/// As for [`copy_bytes`], with `len >= UNCHECKED_HEAD`; and the CPU must
+/// have AVX-512 F and BW ([`can_copy_checked`]).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn copy_checked(dst: *mut u8, src: *const u8, len: usize) -> bool {
+    debug_assert!(len >= UNCHECKED_HEAD);
+    let rest = len - UNCHECKED_HEAD;
+    let blocks = rest / 64;
+    // The tail's bytes, as a mask (fewer than 64 of them).
+    let mask: u64 = (1u64 << (rest % 64)) - 1;
+    let high: u64;
+    // SAFETY: the caller's contract: `src` is readable and `dst` writable
+    // for `len` bytes, which is the head's 64, `blocks` whole blocks of 64
+    // and `rest % 64` masked bytes, in that order; the block clobbers only
+    // the named registers and the flags.
+    unsafe {
+        std::arch::asm!(
+            "vmovdqu64 zmm0, zmmword ptr [{src}]",
+            "vmovdqu64 zmmword ptr [{dst}], zmm0",
+            "vpxorq zmm1, zmm1, zmm1",
+            "test {n}, {n}",
+            "jz 3f",
+            "2:",
+            "add {src}, 64",
+            "add {dst}, 64",
+            "vmovdqu64 zmm0, zmmword ptr [{src}]",
+            "vmovdqu64 zmmword ptr [{dst}], zmm0",
+            "vporq zmm1, zmm1, zmm0",
+            "dec {n}",
+            "jnz 2b",
+            "3:",
+            "add {src}, 64",
+            "add {dst}, 64",
+            "kmovq k1, {mask}",
+            "vmovdqu8 zmm0 {{k1}} {{z}}, zmmword ptr [{src}]",
+            "vmovdqu8 zmmword ptr [{dst}] {{k1}}, zmm0",
+            "vporq zmm1, zmm1, zmm0",
+            "vpmovb2m k2, zmm1",
+            "kmovq {high}, k2",
+            src = inout(reg) src => _,
+            dst = inout(reg) dst => _,
+            n = inout(reg) blocks => _,
+            mask = in(reg) mask,
+            high = lateout(reg) high,
+            out("zmm0") _,
+            out("zmm1") _,
+            out("k1") _,
+            out("k2") _,
+            options(nostack),
+        );
+    }
+    high == 0
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn copy_checked(_dst: *mut u8, _src: *const u8, _len: usize) -> bool {
+    unreachable!("only called where can_copy_checked")
+}
+
 /// Bytes of one part from which the producer writes it into the ring with
 /// non-temporal stores ([`stream_bytes`]).
 const STREAM_MIN: usize = 4096;
@@ -713,19 +809,47 @@ impl Consumer {
     /// Appends the payloads of the next records to `out`, while the next
     /// one fits in `limit` bytes in all (the first is taken whatever its
     /// size); returns the bytes appended (0: the ring is empty).
+    ///
+    /// `ascii` gets the address ranges of what was appended that the copy
+    /// found all ASCII (each a record's payload past its first
+    /// [`UNCHECKED_HEAD`] bytes; see [`copy_checked`]). They hold for as
+    /// long as those bytes of `out` are neither written nor freed; if
+    /// `out` moves, ranges into it from before are dropped.
     pub fn pop_into(
         &mut self,
         out: &mut bytes::BytesMut,
         limit: usize,
+        ascii: &mut Vec<std::ops::Range<usize>>,
     ) -> Result<usize, RingError> {
         let mut total = 0;
+        let checked = can_copy_checked();
         while let Some((at, len)) = self.next_record()? {
             if total > 0 && total + len > limit {
                 break;
             }
+            let before = out.as_ptr();
             out.reserve(len);
+            if out.as_ptr() != before {
+                ascii.clear();
+            }
             let spare = out.spare_capacity_mut();
             let dst = spare.as_mut_ptr().cast::<u8>();
+            if checked && len >= CHECKED_COPY_MIN {
+                let src = self.region.bytes(at, len);
+                // SAFETY: as for `copy_bytes` below; `len` is at least
+                // `CHECKED_COPY_MIN`, more than `UNCHECKED_HEAD`, and the
+                // CPU can (`can_copy_checked`).
+                if unsafe { copy_checked(dst, src, len) } {
+                    let from = dst as usize + UNCHECKED_HEAD;
+                    ascii.push(from..dst as usize + len);
+                }
+                // SAFETY: the `len` bytes after the old length were just
+                // written.
+                unsafe { out.set_len(out.len() + len) };
+                self.consumed(len);
+                total += len;
+                continue;
+            }
             if HAS_STRING_COPY && len >= STRING_COPY_MIN {
                 let src = self.region.bytes(at, len);
                 // SAFETY: `reserve(len)` made room for `len` bytes after
@@ -1061,7 +1185,8 @@ mod tests {
                 sent += len;
                 k += 1;
             }
-            rx.pop_into(&mut got, pop_limit(k)).unwrap();
+            rx.pop_into(&mut got, pop_limit(k), &mut Vec::new())
+                .unwrap();
         }
         assert!(got[..] == stream[..]);
         (tx, k)
@@ -1128,7 +1253,10 @@ mod tests {
             highest = highest.max(at + RECORD_HEADER + len);
             tx.push_parts(&[&vec![k as u8; len]], len).unwrap();
             out.clear();
-            assert_eq!(rx.pop_into(&mut out, usize::MAX).unwrap(), len);
+            assert_eq!(
+                rx.pop_into(&mut out, usize::MAX, &mut Vec::new()).unwrap(),
+                len
+            );
             assert!(out.iter().all(|b| *b == k as u8));
             k += 1;
         }
@@ -1159,7 +1287,7 @@ mod tests {
             );
             assert!(tx.backlog() > cap - 2 * 4008);
             out.clear();
-            while rx.pop_into(&mut out, usize::MAX).unwrap() > 0 {}
+            while rx.pop_into(&mut out, usize::MAX, &mut Vec::new()).unwrap() > 0 {}
             assert_eq!(out.len(), pushed * one.len());
             assert!(out.iter().all(|b| *b == 7));
         }
@@ -1194,7 +1322,7 @@ mod tests {
             } else {
                 // The consumer reads only once the ring is full, so the
                 // backlog stays above FAR_BACKLOG most of the time.
-                rx.pop_into(&mut got, cap / 2).unwrap();
+                rx.pop_into(&mut got, cap / 2, &mut Vec::new()).unwrap();
             }
         }
         assert!(got[..] == stream[..]);
@@ -1234,6 +1362,97 @@ mod tests {
         assert!(rx.pop(&mut out).unwrap());
         assert!(rx.take_room_wanted(), "the waiting producer is woken");
         assert!(!rx.take_room_wanted(), "once");
+    }
+
+    /// The checked copy copies every length exactly, and vouches for a
+    /// record past its head exactly when every byte there is ASCII: a
+    /// high bit anywhere past the head (in a whole block or in the tail)
+    /// withholds the range, one in the head does not.
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one range, in a list of ranges
+    fn a_checked_copy_vouches_for_exactly_the_ascii_records() {
+        if !can_copy_checked() {
+            eprintln!("skipped: this CPU has no AVX-512 BW (the checked copy is not used here)");
+            return;
+        }
+        let mut mem = Mem::new(1 << 16);
+        let (mut tx, mut rx) = pair(&mut mem);
+        for len in [CHECKED_COPY_MIN, 1025, 1087, 1088, 4096, 5000, 16_391] {
+            let clean: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut marks = vec![None, Some(0), Some(UNCHECKED_HEAD - 1)];
+            marks.extend([UNCHECKED_HEAD, UNCHECKED_HEAD + 65, len - 64, len - 1].map(Some));
+            for at in marks {
+                let mut rec = clean.clone();
+                if let Some(at) = at {
+                    rec[at] = 0xC3;
+                }
+                assert!(tx.push(&rec).unwrap());
+                let mut out = bytes::BytesMut::with_capacity(1 << 15);
+                let mut ascii = Vec::new();
+                assert_eq!(rx.pop_into(&mut out, usize::MAX, &mut ascii).unwrap(), len);
+                assert!(out[..] == rec[..], "len {len}: copied exactly");
+                let base = out.as_ptr() as usize;
+                let vouched = at.is_none_or(|at| at < UNCHECKED_HEAD);
+                if vouched {
+                    assert_eq!(
+                        ascii,
+                        [base + UNCHECKED_HEAD..base + len],
+                        "len {len}, {at:?}"
+                    );
+                } else {
+                    assert!(
+                        ascii.is_empty(),
+                        "len {len}: high bit at {at:?} vouched for"
+                    );
+                }
+            }
+        }
+        // Below the threshold, nothing is vouched for (the usual check
+        // runs).
+        assert!(tx.push(&[b'a'; CHECKED_COPY_MIN - 1]).unwrap());
+        let (mut out, mut ascii) = (bytes::BytesMut::new(), Vec::new());
+        rx.pop_into(&mut out, usize::MAX, &mut ascii).unwrap();
+        assert!(ascii.is_empty());
+    }
+
+    /// A buffer that moves while records are appended drops the ranges
+    /// into where it was.
+    #[test]
+    fn ranges_into_a_buffer_that_moved_are_dropped() {
+        if !can_copy_checked() {
+            eprintln!("skipped: this CPU has no AVX-512 BW (the checked copy is not used here)");
+            return;
+        }
+        let mut mem = Mem::new(1 << 16);
+        let (mut tx, mut rx) = pair(&mut mem);
+        for _ in 0..3 {
+            assert!(tx.push(&[b'z'; 5000]).unwrap());
+        }
+        // Room for the first record only, in a buffer that shares its
+        // allocation (so it cannot grow in place): the second record moves
+        // it.
+        let mut out = bytes::BytesMut::with_capacity(5008);
+        out.extend_from_slice(&[0; 8]);
+        let _other = out.split_to(8);
+        let first = out.as_ptr();
+        let mut ascii = Vec::new();
+        assert_eq!(
+            rx.pop_into(&mut out, usize::MAX, &mut ascii).unwrap(),
+            15_000
+        );
+        assert_ne!(out.as_ptr(), first, "the buffer moved");
+        let base = out.as_ptr() as usize;
+        assert!(!ascii.is_empty());
+        for r in &ascii {
+            assert!(
+                r.start >= base && r.end <= base + out.len(),
+                "{r:?} outside the buffer"
+            );
+            // SAFETY: inside `out` (just asserted), which lives and is not
+            // written meanwhile.
+            let s = unsafe { std::slice::from_raw_parts(r.start as *const u8, r.len()) };
+            assert!(s.is_ascii());
+        }
     }
 
     #[test]

@@ -957,6 +957,10 @@ impl Core {
                 // so the reactor does not sleep before it).
                 break;
             }
+            // Ranges of this reading that its copy found ASCII (see
+            // `Core::lane_ascii`).
+            let mut ascii = std::mem::take(&mut self.lane_ascii);
+            ascii.clear();
             let Some(c) = self.get_mut(id) else {
                 return got;
             };
@@ -973,7 +977,7 @@ impl Core {
             let space = (buf.capacity() - buf.len())
                 .min(LANE_READ_BUDGET - read)
                 .max(1);
-            let r = up.rx.pop_into(&mut buf, space);
+            let r = up.rx.pop_into(&mut buf, space, &mut ascii);
             up.decoder.filled_whole(buf);
             match r {
                 Ok(0) => {
@@ -991,7 +995,13 @@ impl Core {
                     return got;
                 }
             }
-            if !self.decode_lane_frames(id) || self.paused {
+            // The ranges stand while this reading's frames are decoded
+            // (the buffer is the decoder's, written no more), and not a
+            // moment longer.
+            self.lane_ascii = ascii;
+            let open = self.decode_lane_frames(id);
+            self.lane_ascii.clear();
+            if !open || self.paused {
                 break;
             }
         }

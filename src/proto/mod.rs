@@ -272,6 +272,11 @@ pub struct Core {
     /// Where the record indexes of received batches are carved from
     /// ([`binary::CheckedBatch::parse_indexed`]).
     index_blocks: BufferPool,
+    /// Address ranges of what the ring just read that its copy found all
+    /// ASCII (`ring::Consumer::pop_into`): set only while that reading's
+    /// frames are decoded, empty otherwise, so that a batch's UTF-8 check
+    /// skips what the copy already checked.
+    lane_ascii: Vec<std::ops::Range<usize>>,
     /// This client's id: the `to` of the batches it receives.
     local: Name,
     /// Ids of the batches it sends.
@@ -338,6 +343,7 @@ impl Core {
             inbox: Vec::new(),
             inbox_bytes: 0,
             index_blocks: BufferPool::new(binary::INDEX_BLOCK, 4),
+            lane_ascii: Vec::new(),
             local: Name::copy_from(""),
             ids: IdSeq::new(),
             paused: false,
@@ -962,7 +968,17 @@ impl Core {
                 fds.len()
             );
         }
-        let checked = match binary::CheckedBatch::parse_indexed(frame, &mut self.index_blocks) {
+        // SAFETY: `lane_ascii` holds ranges only while a ring's reading is
+        // decoded, each over bytes of that reading's buffer that its copy
+        // found ASCII; that buffer is written no more, and lives while its
+        // frames do (`pump_rx`).
+        let checked = match unsafe {
+            binary::CheckedBatch::parse_indexed_vouched(
+                frame,
+                &mut self.index_blocks,
+                &self.lane_ascii,
+            )
+        } {
             Ok(b) => b,
             Err(e) => {
                 let peer = self.peer_of(id).unwrap_or("");

@@ -770,6 +770,59 @@ fn a_waiting_producer_is_woken_when_half_the_ring_is_free() {
     assert!(tx.room().unwrap() > 0);
 }
 
+/// Batches read from a ring whose copy checked them on the way
+/// (`ring::Consumer::pop_into`): ASCII and other UTF-8 contents arrive
+/// intact; a content that is not UTF-8 is refused with its batch, whether
+/// the bad byte lies where the copy looked or in the record's head, which
+/// it does not look at; the batches after it arrive.
+#[test]
+fn contents_read_from_a_ring_are_checked_as_utf8_whatever_the_copy_found() {
+    use crate::serializer::binary::{batch_header, record_len_bytes};
+    use zerocopy::IntoBytes;
+    let mut c = Core::new(Serializer::Binary, CoreConfig::default());
+    let (_id, theirs) = acceptor_on_rings(&mut c, &Serializer::Binary, None, 1 << 20);
+    let (mut tx, _rx) = theirs.ends(true).unwrap();
+    let mut pool = BufferPool::new(64 * 1024, 4);
+    let frame_of = |content: &[u8]| {
+        let mut p = batch_header(1, 1.5, 9, [7; 16]).as_bytes().to_vec();
+        p.extend_from_slice(&record_len_bytes(content.len()));
+        p.extend_from_slice(content);
+        let mut f = (p.len() as u32).to_be_bytes().to_vec();
+        f.extend(p);
+        f
+    };
+    let text = |at: usize, bytes: &[u8]| {
+        let mut v = b"\"".to_vec();
+        v.resize(16 * 1024, b'a');
+        v.push(b'"');
+        v[at..at + bytes.len()].copy_from_slice(bytes);
+        v
+    };
+    let good = [
+        text(1, b"z"),
+        text(8000, "\u{e9}".as_bytes()),
+        text(2, "\u{e9}".as_bytes()),
+        text(16 * 1024 - 2, b"b"),
+    ];
+    let bad = [
+        text(8000, &[0xFF]),
+        text(2, &[0xC3]),
+        text(16 * 1024, &[0x80]),
+    ];
+    for (g, b) in good.iter().zip(bad.iter().chain([&good[0]])) {
+        assert!(tx.push(&frame_of(g)).unwrap());
+        assert!(tx.push(&frame_of(b)).unwrap());
+    }
+    while c.lane_poll(&mut pool) {}
+    let got: Vec<Vec<u8>> = take(&mut c)
+        .iter()
+        .map(|m| m.content_json().as_bytes().to_vec())
+        .collect();
+    let want = [&good[0], &good[1], &good[2], &good[3], &good[0]];
+    assert_eq!(got.len(), want.len(), "the UTF-8 batches, and no other");
+    assert!(got.iter().eq(want), "in order, intact");
+}
+
 /// A `BLOB` whose memfd never came (or from a peer with no known process)
 /// closes its connection: the peer said a message was there. Nothing is
 /// delivered in its place, and nothing panics.

@@ -472,16 +472,37 @@ fn walk_records(
 /// count, and that every content is UTF-8. A batch that fails is refused
 /// whole (its frame is malformed); one that passes can be walked with
 /// [`BatchRecords`] with no further check.
+#[allow(dead_code)] // the crate's own reads go through `CheckedBatch`
 pub fn parse_batch(payload: &[u8]) -> Result<BatchInfo, String> {
-    parse_batch_indexed(payload, &mut [])
+    parse_batch_indexed(payload, &mut [], &[])
+}
+
+/// Whether `body` lies in one of the `vouched` address ranges (known
+/// ASCII), but for at most [`UNCHECKED_HEAD`](crate::lane::ring::UNCHECKED_HEAD)
+/// bytes at its front, which are then checked here.
+fn vouched_ascii(body: &[u8], vouched: &[std::ops::Range<usize>]) -> bool {
+    let start = body.as_ptr() as usize;
+    let end = start + body.len();
+    vouched.iter().any(|r| {
+        r.start <= end
+            && end <= r.end
+            && (start >= r.start
+                || (r.start - start <= crate::lane::ring::UNCHECKED_HEAD
+                    && body[..r.start - start].is_ascii()))
+    })
 }
 
 /// [`parse_batch`], writing the end of each record (its byte offset in
 /// the record area, native-endian `u32`) to `index`, for as many records
 /// as it has room for.
+///
+/// A body inside the `vouched` ranges (see
+/// [`CheckedBatch::parse_indexed_vouched`]) is not checked for UTF-8
+/// again.
 fn parse_batch_indexed(
     payload: &[u8],
     index: &mut [[u8; INDEX_ENTRY]],
+    vouched: &[std::ops::Range<usize>],
 ) -> Result<BatchInfo, String> {
     let (h, body) = BatchHeader::read_from_prefix(payload).map_err(|_| {
         format!(
@@ -507,7 +528,7 @@ fn parse_batch_indexed(
     let ascii = if body.len() <= 256 {
         body.is_ascii()
     } else {
-        super::ascii::is_ascii(body)
+        vouched_ascii(body, vouched) || super::ascii::is_ascii(body)
     };
     if !ascii && simdutf8::basic::from_utf8(body).is_err() {
         return Err("binary batch: a content is not UTF-8, or a record length is malformed".into());
@@ -576,7 +597,13 @@ pub const INDEX_BLOCK: usize = 64 * 1024;
 impl CheckedBatch {
     /// Checks `payload` ([`parse_batch`]).
     pub fn parse(payload: Bytes) -> Result<Self, String> {
-        let info = parse_batch(&payload)?;
+        Self::parse_unindexed(payload, &[])
+    }
+
+    /// [`CheckedBatch::parse`] with the `vouched` ranges of
+    /// [`CheckedBatch::parse_indexed_vouched`] (and its contract).
+    fn parse_unindexed(payload: Bytes, vouched: &[std::ops::Range<usize>]) -> Result<Self, String> {
+        let info = parse_batch_indexed(&payload, &mut [], vouched)?;
         Ok(CheckedBatch {
             payload,
             info,
@@ -594,7 +621,29 @@ impl CheckedBatch {
     /// positions are known up front. The check walks the lengths anyway,
     /// so writing the index costs one store a record.
     #[inline]
+    #[cfg_attr(not(any(test, feature = "unstable")), allow(dead_code))]
     pub fn parse_indexed(payload: Bytes, blocks: &mut BufferPool) -> Result<Self, String> {
+        // SAFETY: no range is vouched for.
+        unsafe { Self::parse_indexed_vouched(payload, blocks, &[]) }
+    }
+
+    /// [`CheckedBatch::parse_indexed`], told which memory is known to
+    /// hold only ASCII: a body inside one of the `vouched` address ranges
+    /// (but for its first few bytes, checked here) is taken as UTF-8
+    /// without a second look. A lane's reader vouches for what its copy
+    /// out of the ring checked on the way (`ring::Consumer::pop_into`).
+    ///
+    /// # Safety
+    /// Every byte at an address in `vouched` must be below 0x80, and must
+    /// stay so, unwritten and not freed, for as long as `payload` (and so
+    /// the batch made from it) lives: the batch hands its contents out as
+    /// `&str`.
+    #[inline]
+    pub(crate) unsafe fn parse_indexed_vouched(
+        payload: Bytes,
+        blocks: &mut BufferPool,
+        vouched: &[std::ops::Range<usize>],
+    ) -> Result<Self, String> {
         // The announced count, read directly (a short payload reads as
         // none; the check refuses it).
         let announced = payload
@@ -602,7 +651,7 @@ impl CheckedBatch {
             .and_then(|b| b.first_chunk::<4>())
             .map_or(0, |b| u32::from_le_bytes(*b));
         if announced < INDEX_MIN_COUNT {
-            return CheckedBatch::parse(payload);
+            return CheckedBatch::parse_unindexed(payload, vouched);
         }
         // The announced count is the peer's word: the index is sized by
         // it only up to what the payload could hold (a record is at least
@@ -611,7 +660,7 @@ impl CheckedBatch {
         let slots = (announced as usize).min(most);
         let need = slots * INDEX_ENTRY;
         if need > INDEX_BLOCK / 4 {
-            return CheckedBatch::parse(payload);
+            return CheckedBatch::parse_unindexed(payload, vouched);
         }
         // A spare has a quarter of a block free, and `need` is at most
         // that, so `resize` stays inside the block.
@@ -619,7 +668,7 @@ impl CheckedBatch {
         debug_assert!(block.is_empty() && block.capacity() >= need);
         block.resize(need, 0);
         let (entries, _) = block.as_chunks_mut::<INDEX_ENTRY>();
-        let info = match parse_batch_indexed(&payload, entries) {
+        let info = match parse_batch_indexed(&payload, entries, vouched) {
             Ok(info) => info,
             Err(e) => {
                 block.clear();
@@ -816,6 +865,34 @@ mod tests {
             out.put_slice(c.as_bytes());
         }
         out.freeze()
+    }
+
+    /// A body is vouched for only when a range covers it to its end, and
+    /// from its start but for a short ASCII head.
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // one range, in a list of ranges
+    fn a_body_is_vouched_for_only_inside_a_range() {
+        let mut buf = vec![b'a'; 1000];
+        buf[10] = 0xC3;
+        let base = buf.as_ptr() as usize;
+        let body = &buf[100..900];
+        let v = |r: std::ops::Range<usize>| vouched_ascii(body, &[base + r.start..base + r.end]);
+        assert!(
+            v(100..900) && v(0..1000) && v(150..900),
+            "covered, or but for an ASCII head"
+        );
+        assert!(!v(100..899), "short of the end");
+        assert!(
+            !v(200..900),
+            "a head longer than the record's unchecked one"
+        );
+        assert!(!v(950..1000) && !v(0..50), "elsewhere");
+        // A head with a high bit is not vouched for.
+        let body = &buf[5..900];
+        assert!(!vouched_ascii(body, &[base + 40..base + 1000]));
+        // What a range covers is not looked at: its caller vouches for it
+        // (`CheckedBatch::parse_indexed_vouched`'s contract).
+        assert!(vouched_ascii(body, &[base..base + 1000]));
     }
 
     #[test]
