@@ -477,9 +477,14 @@ pub fn parse_batch(payload: &[u8]) -> Result<BatchInfo, String> {
     parse_batch_indexed(payload, &mut [], &[])
 }
 
+/// Bytes at the front of a body that may lie before a vouched range and
+/// are then checked here (a lane's reader leaves the first 64 bytes of a
+/// record out of what it vouches for, and a body starts 52 bytes in).
+const VOUCHED_HEAD_MAX: usize = 64;
+
 /// Whether `body` lies in one of the `vouched` address ranges (known
-/// ASCII), but for at most [`UNCHECKED_HEAD`](crate::lane::ring::UNCHECKED_HEAD)
-/// bytes at its front, which are then checked here.
+/// ASCII), but for at most [`VOUCHED_HEAD_MAX`] bytes at its front, which
+/// are then checked here.
 fn vouched_ascii(body: &[u8], vouched: &[std::ops::Range<usize>]) -> bool {
     let start = body.as_ptr() as usize;
     let end = start + body.len();
@@ -487,8 +492,7 @@ fn vouched_ascii(body: &[u8], vouched: &[std::ops::Range<usize>]) -> bool {
         r.start <= end
             && end <= r.end
             && (start >= r.start
-                || (r.start - start <= crate::lane::ring::UNCHECKED_HEAD
-                    && body[..r.start - start].is_ascii()))
+                || (r.start - start <= VOUCHED_HEAD_MAX && body[..r.start - start].is_ascii()))
     })
 }
 
@@ -597,12 +601,19 @@ pub const INDEX_BLOCK: usize = 64 * 1024;
 impl CheckedBatch {
     /// Checks `payload` ([`parse_batch`]).
     pub fn parse(payload: Bytes) -> Result<Self, String> {
-        Self::parse_unindexed(payload, &[])
+        // SAFETY: no range is vouched for.
+        unsafe { Self::parse_unindexed(payload, &[]) }
     }
 
     /// [`CheckedBatch::parse`] with the `vouched` ranges of
-    /// [`CheckedBatch::parse_indexed_vouched`] (and its contract).
-    fn parse_unindexed(payload: Bytes, vouched: &[std::ops::Range<usize>]) -> Result<Self, String> {
+    /// [`CheckedBatch::parse_indexed_vouched`].
+    ///
+    /// # Safety
+    /// As for [`CheckedBatch::parse_indexed_vouched`].
+    unsafe fn parse_unindexed(
+        payload: Bytes,
+        vouched: &[std::ops::Range<usize>],
+    ) -> Result<Self, String> {
         let info = parse_batch_indexed(&payload, &mut [], vouched)?;
         Ok(CheckedBatch {
             payload,
@@ -651,7 +662,8 @@ impl CheckedBatch {
             .and_then(|b| b.first_chunk::<4>())
             .map_or(0, |b| u32::from_le_bytes(*b));
         if announced < INDEX_MIN_COUNT {
-            return CheckedBatch::parse_unindexed(payload, vouched);
+            // SAFETY: our caller's contract.
+            return unsafe { CheckedBatch::parse_unindexed(payload, vouched) };
         }
         // The announced count is the peer's word: the index is sized by
         // it only up to what the payload could hold (a record is at least
@@ -660,7 +672,8 @@ impl CheckedBatch {
         let slots = (announced as usize).min(most);
         let need = slots * INDEX_ENTRY;
         if need > INDEX_BLOCK / 4 {
-            return CheckedBatch::parse_unindexed(payload, vouched);
+            // SAFETY: our caller's contract.
+            return unsafe { CheckedBatch::parse_unindexed(payload, vouched) };
         }
         // A spare has a quarter of a block free, and `need` is at most
         // that, so `resize` stays inside the block.
