@@ -949,6 +949,40 @@ impl Core {
 
     /// Reads `id`'s ring while it has records and the inbox has room.
     fn pump_rx(&mut self, id: ConnId, pool: &mut BufferPool) -> bool {
+        // Ranges of each reading that its copy found ASCII (see
+        // `Core::lane_ascii`), in the core's own allocation, which goes
+        // back to it on every way out (no allocation per reading).
+        let mut ascii = std::mem::take(&mut self.lane_ascii);
+        let got = self.pump_rx_with(id, pool, &mut ascii);
+        ascii.clear();
+        self.lane_ascii = ascii;
+        self.flush_read_run();
+        if got {
+            crate::message::prefetch_stamp_clock();
+        }
+        // Activity on a lane is noted by `lane_idle_check`, not here.
+        if got
+            && let Some(c) = self.get_mut(id)
+            && let Some(ConnLane::Up(up)) = c.lane.as_deref_mut()
+            && up.rx.room_to_offer()
+            && up.rx.take_room_wanted()
+        {
+            // The peer's producer waits for room, and half the ring is
+            // free (`Consumer::room_to_offer`; an emptied ring always
+            // is, so a producer that waits is always woken in the end).
+            self.queue_control(id, Control::Wake);
+        }
+        got
+    }
+
+    /// [`Core::pump_rx`]'s readings, with `ascii` to collect each one's
+    /// vouched ranges in.
+    fn pump_rx_with(
+        &mut self,
+        id: ConnId,
+        pool: &mut BufferPool,
+        ascii: &mut Vec<std::ops::Range<usize>>,
+    ) -> bool {
         let mut got = false;
         let mut read = 0;
         loop {
@@ -957,9 +991,6 @@ impl Core {
                 // so the reactor does not sleep before it).
                 break;
             }
-            // Ranges of this reading that its copy found ASCII (see
-            // `Core::lane_ascii`).
-            let mut ascii = std::mem::take(&mut self.lane_ascii);
             ascii.clear();
             let Some(c) = self.get_mut(id) else {
                 return got;
@@ -977,7 +1008,7 @@ impl Core {
             let space = (buf.capacity() - buf.len())
                 .min(LANE_READ_BUDGET - read)
                 .max(1);
-            let r = up.rx.pop_into(&mut buf, space, &mut ascii);
+            let r = up.rx.pop_into(&mut buf, space, ascii);
             up.decoder.filled_whole(buf);
             match r {
                 Ok(0) => {
@@ -998,28 +1029,12 @@ impl Core {
             // The ranges stand while this reading's frames are decoded
             // (the buffer is the decoder's, written no more), and not a
             // moment longer.
-            self.lane_ascii = ascii;
+            std::mem::swap(&mut self.lane_ascii, ascii);
             let open = self.decode_lane_frames(id);
-            self.lane_ascii.clear();
+            std::mem::swap(&mut self.lane_ascii, ascii);
             if !open || self.paused {
                 break;
             }
-        }
-        self.flush_read_run();
-        if got {
-            crate::message::prefetch_stamp_clock();
-        }
-        // Activity on a lane is noted by `lane_idle_check`, not here.
-        if got
-            && let Some(c) = self.get_mut(id)
-            && let Some(ConnLane::Up(up)) = c.lane.as_deref_mut()
-            && up.rx.room_to_offer()
-            && up.rx.take_room_wanted()
-        {
-            // The peer's producer waits for room, and half the ring is
-            // free (`Consumer::room_to_offer`; an emptied ring always
-            // is, so a producer that waits is always woken in the end).
-            self.queue_control(id, Control::Wake);
         }
         got
     }
