@@ -1004,6 +1004,47 @@ fn main() {
         return;
     }
     let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--only-seq") {
+        // `--only-seq SYSTEM:SIZE,... [ROUNDS]`: those throughput rows, each
+        // followed by its ping-pong as in a full run, round after round in
+        // one process: what a full run's rounds do to one another, without
+        // the rest of the run.
+        let rows: Vec<(System, usize)> = args
+            .get(at + 1)
+            .expect("--only-seq SYSTEM:SIZE,... [ROUNDS]")
+            .split(',')
+            .map(|item| {
+                let (name, size) = item.split_once(':').expect("SYSTEM:SIZE");
+                let system = *systems()
+                    .iter()
+                    .find(|s| s.name() == name)
+                    .unwrap_or_else(|| panic!("no system {name}"));
+                (system, size.parse().expect("a size in bytes"))
+            })
+            .collect();
+        let rounds: usize = args.get(at + 2).and_then(|a| a.parse().ok()).unwrap_or(5);
+        for round in 1..=rounds {
+            let mut line = String::new();
+            for &(system, size) in &rows {
+                let rate = match system {
+                    System::Raw => raw_throughput(size, messages_for(size, false)),
+                    System::Tokio => tokio_throughput(size, messages_for(size, false)),
+                    System::Ipcm(f) => ipcm_throughput(f, size, messages_for(size, false)),
+                    System::Iceoryx2 => iox::throughput(size, messages_for(size, false)),
+                };
+                let pn = if size > 1024 { 5_000 } else { 20_000 };
+                let _ = match system {
+                    System::Raw => raw_ping_pong(size, pn, false),
+                    System::Tokio => tokio_ping_pong(size, pn),
+                    System::Ipcm(f) => ipcm_ping_pong(f, size, pn, Wait::Default),
+                    System::Iceoryx2 => Vec::new(),
+                };
+                line.push_str(&format!("  {} {size} B {:.0} k", system.name(), rate / 1e3));
+            }
+            println!("round {round}:{line}");
+        }
+        return;
+    }
     if let Some(at) = args.iter().position(|a| a == "--only") {
         // `--only SYSTEM SIZE [MESSAGES]`: one throughput run, for profiling.
         let system = *systems()
