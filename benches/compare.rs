@@ -897,6 +897,34 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// One throughput run of `system`: `n` messages of `size` bytes.
+fn throughput(system: System, size: usize, n: usize) -> f64 {
+    match system {
+        System::Raw => raw_throughput(size, n),
+        System::Tokio => tokio_throughput(size, n),
+        System::Ipcm(f) => ipcm_throughput(f, size, n),
+        System::Iceoryx2 => iox::throughput(size, n),
+    }
+}
+
+/// The table's ping-pong of `system` (blocking waits, ipcm's defaults):
+/// `n` round trips of `size` bytes. iceoryx2 has no blocking wait to
+/// measure (its ping-pong is in the busy section): one NaN.
+fn table_ping_pong(system: System, size: usize, n: usize) -> Vec<f64> {
+    match system {
+        System::Raw => raw_ping_pong(size, n, false),
+        System::Tokio => tokio_ping_pong(size, n),
+        System::Ipcm(f) => ipcm_ping_pong(f, size, n, Wait::Default),
+        System::Iceoryx2 => vec![f64::NAN],
+    }
+}
+
+/// Round trips of the table's ping-pong at `size`: a quarter of `pings`
+/// above 1 KiB.
+fn pings_for(size: usize, pings: usize) -> usize {
+    if size > 1024 { pings / 4 } else { pings }
+}
+
 /// A ping-pong's round trips, sorted, as one more p50 and p99.
 fn push_p50_p99(p50: &mut Vec<f64>, p99: &mut Vec<f64>, mut lat: Vec<f64>) {
     lat.sort_by(f64::total_cmp);
@@ -1026,19 +1054,8 @@ fn main() {
         for round in 1..=rounds {
             let mut line = String::new();
             for &(system, size) in &rows {
-                let rate = match system {
-                    System::Raw => raw_throughput(size, messages_for(size, false)),
-                    System::Tokio => tokio_throughput(size, messages_for(size, false)),
-                    System::Ipcm(f) => ipcm_throughput(f, size, messages_for(size, false)),
-                    System::Iceoryx2 => iox::throughput(size, messages_for(size, false)),
-                };
-                let pn = if size > 1024 { 5_000 } else { 20_000 };
-                let _ = match system {
-                    System::Raw => raw_ping_pong(size, pn, false),
-                    System::Tokio => tokio_ping_pong(size, pn),
-                    System::Ipcm(f) => ipcm_ping_pong(f, size, pn, Wait::Default),
-                    System::Iceoryx2 => Vec::new(),
-                };
+                let rate = throughput(system, size, messages_for(size, false));
+                table_ping_pong(system, size, pings_for(size, 20_000));
                 line.push_str(&format!("  {} {size} B {:.0} k", system.name(), rate / 1e3));
             }
             println!("round {round}:{line}");
@@ -1056,12 +1073,7 @@ fn main() {
             .get(at + 3)
             .and_then(|a| a.parse().ok())
             .unwrap_or(messages_for(size, false));
-        let rate = match system {
-            System::Raw => raw_throughput(size, n),
-            System::Tokio => tokio_throughput(size, n),
-            System::Ipcm(f) => ipcm_throughput(f, size, n),
-            System::Iceoryx2 => iox::throughput(size, n),
-        };
+        let rate = throughput(system, size, n);
         println!("{} {size} B: {rate:.0} msgs/s", system.name());
         return;
     }
@@ -1220,22 +1232,8 @@ fn main() {
         machine.push(machine_loop_ns());
         for row in &mut rows {
             let n = messages_for(row.size, quick);
-            let rate = match row.system {
-                System::Raw => raw_throughput(row.size, n),
-                System::Tokio => tokio_throughput(row.size, n),
-                System::Ipcm(f) => ipcm_throughput(f, row.size, n),
-                System::Iceoryx2 => iox::throughput(row.size, n),
-            };
-            row.rates.push(rate);
-            let pn = if row.size > 1024 { pings / 4 } else { pings };
-            let lat = match row.system {
-                System::Raw => raw_ping_pong(row.size, pn, false),
-                System::Tokio => tokio_ping_pong(row.size, pn),
-                System::Ipcm(f) => ipcm_ping_pong(f, row.size, pn, Wait::Default),
-                // No blocking wait to measure: its ping-pong is in the
-                // busy table.
-                System::Iceoryx2 => vec![f64::NAN],
-            };
+            row.rates.push(throughput(row.system, row.size, n));
+            let lat = table_ping_pong(row.system, row.size, pings_for(row.size, pings));
             push_p50_p99(&mut row.p50, &mut row.p99, lat);
         }
         for (system, p50, p99) in &mut busy {

@@ -843,47 +843,35 @@ impl Consumer {
                     let from = dst as usize + UNCHECKED_HEAD;
                     ascii.push(from..dst as usize + len);
                 }
-                // SAFETY: the `len` bytes after the old length were just
-                // written.
-                unsafe { out.set_len(out.len() + len) };
-                self.consumed(len);
-                total += len;
-                continue;
-            }
-            if HAS_STRING_COPY && len >= STRING_COPY_MIN {
+            } else if HAS_STRING_COPY && len >= STRING_COPY_MIN {
                 let src = self.region.bytes(at, len);
                 // SAFETY: `reserve(len)` made room for `len` bytes after
                 // the buffer's length; the source is `len` bytes inside
                 // the shared mapping (checked by `bytes`), which no Rust
                 // reference covers; the two cannot overlap.
                 unsafe { copy_bytes(dst, src, len) };
-                // SAFETY: the `len` bytes after the old length were just
-                // written.
-                unsafe { out.set_len(out.len() + len) };
-                self.consumed(len);
-                total += len;
-                continue;
+            } else {
+                let words = self.region.words(at, len.div_ceil(8));
+                let (full, tail) = words.split_at(len / 8);
+                for (i, w) in full.iter().enumerate() {
+                    // SAFETY: `reserve(len)` made room for `len` bytes after
+                    // the buffer's length, and `i * 8 + 8 <= len`.
+                    unsafe {
+                        dst.add(i * 8)
+                            .cast::<u64>()
+                            .write_unaligned(w.load(Ordering::Relaxed))
+                    };
+                }
+                if let Some(w) = tail.first() {
+                    let w = w.load(Ordering::Relaxed).to_ne_bytes();
+                    let done = full.len() * 8;
+                    // SAFETY: as above, for the last `len - done` (< 8)
+                    // bytes; the source is a local array.
+                    unsafe { std::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(done), len - done) };
+                }
             }
-            let words = self.region.words(at, len.div_ceil(8));
-            let (full, tail) = words.split_at(len / 8);
-            for (i, w) in full.iter().enumerate() {
-                // SAFETY: `reserve(len)` made room for `len` bytes after the
-                // buffer's length, and `i * 8 + 8 <= len`.
-                unsafe {
-                    dst.add(i * 8)
-                        .cast::<u64>()
-                        .write_unaligned(w.load(Ordering::Relaxed))
-                };
-            }
-            if let Some(w) = tail.first() {
-                let w = w.load(Ordering::Relaxed).to_ne_bytes();
-                let done = full.len() * 8;
-                // SAFETY: as above, for the last `len - done` (< 8) bytes;
-                // the source is a local array.
-                unsafe { std::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(done), len - done) };
-            }
-            // SAFETY: the `len` bytes after the old length were written
-            // just above.
+            // SAFETY: whichever way above, the `len` bytes after the old
+            // length were just written.
             unsafe { out.set_len(out.len() + len) };
             self.consumed(len);
             total += len;

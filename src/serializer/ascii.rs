@@ -1,7 +1,7 @@
 //! Whether a received body is all ASCII, at the speed of the loads.
 //!
 //! A batch's body is checked as UTF-8 before any of it is handed out
-//! (`binary::parse_batch`). Most bodies are ASCII, and an ASCII body is
+//! (`binary::parse_batch_indexed`). Most bodies are ASCII, and an ASCII body is
 //! UTF-8: one pass that ORs every byte together and looks at the high
 //! bit settles it. simdutf8's own ASCII path does that 32 bytes at a time
 //! with a test per block; this does 128 or 256 bytes a turn with no test

@@ -402,7 +402,7 @@ pub fn batch_header(count: u32, stamp: f64, first_ord: u64, first_id: [u8; 16]) 
     }
 }
 
-/// Whether `payload` claims to be a batch (checked by [`parse_batch`]).
+/// Whether `payload` claims to be a batch (checked by [`parse_batch_indexed`]).
 #[inline(always)]
 pub fn is_batch(payload: &[u8]) -> bool {
     payload.len() >= 6 && payload[5] & FLAG_BATCH != 0 && payload[..4] == MAGIC
@@ -468,15 +468,6 @@ fn walk_records(
     Ok((n, nulls))
 }
 
-/// Checks a batch payload whole: header, every record's length, the
-/// count, and that every content is UTF-8. A batch that fails is refused
-/// whole (its frame is malformed); one that passes can be walked with
-/// [`BatchRecords`] with no further check.
-#[allow(dead_code)] // the crate's own reads go through `CheckedBatch`
-pub fn parse_batch(payload: &[u8]) -> Result<BatchInfo, String> {
-    parse_batch_indexed(payload, &mut [], &[])
-}
-
 /// Bytes at the front of a body that may lie before a vouched range and
 /// are then checked here (a lane's reader leaves the first 64 bytes of a
 /// record out of what it vouches for, and a body starts 52 bytes in).
@@ -496,9 +487,12 @@ fn vouched_ascii(body: &[u8], vouched: &[std::ops::Range<usize>]) -> bool {
     })
 }
 
-/// [`parse_batch`], writing the end of each record (its byte offset in
-/// the record area, native-endian `u32`) to `index`, for as many records
-/// as it has room for.
+/// Checks a batch payload whole: header, every record's length, the
+/// count, and that every content is UTF-8. A batch that fails is refused
+/// whole (its frame is malformed); one that passes can be walked with
+/// [`BatchRecords`] with no further check. Writes the end of each record
+/// (its byte offset in the record area, native-endian `u32`) to `index`,
+/// for as many records as it has room for.
 ///
 /// A body inside the `vouched` ranges (see
 /// [`CheckedBatch::parse_indexed_vouched`]) is not checked for UTF-8
@@ -570,7 +564,7 @@ pub fn nth_id(first: &[u8; 16], index: u32) -> [u8; 16] {
     id
 }
 
-/// A received batch payload that [`parse_batch`] accepted.
+/// A received batch payload that [`parse_batch_indexed`] accepted.
 ///
 /// Its fields are private and [`CheckedBatch::parse`] (or
 /// [`CheckedBatch::parse_indexed`]) is the only way to make one, so every
@@ -599,7 +593,7 @@ pub const INDEX_MIN_COUNT: u32 = 8;
 pub const INDEX_BLOCK: usize = 64 * 1024;
 
 impl CheckedBatch {
-    /// Checks `payload` ([`parse_batch`]).
+    /// Checks `payload` ([`parse_batch_indexed`]).
     pub fn parse(payload: Bytes) -> Result<Self, String> {
         // SAFETY: no range is vouched for.
         unsafe { Self::parse_unindexed(payload, &[]) }
